@@ -1,0 +1,26 @@
+//! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill shapes.
+use std::time::Instant;
+use switchyard_kernels::{DType, Weight, linear};
+
+fn main() {
+    let (n, k) = (4096usize, 1024usize);
+    let wb: Vec<u8> = (0..n * k).flat_map(|i| (((i * 2654435761) % 65521) as u16 & 0x3eff).to_le_bytes()).collect();
+    let w = Weight::new(DType::BF16, &wb, n, k);
+    for m in [1usize, 16, 256] {
+        let x: Vec<f32> = (0..m * k).map(|i| switchyard_kernels::dtype::bf16_round(((i % 17) as f32 - 8.0) / 8.0)).collect();
+        let mut out = vec![0f32; m * n];
+        linear(&x, m, w, &mut out, DType::BF16);
+        let iters = (200 / m).max(5);
+        let t = Instant::now();
+        for _ in 0..iters {
+            linear(&x, m, w, &mut out, DType::BF16);
+        }
+        let s = t.elapsed().as_secs_f64() / iters as f64;
+        println!(
+            "linear bf16 m={m:<4} n={n} k={k}: {:8.1} us  {:6.1} GB/s weights  {:7.1} GFLOP/s",
+            s * 1e6,
+            (n * k * 2) as f64 / s / 1e9,
+            (2 * m * n * k) as f64 / s / 1e9
+        );
+    }
+}

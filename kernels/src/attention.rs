@@ -1,0 +1,68 @@
+//! Scaled-dot-product attention for one query row against a contiguous run of cached keys and values.
+//!
+//! It mirrors transformers' eager attention in the compute dtype: scores `q·k` (f32 accumulation)
+//! rounded to the dtype, softmax in f32, probabilities rounded, `p·v` accumulated in f32 and rounded.
+//! Prefill and decode both call [`attend`] with exactly the keys the mask allows, in position order,
+//! so a token's output is the same whether it was computed in a long prefill or a decode step.
+
+use crate::DType;
+
+/// `out[hd] = softmax(round(q · kᵀ) * scale) · v` over `n` keys.
+/// `keys` and `values` are `[n, hd]` row-major.
+pub fn attend(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, dt: DType, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let hd = q.len();
+    scores.clear();
+    scores.extend((0..n).map(|j| dt.round(dt.round(dot(q, &keys[j * hd..(j + 1) * hd])) * scale)));
+    crate::ops::softmax(scores);
+    out[..hd].fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        let p = dt.round(*p);
+        let v = &values[j * hd..(j + 1) * hd];
+        for (o, &vv) in out.iter_mut().zip(v) {
+            *o += p * vv;
+        }
+    }
+    dt.round_slice(&mut out[..hd]);
+}
+
+/// Dot product with a fixed 16-lane accumulation order (auto-vectorised).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    for i in 0..ra.len() {
+        lanes[i] += ra[i] * rb[i];
+    }
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            lanes[i] += lanes[i + n];
+        }
+    }
+    lanes[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attends_to_the_matching_key() {
+        let q = [10.0f32, 0.0];
+        let keys = [1.0f32, 0.0, 0.0, 1.0];
+        let values = [1.0f32, 2.0, 3.0, 4.0];
+        let mut s = Vec::new();
+        let mut out = [0f32; 2];
+        attend(&q, &keys, &values, 2, 1.0, DType::F32, &mut s, &mut out);
+        let p0 = 1.0 / (1.0 + (-10f32).exp());
+        assert!((out[0] - (p0 * 1.0 + (1.0 - p0) * 3.0)).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,19 @@
+//! CPU kernels for Switchyard. These are the numerical specification of the model: every later backend
+//! (CUDA) is checked against them kernel by kernel.
+//!
+//! Two properties hold for every kernel here:
+//! - **Exact dtype emulation.** Activations travel as `f32` values that are exactly representable in the
+//!   model's compute dtype ([`DType`]); kernels round their outputs where HF transformers rounds, so a bf16
+//!   checkpoint reproduces transformers' bf16 arithmetic rather than an f32 approximation of it.
+//! - **Batch invariance.** A row's result never depends on which other rows share the call: every output
+//!   element is computed by the same instruction sequence (same reduction order) whatever the batch size,
+//!   the tiling or the thread that runs it. Cluster layouts can therefore be compared for bit equality.
+
+pub mod attention;
+pub mod dtype;
+pub mod linear;
+pub mod ops;
+pub mod pool;
+
+pub use dtype::DType;
+pub use linear::{LinearJob, Weight, linear, linear_many};

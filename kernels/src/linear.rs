@@ -1,0 +1,441 @@
+//! `y = x · Wᵀ` for checkpoint-layout weights (`W` is `[rows = out features, cols = in features]`,
+//! row-major, in its checkpoint dtype, usually straight from a memory map).
+//!
+//! Paths, chosen at run time:
+//! - bf16 weights with bf16 activations on a CPU with AVX512-BF16: `vdpbf16ps`, 32 products per
+//!   instruction, f32 accumulation (bf16 x bf16 products are exact in f32);
+//! - any weight dtype with AVX-512F: weights widened to f32 in registers, f32 FMA;
+//! - otherwise a portable loop with the same 16-lane blocking.
+//!
+//! Batch invariance: every output element is one accumulator walked over `k` in the same chunk order
+//! and reduced by the same horizontal sum, whatever the tile shape, the batch size or the thread.
+//! Weight rows are split across threads; rows of `x` are never split.
+
+use crate::dtype::{DType, f32_to_bf16_bits};
+use crate::pool;
+
+/// A borrowed 2-D weight in checkpoint layout: `rows` output features of `cols` inputs each.
+#[derive(Clone, Copy, Debug)]
+pub struct Weight<'a> {
+    pub dtype: DType,
+    pub bytes: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> Weight<'a> {
+    pub fn new(dtype: DType, bytes: &'a [u8], rows: usize, cols: usize) -> Self {
+        assert_eq!(bytes.len(), rows * cols * dtype.size(), "weight byte length does not match {rows}x{cols} {dtype:?}");
+        Weight { dtype, bytes, rows, cols }
+    }
+
+    /// Rows `start .. start + n` as a weight of their own.
+    pub fn rows(&self, start: usize, n: usize) -> Weight<'a> {
+        let rb = self.cols * self.dtype.size();
+        Weight { dtype: self.dtype, bytes: &self.bytes[start * rb..(start + n) * rb], rows: n, cols: self.cols }
+    }
+
+    /// Decodes row `r` to f32.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let rb = self.cols * self.dtype.size();
+        self.dtype.decode_into(&self.bytes[r * rb..(r + 1) * rb], &mut out[..self.cols]);
+    }
+}
+
+/// One product in a [`linear_many`] call: `out[m, w.rows] = x[m, w.cols] · wᵀ`.
+pub struct LinearJob<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub w: Weight<'a>,
+    pub out: &'a mut [f32],
+}
+
+/// `out = round_act(x · wᵀ)`.
+pub fn linear(x: &[f32], m: usize, w: Weight<'_>, out: &mut [f32], act: DType) {
+    linear_many(&mut [LinearJob { x, m, w, out }], act);
+}
+
+/// Runs several independent products in one parallel region (e.g. q/k/v, or one product per expert),
+/// rounding outputs to the activation dtype `act`. Inputs must already be representable in `act`.
+pub fn linear_many(jobs: &mut [LinearJob<'_>], act: DType) {
+    let kernel = Kernel::select();
+    let packed: Vec<Packed> = jobs.iter().map(|j| pack(j, act, kernel)).collect();
+    // Split each job's weight rows into blocks; a task is (job, block).
+    let mut tasks = Vec::new();
+    for (ji, j) in jobs.iter().enumerate() {
+        assert!(j.x.len() >= j.m * j.w.cols, "x too short for {}x{}", j.m, j.w.cols);
+        assert!(j.out.len() >= j.m * j.w.rows, "out too short for {}x{}", j.m, j.w.rows);
+        let nb = block_rows(j.m, j.w.rows);
+        let mut n0 = 0;
+        while n0 < j.w.rows {
+            let n1 = (n0 + nb).min(j.w.rows);
+            tasks.push((ji, n0, n1));
+            n0 = n1;
+        }
+    }
+    let outs: Vec<SendPtr> = jobs.iter_mut().map(|j| SendPtr(j.out.as_mut_ptr())).collect();
+    let run = |t: usize| {
+        let (ji, n0, n1) = tasks[t];
+        let j = &jobs[ji];
+        // SAFETY: tasks write disjoint column ranges [n0, n1) of each output row.
+        unsafe { run_block(kernel, &packed[ji], j.m, &j.w, n0, n1, outs[ji].0, j.w.rows, act) };
+    };
+    pool::parallel_for(tasks.len(), &run);
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn block_rows(m: usize, n: usize) -> usize {
+    let threads = pool::global().threads().max(1);
+    // Enough blocks to balance the threads, each large enough to amortise task overhead.
+    let target = if m <= 4 { 16 } else { 64 };
+    let by_threads = n.div_ceil(threads * 4).max(4);
+    target.min(by_threads).max(4)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kernel {
+    Avx512Bf16,
+    Avx512,
+    Portable,
+}
+
+impl Kernel {
+    fn select() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("SWITCHYARD_PORTABLE_KERNELS").is_some() {
+                return Kernel::Portable;
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                if is_x86_feature_detected!("avx512bf16") {
+                    return Kernel::Avx512Bf16;
+                }
+                return Kernel::Avx512;
+            }
+        }
+        Kernel::Portable
+    }
+}
+
+/// Activations in the layout a kernel wants: bf16 bits or f32, `k` padded with zeros to a multiple of 32.
+enum Packed {
+    Bf16 { data: Vec<u16>, stride: usize },
+    F32 { data: Vec<f32>, stride: usize },
+}
+
+fn pack(j: &LinearJob<'_>, act: DType, kernel: Kernel) -> Packed {
+    let k = j.w.cols;
+    let stride = k.div_ceil(32) * 32;
+    if kernel == Kernel::Avx512Bf16 && j.w.dtype == DType::BF16 && act == DType::BF16 {
+        let mut data = vec![0u16; j.m * stride];
+        for r in 0..j.m {
+            for (d, s) in data[r * stride..r * stride + k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
+                *d = f32_to_bf16_bits(*s);
+            }
+        }
+        Packed::Bf16 { data, stride }
+    } else {
+        let mut data = vec![0f32; j.m * stride];
+        for r in 0..j.m {
+            data[r * stride..r * stride + k].copy_from_slice(&j.x[r * k..(r + 1) * k]);
+        }
+        Packed::F32 { data, stride }
+    }
+}
+
+/// Computes output columns `[n0, n1)` for all `m` rows.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_block(kernel: Kernel, p: &Packed, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, ostride: usize, act: DType) {
+    const MR: usize = 4;
+    const NR: usize = 4;
+    let mut r0 = 0;
+    while r0 < m {
+        let mr = (m - r0).min(MR);
+        let mut c0 = n0;
+        while c0 < n1 {
+            let nr = (n1 - c0).min(NR);
+            let o = unsafe { out.add(r0 * ostride + c0) };
+            unsafe { tile(kernel, p, r0, mr, w, c0, nr, o, ostride) };
+            for r in 0..mr {
+                for c in 0..nr {
+                    let v = unsafe { &mut *o.add(r * ostride + c) };
+                    *v = act.round(*v);
+                }
+            }
+            c0 += nr;
+        }
+        r0 += mr;
+    }
+}
+
+macro_rules! dispatch_tile {
+    ($f:ident, $mr:expr, $nr:expr, $($arg:expr),*) => {
+        match ($mr, $nr) {
+            (1, 1) => $f::<1, 1>($($arg),*), (1, 2) => $f::<1, 2>($($arg),*),
+            (1, 3) => $f::<1, 3>($($arg),*), (1, 4) => $f::<1, 4>($($arg),*),
+            (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*),
+            (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
+            (3, 1) => $f::<3, 1>($($arg),*), (3, 2) => $f::<3, 2>($($arg),*),
+            (3, 3) => $f::<3, 3>($($arg),*), (3, 4) => $f::<3, 4>($($arg),*),
+            (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*),
+            (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
+            _ => unreachable!("tile {}x{}", $mr, $nr),
+        }
+    };
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(kernel: Kernel, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0: usize, nr: usize, out: *mut f32, ostride: usize) {
+    let k = w.cols;
+    let wrow = |c: usize| unsafe { w.bytes.as_ptr().add((c0 + c) * k * w.dtype.size()) };
+    let wp: [*const u8; 4] = [wrow(0), wrow(1.min(nr - 1)), wrow(2.min(nr - 1)), wrow(3.min(nr - 1))];
+    match (kernel, p) {
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512Bf16, Packed::Bf16 { data, stride }) => unsafe {
+            let x = data.as_ptr().add(r0 * stride);
+            dispatch_tile!(tile_dpbf16, mr, nr, x, *stride, wp, k, out, ostride)
+        },
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512Bf16 | Kernel::Avx512, Packed::F32 { data, stride }) => unsafe {
+            let x = data.as_ptr().add(r0 * stride);
+            match w.dtype {
+                DType::BF16 => dispatch_tile!(tile_fma_bf16, mr, nr, x, *stride, wp, k, out, ostride),
+                DType::F16 => dispatch_tile!(tile_fma_f16, mr, nr, x, *stride, wp, k, out, ostride),
+                DType::F32 => dispatch_tile!(tile_fma_f32, mr, nr, x, *stride, wp, k, out, ostride),
+            }
+        },
+        (_, Packed::F32 { data, stride }) => {
+            for r in 0..mr {
+                let x = &data[(r0 + r) * stride..(r0 + r) * stride + k];
+                for c in 0..nr {
+                    let wb = unsafe { std::slice::from_raw_parts(wp[c], k * w.dtype.size()) };
+                    unsafe { *out.add(r * ostride + c) = dot_portable(x, wb, w.dtype) };
+                }
+            }
+        }
+        (_, Packed::Bf16 { .. }) => unreachable!("bf16-packed activations need the AVX512-BF16 kernel"),
+    }
+}
+
+/// Portable dot product with the same 16-lane accumulation as the AVX-512 FMA kernels.
+fn dot_portable(x: &[f32], w: &[u8], dt: DType) -> f32 {
+    let mut lanes = [0f32; 16];
+    let k = x.len();
+    for (i, xv) in x.iter().enumerate().take(k) {
+        lanes[i % 16] += xv * dt.read(w, i);
+    }
+    reduce16(&lanes)
+}
+
+fn reduce16(l: &[f32; 16]) -> f32 {
+    let mut v = *l;
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bh(v: __m512i) -> __m512bh {
+    // SAFETY: both are 512-bit vector types; bf16 lanes are reinterpreted, not converted.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dpbf16<const MR: usize, const NR: usize>(x: *const u16, xs: usize, w: [*const u8; 4], k: usize, out: *mut f32, os: usize) {
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let full = k / 32;
+    let rem = k % 32;
+    for kc in 0..full {
+        let mut wv = [_mm512_setzero_si512(); NR];
+        for c in 0..NR {
+            wv[c] = unsafe { _mm512_loadu_si512(w[c].add(kc * 64) as *const _) };
+        }
+        for r in 0..MR {
+            let xv = unsafe { _mm512_loadu_si512(x.add(r * xs + kc * 32) as *const _) };
+            for c in 0..NR {
+                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], bh(xv), bh(wv[c]));
+            }
+        }
+    }
+    if rem > 0 {
+        let mask: __mmask32 = (1u32 << rem) - 1;
+        let mut wv = [_mm512_setzero_si512(); NR];
+        for c in 0..NR {
+            wv[c] = unsafe { _mm512_maskz_loadu_epi16(mask, w[c].add(full * 64) as *const i16) };
+        }
+        for r in 0..MR {
+            // x is zero-padded to a multiple of 32.
+            let xv = unsafe { _mm512_loadu_si512(x.add(r * xs + full * 32) as *const _) };
+            for c in 0..NR {
+                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], bh(xv), bh(wv[c]));
+            }
+        }
+    }
+    for r in 0..MR {
+        for c in 0..NR {
+            unsafe { *out.add(r * os + c) = _mm512_reduce_add_ps(acc[r][c]) };
+        }
+    }
+}
+
+macro_rules! fma_tile {
+    ($name:ident, $esize:expr, $load:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512bw,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const MR: usize, const NR: usize>(x: *const f32, xs: usize, w: [*const u8; 4], k: usize, out: *mut f32, os: usize) {
+            let load: unsafe fn(*const u8, __mmask16) -> __m512 = $load;
+            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+            let full = k / 16;
+            let rem = k % 16;
+            for kc in 0..full {
+                let mut wv = [_mm512_setzero_ps(); NR];
+                for c in 0..NR {
+                    wv[c] = unsafe { load(w[c].add(kc * 16 * $esize), 0xFFFF) };
+                }
+                for r in 0..MR {
+                    let xv = unsafe { _mm512_loadu_ps(x.add(r * xs + kc * 16)) };
+                    for c in 0..NR {
+                        acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+                    }
+                }
+            }
+            if rem > 0 {
+                let mask: __mmask16 = (1u16 << rem) - 1;
+                let mut wv = [_mm512_setzero_ps(); NR];
+                for c in 0..NR {
+                    wv[c] = unsafe { load(w[c].add(full * 16 * $esize), mask) };
+                }
+                for r in 0..MR {
+                    let xv = unsafe { _mm512_loadu_ps(x.add(r * xs + full * 16)) };
+                    for c in 0..NR {
+                        acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+                    }
+                }
+            }
+            for r in 0..MR {
+                for c in 0..NR {
+                    unsafe { *out.add(r * os + c) = _mm512_reduce_add_ps(acc[r][c]) };
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_f32(p: *const u8, m: __mmask16) -> __m512 {
+    unsafe { _mm512_maskz_loadu_ps(m, p as *const f32) }
+}
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load_bf16(p: *const u8, m: __mmask16) -> __m512 {
+    let h = unsafe { _mm256_maskz_loadu_epi16(m, p as *const i16) };
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+}
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+unsafe fn load_f16(p: *const u8, m: __mmask16) -> __m512 {
+    let h = unsafe { _mm256_maskz_loadu_epi16(m, p as *const i16) };
+    _mm512_cvtph_ps(h)
+}
+
+fma_tile!(tile_fma_f32, 4, load_f32);
+fma_tile!(tile_fma_bf16, 2, load_bf16);
+fma_tile!(tile_fma_f16, 2, load_f16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::bf16_round;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    fn weight_bytes(vals: &[f32], dt: DType) -> Vec<u8> {
+        vals.iter()
+            .flat_map(|v| match dt {
+                DType::F32 => v.to_le_bytes().to_vec(),
+                DType::BF16 => f32_to_bf16_bits(*v).to_le_bytes().to_vec(),
+                DType::F16 => half::f16::from_f32(*v).to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    fn check(dt: DType, act: DType, m: usize, n: usize, k: usize) {
+        let mut s = 7u64 + (m * 131 + n * 7 + k) as u64;
+        let wv: Vec<f32> = (0..n * k).map(|_| dt.round(lcg(&mut s))).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| act.round(lcg(&mut s))).collect();
+        let wb = weight_bytes(&wv, dt);
+        let w = Weight::new(dt, &wb, n, k);
+        let mut out = vec![0f32; m * n];
+        linear(&x, m, w, &mut out, act);
+        for r in 0..m {
+            for c in 0..n {
+                let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wv[c * k + i] as f64).sum();
+                let got = out[r * n + c] as f64;
+                let tol = if act == DType::F32 { 1e-4 } else { 1e-2 * exact.abs().max(0.1) };
+                assert!((got - exact).abs() <= tol, "{dt:?}/{act:?} m={m} n={n} k={k} [{r},{c}]: {got} vs {exact}");
+            }
+        }
+        // Batch invariance: every row alone gives bit-identical output.
+        for r in 0..m {
+            let mut one = vec![0f32; n];
+            linear(&x[r * k..(r + 1) * k], 1, w, &mut one, act);
+            assert_eq!(&one[..], &out[r * n..(r + 1) * n], "row {r} depends on the batch ({dt:?}, m={m})");
+        }
+    }
+
+    #[test]
+    fn matches_f64_and_is_batch_invariant() {
+        for &(dt, act) in &[(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F16), (DType::BF16, DType::F32)] {
+            for &(m, n, k) in &[(1, 1, 1), (1, 37, 45), (3, 9, 64), (5, 70, 100), (9, 33, 31), (16, 64, 256)] {
+                check(dt, act, m, n, k);
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_are_rounded_to_the_activation_dtype() {
+        let wv = [0.3f32, 0.7, -0.1];
+        let wb = weight_bytes(&wv, DType::BF16);
+        let x = [bf16_round(1.1), bf16_round(2.3), bf16_round(-0.9)];
+        let mut out = [0f32];
+        linear(&x, 1, Weight::new(DType::BF16, &wb, 1, 3), &mut out, DType::BF16);
+        assert_eq!(out[0], bf16_round(out[0]));
+    }
+
+    #[test]
+    fn linear_many_equals_separate_calls() {
+        let mut s = 3u64;
+        let a: Vec<f32> = (0..40 * 24).map(|_| lcg(&mut s)).collect();
+        let b: Vec<f32> = (0..8 * 24).map(|_| lcg(&mut s)).collect();
+        let x: Vec<f32> = (0..3 * 24).map(|_| lcg(&mut s)).collect();
+        let (ab, bb) = (weight_bytes(&a, DType::F32), weight_bytes(&b, DType::F32));
+        let (wa, wb) = (Weight::new(DType::F32, &ab, 40, 24), Weight::new(DType::F32, &bb, 8, 24));
+        let (mut oa, mut ob) = (vec![0f32; 3 * 40], vec![0f32; 3 * 8]);
+        linear_many(&mut [LinearJob { x: &x, m: 3, w: wa, out: &mut oa }, LinearJob { x: &x, m: 3, w: wb, out: &mut ob }], DType::F32);
+        let (mut sa, mut sb) = (vec![0f32; 3 * 40], vec![0f32; 3 * 8]);
+        linear(&x, 3, wa, &mut sa, DType::F32);
+        linear(&x, 3, wb, &mut sb, DType::F32);
+        assert_eq!(oa, sa);
+        assert_eq!(ob, sb);
+    }
+}

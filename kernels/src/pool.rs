@@ -1,0 +1,222 @@
+//! A small persistent fork-join pool tuned for the many short parallel regions of a decode step.
+//!
+//! A decode step at batch 1 runs a few hundred matrix-vector products of ~100 µs each, so the cost of
+//! waking threads matters more than scheduling finesse: workers spin briefly on an epoch counter before
+//! sleeping, the caller takes part in the work, and tasks are handed out by one atomic counter. Which
+//! thread runs a task never changes its result (kernels are written per task), so scheduling is free to
+//! be dynamic.
+//!
+//! Contract: [`parallel_for`] runs `f(i)` exactly once for every `i < n` and returns when all have
+//! finished. Calls from several threads are serialised; a call made from inside a task runs inline.
+//! A panic in a task is re-raised in the caller after the region completes.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+type Task<'a> = dyn Fn(usize) + Sync + 'a;
+
+struct Region {
+    /// Lifetime-erased pointer to the caller's closure; valid while `active > 0`.
+    task: *const Task<'static>,
+    n: usize,
+}
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+struct Shared {
+    epoch: AtomicUsize,
+    region: Mutex<Region>,
+    next: AtomicUsize,
+    /// Workers that have not yet finished the current region.
+    active: AtomicUsize,
+    panicked: AtomicBool,
+    sleep_lock: Mutex<()>,
+    wake: Condvar,
+    sleepers: AtomicUsize,
+}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: usize,
+    submit: Mutex<()>,
+}
+
+thread_local! {
+    static IN_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+const SPIN: Duration = Duration::from_micros(200);
+
+impl Pool {
+    /// A pool whose regions run on `threads` threads in all (the caller plus `threads - 1` workers).
+    pub fn new(threads: usize) -> Pool {
+        let shared = Arc::new(Shared {
+            epoch: AtomicUsize::new(0),
+            region: Mutex::new(Region { task: std::ptr::null::<fn(usize)>() as *const Task<'static>, n: 0 }),
+            next: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleep_lock: Mutex::new(()),
+            wake: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
+        });
+        let workers = threads.max(1) - 1;
+        for w in 0..workers {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("sy-kernel-{w}"))
+                .spawn(move || worker_loop(&s))
+                .expect("spawn kernel worker thread");
+        }
+        Pool { shared, workers, submit: Mutex::new(()) }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers + 1
+    }
+
+    pub fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n == 0 {
+            return;
+        }
+        if n == 1 || self.workers == 0 || IN_POOL.with(|c| c.get()) {
+            (0..n).for_each(f);
+            return;
+        }
+        let _guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        {
+            let mut r = s.region.lock().unwrap();
+            // SAFETY: the pointer is only dereferenced by workers while `active > 0`, and this function
+            // does not return (so `f` stays alive) until `active` is back to 0.
+            r.task = unsafe { std::mem::transmute::<*const Task<'_>, *const Task<'static>>(f as *const Task<'_>) };
+            r.n = n;
+        }
+        s.next.store(0, Ordering::Relaxed);
+        s.panicked.store(false, Ordering::Relaxed);
+        s.active.store(self.workers, Ordering::Relaxed);
+        s.epoch.fetch_add(1, Ordering::Release);
+        if s.sleepers.load(Ordering::Acquire) > 0 {
+            let _l = s.sleep_lock.lock().unwrap();
+            s.wake.notify_all();
+        }
+        IN_POOL.with(|c| c.set(true));
+        let caller = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(s, f, n)));
+        IN_POOL.with(|c| c.set(false));
+        while s.active.load(Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        if let Err(p) = caller {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.load(Ordering::Relaxed) {
+            panic!("a kernel task panicked on a pool worker");
+        }
+    }
+}
+
+fn run_tasks(s: &Shared, f: &Task<'_>, n: usize) {
+    loop {
+        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    }
+}
+
+fn worker_loop(s: &Shared) {
+    IN_POOL.with(|c| c.set(true));
+    let mut seen = 0usize;
+    loop {
+        // Wait for a new epoch: spin first (regions come back-to-back during a step), then sleep.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let e = s.epoch.load(Ordering::Acquire);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            spins += 1;
+            if spins % 1024 == 0 && start.elapsed() > SPIN {
+                let g = s.sleep_lock.lock().unwrap();
+                s.sleepers.fetch_add(1, Ordering::AcqRel);
+                if s.epoch.load(Ordering::Acquire) == seen {
+                    let _g = s.wake.wait_timeout(g, Duration::from_millis(50)).unwrap();
+                }
+                s.sleepers.fetch_sub(1, Ordering::AcqRel);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        let (task, n) = {
+            let r = s.region.lock().unwrap();
+            (r.task, r.n)
+        };
+        // SAFETY: see `parallel_for`: the closure outlives this region.
+        let f: &Task<'_> = unsafe { &*task };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(s, f, n))).is_err() {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The process-wide pool: `SWITCHYARD_THREADS` threads, or every available core.
+pub fn global() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::env::var("SWITCHYARD_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        Pool::new(n)
+    })
+}
+
+/// Runs `f(i)` for `i in 0..n` on the global pool.
+pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    global().parallel_for(n, f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_exactly_once() {
+        let pool = Pool::new(3);
+        for n in [0usize, 1, 2, 7, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.parallel_for(n, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
+        }
+    }
+
+    #[test]
+    fn nested_calls_run_inline_and_panics_propagate() {
+        let pool = Pool::new(2);
+        let total = AtomicUsize::new(0);
+        pool.parallel_for(4, &|_| {
+            pool.parallel_for(3, &|_| {
+                total.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 12);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.parallel_for(8, &|i| assert!(i != 5, "task 5 fails"))
+        }));
+        assert!(r.is_err());
+        // The pool still works after a panic.
+        let count = AtomicUsize::new(0);
+        pool.parallel_for(8, &|_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 8);
+    }
+}
