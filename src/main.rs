@@ -1,1 +1,5 @@
-fn main(){}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    switchyard::cli::run(switchyard::cli::Cli::parse())
+}

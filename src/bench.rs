@@ -1,0 +1,109 @@
+//! `switchyard bench`: prefill and decode throughput of the model alone (no server), at given batch
+//! sizes. Each batch element is a different prompt; decode steps are greedy and batched, as the engine
+//! runs them.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use switchyard_worker::generate::pick;
+use switchyard_worker::{ForwardChunk, LogitsFor, SeqCache};
+
+use crate::cli::{ModelArgs, load_model};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub batch_sizes: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Timed decode steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Print one JSON object per batch size instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let loaded = load_model(&a.model)?;
+    let m = &loaded.model;
+    let c = &m.config;
+    let threads = switchyard_kernels::pool::global().threads();
+    if !a.json {
+        println!(
+            "model {} ({}; {} layers, hidden {}, vocab {}), {} threads, prompt {} tokens, {} decode steps",
+            loaded.dir.path.display(),
+            m.dtype.name(),
+            c.num_layers,
+            c.hidden_size,
+            c.vocab_size,
+            threads,
+            a.prompt_len,
+            a.decode_steps
+        );
+        println!("{:>6} {:>14} {:>14} {:>12}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
+    }
+    for &b in &a.batch_sizes {
+        let prompts: Vec<Vec<u32>> = (0..b).map(|i| prompt(i, a.prompt_len, c.vocab_size, &c.placeholder_ids)).collect();
+        let mut caches: Vec<SeqCache> = (0..b).map(|_| m.new_cache()).collect();
+        let t0 = Instant::now();
+        let logits = {
+            let mut chunks: Vec<ForwardChunk<'_>> =
+                prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| ForwardChunk { tokens: p, cache, logits: LogitsFor::Last }).collect();
+            m.forward(&mut chunks)?
+        };
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let mut next: Vec<u32> = logits.iter().map(|l| pick(l, 1).token).collect();
+        let step = |next: &mut Vec<u32>, caches: &mut Vec<SeqCache>| -> Result<()> {
+            let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut chunks: Vec<ForwardChunk<'_>> =
+                toks.iter().zip(caches.iter_mut()).map(|(t, cache)| ForwardChunk { tokens: t, cache, logits: LogitsFor::Last }).collect();
+            let logits = m.forward(&mut chunks)?;
+            *next = logits.iter().map(|l| pick(l, 1).token).collect();
+            Ok(())
+        };
+        for _ in 0..2 {
+            step(&mut next, &mut caches)?;
+        }
+        let t1 = Instant::now();
+        for _ in 0..a.decode_steps {
+            step(&mut next, &mut caches)?;
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
+        let decode_tps = (b * a.decode_steps) as f64 / decode_s;
+        let ms_step = decode_s * 1e3 / a.decode_steps as f64;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"batch": b, "prompt_len": a.prompt_len, "decode_steps": a.decode_steps, "threads": threads,
+                    "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step})
+            );
+        } else {
+            println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}");
+        }
+    }
+    Ok(())
+}
+
+/// A deterministic pseudo-random prompt (BOS first), avoiding special and placeholder ids.
+fn prompt(seed: usize, len: usize, vocab: usize, avoid: &[u32]) -> Vec<u32> {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64 ^ (seed as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+    let lo = 256.min(vocab / 2) as u64;
+    let mut out = vec![2u32.min(vocab as u32 - 1)];
+    while out.len() < len.max(1) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let id = (lo + s % (vocab as u64 - lo)) as u32;
+        if !avoid.contains(&id) {
+            out.push(id);
+        }
+    }
+    out
+}

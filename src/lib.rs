@@ -1,0 +1,4 @@
+//! The `switchyard` binary's commands. `main.rs` only parses the command line and calls [`cli::run`].
+
+pub mod bench;
+pub mod cli;

@@ -1,0 +1,151 @@
+//! Safetensors checkpoints, memory-mapped: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. Tensors stay in their file dtype; nothing is copied at load.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use switchyard_kernels::{DType, Weight};
+
+use crate::error::LoadError;
+
+/// One tensor: a byte range of a memory-mapped file.
+#[derive(Clone)]
+pub struct Tensor {
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub name: String,
+}
+
+impl Tensor {
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The tensor as a 2-D weight `[shape[0], product(rest)]`.
+    pub fn weight(&self) -> Weight<'_> {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        Weight::new(self.dtype, self.bytes(), rows, self.numel() / rows.max(1))
+    }
+
+    /// Slice `i` of the leading dimension of a 3-D tensor, as a 2-D weight.
+    pub fn weight_at(&self, i: usize) -> Weight<'_> {
+        let (rows, cols) = (self.shape[1], self.shape[2]);
+        let sz = rows * cols * self.dtype.size();
+        Weight::new(self.dtype, &self.bytes()[i * sz..(i + 1) * sz], rows, cols)
+    }
+
+    /// Decodes a (small) tensor to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.dtype.decode_into(self.bytes(), &mut out);
+        out
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {:?} {:?})", self.name, self.dtype, self.shape)
+    }
+}
+
+/// All tensors of a checkpoint directory, by name.
+pub struct Checkpoint {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors.index.json` (sharded) or `model.safetensors` in `dir`.
+    pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io { path: index.clone(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| LoadError::Json { path: index.clone(), source })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::Safetensors {
+                path: index.clone(),
+                reason: "no `weight_map` object".into(),
+            })?;
+            let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            names.sort();
+            names.dedup();
+            for n in &names {
+                if n.contains('/') || n.contains("..") {
+                    return Err(LoadError::Safetensors { path: index.clone(), reason: format!("shard name `{n}` leaves the model directory") });
+                }
+            }
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut tensors = HashMap::new();
+        for path in files {
+            load_file(&path, &mut tensors)?;
+        }
+        Ok(Checkpoint { tensors })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name` with exactly `shape`, or an error naming both.
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        let t = self.tensors.get(name).ok_or_else(|| LoadError::MissingTensor { name: name.into(), expected: shape.to_vec() })?;
+        if t.shape != shape {
+            return Err(LoadError::TensorShape { name: name.into(), expected: shape.to_vec(), actual: t.shape.clone() });
+        }
+        Ok(t.clone())
+    }
+
+    /// The first of several accepted names that exists (checked for `shape`), or an error naming the first.
+    pub fn expect_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor, LoadError> {
+        for n in names {
+            if self.contains(n) {
+                return self.expect(n, shape);
+            }
+        }
+        Err(LoadError::MissingTensor { name: names[0].clone(), expected: shape.to_vec() })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+}
+
+fn load_file(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<(), LoadError> {
+    let bad = |reason: String| LoadError::Safetensors { path: path.into(), reason };
+    let file = File::open(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
+    // SAFETY: the checkpoint is treated as read-only for the life of the process; a file truncated under
+    // us is outside the contract (as for every mmap-based loader).
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.into(), source })?);
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
+    let data_start = 8 + header_len;
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            other => return Err(LoadError::TensorDtype { name, actual: format!("{other:?}") }),
+        };
+        let (s, e) = info.data_offsets;
+        let numel: usize = info.shape.iter().product();
+        if e - s != numel * dtype.size() || data_start + e > map.len() {
+            return Err(bad(format!("tensor `{name}` has a byte range that does not match its shape")));
+        }
+        out.insert(name.clone(), Tensor { map: map.clone(), start: data_start + s, end: data_start + e, dtype, shape: info.shape.clone(), name });
+    }
+    Ok(())
+}

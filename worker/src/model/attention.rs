@@ -1,0 +1,100 @@
+//! Self-attention of one layer: q/k/v projections, per-head q/k norms and weightless v norm, RoPE
+//! (default on sliding layers, proportional on full ones), V = k_proj output on full layers with
+//! `attention_k_eq_v`, scale 1.0, causal mask limited to `sliding_window` keys on sliding layers.
+
+use switchyard_kernels::{DType, LinearJob, attention::attend, linear, linear_many, ops};
+
+use super::{RowInfo, par_rows};
+use crate::checkpoint::{Checkpoint, Tensor};
+use crate::config::{LayerKind, LayerSpec, ModelConfig};
+use crate::error::LoadError;
+use crate::kv_cache::SeqCache;
+
+pub struct Attention {
+    layer: usize,
+    spec: LayerSpec,
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Option<Tensor>,
+    o_proj: Tensor,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+}
+
+impl Attention {
+    pub fn load(ckpt: &Checkpoint, p: &str, c: &ModelConfig, layer: usize) -> Result<Attention, LoadError> {
+        let spec = c.layers[layer].clone();
+        let (h, hd, nq, nkv) = (c.hidden_size, spec.head_dim, c.num_heads, spec.num_kv_heads);
+        let v_proj = if spec.k_eq_v { None } else { Some(ckpt.expect(&format!("{p}self_attn.v_proj.weight"), &[nkv * hd, h])?) };
+        Ok(Attention {
+            layer,
+            q_proj: ckpt.expect(&format!("{p}self_attn.q_proj.weight"), &[nq * hd, h])?,
+            k_proj: ckpt.expect(&format!("{p}self_attn.k_proj.weight"), &[nkv * hd, h])?,
+            v_proj,
+            o_proj: ckpt.expect(&format!("{p}self_attn.o_proj.weight"), &[h, nq * hd])?,
+            q_norm: ckpt.expect(&format!("{p}self_attn.q_norm.weight"), &[hd])?.to_f32(),
+            k_norm: ckpt.expect(&format!("{p}self_attn.k_norm.weight"), &[hd])?.to_f32(),
+            spec,
+        })
+    }
+
+    /// `h` is the normed input `[T, hidden]`; returns the o_proj output `[T, hidden]`.
+    pub(crate) fn forward(&self, h: &[f32], rows: &[RowInfo], caches: &mut [&mut SeqCache], c: &ModelConfig, dt: DType) -> Vec<f32> {
+        let t = rows.len();
+        let (hd, nq, nkv) = (self.spec.head_dim, c.num_heads, self.spec.num_kv_heads);
+        let mut q = vec![0f32; t * nq * hd];
+        let mut k = vec![0f32; t * nkv * hd];
+        let mut v = vec![0f32; if self.v_proj.is_some() { t * nkv * hd } else { 0 }];
+        {
+            let mut jobs = vec![
+                LinearJob { x: h, m: t, w: self.q_proj.weight(), out: &mut q },
+                LinearJob { x: h, m: t, w: self.k_proj.weight(), out: &mut k },
+            ];
+            if let Some(vp) = &self.v_proj {
+                jobs.push(LinearJob { x: h, m: t, w: vp.weight(), out: &mut v });
+            }
+            linear_many(&mut jobs, dt);
+        }
+        if self.v_proj.is_none() {
+            v = k.clone(); // attention_k_eq_v: V is the raw k_proj output
+        }
+        let eps = c.rms_norm_eps;
+        ops::rms_norm_chunks(&mut q, hd, Some(&self.q_norm), eps, dt);
+        ops::rms_norm_chunks(&mut k, hd, Some(&self.k_norm), eps, dt);
+        ops::rms_norm_chunks(&mut v, hd, None, eps, dt);
+        let rope = &self.spec.rope;
+        for (r, info) in rows.iter().enumerate() {
+            let (cos, sin) = rope.cos_sin(info.pos, dt);
+            rope.apply(&mut q[r * nq * hd..(r + 1) * nq * hd], &cos, &sin, dt);
+            rope.apply(&mut k[r * nkv * hd..(r + 1) * nkv * hd], &cos, &sin, dt);
+        }
+        for (r, info) in rows.iter().enumerate() {
+            let kv = r * nkv * hd..(r + 1) * nkv * hd;
+            caches[info.chunk].push(self.layer, &k[kv.clone()], &v[kv]);
+        }
+        let caches: &[&mut SeqCache] = caches;
+        let group = nq / nkv;
+        let window = match self.spec.kind {
+            LayerKind::Sliding => c.sliding_window,
+            LayerKind::Full => usize::MAX,
+        };
+        // One task per row: every head of that row against its own sequence's keys.
+        let attn = par_rows(t, nq * hd, &|r, out| {
+            let info = rows[r];
+            let cache = &*caches[info.chunk];
+            let to = info.pos + 1;
+            let from = to.saturating_sub(window);
+            let mut scores = Vec::with_capacity(to - from);
+            for head in 0..nq {
+                let kvh = head / group;
+                let keys = cache.keys(self.layer, kvh, from, to);
+                let vals = cache.values(self.layer, kvh, from, to);
+                let qh = &q[(r * nq + head) * hd..(r * nq + head + 1) * hd];
+                attend(qh, keys, vals, to - from, 1.0, dt, &mut scores, &mut out[head * hd..(head + 1) * hd]);
+            }
+        });
+        let mut o = vec![0f32; t * c.hidden_size];
+        linear(&attn, t, self.o_proj.weight(), &mut o, dt);
+        o
+    }
+}

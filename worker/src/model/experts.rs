@@ -1,0 +1,159 @@
+//! The expert computation, behind [`ExpertBackend`] so that the experts can live in this process
+//! ([`LocalExperts`]) or on expert workers reached over gRPC or NCCL, without the model code knowing.
+//!
+//! Numerics (transformers' eager `Gemma4TextExperts`): for each routed (row, expert),
+//! `y = down(gelu_tanh(gate) * up)` in the compute dtype, times the f32 routing weight, rounded to the
+//! compute dtype; a row's contributions are then summed in ascending expert id, rounding after every
+//! add. Every backend must combine in exactly this order ([`combine`]) so outputs match bit for bit.
+
+use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
+
+use crate::checkpoint::{Checkpoint, Tensor};
+use crate::config::{ModelConfig, MoeConfig};
+use crate::error::LoadError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertError {
+    #[error("expert id {id} out of range for layer {layer} ({experts} experts)")]
+    BadExpert { layer: usize, id: u32, experts: usize },
+    #[error("layer {layer} has no MoE block")]
+    NoMoe { layer: usize },
+    #[error("expert workers for layer {layer} are unavailable: {reason}")]
+    Unavailable { layer: usize, reason: String },
+}
+
+/// Runs one layer's routed experts.
+///
+/// Contract: `rows` is `[n, hidden]` (the `pre_feedforward_layernorm_2` output, exact in the compute
+/// dtype); `ids` and `weights` are `[n, top_k]`. On success `out[n, hidden]` holds, per row, the
+/// combined expert output described in the module docs. The call is stateless: a backend keeps nothing
+/// per request, and the result for a row never depends on the other rows of the call.
+pub trait ExpertBackend: Send + Sync {
+    fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError>;
+}
+
+/// Combines per-slot contributions `contrib[n, k, hidden]` (already weighted and rounded) into
+/// `out[n, hidden]`, in ascending expert id with a rounding after every add.
+pub fn combine(contrib: &[f32], ids: &[u32], n: usize, k: usize, hidden: usize, dt: DType, out: &mut [f32]) {
+    let mut slots: Vec<usize> = Vec::with_capacity(k);
+    for r in 0..n {
+        slots.clear();
+        slots.extend(0..k);
+        slots.sort_by_key(|&s| ids[r * k + s]);
+        let o = &mut out[r * hidden..(r + 1) * hidden];
+        o.fill(0.0);
+        for &s in &slots {
+            let c = &contrib[(r * k + s) * hidden..(r * k + s + 1) * hidden];
+            ops::add_assign(o, c, dt);
+        }
+    }
+}
+
+/// A model without an MoE block (not Gemma 4 26B, but a valid config).
+pub struct NoExperts;
+
+impl ExpertBackend for NoExperts {
+    fn run(&self, layer: usize, _: &[f32], _: usize, _: &[u32], _: &[f32], _: &mut [f32]) -> Result<(), ExpertError> {
+        Err(ExpertError::NoMoe { layer })
+    }
+}
+
+/// All experts of all layers, computed in this process from the memory-mapped checkpoint.
+pub struct LocalExperts {
+    layers: Vec<LayerExperts>,
+    hidden: usize,
+    moe: MoeConfig,
+}
+
+struct LayerExperts {
+    gate_up: Tensor, // [E, 2I, H]
+    down: Tensor,    // [E, H, I]
+}
+
+impl LocalExperts {
+    pub fn load(ckpt: &Checkpoint, prefix: &str, c: &ModelConfig, moe: MoeConfig) -> Result<LocalExperts, LoadError> {
+        let (h, e, i) = (c.hidden_size, moe.num_experts, moe.intermediate_size);
+        let layers = (0..c.num_layers)
+            .map(|l| {
+                let p = format!("{prefix}layers.{l}.");
+                Ok(LayerExperts {
+                    gate_up: ckpt.expect_any(&[format!("{p}experts.gate_up_proj"), format!("{p}moe.gate_up_proj")], &[e, 2 * i, h])?,
+                    down: ckpt.expect_any(&[format!("{p}experts.down_proj"), format!("{p}moe.down_proj")], &[e, h, i])?,
+                })
+            })
+            .collect::<Result<_, LoadError>>()?;
+        Ok(LocalExperts { layers, hidden: h, moe })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.layers.first().map(|l| l.gate_up.dtype).unwrap_or(DType::F32)
+    }
+}
+
+impl ExpertBackend for LocalExperts {
+    fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        let (h, k, e, inter) = (self.hidden, self.moe.top_k, self.moe.num_experts, self.moe.intermediate_size);
+        let l = self.layers.get(layer).ok_or(ExpertError::NoMoe { layer })?;
+        let dt = self.dtype();
+        if let Some(&bad) = ids[..n * k].iter().find(|&&id| id as usize >= e) {
+            return Err(ExpertError::BadExpert { layer, id: bad, experts: e });
+        }
+        // Group (row, slot) pairs by expert, in ascending expert id.
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
+        for (pair, &id) in ids[..n * k].iter().enumerate() {
+            by_expert[id as usize].push(pair);
+        }
+        let active: Vec<usize> = (0..e).filter(|&x| !by_expert[x].is_empty()).collect();
+        let gathered: Vec<Vec<f32>> = active
+            .iter()
+            .map(|&x| by_expert[x].iter().flat_map(|&pair| rows[(pair / k) * h..(pair / k + 1) * h].iter().copied()).collect())
+            .collect();
+        // gate_up for every active expert in one parallel region, then the activation, then down.
+        let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * 2 * inter]).collect();
+        {
+            let mut jobs: Vec<LinearJob<'_>> = active
+                .iter()
+                .zip(&gathered)
+                .zip(gu.iter_mut())
+                .map(|((&x, xs), o)| LinearJob { x: xs, m: by_expert[x].len(), w: l.gate_up.weight_at(x), out: o })
+                .collect();
+            linear_many(&mut jobs, dt);
+        }
+        let acts: Vec<Vec<f32>> = gu
+            .iter()
+            .map(|g| {
+                let mut a = vec![0f32; g.len() / 2];
+                for (arow, grow) in a.chunks_exact_mut(inter).zip(g.chunks_exact(2 * inter)) {
+                    ops::gelu_mul(&grow[..inter], &grow[inter..], dt, arow);
+                }
+                a
+            })
+            .collect();
+        let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * h]).collect();
+        {
+            let mut jobs: Vec<LinearJob<'_>> = active
+                .iter()
+                .zip(&acts)
+                .zip(ys.iter_mut())
+                .map(|((&x, a), o)| LinearJob { x: a, m: by_expert[x].len(), w: expert_down(&l.down, x), out: o })
+                .collect();
+            linear_many(&mut jobs, dt);
+        }
+        let mut contrib = vec![0f32; n * k * h];
+        for (ai, &x) in active.iter().enumerate() {
+            for (j, &pair) in by_expert[x].iter().enumerate() {
+                let w = weights[pair];
+                let dst = &mut contrib[pair * h..(pair + 1) * h];
+                for (d, &y) in dst.iter_mut().zip(&ys[ai][j * h..(j + 1) * h]) {
+                    *d = dt.round(y * w);
+                }
+            }
+        }
+        combine(&contrib, ids, n, k, h, dt, out);
+        Ok(())
+    }
+}
+
+fn expert_down(t: &Tensor, x: usize) -> Weight<'_> {
+    t.weight_at(x)
+}

@@ -1,0 +1,43 @@
+//! Final norm, the tied lm_head (`embed_tokens` reused) and logit soft-capping.
+
+use switchyard_kernels::{DType, linear, ops};
+
+use super::embedding::Embedding;
+use crate::checkpoint::{Checkpoint, Tensor};
+use crate::config::ModelConfig;
+use crate::error::LoadError;
+
+pub struct LmHead {
+    norm: Vec<f32>,
+    weight: Tensor,
+}
+
+impl LmHead {
+    pub fn load(ckpt: &Checkpoint, prefix: &str, c: &ModelConfig, emb: &Embedding) -> Result<LmHead, LoadError> {
+        let norm = ckpt.expect(&format!("{prefix}norm.weight"), &[c.hidden_size])?.to_f32();
+        // Gemma 4 ties the head to the embedding; an untied checkpoint would carry `lm_head.weight`.
+        let weight = match ckpt.get("lm_head.weight") {
+            Some(_) => ckpt.expect("lm_head.weight", &[c.vocab_size, c.hidden_size])?,
+            None => emb.table.clone(),
+        };
+        Ok(LmHead { norm, weight })
+    }
+
+    /// Logits `[n, vocab]` for `n` final hidden rows, rounded and soft-capped like transformers.
+    pub fn forward(&self, hs: &[f32], n: usize, c: &ModelConfig, dt: DType) -> Vec<f32> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut normed = hs.to_vec();
+        ops::rms_norm_chunks(&mut normed, c.hidden_size, Some(&self.norm), c.rms_norm_eps, dt);
+        let mut logits = vec![0f32; n * c.vocab_size];
+        linear(&normed, n, self.weight.weight(), &mut logits, dt);
+        if let Some(cap) = c.final_logit_softcapping {
+            for l in logits.iter_mut() {
+                // `logits / cap`, `tanh`, `* cap`, each rounded in the compute dtype.
+                *l = dt.round(dt.round(dt.round(*l / cap).tanh()) * cap);
+            }
+        }
+        logits
+    }
+}

@@ -1,0 +1,156 @@
+//! Gemma 4 text model (transformers `Gemma4TextModel` + tied lm_head), one block per file.
+//!
+//! The forward pass works on a ragged batch: several sequences, each contributing a chunk of new tokens
+//! (a whole prompt, part of one, or one decode token), concatenated into one `[T, hidden]` activation.
+//! Projections run over all rows at once; attention runs per row against that row's own sequence.
+
+pub mod attention;
+pub mod embedding;
+pub mod experts;
+pub mod layer;
+pub mod lm_head;
+pub mod mlp;
+pub mod router;
+
+use std::sync::Arc;
+
+use switchyard_kernels::DType;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::LoadError;
+use crate::kv_cache::SeqCache;
+use experts::{ExpertBackend, ExpertError, LocalExperts};
+use layer::DecoderLayer;
+
+/// Which rows of a chunk need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's share of a forward batch.
+pub struct ForwardChunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    pub logits: LogitsFor,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("token id {id} is out of the vocabulary (size {vocab})")]
+    TokenOutOfVocab { id: u32, vocab: usize },
+    #[error("sequence would reach {len} positions, more than the model's {max}")]
+    ContextTooLong { len: usize, max: usize },
+    #[error(transparent)]
+    Expert(#[from] ExpertError),
+}
+
+/// Where a batch row comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowInfo {
+    pub chunk: usize,
+    pub pos: usize,
+}
+
+pub struct Gemma4Model {
+    pub config: ModelConfig,
+    /// The compute dtype (the checkpoint's weight dtype): activations are rounded to it where HF rounds.
+    pub dtype: DType,
+    embedding: embedding::Embedding,
+    layers: Vec<DecoderLayer>,
+    lm_head: lm_head::LmHead,
+    experts: Arc<dyn ExpertBackend>,
+}
+
+impl Gemma4Model {
+    /// Loads the text model from a checkpoint, with the experts computed in this process.
+    pub fn load(config: ModelConfig, ckpt: &Checkpoint) -> Result<Gemma4Model, LoadError> {
+        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
+        let experts: Arc<dyn ExpertBackend> = match config.moe {
+            Some(moe) => Arc::new(LocalExperts::load(ckpt, prefix, &config, moe)?),
+            None => Arc::new(experts::NoExperts),
+        };
+        Self::load_with_experts(config, ckpt, experts)
+    }
+
+    /// Loads everything but the expert weights, which `experts` provides (in-process or remote).
+    pub fn load_with_experts(config: ModelConfig, ckpt: &Checkpoint, experts: Arc<dyn ExpertBackend>) -> Result<Gemma4Model, LoadError> {
+        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
+        let embedding = embedding::Embedding::load(ckpt, prefix, &config)?;
+        let dtype = embedding.dtype();
+        let layers = (0..config.num_layers).map(|i| DecoderLayer::load(ckpt, &format!("{prefix}layers.{i}."), &config, i)).collect::<Result<_, _>>()?;
+        let lm_head = lm_head::LmHead::load(ckpt, prefix, &config, &embedding)?;
+        Ok(Gemma4Model { config, dtype, embedding, layers, lm_head, experts })
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(&self.config.layers)
+    }
+
+    /// Runs the chunks through the model, appending their keys and values to their caches.
+    /// Returns, per chunk, the logits of the rows it asked for (`[rows, vocab]` flattened).
+    pub fn forward(&self, chunks: &mut [ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>, ForwardError> {
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        for (c, ch) in chunks.iter().enumerate() {
+            let start = ch.cache.len();
+            if start + ch.tokens.len() > self.config.max_position_embeddings {
+                return Err(ForwardError::ContextTooLong { len: start + ch.tokens.len(), max: self.config.max_position_embeddings });
+            }
+            for (i, &t) in ch.tokens.iter().enumerate() {
+                if t as usize >= self.config.vocab_size {
+                    return Err(ForwardError::TokenOutOfVocab { id: t, vocab: self.config.vocab_size });
+                }
+                rows.push(RowInfo { chunk: c, pos: start + i });
+                ids.push(t);
+            }
+        }
+        let mut x = self.embedding.forward(&ids, &self.config);
+        {
+            let mut caches: Vec<&mut SeqCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
+            for layer in &self.layers {
+                x = layer.forward(x, &rows, &mut caches, self.experts.as_ref(), &self.config, self.dtype)?;
+            }
+        }
+        for ch in chunks.iter_mut() {
+            ch.cache.advance(ch.tokens.len());
+        }
+        // Select the rows that need logits, in chunk order.
+        let h = self.config.hidden_size;
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut row0 = 0;
+        for ch in chunks.iter() {
+            let n = ch.tokens.len();
+            let sel = match ch.logits {
+                LogitsFor::None => 0..0,
+                LogitsFor::Last if n > 0 => row0 + n - 1..row0 + n,
+                LogitsFor::Last => 0..0,
+                LogitsFor::All => row0..row0 + n,
+            };
+            let hs = &x[sel.start * h..sel.end * h];
+            out.push(self.lm_head.forward(hs, sel.len(), &self.config, self.dtype));
+            row0 += n;
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `f(i)` for each row on the kernel pool and collects `[rows, width]` outputs.
+pub(crate) fn par_rows(rows: usize, width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+    let mut out = vec![0f32; rows * width];
+    let ptr = SyncPtr(out.as_mut_ptr());
+    switchyard_kernels::pool::parallel_for(rows, &|r| {
+        let p = &ptr;
+        // SAFETY: each task writes only its own row.
+        let row = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * width), width) };
+        f(r, row);
+    });
+    out
+}
+
+pub(crate) struct SyncPtr(pub *mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
