@@ -1,0 +1,48 @@
+//! Shared helpers for the whole-system tests: fixture paths, loading, the reference JSON format.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use switchyard_worker::{Checkpoint, Gemma4Model, ModelConfig};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn load(name: &str) -> Gemma4Model {
+    let dir = fixtures().join(name);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Gemma4Model::load(config, &ckpt).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Reference {
+    pub checkpoint: String,
+    pub dtype: String,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Case {
+    pub name: String,
+    pub prompt_ids: Vec<u32>,
+    #[serde(default)]
+    pub prompt_text: Option<String>,
+    pub max_tokens: usize,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Step {
+    pub token: u32,
+    pub top: Vec<(u32, f32)>,
+    pub margin: f32,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let p = fixtures().join("reference").join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/make_fixtures.py)", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
