@@ -92,7 +92,7 @@ fn block_rows(m: usize, n: usize) -> usize {
     let threads = pool::global().threads().max(1);
     // Enough blocks to balance the threads, each large enough to amortise task overhead.
     let target = if m <= 4 { 16 } else { 64 };
-    let by_threads = n.div_ceil(threads * 4).max(4);
+    let by_threads = n.div_ceil(threads).max(4);
     target.min(by_threads).max(4)
 }
 
@@ -151,13 +151,40 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Kernel) -> Packed {
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_block(kernel: Kernel, p: &Packed, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, ostride: usize, act: DType) {
     const MR: usize = 4;
-    const NR: usize = 4;
+    // Small batches are bound by streaming the weights: one row at a time keeps each thread on one
+    // sequential stream. Larger batches reuse each weight load across more rows of x.
+    let nr_max = if m < 8 { 1 } else { 2 };
     let mut r0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let (Kernel::Avx512Bf16, Packed::Bf16 { data, stride }) = (kernel, p) {
+        // The hot path: whole row ranges per call, so the per-row cost is only the kernel itself.
+        let rb = w.cols * 2;
+        while r0 < m {
+            let mr = (m - r0).min(MR);
+            let x = unsafe { data.as_ptr().add(r0 * stride) };
+            let o = unsafe { out.add(r0 * ostride) };
+            let wb = w.bytes.as_ptr();
+            unsafe {
+                match mr {
+                    1 => rows_dpbf16::<1>(x, *stride, wb, rb, n0, n1, nr_max, w.cols, o, ostride),
+                    2 => rows_dpbf16::<2>(x, *stride, wb, rb, n0, n1, nr_max, w.cols, o, ostride),
+                    3 => rows_dpbf16::<3>(x, *stride, wb, rb, n0, n1, nr_max, w.cols, o, ostride),
+                    _ => rows_dpbf16::<4>(x, *stride, wb, rb, n0, n1, nr_max, w.cols, o, ostride),
+                }
+            }
+            for r in 0..mr {
+                let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * ostride + n0), n1 - n0) };
+                act.round_slice(row);
+            }
+            r0 += mr;
+        }
+        return;
+    }
     while r0 < m {
         let mr = (m - r0).min(MR);
         let mut c0 = n0;
         while c0 < n1 {
-            let nr = (n1 - c0).min(NR);
+            let nr = (n1 - c0).min(nr_max);
             let o = unsafe { out.add(r0 * ostride + c0) };
             unsafe { tile(kernel, p, r0, mr, w, c0, nr, o, ostride) };
             for r in 0..mr {
@@ -253,42 +280,85 @@ fn bh(v: __m512i) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
 }
 
+/// Weight rows `[c0, c1)` against `MR` rows of x, `nr_max` (1 or 2) weight rows per tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_dpbf16<const MR: usize, const NR: usize>(x: *const u16, xs: usize, w: [*const u8; 4], k: usize, out: *mut f32, os: usize) {
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    let full = k / 32;
-    let rem = k % 32;
-    for kc in 0..full {
-        let mut wv = [_mm512_setzero_si512(); NR];
-        for c in 0..NR {
-            wv[c] = unsafe { _mm512_loadu_si512(w[c].add(kc * 64) as *const _) };
-        }
-        for r in 0..MR {
-            let xv = unsafe { _mm512_loadu_si512(x.add(r * xs + kc * 32) as *const _) };
-            for c in 0..NR {
-                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], bh(xv), bh(wv[c]));
+unsafe fn rows_dpbf16<const MR: usize>(x: *const u16, xs: usize, wb: *const u8, rb: usize, c0: usize, c1: usize, nr_max: usize, k: usize, out: *mut f32, os: usize) {
+    let mut c = c0;
+    unsafe {
+        if nr_max >= 2 {
+            while c + 2 <= c1 {
+                let w = [wb.add(c * rb), wb.add((c + 1) * rb), wb.add((c + 1) * rb), wb.add((c + 1) * rb)];
+                tile_dpbf16::<MR, 2>(x, xs, w, k, out.add(c), os);
+                c += 2;
             }
         }
+        while c < c1 {
+            let p = wb.add(c * rb);
+            tile_dpbf16::<MR, 1>(x, xs, [p, p, p, p], k, out.add(c), os);
+            c += 1;
+        }
     }
-    if rem > 0 {
-        let mask: __mmask32 = (1u32 << rem) - 1;
-        let mut wv = [_mm512_setzero_si512(); NR];
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dpbf16<const MR: usize, const NR: usize>(x: *const u16, xs: usize, w: [*const u8; 4], k: usize, out: *mut f32, os: usize) {
+    // Two accumulators per element: even 32-wide chunks of k go to `a0`, odd ones to `a1` (a masked
+    // tail chunk follows the same rule), reduced as `a0 + a1` at the end. This halves the dependency
+    // chain so one weight row can stream on its own at full bandwidth; it is the same for every element,
+    // whatever the tile shape.
+    let mut a0 = [[_mm512_setzero_ps(); NR]; MR];
+    let mut a1 = [[_mm512_setzero_ps(); NR]; MR];
+    let chunks = k.div_ceil(32);
+    let rem = k % 32;
+    let mut kc = 0;
+    while kc + 2 <= chunks {
+        let last_pair = kc + 2 == chunks && rem > 0;
+        let mut w0 = [_mm512_setzero_si512(); NR];
+        let mut w1 = [_mm512_setzero_si512(); NR];
         for c in 0..NR {
-            wv[c] = unsafe { _mm512_maskz_loadu_epi16(mask, w[c].add(full * 64) as *const i16) };
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(w[c].add(kc * 64 + 1024) as *const i8);
+                w0[c] = _mm512_loadu_si512(w[c].add(kc * 64) as *const _);
+                w1[c] = if last_pair {
+                    _mm512_maskz_loadu_epi16((1u32 << rem) - 1, w[c].add(kc * 64 + 64) as *const i16)
+                } else {
+                    _mm512_loadu_si512(w[c].add(kc * 64 + 64) as *const _)
+                };
+            }
         }
         for r in 0..MR {
-            // x is zero-padded to a multiple of 32.
-            let xv = unsafe { _mm512_loadu_si512(x.add(r * xs + full * 32) as *const _) };
+            // x is zero-padded to a multiple of 32 elements, so full loads are safe for the tail.
+            let x0 = unsafe { _mm512_loadu_si512(x.add(r * xs + kc * 32) as *const _) };
+            let x1 = unsafe { _mm512_loadu_si512(x.add(r * xs + kc * 32 + 32) as *const _) };
             for c in 0..NR {
-                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], bh(xv), bh(wv[c]));
+                a0[r][c] = _mm512_dpbf16_ps(a0[r][c], bh(x0), bh(w0[c]));
+                a1[r][c] = _mm512_dpbf16_ps(a1[r][c], bh(x1), bh(w1[c]));
+            }
+        }
+        kc += 2;
+    }
+    if kc < chunks {
+        // One chunk left, an even one: it goes to `a0`.
+        let mask: __mmask32 = if rem > 0 { (1u32 << rem) - 1 } else { u32::MAX };
+        let mut w0 = [_mm512_setzero_si512(); NR];
+        for c in 0..NR {
+            w0[c] = unsafe { _mm512_maskz_loadu_epi16(mask, w[c].add(kc * 64) as *const i16) };
+        }
+        for r in 0..MR {
+            let x0 = unsafe { _mm512_loadu_si512(x.add(r * xs + kc * 32) as *const _) };
+            for c in 0..NR {
+                a0[r][c] = _mm512_dpbf16_ps(a0[r][c], bh(x0), bh(w0[c]));
             }
         }
     }
     for r in 0..MR {
         for c in 0..NR {
-            unsafe { *out.add(r * os + c) = _mm512_reduce_add_ps(acc[r][c]) };
+            unsafe { *out.add(r * os + c) = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][c], a1[r][c])) };
         }
     }
 }

@@ -78,20 +78,19 @@ impl Attention {
             LayerKind::Sliding => c.sliding_window,
             LayerKind::Full => usize::MAX,
         };
-        // One task per row: every head of that row against its own sequence's keys.
-        let attn = par_rows(t, nq * hd, &|r, out| {
+        // One task per (row, head), each against its own sequence's keys; output is [T, heads, head_dim].
+        let attn = par_rows(t * nq, hd, &|task, out| {
+            let (r, head) = (task / nq, task % nq);
             let info = rows[r];
             let cache = &*caches[info.chunk];
             let to = info.pos + 1;
             let from = to.saturating_sub(window);
+            let kvh = head / group;
+            let keys = cache.keys(self.layer, kvh, from, to);
+            let vals = cache.values(self.layer, kvh, from, to);
+            let qh = &q[task * hd..(task + 1) * hd];
             let mut scores = Vec::with_capacity(to - from);
-            for head in 0..nq {
-                let kvh = head / group;
-                let keys = cache.keys(self.layer, kvh, from, to);
-                let vals = cache.values(self.layer, kvh, from, to);
-                let qh = &q[(r * nq + head) * hd..(r * nq + head + 1) * hd];
-                attend(qh, keys, vals, to - from, 1.0, dt, &mut scores, &mut out[head * hd..(head + 1) * hd]);
-            }
+            attend(qh, keys, vals, to - from, 1.0, dt, &mut scores, out);
         });
         let mut o = vec![0f32; t * c.hidden_size];
         linear(&attn, t, self.o_proj.weight(), &mut o, dt);
