@@ -1,7 +1,7 @@
 //! Scaled-dot-product attention for one query row against a contiguous run of cached keys and values.
 //!
-//! It mirrors transformers' eager attention in the compute dtype: scores `q·k` (f32 accumulation)
-//! rounded to the dtype, softmax in f32, probabilities rounded, `p·v` accumulated in f32 and rounded.
+//! It mirrors transformers' eager attention in the compute dtype: scores `q·k` (f64 accumulation)
+//! rounded to the dtype, softmax in f32, probabilities rounded, `p·v` accumulated in f64 and rounded.
 //! Prefill and decode both call [`attend`] with exactly the keys the mask allows, in position order,
 //! so a token's output is the same whether it was computed in a long prefill or a decode step.
 
@@ -14,40 +14,37 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, dt:
     scores.clear();
     scores.extend((0..n).map(|j| dt.round(dt.round(dot(q, &keys[j * hd..(j + 1) * hd])) * scale)));
     crate::ops::softmax(scores);
-    out[..hd].fill(0.0);
+    let mut acc = vec![0f64; hd];
     for (j, p) in scores.iter().enumerate() {
-        let p = dt.round(*p);
+        let p = dt.round(*p) as f64;
         let v = &values[j * hd..(j + 1) * hd];
-        for (o, &vv) in out.iter_mut().zip(v) {
-            *o += p * vv;
+        for (o, &vv) in acc.iter_mut().zip(v) {
+            *o += p * vv as f64;
         }
     }
-    dt.round_slice(&mut out[..hd]);
+    for (o, a) in out[..hd].iter_mut().zip(&acc) {
+        *o = dt.round(*a as f32);
+    }
 }
 
-/// Dot product with a fixed 16-lane accumulation order (auto-vectorised).
+/// Dot product accumulated in f64 and rounded once: for these short (head-size) products it gives the
+/// correctly rounded f32 result that PyTorch's bf16/f16 matmuls produce in practice, so rounding the
+/// score to the compute dtype agrees with transformers.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let ca = a.chunks_exact(16);
-    let cb = b.chunks_exact(16);
+    let mut lanes = [0f64; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            lanes[i] += x[i] * y[i];
+        for i in 0..8 {
+            lanes[i] += x[i] as f64 * y[i] as f64;
         }
     }
     for i in 0..ra.len() {
-        lanes[i] += ra[i] * rb[i];
+        lanes[i] += ra[i] as f64 * rb[i] as f64;
     }
-    let mut n = 16;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            lanes[i] += lanes[i + n];
-        }
-    }
-    lanes[0]
+    (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))) as f32
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod linear;
 pub mod ops;
 pub mod pool;
+pub mod topk;
 
 pub use dtype::DType;
 pub use linear::{LinearJob, Weight, linear, linear_many};

@@ -35,7 +35,7 @@ impl LmHead {
         if let Some(cap) = c.final_logit_softcapping {
             for l in logits.iter_mut() {
                 // `logits / cap`, `tanh`, `* cap`, each rounded in the compute dtype.
-                *l = dt.round(dt.round(dt.round(*l / cap).tanh()) * cap);
+                *l = dt.round(dt.round(ops::tanh(dt.round(*l / cap))) * cap);
             }
         }
         logits

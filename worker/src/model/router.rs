@@ -1,6 +1,7 @@
 //! The MoE router (gate): on the raw residual, `RMSNorm_noscale(x) * scale * hidden^-0.5`, a linear to
 //! `num_experts` logits, softmax in f32, top-k, renormalised over the k, times `per_expert_scale`.
 
+use switchyard_kernels::topk::topk_torch;
 use switchyard_kernels::{DType, linear, ops};
 
 use crate::checkpoint::{Checkpoint, Tensor};
@@ -14,7 +15,7 @@ pub struct Router {
     moe: MoeConfig,
 }
 
-/// Routing decisions for `T` rows: `ids[T, k]` and `weights[T, k]`, slots in descending probability.
+/// Routing decisions for `T` rows: `ids[T, k]` and `weights[T, k]`, slots in torch.topk's order.
 pub struct Routing {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
@@ -48,18 +49,14 @@ impl Router {
         linear(&z, t, self.proj.weight(), &mut logits, dt);
         let mut ids = Vec::with_capacity(t * k);
         let mut weights = Vec::with_capacity(t * k);
-        let mut order: Vec<u32> = Vec::with_capacity(e);
         for row in logits.chunks_exact_mut(e) {
             ops::softmax(row);
-            order.clear();
-            order.extend(0..e as u32);
-            // Descending probability; ties to the lower expert id (deterministic).
-            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-            let top = &order[..k];
-            let sum: f32 = top.iter().map(|&i| row[i as usize]).sum();
-            for &i in top {
+            // Exact ties are common (probabilities of dtype-rounded logits); break them as torch.topk does.
+            let top = topk_torch(row, k);
+            let sum: f32 = top.iter().map(|&(_, p)| p).sum();
+            for (i, p) in top {
                 ids.push(i);
-                weights.push(row[i as usize] / sum * self.per_expert_scale[i as usize]);
+                weights.push(p / sum * self.per_expert_scale[i as usize]);
             }
         }
         Routing { ids, weights }
