@@ -54,7 +54,10 @@ impl Pool {
     pub fn new(threads: usize) -> Pool {
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
-            region: Mutex::new(Region { task: std::ptr::null::<fn(usize)>() as *const Task<'static>, n: 0 }),
+            region: Mutex::new(Region {
+                task: std::ptr::null::<fn(usize)>() as *const Task<'static>,
+                n: 0,
+            }),
             next: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
@@ -70,7 +73,11 @@ impl Pool {
                 .spawn(move || worker_loop(&s))
                 .expect("spawn kernel worker thread");
         }
-        Pool { shared, workers, submit: Mutex::new(()) }
+        Pool {
+            shared,
+            workers,
+            submit: Mutex::new(()),
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -91,7 +98,9 @@ impl Pool {
             let mut r = s.region.lock().unwrap();
             // SAFETY: the pointer is only dereferenced by workers while `active > 0`, and this function
             // does not return (so `f` stays alive) until `active` is back to 0.
-            r.task = unsafe { std::mem::transmute::<*const Task<'_>, *const Task<'static>>(f as *const Task<'_>) };
+            r.task = unsafe {
+                std::mem::transmute::<*const Task<'_>, *const Task<'static>>(f as *const Task<'_>)
+            };
             r.n = n;
         }
         s.next.store(0, Ordering::Relaxed);
@@ -172,7 +181,11 @@ pub fn global() -> &'static Pool {
         let n = std::env::var("SWITCHYARD_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
         Pool::new(n)
     })
 }

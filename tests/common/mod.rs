@@ -12,7 +12,8 @@ pub fn fixtures() -> PathBuf {
 
 pub fn load(name: &str) -> Gemma4Model {
     let dir = fixtures().join(name);
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let config =
+        ModelConfig::from_file(&dir.join("config.json")).unwrap_or_else(|e| panic!("{name}: {e}"));
     let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     Gemma4Model::load(config, &ckpt).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -39,10 +40,14 @@ pub struct Step {
     pub token: u32,
     pub top: Vec<(u32, f32)>,
     pub margin: f32,
+    /// The same ids' log-probs from one uncached transformers forward: transformers' own rounding noise.
+    #[serde(default)]
+    pub top_uncached: Vec<(u32, f32)>,
 }
 
 pub fn reference(name: &str) -> Reference {
     let p = fixtures().join("reference").join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/make_fixtures.py)", p.display()));
+    let text = std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/make_fixtures.py)", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

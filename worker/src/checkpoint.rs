@@ -68,18 +68,31 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io { path: index.clone(), source })?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| LoadError::Json { path: index.clone(), source })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LoadError::Safetensors {
+            let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io {
                 path: index.clone(),
-                reason: "no `weight_map` object".into(),
+                source,
             })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| LoadError::Json {
+                    path: index.clone(),
+                    source,
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| LoadError::Safetensors {
+                    path: index.clone(),
+                    reason: "no `weight_map` object".into(),
+                })?;
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort();
             names.dedup();
             for n in &names {
                 if n.contains('/') || n.contains("..") {
-                    return Err(LoadError::Safetensors { path: index.clone(), reason: format!("shard name `{n}` leaves the model directory") });
+                    return Err(LoadError::Safetensors {
+                        path: index.clone(),
+                        reason: format!("shard name `{n}` leaves the model directory"),
+                    });
                 }
             }
             names.into_iter().map(|n| dir.join(n)).collect()
@@ -103,9 +116,19 @@ impl Checkpoint {
 
     /// The tensor `name` with exactly `shape`, or an error naming both.
     pub fn expect(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
-        let t = self.tensors.get(name).ok_or_else(|| LoadError::MissingTensor { name: name.into(), expected: shape.to_vec() })?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                name: name.into(),
+                expected: shape.to_vec(),
+            })?;
         if t.shape != shape {
-            return Err(LoadError::TensorShape { name: name.into(), expected: shape.to_vec(), actual: t.shape.clone() });
+            return Err(LoadError::TensorShape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                actual: t.shape.clone(),
+            });
         }
         Ok(t.clone())
     }
@@ -117,7 +140,10 @@ impl Checkpoint {
                 return self.expect(n, shape);
             }
         }
-        Err(LoadError::MissingTensor { name: names[0].clone(), expected: shape.to_vec() })
+        Err(LoadError::MissingTensor {
+            name: names[0].clone(),
+            expected: shape.to_vec(),
+        })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -126,26 +152,53 @@ impl Checkpoint {
 }
 
 fn load_file(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<(), LoadError> {
-    let bad = |reason: String| LoadError::Safetensors { path: path.into(), reason };
-    let file = File::open(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
+    let bad = |reason: String| LoadError::Safetensors {
+        path: path.into(),
+        reason,
+    };
+    let file = File::open(path).map_err(|source| LoadError::Io {
+        path: path.into(),
+        source,
+    })?;
     // SAFETY: the checkpoint is treated as read-only for the life of the process; a file truncated under
     // us is outside the contract (as for every mmap-based loader).
-    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.into(), source })?);
-    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io {
+        path: path.into(),
+        source,
+    })?);
+    let (header_len, meta) =
+        safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
     let data_start = 8 + header_len;
     for (name, info) in meta.tensors() {
         let dtype = match info.dtype {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F16 => DType::F16,
-            other => return Err(LoadError::TensorDtype { name, actual: format!("{other:?}") }),
+            other => {
+                return Err(LoadError::TensorDtype {
+                    name,
+                    actual: format!("{other:?}"),
+                });
+            }
         };
         let (s, e) = info.data_offsets;
         let numel: usize = info.shape.iter().product();
         if e - s != numel * dtype.size() || data_start + e > map.len() {
-            return Err(bad(format!("tensor `{name}` has a byte range that does not match its shape")));
+            return Err(bad(format!(
+                "tensor `{name}` has a byte range that does not match its shape"
+            )));
         }
-        out.insert(name.clone(), Tensor { map: map.clone(), start: data_start + s, end: data_start + e, dtype, shape: info.shape.clone(), name });
+        out.insert(
+            name.clone(),
+            Tensor {
+                map: map.clone(),
+                start: data_start + s,
+                end: data_start + e,
+                dtype,
+                shape: info.shape.clone(),
+                name,
+            },
+        );
     }
     Ok(())
 }

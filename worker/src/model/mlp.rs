@@ -26,7 +26,20 @@ impl Mlp {
         let i = c.intermediate_size;
         let (mut g, mut u) = (vec![0f32; t * i], vec![0f32; t * i]);
         linear_many(
-            &mut [LinearJob { x, m: t, w: self.gate.weight(), out: &mut g }, LinearJob { x, m: t, w: self.up.weight(), out: &mut u }],
+            &mut [
+                LinearJob {
+                    x,
+                    m: t,
+                    w: self.gate.weight(),
+                    out: &mut g,
+                },
+                LinearJob {
+                    x,
+                    m: t,
+                    w: self.up.weight(),
+                    out: &mut u,
+                },
+            ],
             dt,
         );
         let mut act = vec![0f32; t * i];

@@ -22,10 +22,20 @@ pub struct Routing {
 }
 
 impl Router {
-    pub fn load(ckpt: &Checkpoint, p: &str, c: &ModelConfig, moe: MoeConfig) -> Result<Router, LoadError> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        c: &ModelConfig,
+        moe: MoeConfig,
+    ) -> Result<Router, LoadError> {
         let (h, e) = (c.hidden_size, moe.num_experts);
         let names = |suffix: &str| -> Vec<String> {
-            [format!("{p}router.{suffix}"), format!("{p}router.{suffix}.weight"), format!("{p}moe.{suffix}")].to_vec()
+            [
+                format!("{p}router.{suffix}"),
+                format!("{p}router.{suffix}.weight"),
+                format!("{p}moe.{suffix}"),
+            ]
+            .to_vec()
         };
         Ok(Router {
             proj: ckpt.expect(&format!("{p}router.proj.weight"), &[e, h])?,
