@@ -46,26 +46,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.prompt_len,
             a.decode_steps
         );
-        println!(
-            "{:>6} {:>14} {:>14} {:>12}",
-            "batch", "prefill tok/s", "decode tok/s", "decode ms/step"
-        );
+        println!("{:>6} {:>14} {:>14} {:>12}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
     }
     for &b in &a.batch_sizes {
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|i| prompt(i, a.prompt_len, c.vocab_size, &c.placeholder_ids))
-            .collect();
+        let prompts: Vec<Vec<u32>> = (0..b).map(|i| prompt(i, a.prompt_len, c.vocab_size, &c.placeholder_ids)).collect();
         let mut caches: Vec<SeqCache> = (0..b).map(|_| m.new_cache()).collect();
         let t0 = Instant::now();
         let logits = {
             let mut chunks: Vec<ForwardChunk<'_>> = prompts
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(p, cache)| ForwardChunk {
-                    tokens: p,
-                    cache,
-                    logits: LogitsFor::Last,
-                })
+                .map(|(p, cache)| ForwardChunk { tokens: p, cache, logits: LogitsFor::Last })
                 .collect();
             m.forward(&mut chunks)?
         };
@@ -73,15 +64,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut next: Vec<u32> = logits.iter().map(|l| pick(l, 1).token).collect();
         let step = |next: &mut Vec<u32>, caches: &mut Vec<SeqCache>| -> Result<()> {
             let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut chunks: Vec<ForwardChunk<'_>> = toks
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(t, cache)| ForwardChunk {
-                    tokens: t,
-                    cache,
-                    logits: LogitsFor::Last,
-                })
-                .collect();
+            let mut chunks: Vec<ForwardChunk<'_>> =
+                toks.iter().zip(caches.iter_mut()).map(|(t, cache)| ForwardChunk { tokens: t, cache, logits: LogitsFor::Last }).collect();
             let logits = m.forward(&mut chunks)?;
             *next = logits.iter().map(|l| pick(l, 1).token).collect();
             Ok(())

@@ -5,16 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use switchyard_worker::{
-    Checkpoint, Gemma4Model, GenerateOptions, ModelConfig, ModelDir, greedy_generate,
-};
+use switchyard_worker::{Checkpoint, Gemma4Model, GenerateOptions, ModelConfig, ModelDir, greedy_generate};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "switchyard",
-    version,
-    about = "Serve Gemma 4 26B-A4B behind an OpenAI-compatible API, from one process to a cluster"
-)]
+#[command(name = "switchyard", version, about = "Serve Gemma 4 26B-A4B behind an OpenAI-compatible API, from one process to a cluster")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -40,12 +34,7 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Comma-separated prompt token ids, e.g. `2,17,9`.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        conflicts_with = "prompt",
-        required_unless_present = "prompt"
-    )]
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
     pub prompt_ids: Vec<u32>,
     /// Prompt text, tokenized with the checkpoint's tokenizer (a BOS is prepended as transformers does).
     #[arg(long)]
@@ -83,8 +72,7 @@ pub struct Loaded {
 pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
     let dir = ModelDir::resolve(&args.model)?;
     let config = ModelConfig::from_file(&dir.file("config.json"))?;
-    let ckpt = Checkpoint::open(&dir.path)
-        .with_context(|| format!("loading weights from {}", dir.path.display()))?;
+    let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("loading weights from {}", dir.path.display()))?;
     let model = Gemma4Model::load(config, &ckpt)?;
     Ok(Loaded { dir, model })
 }
@@ -94,16 +82,11 @@ pub fn stop_ids(l: &Loaded) -> Result<Vec<u32>> {
     let from_gen = l.dir.generation_config()?.and_then(|g| {
         let v = g.get("eos_token_id")?;
         Some(match v {
-            serde_json::Value::Array(a) => a
-                .iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
             other => other.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         })
     });
-    Ok(from_gen
-        .filter(|v: &Vec<u32>| !v.is_empty())
-        .unwrap_or_else(|| l.model.config.eos_token_ids.clone()))
+    Ok(from_gen.filter(|v: &Vec<u32>| !v.is_empty()).unwrap_or_else(|| l.model.config.eos_token_ids.clone()))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -111,9 +94,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let prompt: Vec<u32> = match &a.prompt {
         Some(text) => {
             let tok = loaded.dir.tokenizer()?;
-            let enc = tok
-                .encode(text.as_str(), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+            let enc = tok.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
             let mut ids = enc.get_ids().to_vec();
             if let Some(bos) = loaded.model.config.bos_token_id
                 && ids.first() != Some(&bos)
@@ -130,22 +111,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         top_logprobs: a.top_logprobs,
-        stop_ids: if a.ignore_eos {
-            Vec::new()
-        } else {
-            stop_ids(&loaded)?
-        },
+        stop_ids: if a.ignore_eos { Vec::new() } else { stop_ids(&loaded)? },
     };
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
     greedy_generate(&loaded.model, &prompt, &opts, |s| {
-        let top: Vec<serde_json::Value> = s
-            .top
-            .iter()
-            .map(|(id, lp)| serde_json::json!([id, lp]))
-            .collect();
+        let top: Vec<serde_json::Value> = s.top.iter().map(|(id, lp)| serde_json::json!([id, lp])).collect();
         if let Err(e) = writeln!(out, "{}", serde_json::json!({"token": s.token, "top": top})) {
             write_err.get_or_insert(e);
         }

@@ -10,31 +10,15 @@ use switchyard_worker::{ForwardChunk, Gemma4Model, LogitsFor, SeqCache};
 
 fn longest_sequence(name: &str) -> Vec<u32> {
     let r = reference(name);
-    let case = r
-        .cases
-        .iter()
-        .max_by_key(|c| c.prompt_ids.len() + c.steps.len())
-        .unwrap();
-    case.prompt_ids
-        .iter()
-        .copied()
-        .chain(case.steps.iter().map(|s| s.token))
-        .collect()
+    let case = r.cases.iter().max_by_key(|c| c.prompt_ids.len() + c.steps.len()).unwrap();
+    case.prompt_ids.iter().copied().chain(case.steps.iter().map(|s| s.token)).collect()
 }
 
 fn run_all(m: &Gemma4Model, tokens: &[u32], chunk: usize) -> Vec<f32> {
     let mut cache = m.new_cache();
     let mut out = Vec::new();
     for piece in tokens.chunks(chunk) {
-        out.extend(
-            m.forward(&mut [ForwardChunk {
-                tokens: piece,
-                cache: &mut cache,
-                logits: LogitsFor::All,
-            }])
-            .unwrap()
-            .remove(0),
-        );
+        out.extend(m.forward(&mut [ForwardChunk { tokens: piece, cache: &mut cache, logits: LogitsFor::All }]).unwrap().remove(0));
     }
     out
 }
@@ -42,43 +26,23 @@ fn run_all(m: &Gemma4Model, tokens: &[u32], chunk: usize) -> Vec<f32> {
 fn prefill_decode_equals_recompute(name: &str) {
     let m = load(name);
     let seq = longest_sequence(name);
-    assert!(
-        seq.len() > 2 * m.config.sliding_window,
-        "sequence must cross the sliding window"
-    );
+    assert!(seq.len() > 2 * m.config.sliding_window, "sequence must cross the sliding window");
     let whole = run_all(&m, &seq, seq.len());
     // Prompt part in one prefill, then one token at a time.
     let split = seq.len() / 2;
     let mut cache = m.new_cache();
-    let mut inc = m
-        .forward(&mut [ForwardChunk {
-            tokens: &seq[..split],
-            cache: &mut cache,
-            logits: LogitsFor::All,
-        }])
-        .unwrap()
-        .remove(0);
+    let mut inc = m.forward(&mut [ForwardChunk { tokens: &seq[..split], cache: &mut cache, logits: LogitsFor::All }]).unwrap().remove(0);
     for t in &seq[split..] {
         inc.extend(
-            m.forward(&mut [ForwardChunk {
-                tokens: std::slice::from_ref(t),
-                cache: &mut cache,
-                logits: LogitsFor::All,
-            }])
-            .unwrap()
-            .remove(0),
+            m.forward(&mut [ForwardChunk { tokens: std::slice::from_ref(t), cache: &mut cache, logits: LogitsFor::All }])
+                .unwrap()
+                .remove(0),
         );
     }
     assert_eq!(whole.len(), inc.len());
-    assert!(
-        whole == inc,
-        "{name}: prefill+decode logits differ from full recomputation"
-    );
+    assert!(whole == inc, "{name}: prefill+decode logits differ from full recomputation");
     for chunk in [1usize, 5, 16] {
-        assert!(
-            run_all(&m, &seq, chunk) == whole,
-            "{name}: chunked prefill ({chunk}) differs"
-        );
+        assert!(run_all(&m, &seq, chunk) == whole, "{name}: chunked prefill ({chunk}) differs");
     }
 }
 
@@ -99,15 +63,8 @@ fn batched(m: &Gemma4Model, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<Vec<f
     let mut out = vec![Vec::new(); prompts.len()];
     for _ in 0..steps {
         let logits = {
-            let mut chunks: Vec<ForwardChunk<'_>> = inputs
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(t, cache)| ForwardChunk {
-                    tokens: t,
-                    cache,
-                    logits: LogitsFor::Last,
-                })
-                .collect();
+            let mut chunks: Vec<ForwardChunk<'_>> =
+                inputs.iter().zip(caches.iter_mut()).map(|(t, cache)| ForwardChunk { tokens: t, cache, logits: LogitsFor::Last }).collect();
             m.forward(&mut chunks).unwrap()
         };
         for (i, l) in logits.into_iter().enumerate() {
@@ -121,20 +78,12 @@ fn batched(m: &Gemma4Model, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<Vec<f
 fn batch_equals_alone(name: &str) {
     let m = load(name);
     let r = reference(name);
-    let prompts: Vec<Vec<u32>> = r
-        .cases
-        .iter()
-        .take(8)
-        .map(|c| c.prompt_ids.clone())
-        .collect();
+    let prompts: Vec<Vec<u32>> = r.cases.iter().take(8).map(|c| c.prompt_ids.clone()).collect();
     assert_eq!(prompts.len(), 8);
     let together = batched(&m, &prompts, 12);
     for (i, p) in prompts.iter().enumerate() {
         let alone = batched(&m, std::slice::from_ref(p), 12).remove(0);
-        assert!(
-            alone == together[i],
-            "{name}: prompt {i} gives different logits in a batch of 8 than alone"
-        );
+        assert!(alone == together[i], "{name}: prompt {i} gives different logits in a batch of 8 than alone");
     }
 }
 

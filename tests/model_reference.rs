@@ -45,38 +45,21 @@ fn compare(model: &Gemma4Model, cases: &[Case], min_margin: f32) -> Report {
         let mut cache = model.new_cache();
         let mut input = case.prompt_ids.clone();
         for (i, step) in case.steps.iter().enumerate() {
-            let logits = model
-                .forward(&mut [ForwardChunk {
-                    tokens: &input,
-                    cache: &mut cache,
-                    logits: LogitsFor::Last,
-                }])
-                .unwrap();
+            let logits = model.forward(&mut [ForwardChunk { tokens: &input, cache: &mut cache, logits: LogitsFor::Last }]).unwrap();
             let lp = log_softmax(&logits[0]);
-            assert_eq!(
-                step.top_uncached.len(),
-                step.top.len(),
-                "case {}: reference lacks top_uncached",
-                case.name
-            );
+            assert_eq!(step.top_uncached.len(), step.top.len(), "case {}: reference lacks top_uncached", case.name);
             for (&(id, cached), &(uid, uncached)) in step.top.iter().zip(&step.top_uncached) {
                 assert_eq!(id, uid);
                 let ours = lp[id as usize];
-                let at = || {
-                    format!(
-                        "case {} step {i} token {id}: ours {ours}, transformers cached {cached}, uncached {uncached}",
-                        case.name
-                    )
-                };
+                let at =
+                    || format!("case {} step {i} token {id}: ours {ours}, transformers cached {cached}, uncached {uncached}", case.name);
                 r.vs_cached.see((ours - cached).abs(), at);
                 r.vs_uncached.see((ours - uncached).abs(), at);
             }
             let greedy = switchyard_worker::generate::pick(&logits[0], 1).token;
             if greedy != step.token && step.margin > min_margin {
-                r.token_mismatches.push(format!(
-                    "case {} step {i}: ours {greedy}, transformers {} (margin {})",
-                    case.name, step.token, step.margin
-                ));
+                r.token_mismatches
+                    .push(format!("case {} step {i}: ours {greedy}, transformers {} (margin {})", case.name, step.token, step.margin));
             }
             r.steps += 1;
             input = vec![step.token];
@@ -88,21 +71,14 @@ fn compare(model: &Gemma4Model, cases: &[Case], min_margin: f32) -> Report {
 fn run(name: &str, min_margin: f32) -> Report {
     let reference = reference(name);
     assert_eq!(reference.checkpoint, name);
-    assert!(
-        reference.cases.len() >= 8,
-        "{name}: too few reference cases"
-    );
+    assert!(reference.cases.len() >= 8, "{name}: too few reference cases");
     let r = compare(&load(name), &reference.cases, min_margin);
     eprintln!(
         "{name}: {} steps; max |logprob diff| over top-5 vs transformers' batched forward {:.3e} ({}); vs its cached decode {:.3e} ({})",
         r.steps, r.vs_uncached.diff, r.vs_uncached.at, r.vs_cached.diff, r.vs_cached.at
     );
     assert!(r.steps > 100, "{name}: only {} steps compared", r.steps);
-    assert!(
-        r.token_mismatches.is_empty(),
-        "{name}: greedy tokens differ: {:#?}",
-        r.token_mismatches
-    );
+    assert!(r.token_mismatches.is_empty(), "{name}: greedy tokens differ: {:#?}", r.token_mismatches);
     r
 }
 
@@ -110,40 +86,20 @@ fn run(name: &str, min_margin: f32) -> Report {
 fn f32_checkpoint_matches_transformers() {
     // Every greedy token equal (no margin exemption); both transformers computations within 1e-3.
     let r = run("tiny-f32", -1.0);
-    assert!(
-        r.vs_cached.diff <= 1e-3,
-        "tiny-f32: {} > 1e-3 at {}",
-        r.vs_cached.diff,
-        r.vs_cached.at
-    );
-    assert!(
-        r.vs_uncached.diff <= 1e-3,
-        "tiny-f32: {} > 1e-3 at {}",
-        r.vs_uncached.diff,
-        r.vs_uncached.at
-    );
+    assert!(r.vs_cached.diff <= 1e-3, "tiny-f32: {} > 1e-3 at {}", r.vs_cached.diff, r.vs_cached.at);
+    assert!(r.vs_uncached.diff <= 1e-3, "tiny-f32: {} > 1e-3 at {}", r.vs_uncached.diff, r.vs_uncached.at);
 }
 
 #[test]
 fn bf16_checkpoint_matches_transformers() {
     let r = run("tiny-bf16", 0.1);
-    assert!(
-        r.vs_uncached.diff <= 5e-2,
-        "tiny-bf16: {} > 5e-2 at {}",
-        r.vs_uncached.diff,
-        r.vs_uncached.at
-    );
+    assert!(r.vs_uncached.diff <= 5e-2, "tiny-bf16: {} > 5e-2 at {}", r.vs_uncached.diff, r.vs_uncached.at);
 }
 
 #[test]
 fn f16_single_file_checkpoint_matches_transformers() {
     let r = run("tiny-f16", 0.1);
-    assert!(
-        r.vs_uncached.diff <= 5e-2,
-        "tiny-f16: {} > 5e-2 at {}",
-        r.vs_uncached.diff,
-        r.vs_uncached.at
-    );
+    assert!(r.vs_uncached.diff <= 5e-2, "tiny-f16: {} > 5e-2 at {}", r.vs_uncached.diff, r.vs_uncached.at);
 }
 
 #[test]
@@ -152,35 +108,15 @@ fn reference_covers_the_hard_cases() {
     let model = load("tiny-f32");
     let c = &model.config;
     let window = c.sliding_window;
-    let full_layers = c
-        .layers
-        .iter()
-        .filter(|l| l.kind == switchyard_worker::LayerKind::Full)
-        .count();
+    let full_layers = c.layers.iter().filter(|l| l.kind == switchyard_worker::LayerKind::Full).count();
     assert!(full_layers >= 2, "fixture needs at least two global layers");
+    assert!(c.moe.unwrap().top_k > 1, "fixture needs more than one expert per token");
+    assert!(r.cases.iter().any(|k| k.prompt_ids.len() > window), "no prompt longer than the sliding window {window}");
     assert!(
-        c.moe.unwrap().top_k > 1,
-        "fixture needs more than one expert per token"
-    );
-    assert!(
-        r.cases.iter().any(|k| k.prompt_ids.len() > window),
-        "no prompt longer than the sliding window {window}"
-    );
-    assert!(
-        r.cases
-            .iter()
-            .any(|k| k.prompt_ids.iter().any(|id| c.placeholder_ids.contains(id))),
+        r.cases.iter().any(|k| k.prompt_ids.iter().any(|id| c.placeholder_ids.contains(id))),
         "no case with a bare multimodal placeholder id"
     );
-    let peaked = r
-        .cases
-        .iter()
-        .flat_map(|k| &k.steps)
-        .filter(|s| s.margin > 0.1)
-        .count();
+    let peaked = r.cases.iter().flat_map(|k| &k.steps).filter(|s| s.margin > 0.1).count();
     let total: usize = r.cases.iter().map(|k| k.steps.len()).sum();
-    assert!(
-        peaked * 10 >= total * 8,
-        "logits not peaked enough: {peaked}/{total} steps with margin > 0.1"
-    );
+    assert!(peaked * 10 >= total * 8, "logits not peaked enough: {peaked}/{total} steps with margin > 0.1");
 }

@@ -3,23 +3,16 @@ use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
 fn main() {
-    for (n, k, ms) in [
-        (4096usize, 1024usize, &[1usize, 16, 256][..]),
-        (131072, 1024, &[1, 16][..]),
-    ] {
+    for (n, k, ms) in [(4096usize, 1024usize, &[1usize, 16, 256][..]), (131072, 1024, &[1, 16][..])] {
         shape(n, k, ms);
     }
 }
 
 fn shape(n: usize, k: usize, ms: &[usize]) {
-    let wb: Vec<u8> = (0..n * k)
-        .flat_map(|i| (((i * 2654435761) % 65521) as u16 & 0x3eff).to_le_bytes())
-        .collect();
+    let wb: Vec<u8> = (0..n * k).flat_map(|i| (((i * 2654435761) % 65521) as u16 & 0x3eff).to_le_bytes()).collect();
     let w = Weight::new(DType::BF16, &wb, n, k);
     for &m in ms {
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| switchyard_kernels::dtype::bf16_round(((i % 17) as f32 - 8.0) / 8.0))
-            .collect();
+        let x: Vec<f32> = (0..m * k).map(|i| switchyard_kernels::dtype::bf16_round(((i % 17) as f32 - 8.0) / 8.0)).collect();
         let mut out = vec![0f32; m * n];
         linear(&x, m, w, &mut out, DType::BF16);
         let iters = (200 / m).max(5);

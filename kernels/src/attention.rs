@@ -9,16 +9,7 @@ use crate::DType;
 
 /// `out[hd] = softmax(round(q · kᵀ) * scale) · v` over `n` keys.
 /// `keys` and `values` are `[n, hd]` row-major.
-pub fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    n: usize,
-    scale: f32,
-    dt: DType,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+pub fn attend(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, dt: DType, scores: &mut Vec<f32>, out: &mut [f32]) {
     let hd = q.len();
     scores.clear();
     scores.extend((0..n).map(|j| dt.round(dt.round(dot(q, &keys[j * hd..(j + 1) * hd])) * scale)));
@@ -53,8 +44,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     for i in 0..ra.len() {
         lanes[i] += ra[i] as f64 * rb[i] as f64;
     }
-    (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))) as f32
+    (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))) as f32
 }
 
 #[cfg(test)]

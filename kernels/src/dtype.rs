@@ -58,11 +58,7 @@ impl DType {
 
     /// Decodes a whole little-endian buffer into `out` (`out.len()` elements).
     pub fn decode_into(self, bytes: &[u8], out: &mut [f32]) {
-        assert!(
-            bytes.len() >= out.len() * self.size(),
-            "buffer too short for {} elements",
-            out.len()
-        );
+        assert!(bytes.len() >= out.len() * self.size(), "buffer too short for {} elements", out.len());
         match self {
             DType::F32 => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -122,10 +118,7 @@ mod tests {
     #[test]
     fn decode_matches_read() {
         let vals = [1.5f32, -2.25, 3.0e-3];
-        let bytes: Vec<u8> = vals
-            .iter()
-            .flat_map(|v| f32_to_bf16_bits(*v).to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| f32_to_bf16_bits(*v).to_le_bytes()).collect();
         let mut out = [0f32; 3];
         DType::BF16.decode_into(&bytes, &mut out);
         for i in 0..3 {

@@ -22,39 +22,36 @@ pub struct Weight<'a> {
     pub bytes: &'a [u8],
     pub rows: usize,
     pub cols: usize,
+    /// The same weight repacked by [`pack_panels`], if the owner keeps such a copy: the bf16 kernel then
+    /// streams it directly instead of transposing pairs on the fly.
+    pub panels: Option<&'a [u32]>,
 }
 
 impl<'a> Weight<'a> {
     pub fn new(dtype: DType, bytes: &'a [u8], rows: usize, cols: usize) -> Self {
-        assert_eq!(
-            bytes.len(),
-            rows * cols * dtype.size(),
-            "weight byte length does not match {rows}x{cols} {dtype:?}"
-        );
-        Weight {
-            dtype,
-            bytes,
-            rows,
-            cols,
+        assert_eq!(bytes.len(), rows * cols * dtype.size(), "weight byte length does not match {rows}x{cols} {dtype:?}");
+        Weight { dtype, bytes, rows, cols, panels: None }
+    }
+
+    /// Attaches panels made by [`pack_panels`] for this weight.
+    pub fn with_panels(mut self, panels: Option<&'a [u32]>) -> Self {
+        if let Some(p) = panels {
+            assert_eq!(p.len(), panel_len(self.rows, self.cols), "panels do not match a {}x{} weight", self.rows, self.cols);
         }
+        self.panels = panels;
+        self
     }
 
     /// Rows `start .. start + n` as a weight of their own.
     pub fn rows(&self, start: usize, n: usize) -> Weight<'a> {
         let rb = self.cols * self.dtype.size();
-        Weight {
-            dtype: self.dtype,
-            bytes: &self.bytes[start * rb..(start + n) * rb],
-            rows: n,
-            cols: self.cols,
-        }
+        Weight { dtype: self.dtype, bytes: &self.bytes[start * rb..(start + n) * rb], rows: n, cols: self.cols, panels: None }
     }
 
     /// Decodes row `r` to f32.
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let rb = self.cols * self.dtype.size();
-        self.dtype
-            .decode_into(&self.bytes[r * rb..(r + 1) * rb], &mut out[..self.cols]);
+        self.dtype.decode_into(&self.bytes[r * rb..(r + 1) * rb], &mut out[..self.cols]);
     }
 }
 
@@ -79,18 +76,8 @@ pub fn linear_many(jobs: &mut [LinearJob<'_>], act: DType) {
     // Split each job's weight rows into blocks; a task is (job, block).
     let mut tasks = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
-        assert!(
-            j.x.len() >= j.m * j.w.cols,
-            "x too short for {}x{}",
-            j.m,
-            j.w.cols
-        );
-        assert!(
-            j.out.len() >= j.m * j.w.rows,
-            "out too short for {}x{}",
-            j.m,
-            j.w.rows
-        );
+        assert!(j.x.len() >= j.m * j.w.cols, "x too short for {}x{}", j.m, j.w.cols);
+        assert!(j.out.len() >= j.m * j.w.rows, "out too short for {}x{}", j.m, j.w.rows);
         let nb = block_rows(j.m, j.w.rows);
         let mut n0 = 0;
         while n0 < j.w.rows {
@@ -99,29 +86,48 @@ pub fn linear_many(jobs: &mut [LinearJob<'_>], act: DType) {
             n0 = n1;
         }
     }
-    let outs: Vec<SendPtr> = jobs
-        .iter_mut()
-        .map(|j| SendPtr(j.out.as_mut_ptr()))
-        .collect();
+    let outs: Vec<SendPtr> = jobs.iter_mut().map(|j| SendPtr(j.out.as_mut_ptr())).collect();
     let run = |t: usize| {
         let (ji, n0, n1) = tasks[t];
         let j = &jobs[ji];
         // SAFETY: tasks write disjoint column ranges [n0, n1) of each output row.
-        unsafe {
-            run_block(
-                kernel,
-                &packed[ji],
-                j.m,
-                &j.w,
-                n0,
-                n1,
-                outs[ji].0,
-                j.w.rows,
-                act,
-            )
-        };
+        unsafe { run_block(kernel, &packed[ji], j.m, &j.w, n0, n1, outs[ji].0, j.w.rows, act) };
     };
     pool::parallel_for(tasks.len(), &run);
+}
+
+/// Whether bf16 weights use the pair-interleaved kernel on this CPU (and so benefit from [`pack_panels`]).
+pub fn bf16_panels_supported() -> bool {
+    Kernel::select() == Kernel::Avx512Bf16
+}
+
+/// Length in u32 of the panels of a `rows x cols` bf16 weight.
+pub fn panel_len(rows: usize, cols: usize) -> usize {
+    rows.div_ceil(32) * cols.div_ceil(2) * 32
+}
+
+/// Repacks a bf16 weight into panels of 32 rows, `[rows/32][cols/2][32]` bf16 pairs: the layout the
+/// bf16 kernel multiplies, so that decode streams each panel once, sequentially. Same bytes as the
+/// weight (bf16 stays bf16). Returns `None` where the pair kernel is not used (no AVX512-BF16, or not bf16).
+pub fn pack_panels(w: &Weight<'_>) -> Option<Vec<u32>> {
+    if w.dtype != DType::BF16 || !bf16_panels_supported() {
+        return None;
+    }
+    let k2 = w.cols.div_ceil(2);
+    let groups = w.rows.div_ceil(32);
+    let mut out = vec![0u32; panel_len(w.rows, w.cols)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+        pool::parallel_for(groups, &|g| {
+            let p = &ptr;
+            let c = g * 32;
+            // SAFETY: each task writes its own group's panel.
+            let panel = unsafe { std::slice::from_raw_parts_mut((p.0 as *mut u32).add(g * k2 * 32), k2 * 32) };
+            unsafe { pack_panel(w, c, (w.rows - c).min(32), panel) };
+        });
+    }
+    Some(out)
 }
 
 #[derive(Clone, Copy)]
@@ -137,7 +143,8 @@ fn block_rows(m: usize, n: usize) -> usize {
     // checkpoint: 16-row blocks gave 64 tok/s at batch 1, 256-row blocks 74.
     let target = if m <= 4 { 256 } else { 64 };
     let by_threads = n.div_ceil(threads * 2).max(4);
-    target.min(by_threads).max(4)
+    // Multiples of 32 rows, so blocks start on a panel boundary.
+    target.min(by_threads).div_ceil(32) * 32
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -177,10 +184,7 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Kernel) -> Packed {
     if kernel == Kernel::Avx512Bf16 && j.w.dtype == DType::BF16 && act == DType::BF16 {
         let mut data = vec![0u16; j.m * stride];
         for r in 0..j.m {
-            for (d, s) in data[r * stride..r * stride + k]
-                .iter_mut()
-                .zip(&j.x[r * k..(r + 1) * k])
-            {
+            for (d, s) in data[r * stride..r * stride + k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
                 *d = f32_to_bf16_bits(*s);
             }
         }
@@ -196,17 +200,7 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Kernel) -> Packed {
 
 /// Computes output columns `[n0, n1)` for all `m` rows.
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_block(
-    kernel: Kernel,
-    p: &Packed,
-    m: usize,
-    w: &Weight<'_>,
-    n0: usize,
-    n1: usize,
-    out: *mut f32,
-    ostride: usize,
-    act: DType,
-) {
+unsafe fn run_block(kernel: Kernel, p: &Packed, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, ostride: usize, act: DType) {
     const MR: usize = 4;
     // FMA kernels (f32/f16 weights): small batches stream one weight row at a time (one sequential
     // stream per thread); larger batches reuse each weight load across two rows.
@@ -257,25 +251,10 @@ macro_rules! dispatch_tile {
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    kernel: Kernel,
-    p: &Packed,
-    r0: usize,
-    mr: usize,
-    w: &Weight<'_>,
-    c0: usize,
-    nr: usize,
-    out: *mut f32,
-    ostride: usize,
-) {
+unsafe fn tile(kernel: Kernel, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0: usize, nr: usize, out: *mut f32, ostride: usize) {
     let k = w.cols;
     let wrow = |c: usize| unsafe { w.bytes.as_ptr().add((c0 + c) * k * w.dtype.size()) };
-    let wp: [*const u8; 4] = [
-        wrow(0),
-        wrow(1.min(nr - 1)),
-        wrow(2.min(nr - 1)),
-        wrow(3.min(nr - 1)),
-    ];
+    let wp: [*const u8; 4] = [wrow(0), wrow(1.min(nr - 1)), wrow(2.min(nr - 1)), wrow(3.min(nr - 1))];
     match (kernel, p) {
         #[cfg(target_arch = "x86_64")]
         (Kernel::Avx512Bf16 | Kernel::Avx512, Packed::F32 { data, stride }) => unsafe {
@@ -351,16 +330,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_vnni(
-    x: &[u16],
-    xs: usize,
-    m: usize,
-    w: &Weight<'_>,
-    n0: usize,
-    n1: usize,
-    out: *mut f32,
-    os: usize,
-) {
+unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, os: usize) {
     let k = w.cols;
     let k2 = k.div_ceil(2);
     PANEL.with(|panel| {
@@ -371,6 +341,42 @@ unsafe fn block_vnni(
         let mut c = n0;
         while c < n1 {
             let nc = (n1 - c).min(32);
+            if let Some(panels) = w.panels {
+                // Prepacked: every row of x against this group's panel, straight from memory.
+                let g = c / 32;
+                debug_assert_eq!(c % 32, 0);
+                let pg = &panels[g * k2 * 32..(g + 1) * k2 * 32];
+                let mut r0 = 0;
+                while r0 < m {
+                    let mr = (m - r0).min(4);
+                    let xr = unsafe { x.as_ptr().add(r0 * xs) };
+                    let o = unsafe { out.add(r0 * os + c) };
+                    unsafe {
+                        match mr {
+                            1 => panel_dot::<1>(xr, xs, pg, k2, o, os, nc),
+                            2 => panel_dot::<2>(xr, xs, pg, k2, o, os, nc),
+                            3 => panel_dot::<3>(xr, xs, pg, k2, o, os, nc),
+                            _ => panel_dot::<4>(xr, xs, pg, k2, o, os, nc),
+                        }
+                    }
+                    r0 += mr;
+                }
+                c += nc;
+                continue;
+            }
+            if m <= 4 {
+                let o = unsafe { out.add(c) };
+                unsafe {
+                    match m {
+                        1 => stream_dot::<1>(x.as_ptr(), xs, w, c, nc, o, os),
+                        2 => stream_dot::<2>(x.as_ptr(), xs, w, c, nc, o, os),
+                        3 => stream_dot::<3>(x.as_ptr(), xs, w, c, nc, o, os),
+                        _ => stream_dot::<4>(x.as_ptr(), xs, w, c, nc, o, os),
+                    }
+                }
+                c += nc;
+                continue;
+            }
             unsafe { pack_panel(w, c, nc, &mut panel[..k2 * 32]) };
             let mut r0 = 0;
             while r0 < m {
@@ -392,44 +398,130 @@ unsafe fn block_vnni(
     });
 }
 
+/// Transposes a 16x16 block of u32 (row r in `v[r]`) so that `out[p]` lane `r` = `v[r]` lane `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(v: &[__m512i; 16]) -> [__m512i; 16] {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // u[4i + j] holds, in each 128-bit lane l, column (4l + j) of rows 4i..4i+3.
+    let mut w = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        // Gather 128-bit lane l of rows-groups 0..3 for column 4l + j.
+        let a = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]); // lanes: g0.l0, g0.l2, g1.l0, g1.l2
+        let b = _mm512_shuffle_i32x4::<0xDD>(u[j], u[4 + j]); // g0.l1, g0.l3, g1.l1, g1.l3
+        let c = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]); // g2.l0, g2.l2, g3.l0, g3.l2
+        let d = _mm512_shuffle_i32x4::<0xDD>(u[8 + j], u[12 + j]);
+        w[j] = _mm512_shuffle_i32x4::<0x88>(a, c); // g0.l0 g1.l0 g2.l0 g3.l0 -> column j
+        w[8 + j] = _mm512_shuffle_i32x4::<0xDD>(a, c); // l2 -> column 8 + j
+        w[4 + j] = _mm512_shuffle_i32x4::<0x88>(b, d); // l1 -> column 4 + j
+        w[12 + j] = _mm512_shuffle_i32x4::<0xDD>(b, d); // l3 -> column 12 + j
+    }
+    w
+}
+
+/// Loads pairs `i0 .. i0 + 16` of 16 weight rows starting at row `c` (rows past `nc` and pairs past the
+/// row read as zero) and transposes them: `out[p]` lane `j` = pair `i0 + p` of row `c + j`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn load_pairs_t(w: &Weight<'_>, c: usize, nc: usize, i0: usize) -> [__m512i; 16] {
+    let k = w.cols;
+    let rb = k * 2;
+    // Valid bf16 elements from element 2*i0 on, as a 32-lane mask.
+    let left = k.saturating_sub(2 * i0).min(32);
+    let mask: __mmask32 = if left >= 32 { u32::MAX } else { (1u32 << left) - 1 };
+    let mut v = [_mm512_setzero_si512(); 16];
+    for (j, vj) in v.iter_mut().enumerate().take(nc.min(16)) {
+        let p = unsafe { w.bytes.as_ptr().add((c + j) * rb + 4 * i0) };
+        // 32 rows stream side by side, more than hardware prefetchers track.
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(256) as *const i8);
+        *vj = unsafe { _mm512_maskz_loadu_epi16(mask, p as *const i16) };
+    }
+    transpose16(&v)
+}
+
+/// Small batches (m <= 4): weight pairs are transposed in registers on the fly and used at once, so the
+/// weights stream from memory exactly once with no panel round trip.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn stream_dot<const MR: usize>(x: *const u16, xs: usize, w: &Weight<'_>, c: usize, nc: usize, out: *mut f32, os: usize) {
+    let k2 = w.cols.div_ceil(2);
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut i0 = 0;
+    while i0 < k2 {
+        let steps = (k2 - i0).min(16);
+        let ta = unsafe { load_pairs_t(w, c, nc, i0) };
+        let tb = if nc > 16 { unsafe { load_pairs_t(w, c + 16, nc - 16, i0) } } else { [_mm512_setzero_si512(); 16] };
+        for p in 0..steps {
+            for r in 0..MR {
+                let pair = unsafe { std::ptr::read_unaligned(x.add(r * xs + 2 * (i0 + p)) as *const i32) };
+                let xb = _mm512_set1_epi32(pair);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], bh(xb), bh(ta[p]));
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], bh(xb), bh(tb[p]));
+            }
+        }
+        i0 += 16;
+    }
+    unsafe { store_acc(&acc, out, os, nc) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_acc<const MR: usize>(acc: &[[__m512; 2]; MR], out: *mut f32, os: usize, nc: usize) {
+    let m0: __mmask16 = if nc >= 16 { 0xFFFF } else { ((1u32 << nc) - 1) as u16 };
+    let m1: __mmask16 = if nc >= 32 {
+        0xFFFF
+    } else if nc > 16 {
+        ((1u32 << (nc - 16)) - 1) as u16
+    } else {
+        0
+    };
+    for (r, a) in acc.iter().enumerate() {
+        unsafe {
+            _mm512_mask_storeu_ps(out.add(r * os), m0, a[0]);
+            _mm512_mask_storeu_ps(out.add(r * os + 16), m1, a[1]);
+        }
+    }
+}
+
 /// Rows `c .. c + nc` of `w` into `panel[i * 32 + j]` = pair i of row c + j (zeros past `nc` and past k).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_panel(w: &Weight<'_>, c: usize, nc: usize, panel: &mut [u32]) {
-    let k = w.cols;
-    let k2 = k.div_ceil(2);
-    let full = k / 2;
-    let rb = k * 2;
-    for j in 0..32 {
-        if j >= nc {
-            for i in 0..k2 {
-                panel[i * 32 + j] = 0;
+    let k2 = w.cols.div_ceil(2);
+    let mut i0 = 0;
+    while i0 < k2 {
+        let steps = (k2 - i0).min(16);
+        let ta = unsafe { load_pairs_t(w, c, nc, i0) };
+        let tb = if nc > 16 { unsafe { load_pairs_t(w, c + 16, nc - 16, i0) } } else { [_mm512_setzero_si512(); 16] };
+        for p in 0..steps {
+            unsafe {
+                _mm512_storeu_si512(panel.as_mut_ptr().add((i0 + p) * 32) as *mut _, ta[p]);
+                _mm512_storeu_si512(panel.as_mut_ptr().add((i0 + p) * 32 + 16) as *mut _, tb[p]);
             }
-            continue;
         }
-        let row = unsafe { w.bytes.as_ptr().add((c + j) * rb) };
-        for i in 0..full {
-            panel[i * 32 + j] = unsafe { std::ptr::read_unaligned(row.add(4 * i) as *const u32) };
-        }
-        if k % 2 == 1 {
-            panel[full * 32 + j] =
-                unsafe { std::ptr::read_unaligned(row.add(2 * (k - 1)) as *const u16) } as u32;
-        }
+        i0 += 16;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn panel_dot<const MR: usize>(
-    x: *const u16,
-    xs: usize,
-    panel: &[u32],
-    k2: usize,
-    out: *mut f32,
-    os: usize,
-    nc: usize,
-) {
+unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2: usize, out: *mut f32, os: usize, nc: usize) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let p = panel.as_ptr();
     for i in 0..k2 {
@@ -443,11 +535,7 @@ unsafe fn panel_dot<const MR: usize>(
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], bh(xb), bh(w1));
         }
     }
-    let m0: __mmask16 = if nc >= 16 {
-        0xFFFF
-    } else {
-        ((1u32 << nc) - 1) as u16
-    };
+    let m0: __mmask16 = if nc >= 16 { 0xFFFF } else { ((1u32 << nc) - 1) as u16 };
     let m1: __mmask16 = if nc >= 32 {
         0xFFFF
     } else if nc > 16 {
@@ -468,14 +556,7 @@ macro_rules! fma_tile {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw,f16c")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<const MR: usize, const NR: usize>(
-            x: *const f32,
-            xs: usize,
-            w: [*const u8; 4],
-            k: usize,
-            out: *mut f32,
-            os: usize,
-        ) {
+        unsafe fn $name<const MR: usize, const NR: usize>(x: *const f32, xs: usize, w: [*const u8; 4], k: usize, out: *mut f32, os: usize) {
             let load: unsafe fn(*const u8, __mmask16) -> __m512 = $load;
             let mut acc = [[_mm512_setzero_ps(); NR]; MR];
             let full = k / 16;
@@ -542,9 +623,7 @@ mod tests {
     use crate::dtype::bf16_round;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -568,50 +647,69 @@ mod tests {
         linear(&x, m, w, &mut out, act);
         for r in 0..m {
             for c in 0..n {
-                let exact: f64 = (0..k)
-                    .map(|i| x[r * k + i] as f64 * wv[c * k + i] as f64)
-                    .sum();
+                let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wv[c * k + i] as f64).sum();
                 let got = out[r * n + c] as f64;
-                let tol = if act == DType::F32 {
-                    1e-4
-                } else {
-                    1e-2 * exact.abs().max(0.1)
-                };
-                assert!(
-                    (got - exact).abs() <= tol,
-                    "{dt:?}/{act:?} m={m} n={n} k={k} [{r},{c}]: {got} vs {exact}"
-                );
+                let tol = if act == DType::F32 { 1e-4 } else { 1e-2 * exact.abs().max(0.1) };
+                assert!((got - exact).abs() <= tol, "{dt:?}/{act:?} m={m} n={n} k={k} [{r},{c}]: {got} vs {exact}");
             }
         }
         // Batch invariance: every row alone gives bit-identical output.
         for r in 0..m {
             let mut one = vec![0f32; n];
             linear(&x[r * k..(r + 1) * k], 1, w, &mut one, act);
-            assert_eq!(
-                &one[..],
-                &out[r * n..(r + 1) * n],
-                "row {r} depends on the batch ({dt:?}, m={m})"
-            );
+            assert_eq!(&one[..], &out[r * n..(r + 1) * n], "row {r} depends on the batch ({dt:?}, m={m})");
         }
     }
 
     #[test]
     fn matches_f64_and_is_batch_invariant() {
-        for &(dt, act) in &[
-            (DType::F32, DType::F32),
-            (DType::BF16, DType::BF16),
-            (DType::F16, DType::F16),
-            (DType::BF16, DType::F32),
-        ] {
-            for &(m, n, k) in &[
-                (1, 1, 1),
-                (1, 37, 45),
-                (3, 9, 64),
-                (5, 70, 100),
-                (9, 33, 31),
-                (16, 64, 256),
-            ] {
+        for &(dt, act) in &[(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F16), (DType::BF16, DType::F32)] {
+            for &(m, n, k) in &[(1, 1, 1), (1, 37, 45), (3, 9, 64), (5, 70, 100), (9, 33, 31), (16, 64, 256)] {
                 check(dt, act, m, n, k);
+            }
+        }
+    }
+
+    #[test]
+    fn prepacked_panels_give_identical_results() {
+        if !bf16_panels_supported() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[(1usize, 40usize, 45usize), (3, 64, 96), (9, 70, 100), (16, 33, 31)] {
+            let mut s = 99u64 + (m * n * k) as u64;
+            let wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s))).collect();
+            let wb = weight_bytes(&wv, DType::BF16);
+            let w = Weight::new(DType::BF16, &wb, n, k);
+            let panels = pack_panels(&w).unwrap();
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            linear(&x, m, w, &mut a, DType::BF16);
+            linear(&x, m, w.with_panels(Some(&panels)), &mut b, DType::BF16);
+            assert_eq!(a, b, "m={m} n={n} k={k}");
+        }
+    }
+
+    /// Each output is summed over k-pairs in order from k = 0, as oneDNN's bf16 GEMM does: for
+    /// `w = [2^24, 0, 1, 0, -2^24, 0, 1, 0]` and `x = 1`, that order gives 1 (2^24 + 1 rounds back to
+    /// 2^24), while the exact sum, or any order that adds the two 1s together, gives 2. torch 2.15's
+    /// `linear` on bf16 returns 1.0 for this input at M = 1 and at M = 8.
+    #[test]
+    fn bf16_outputs_sum_pairs_in_order() {
+        if !bf16_panels_supported() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let wv = [16777216.0f32, 0.0, 1.0, 0.0, -16777216.0, 0.0, 1.0, 0.0];
+        let wb = weight_bytes(&wv, DType::BF16);
+        let w = Weight::new(DType::BF16, &wb, 1, 8);
+        let panels = pack_panels(&w).unwrap();
+        for m in [1usize, 8] {
+            let x = vec![1.0f32; 8 * m];
+            for w in [w, w.with_panels(Some(&panels))] {
+                let mut out = vec![0f32; m];
+                linear(&x, m, w, &mut out, DType::BF16);
+                assert!(out.iter().all(|&v| v == 1.0), "m={m}: {out:?}");
             }
         }
     }
@@ -622,13 +720,7 @@ mod tests {
         let wb = weight_bytes(&wv, DType::BF16);
         let x = [bf16_round(1.1), bf16_round(2.3), bf16_round(-0.9)];
         let mut out = [0f32];
-        linear(
-            &x,
-            1,
-            Weight::new(DType::BF16, &wb, 1, 3),
-            &mut out,
-            DType::BF16,
-        );
+        linear(&x, 1, Weight::new(DType::BF16, &wb, 1, 3), &mut out, DType::BF16);
         assert_eq!(out[0], bf16_round(out[0]));
     }
 
@@ -639,28 +731,9 @@ mod tests {
         let b: Vec<f32> = (0..8 * 24).map(|_| lcg(&mut s)).collect();
         let x: Vec<f32> = (0..3 * 24).map(|_| lcg(&mut s)).collect();
         let (ab, bb) = (weight_bytes(&a, DType::F32), weight_bytes(&b, DType::F32));
-        let (wa, wb) = (
-            Weight::new(DType::F32, &ab, 40, 24),
-            Weight::new(DType::F32, &bb, 8, 24),
-        );
+        let (wa, wb) = (Weight::new(DType::F32, &ab, 40, 24), Weight::new(DType::F32, &bb, 8, 24));
         let (mut oa, mut ob) = (vec![0f32; 3 * 40], vec![0f32; 3 * 8]);
-        linear_many(
-            &mut [
-                LinearJob {
-                    x: &x,
-                    m: 3,
-                    w: wa,
-                    out: &mut oa,
-                },
-                LinearJob {
-                    x: &x,
-                    m: 3,
-                    w: wb,
-                    out: &mut ob,
-                },
-            ],
-            DType::F32,
-        );
+        linear_many(&mut [LinearJob { x: &x, m: 3, w: wa, out: &mut oa }, LinearJob { x: &x, m: 3, w: wb, out: &mut ob }], DType::F32);
         let (mut sa, mut sb) = (vec![0f32; 3 * 40], vec![0f32; 3 * 8]);
         linear(&x, 3, wa, &mut sa, DType::F32);
         linear(&x, 3, wb, &mut sb, DType::F32);

@@ -41,11 +41,7 @@ pub fn torch_sum(x: &[f32]) -> f32 {
     let size = vecs / ILP;
     const LEVELS: usize = 4;
     let ceil_log2 = |v: usize| {
-        if v <= 1 {
-            0
-        } else {
-            (usize::BITS - (v - 1).leading_zeros()) as usize
-        }
+        if v <= 1 { 0 } else { (usize::BITS - (v - 1).leading_zeros()) as usize }
     };
     let level_power = 4usize.max(ceil_log2(size) / LEVELS);
     let step = 1usize << level_power;
@@ -167,10 +163,7 @@ pub fn torch_vec_reduce_sum(x: &[f32]) -> f32 {
     const L: usize = 8;
     if x.len() < L {
         // A short row is reduced lane by lane in order (the generic `vec_reduce_all(op, v, size)`).
-        return x
-            .iter()
-            .skip(1)
-            .fold(x.first().copied().unwrap_or(0.0), |a, v| a + v);
+        return x.iter().skip(1).fold(x.first().copied().unwrap_or(0.0), |a, v| a + v);
     }
     let mut acc = [0f32; L];
     let mut chunks = x.chunks(L);
@@ -230,16 +223,8 @@ impl Rope {
         let p = pos as f32;
         // The angle is the f32 product, as in transformers; cos/sin are rounded once from f64 (PyTorch's
         // vectorised f32 cos/sin are within an ulp of that; after rounding to bf16 they agree).
-        let cos = self
-            .inv_freq
-            .iter()
-            .map(|&f| dt.round(((p * f) as f64).cos() as f32))
-            .collect();
-        let sin = self
-            .inv_freq
-            .iter()
-            .map(|&f| dt.round(((p * f) as f64).sin() as f32))
-            .collect();
+        let cos = self.inv_freq.iter().map(|&f| dt.round(((p * f) as f64).cos() as f32)).collect();
+        let sin = self.inv_freq.iter().map(|&f| dt.round(((p * f) as f64).sin() as f32)).collect();
         (cos, sin)
     }
 

@@ -54,10 +54,7 @@ impl Pool {
     pub fn new(threads: usize) -> Pool {
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
-            region: Mutex::new(Region {
-                task: std::ptr::null::<fn(usize)>() as *const Task<'static>,
-                n: 0,
-            }),
+            region: Mutex::new(Region { task: std::ptr::null::<fn(usize)>() as *const Task<'static>, n: 0 }),
             next: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
@@ -68,16 +65,9 @@ impl Pool {
         let workers = threads.max(1) - 1;
         for w in 0..workers {
             let s = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("sy-kernel-{w}"))
-                .spawn(move || worker_loop(&s))
-                .expect("spawn kernel worker thread");
+            std::thread::Builder::new().name(format!("sy-kernel-{w}")).spawn(move || worker_loop(&s)).expect("spawn kernel worker thread");
         }
-        Pool {
-            shared,
-            workers,
-            submit: Mutex::new(()),
-        }
+        Pool { shared, workers, submit: Mutex::new(()) }
     }
 
     pub fn threads(&self) -> usize {
@@ -98,9 +88,7 @@ impl Pool {
             let mut r = s.region.lock().unwrap();
             // SAFETY: the pointer is only dereferenced by workers while `active > 0`, and this function
             // does not return (so `f` stays alive) until `active` is back to 0.
-            r.task = unsafe {
-                std::mem::transmute::<*const Task<'_>, *const Task<'static>>(f as *const Task<'_>)
-            };
+            r.task = unsafe { std::mem::transmute::<*const Task<'_>, *const Task<'static>>(f as *const Task<'_>) };
             r.n = n;
         }
         s.next.store(0, Ordering::Relaxed);
@@ -181,11 +169,7 @@ pub fn global() -> &'static Pool {
         let n = std::env::var("SWITCHYARD_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         Pool::new(n)
     })
 }
@@ -221,9 +205,7 @@ mod tests {
             })
         });
         assert_eq!(total.load(Ordering::Relaxed), 12);
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            pool.parallel_for(8, &|i| assert!(i != 5, "task 5 fails"))
-        }));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.parallel_for(8, &|i| assert!(i != 5, "task 5 fails"))));
         assert!(r.is_err());
         // The pool still works after a panic.
         let count = AtomicUsize::new(0);

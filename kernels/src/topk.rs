@@ -20,11 +20,7 @@ fn comp(a: &Elem, b: &Elem) -> bool {
 pub fn topk_torch(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     let n = values.len();
     assert!(k >= 1 && k <= n, "top-{k} of {n} values");
-    let mut q: Vec<Elem> = values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (v, i as u32))
-        .collect();
+    let mut q: Vec<Elem> = values.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
     if k * 64 <= n {
         partial_sort(&mut q, 0, k, n);
     } else {
@@ -258,12 +254,7 @@ mod tests {
         assert_eq!(ids(&[0.1; 512], 8), [7, 4, 1, 3, 5, 0, 2, 6]);
         let mod5 = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i * 37) % 5) as f32).collect() };
         assert_eq!(ids(&mod5(700), 4), [12, 7, 17, 2]);
-        assert_eq!(
-            ids(&mod5(100), 20),
-            [
-                17, 2, 62, 7, 12, 57, 97, 92, 87, 52, 42, 82, 67, 47, 32, 22, 77, 72, 27, 37
-            ]
-        );
+        assert_eq!(ids(&mod5(100), 20), [17, 2, 62, 7, 12, 57, 97, 92, 87, 52, 42, 82, 67, 47, 32, 22, 77, 72, 27, 37]);
     }
 
     #[test]
@@ -278,14 +269,9 @@ mod tests {
                 .collect();
             for k in [1usize, 3, 8] {
                 let got = topk_torch(&v, k);
-                let mut want: Vec<(u32, f32)> =
-                    v.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+                let mut want: Vec<(u32, f32)> = v.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
                 want.sort_by(|a, b| b.1.total_cmp(&a.1));
-                assert_eq!(
-                    got.iter().map(|x| x.1).collect::<Vec<_>>(),
-                    want[..k].iter().map(|x| x.1).collect::<Vec<_>>(),
-                    "n={n} k={k}"
-                );
+                assert_eq!(got.iter().map(|x| x.1).collect::<Vec<_>>(), want[..k].iter().map(|x| x.1).collect::<Vec<_>>(), "n={n} k={k}");
             }
         }
     }

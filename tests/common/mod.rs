@@ -12,8 +12,7 @@ pub fn fixtures() -> PathBuf {
 
 pub fn load(name: &str) -> Gemma4Model {
     let dir = fixtures().join(name);
-    let config =
-        ModelConfig::from_file(&dir.join("config.json")).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap_or_else(|e| panic!("{name}: {e}"));
     let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     Gemma4Model::load(config, &ckpt).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -47,7 +46,6 @@ pub struct Step {
 
 pub fn reference(name: &str) -> Reference {
     let p = fixtures().join("reference").join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/make_fixtures.py)", p.display()));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/make_fixtures.py)", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

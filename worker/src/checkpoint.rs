@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 use switchyard_kernels::{DType, Weight};
@@ -20,6 +20,8 @@ pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub name: String,
+    /// Pair-interleaved panels for the bf16 kernel, one per leading slice (see [`Tensor::packed`]).
+    panels: Arc<OnceLock<Vec<Vec<u32>>>>,
 }
 
 impl Tensor {
@@ -34,14 +36,39 @@ impl Tensor {
     /// The tensor as a 2-D weight `[shape[0], product(rest)]`.
     pub fn weight(&self) -> Weight<'_> {
         let rows = self.shape.first().copied().unwrap_or(1);
-        Weight::new(self.dtype, self.bytes(), rows, self.numel() / rows.max(1))
+        let panels = self.panels.get().and_then(|p| p.first()).map(Vec::as_slice);
+        Weight::new(self.dtype, self.bytes(), rows, self.numel() / rows.max(1)).with_panels(panels)
     }
 
     /// Slice `i` of the leading dimension of a 3-D tensor, as a 2-D weight.
     pub fn weight_at(&self, i: usize) -> Weight<'_> {
         let (rows, cols) = (self.shape[1], self.shape[2]);
         let sz = rows * cols * self.dtype.size();
-        Weight::new(self.dtype, &self.bytes()[i * sz..(i + 1) * sz], rows, cols)
+        let panels = self.panels.get().and_then(|p| p.get(i)).map(Vec::as_slice);
+        Weight::new(self.dtype, &self.bytes()[i * sz..(i + 1) * sz], rows, cols).with_panels(panels)
+    }
+
+    /// This tensor with a repacked copy for the bf16 kernel, for weights used as linear layers.
+    ///
+    /// Why a copy: transformers' bf16 `linear` (oneDNN) sums each output over k-pairs in order; doing the
+    /// same with SIMD needs the weight pair-interleaved across rows. Transposing on the fly works (and is
+    /// what runs without this) but costs shuffles on every decode step; the copy is made once at load, in
+    /// the same dtype, so decode streams it at memory speed. A no-op where the pair kernel is not used
+    /// (f32/f16 checkpoints, CPUs without AVX512-BF16) or when `SWITCHYARD_PACK_WEIGHTS=0`.
+    pub fn packed(self) -> Tensor {
+        if std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
+            return self;
+        }
+        self.panels.get_or_init(|| {
+            let slices = if self.shape.len() == 3 { self.shape[0] } else { 1 };
+            (0..slices)
+                .map_while(|i| {
+                    let w = if self.shape.len() == 3 { self.weight_at(i) } else { self.weight() };
+                    switchyard_kernels::linear::pack_panels(&w)
+                })
+                .collect()
+        });
+        self
     }
 
     /// Decodes a (small) tensor to f32.
@@ -68,22 +95,12 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io {
-                path: index.clone(),
-                source,
-            })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| LoadError::Json {
-                    path: index.clone(),
-                    source,
-                })?;
+            let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io { path: index.clone(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| LoadError::Json { path: index.clone(), source })?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| LoadError::Safetensors {
-                    path: index.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
+                .ok_or_else(|| LoadError::Safetensors { path: index.clone(), reason: "no `weight_map` object".into() })?;
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort();
             names.dedup();
@@ -116,19 +133,9 @@ impl Checkpoint {
 
     /// The tensor `name` with exactly `shape`, or an error naming both.
     pub fn expect(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| LoadError::MissingTensor {
-                name: name.into(),
-                expected: shape.to_vec(),
-            })?;
+        let t = self.tensors.get(name).ok_or_else(|| LoadError::MissingTensor { name: name.into(), expected: shape.to_vec() })?;
         if t.shape != shape {
-            return Err(LoadError::TensorShape {
-                name: name.into(),
-                expected: shape.to_vec(),
-                actual: t.shape.clone(),
-            });
+            return Err(LoadError::TensorShape { name: name.into(), expected: shape.to_vec(), actual: t.shape.clone() });
         }
         Ok(t.clone())
     }
@@ -140,10 +147,7 @@ impl Checkpoint {
                 return self.expect(n, shape);
             }
         }
-        Err(LoadError::MissingTensor {
-            name: names[0].clone(),
-            expected: shape.to_vec(),
-        })
+        Err(LoadError::MissingTensor { name: names[0].clone(), expected: shape.to_vec() })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -152,22 +156,12 @@ impl Checkpoint {
 }
 
 fn load_file(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<(), LoadError> {
-    let bad = |reason: String| LoadError::Safetensors {
-        path: path.into(),
-        reason,
-    };
-    let file = File::open(path).map_err(|source| LoadError::Io {
-        path: path.into(),
-        source,
-    })?;
+    let bad = |reason: String| LoadError::Safetensors { path: path.into(), reason };
+    let file = File::open(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
     // SAFETY: the checkpoint is treated as read-only for the life of the process; a file truncated under
     // us is outside the contract (as for every mmap-based loader).
-    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io {
-        path: path.into(),
-        source,
-    })?);
-    let (header_len, meta) =
-        safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.into(), source })?);
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
     let data_start = 8 + header_len;
     for (name, info) in meta.tensors() {
         let dtype = match info.dtype {
@@ -175,18 +169,13 @@ fn load_file(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<(), LoadE
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F16 => DType::F16,
             other => {
-                return Err(LoadError::TensorDtype {
-                    name,
-                    actual: format!("{other:?}"),
-                });
+                return Err(LoadError::TensorDtype { name, actual: format!("{other:?}") });
             }
         };
         let (s, e) = info.data_offsets;
         let numel: usize = info.shape.iter().product();
         if e - s != numel * dtype.size() || data_start + e > map.len() {
-            return Err(bad(format!(
-                "tensor `{name}` has a byte range that does not match its shape"
-            )));
+            return Err(bad(format!("tensor `{name}` has a byte range that does not match its shape")));
         }
         out.insert(
             name.clone(),
@@ -197,6 +186,7 @@ fn load_file(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<(), LoadE
                 dtype,
                 shape: info.shape.clone(),
                 name,
+                panels: Arc::default(),
             },
         );
     }

@@ -114,31 +114,21 @@ fn err(msg: impl Into<String>) -> LoadError {
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
         _ => Vec::new(),
     }
 }
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
-            path: path.into(),
-            source,
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|source| LoadError::Json {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| LoadError::Json { path: path.into(), source })?;
         ModelConfig::from_value(&v)
     }
 
     pub fn from_value(root: &Value) -> Result<ModelConfig, LoadError> {
         let text_value = root.get("text_config").unwrap_or(root);
-        let raw: RawText = serde_json::from_value(text_value.clone())
-            .map_err(|e| err(format!("text_config: {e}")))?;
+        let raw: RawText = serde_json::from_value(text_value.clone()).map_err(|e| err(format!("text_config: {e}")))?;
         let mut placeholder_ids = Vec::new();
         for key in ["image_token_id", "audio_token_id", "video_token_id"] {
             if let Some(id) = root.get(key).and_then(Value::as_u64) {
@@ -152,17 +142,11 @@ impl ModelConfig {
         Self::resolve(raw, placeholder_ids, eos)
     }
 
-    fn resolve(
-        raw: RawText,
-        placeholder_ids: Vec<u32>,
-        eos_token_ids: Vec<u32>,
-    ) -> Result<ModelConfig, LoadError> {
+    fn resolve(raw: RawText, placeholder_ids: Vec<u32>, eos_token_ids: Vec<u32>) -> Result<ModelConfig, LoadError> {
         if let Some(act) = &raw.hidden_activation
             && act != "gelu_pytorch_tanh"
         {
-            return Err(err(format!(
-                "hidden_activation `{act}` is not supported (Gemma 4 uses gelu_pytorch_tanh)"
-            )));
+            return Err(err(format!("hidden_activation `{act}` is not supported (Gemma 4 uses gelu_pytorch_tanh)")));
         }
         if raw.hidden_size_per_layer_input.unwrap_or(0) != 0 {
             return Err(err(
@@ -170,36 +154,20 @@ impl ModelConfig {
             ));
         }
         if raw.num_kv_shared_layers != 0 {
-            return Err(err(
-                "num_kv_shared_layers > 0 (KV sharing) is not supported; the 26B/31B models have none",
-            ));
+            return Err(err("num_kv_shared_layers > 0 (KV sharing) is not supported; the 26B/31B models have none"));
         }
         if raw.attention_bias {
             return Err(err("attention_bias = true is not supported"));
         }
         if raw.use_bidirectional_attention.as_deref() == Some("all") {
-            return Err(err(
-                "use_bidirectional_attention = \"all\" is not supported (text generation is causal)",
-            ));
+            return Err(err("use_bidirectional_attention = \"all\" is not supported (text generation is causal)"));
         }
         let n = raw.num_hidden_layers;
         let mut layer_types = raw.layer_types.clone().unwrap_or_else(|| {
-            (0..n)
-                .map(|i| {
-                    if (i + 1) % 6 != 0 {
-                        "sliding_attention".to_string()
-                    } else {
-                        "full_attention".to_string()
-                    }
-                })
-                .collect()
+            (0..n).map(|i| if (i + 1) % 6 != 0 { "sliding_attention".to_string() } else { "full_attention".to_string() }).collect()
         });
         if layer_types.len() != n {
-            return Err(err(format!(
-                "layer_types has {} entries for {} layers",
-                layer_types.len(),
-                n
-            )));
+            return Err(err(format!("layer_types has {} entries for {} layers", layer_types.len(), n)));
         }
         // transformers forces the last layer to full attention.
         if let Some(last) = layer_types.last_mut() {
@@ -208,31 +176,20 @@ impl ModelConfig {
         let overrides = parse_per_layer(raw.per_layer_config.as_ref(), n)?;
         let rope_for = |kind: &str, head_dim: usize| -> Result<Rope, LoadError> {
             let p = raw.rope_parameters.as_ref().and_then(|m| m.get(kind));
-            let (default_type, default_theta, default_frac) = if kind == "full_attention" {
-                ("proportional", 1e6, 0.25)
-            } else {
-                ("default", 1e4, 1.0)
-            };
-            let rope_type = p
-                .and_then(|p| p.rope_type.clone())
-                .unwrap_or_else(|| default_type.into());
+            let (default_type, default_theta, default_frac) =
+                if kind == "full_attention" { ("proportional", 1e6, 0.25) } else { ("default", 1e4, 1.0) };
+            let rope_type = p.and_then(|p| p.rope_type.clone()).unwrap_or_else(|| default_type.into());
             let theta = p.and_then(|p| p.rope_theta).unwrap_or(default_theta);
             if p.and_then(|p| p.factor).unwrap_or(1.0) != 1.0 {
-                return Err(err(format!(
-                    "rope_parameters.{kind}.factor != 1 is not supported"
-                )));
+                return Err(err(format!("rope_parameters.{kind}.factor != 1 is not supported")));
             }
             match rope_type.as_str() {
                 "default" => Ok(Rope::default(theta, head_dim)),
                 "proportional" => {
-                    let frac = p
-                        .and_then(|p| p.partial_rotary_factor)
-                        .unwrap_or(if p.is_some() { 1.0 } else { default_frac });
+                    let frac = p.and_then(|p| p.partial_rotary_factor).unwrap_or(if p.is_some() { 1.0 } else { default_frac });
                     Ok(Rope::proportional(theta, head_dim, frac))
                 }
-                other => Err(err(format!(
-                    "rope_type `{other}` for {kind} layers is not supported"
-                ))),
+                other => Err(err(format!("rope_type `{other}` for {kind} layers is not supported"))),
             }
         };
         let mut layers = Vec::with_capacity(n);
@@ -241,9 +198,7 @@ impl ModelConfig {
                 "sliding_attention" => LayerKind::Sliding,
                 "full_attention" => LayerKind::Full,
                 other => {
-                    return Err(err(format!(
-                        "layer_types[{i}] = `{other}` is not supported"
-                    )));
+                    return Err(err(format!("layer_types[{i}] = `{other}` is not supported")));
                 }
             };
             let (mut head_dim, mut num_kv_heads) = (raw.head_dim, raw.num_key_value_heads);
@@ -282,21 +237,11 @@ impl ModelConfig {
             });
         }
         let moe = if raw.enable_moe_block {
-            let (e, k, i) = (
-                raw.num_experts,
-                raw.top_k_experts,
-                raw.moe_intermediate_size,
-            );
+            let (e, k, i) = (raw.num_experts, raw.top_k_experts, raw.moe_intermediate_size);
             match (e, k, i) {
-                (Some(e), Some(k), Some(i)) if k >= 1 && k <= e => Some(MoeConfig {
-                    num_experts: e,
-                    top_k: k,
-                    intermediate_size: i,
-                }),
+                (Some(e), Some(k), Some(i)) if k >= 1 && k <= e => Some(MoeConfig { num_experts: e, top_k: k, intermediate_size: i }),
                 _ => {
-                    return Err(err(
-                        "enable_moe_block needs num_experts, top_k_experts (1..=num_experts) and moe_intermediate_size",
-                    ));
+                    return Err(err("enable_moe_block needs num_experts, top_k_experts (1..=num_experts) and moe_intermediate_size"));
                 }
             }
         } else {
@@ -330,21 +275,15 @@ struct LayerOverride {
 }
 
 /// `per_layer_config`: `{"5": {"head_dim": 512, ...}}`, or a list with one entry (or null) per layer.
-fn parse_per_layer(
-    v: Option<&Value>,
-    n: usize,
-) -> Result<Option<HashMap<usize, LayerOverride>>, LoadError> {
+fn parse_per_layer(v: Option<&Value>, n: usize) -> Result<Option<HashMap<usize, LayerOverride>>, LoadError> {
     let Some(v) = v else { return Ok(None) };
     let mut out = HashMap::new();
     let mut put = |idx: usize, item: &Value| -> Result<(), LoadError> {
         if idx >= n {
-            return Err(err(format!(
-                "per_layer_config names layer {idx}, but there are {n} layers"
-            )));
+            return Err(err(format!("per_layer_config names layer {idx}, but there are {n} layers")));
         }
         if !item.is_null() {
-            let o: LayerOverride = serde_json::from_value(item.clone())
-                .map_err(|e| err(format!("per_layer_config[{idx}]: {e}")))?;
+            let o: LayerOverride = serde_json::from_value(item.clone()).map_err(|e| err(format!("per_layer_config[{idx}]: {e}")))?;
             out.insert(idx, o);
         }
         Ok(())
@@ -352,9 +291,7 @@ fn parse_per_layer(
     match v {
         Value::Object(m) => {
             for (k, item) in m {
-                let idx = k
-                    .parse::<usize>()
-                    .map_err(|_| err(format!("per_layer_config key `{k}` is not a layer index")))?;
+                let idx = k.parse::<usize>().map_err(|_| err(format!("per_layer_config key `{k}` is not a layer index")))?;
                 put(idx, item)?;
             }
         }
@@ -398,17 +335,9 @@ mod tests {
         assert_eq!(c.layers.len(), 30);
         for (i, l) in c.layers.iter().enumerate() {
             if i % 6 == 5 {
-                assert_eq!(
-                    (l.kind, l.head_dim, l.num_kv_heads, l.k_eq_v),
-                    (LayerKind::Full, 512, 2, true),
-                    "layer {i}"
-                );
+                assert_eq!((l.kind, l.head_dim, l.num_kv_heads, l.k_eq_v), (LayerKind::Full, 512, 2, true), "layer {i}");
             } else {
-                assert_eq!(
-                    (l.kind, l.head_dim, l.num_kv_heads, l.k_eq_v),
-                    (LayerKind::Sliding, 256, 8, false),
-                    "layer {i}"
-                );
+                assert_eq!((l.kind, l.head_dim, l.num_kv_heads, l.k_eq_v), (LayerKind::Sliding, 256, 8, false), "layer {i}");
             }
         }
         assert_eq!(c.placeholder_ids, vec![258880, 258881, 258884]);
@@ -421,23 +350,13 @@ mod tests {
         let t = v["text_config"].as_object_mut().unwrap();
         t.remove("global_head_dim");
         t.remove("num_global_key_value_heads");
-        let per: serde_json::Map<String, Value> = [5, 11, 17, 23, 29]
-            .iter()
-            .map(|i| {
-                (
-                    i.to_string(),
-                    json!({"head_dim": 512, "num_key_value_heads": 2}),
-                )
-            })
-            .collect();
+        let per: serde_json::Map<String, Value> =
+            [5, 11, 17, 23, 29].iter().map(|i| (i.to_string(), json!({"head_dim": 512, "num_key_value_heads": 2}))).collect();
         t.insert("per_layer_config".into(), Value::Object(per));
         let a = ModelConfig::from_value(&v).unwrap();
         let b = ModelConfig::from_value(&base()).unwrap();
         for (x, y) in a.layers.iter().zip(&b.layers) {
-            assert_eq!(
-                (x.kind, x.head_dim, x.num_kv_heads, x.k_eq_v),
-                (y.kind, y.head_dim, y.num_kv_heads, y.k_eq_v)
-            );
+            assert_eq!((x.kind, x.head_dim, x.num_kv_heads, x.k_eq_v), (y.kind, y.head_dim, y.num_kv_heads, y.k_eq_v));
             assert_eq!(x.rope.inv_freq, y.rope.inv_freq);
         }
     }
@@ -450,11 +369,6 @@ mod tests {
         assert!(e.contains("hidden_size_per_layer_input"), "{e}");
         let mut v = base();
         v["text_config"]["per_layer_config"] = json!({"40": {"head_dim": 8}});
-        assert!(
-            ModelConfig::from_value(&v)
-                .unwrap_err()
-                .to_string()
-                .contains("layer 40")
-        );
+        assert!(ModelConfig::from_value(&v).unwrap_err().to_string().contains("layer 40"));
     }
 }

@@ -25,15 +25,10 @@ pub fn pick(logits: &[f32], n: usize) -> StepOutput {
     let lp = log_softmax(logits);
     let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
     let n = n.max(1).min(lp.len());
-    idx.select_nth_unstable_by(n - 1, |&a, &b| {
-        lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b))
-    });
+    idx.select_nth_unstable_by(n - 1, |&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
     idx.truncate(n);
     idx.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
-    StepOutput {
-        token: idx[0],
-        top: idx.iter().map(|&i| (i, lp[i as usize])).collect(),
-    }
+    StepOutput { token: idx[0], top: idx.iter().map(|&i| (i, lp[i as usize])).collect() }
 }
 
 /// Greedy generation; `on_step` sees each step as it is produced.
@@ -47,11 +42,7 @@ pub fn greedy_generate(
     let mut steps = Vec::new();
     let mut next: Vec<u32> = prompt.to_vec();
     while steps.len() < opts.max_tokens {
-        let logits = model.forward(&mut [ForwardChunk {
-            tokens: &next,
-            cache: &mut cache,
-            logits: LogitsFor::Last,
-        }])?;
+        let logits = model.forward(&mut [ForwardChunk { tokens: &next, cache: &mut cache, logits: LogitsFor::Last }])?;
         let step = pick(&logits[0], opts.top_logprobs);
         on_step(&step);
         let token = step.token;

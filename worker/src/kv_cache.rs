@@ -23,11 +23,7 @@ impl SeqCache {
     pub fn new(specs: &[LayerSpec]) -> SeqCache {
         let layers = specs
             .iter()
-            .map(|s| LayerCache {
-                head_dim: s.head_dim,
-                k: vec![Vec::new(); s.num_kv_heads],
-                v: vec![Vec::new(); s.num_kv_heads],
-            })
+            .map(|s| LayerCache { head_dim: s.head_dim, k: vec![Vec::new(); s.num_kv_heads], v: vec![Vec::new(); s.num_kv_heads] })
             .collect();
         SeqCache { layers, len: 0 }
     }

@@ -22,78 +22,36 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        c: &ModelConfig,
-        layer: usize,
-    ) -> Result<Attention, LoadError> {
+    pub fn load(ckpt: &Checkpoint, p: &str, c: &ModelConfig, layer: usize) -> Result<Attention, LoadError> {
         let spec = c.layers[layer].clone();
         let (h, hd, nq, nkv) = (c.hidden_size, spec.head_dim, c.num_heads, spec.num_kv_heads);
-        let v_proj = if spec.k_eq_v {
-            None
-        } else {
-            Some(ckpt.expect(&format!("{p}self_attn.v_proj.weight"), &[nkv * hd, h])?)
-        };
+        let v_proj = if spec.k_eq_v { None } else { Some(ckpt.expect(&format!("{p}self_attn.v_proj.weight"), &[nkv * hd, h])?.packed()) };
         Ok(Attention {
             layer,
-            q_proj: ckpt.expect(&format!("{p}self_attn.q_proj.weight"), &[nq * hd, h])?,
-            k_proj: ckpt.expect(&format!("{p}self_attn.k_proj.weight"), &[nkv * hd, h])?,
+            q_proj: ckpt.expect(&format!("{p}self_attn.q_proj.weight"), &[nq * hd, h])?.packed(),
+            k_proj: ckpt.expect(&format!("{p}self_attn.k_proj.weight"), &[nkv * hd, h])?.packed(),
             v_proj,
-            o_proj: ckpt.expect(&format!("{p}self_attn.o_proj.weight"), &[h, nq * hd])?,
-            q_norm: ckpt
-                .expect(&format!("{p}self_attn.q_norm.weight"), &[hd])?
-                .to_f32(),
-            k_norm: ckpt
-                .expect(&format!("{p}self_attn.k_norm.weight"), &[hd])?
-                .to_f32(),
+            o_proj: ckpt.expect(&format!("{p}self_attn.o_proj.weight"), &[h, nq * hd])?.packed(),
+            q_norm: ckpt.expect(&format!("{p}self_attn.q_norm.weight"), &[hd])?.to_f32(),
+            k_norm: ckpt.expect(&format!("{p}self_attn.k_norm.weight"), &[hd])?.to_f32(),
             spec,
         })
     }
 
     /// `h` is the normed input `[T, hidden]`; returns the o_proj output `[T, hidden]`.
-    pub(crate) fn forward(
-        &self,
-        h: &[f32],
-        rows: &[RowInfo],
-        caches: &mut [&mut SeqCache],
-        c: &ModelConfig,
-        dt: DType,
-    ) -> Vec<f32> {
+    pub(crate) fn forward(&self, h: &[f32], rows: &[RowInfo], caches: &mut [&mut SeqCache], c: &ModelConfig, dt: DType) -> Vec<f32> {
         let t = rows.len();
         let (hd, nq, nkv) = (self.spec.head_dim, c.num_heads, self.spec.num_kv_heads);
         let mut q = vec![0f32; t * nq * hd];
         let mut k = vec![0f32; t * nkv * hd];
-        let mut v = vec![
-            0f32;
-            if self.v_proj.is_some() {
-                t * nkv * hd
-            } else {
-                0
-            }
-        ];
+        let mut v = vec![0f32; if self.v_proj.is_some() { t * nkv * hd } else { 0 }];
         {
             let mut jobs = vec![
-                LinearJob {
-                    x: h,
-                    m: t,
-                    w: self.q_proj.weight(),
-                    out: &mut q,
-                },
-                LinearJob {
-                    x: h,
-                    m: t,
-                    w: self.k_proj.weight(),
-                    out: &mut k,
-                },
+                LinearJob { x: h, m: t, w: self.q_proj.weight(), out: &mut q },
+                LinearJob { x: h, m: t, w: self.k_proj.weight(), out: &mut k },
             ];
             if let Some(vp) = &self.v_proj {
-                jobs.push(LinearJob {
-                    x: h,
-                    m: t,
-                    w: vp.weight(),
-                    out: &mut v,
-                });
+                jobs.push(LinearJob { x: h, m: t, w: vp.weight(), out: &mut v });
             }
             linear_many(&mut jobs, dt);
         }

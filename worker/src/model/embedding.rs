@@ -14,10 +14,7 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn load(ckpt: &Checkpoint, prefix: &str, c: &ModelConfig) -> Result<Embedding, LoadError> {
-        let table = ckpt.expect(
-            &format!("{prefix}embed_tokens.weight"),
-            &[c.vocab_size, c.hidden_size],
-        )?;
+        let table = ckpt.expect(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, c.hidden_size])?;
         // HF: `embed_scale.to(weight.dtype)`: sqrt(2816) = 53.07 becomes 53.0 in bf16.
         let scale = table.dtype.round((c.hidden_size as f64).sqrt() as f32);
         Ok(Embedding { table, scale })
@@ -33,11 +30,7 @@ impl Embedding {
         let w = self.table.weight();
         let mut x = vec![0f32; ids.len() * h];
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            let id = if c.placeholder_ids.contains(&id) {
-                c.pad_token_id
-            } else {
-                id
-            };
+            let id = if c.placeholder_ids.contains(&id) { c.pad_token_id } else { id };
             w.row_f32(id as usize, row);
             for v in row.iter_mut() {
                 *v = dt.round(*v * self.scale);

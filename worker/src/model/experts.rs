@@ -15,11 +15,7 @@ use crate::error::LoadError;
 #[derive(Debug, thiserror::Error)]
 pub enum ExpertError {
     #[error("expert id {id} out of range for layer {layer} ({experts} experts)")]
-    BadExpert {
-        layer: usize,
-        id: u32,
-        experts: usize,
-    },
+    BadExpert { layer: usize, id: u32, experts: usize },
     #[error("layer {layer} has no MoE block")]
     NoMoe { layer: usize },
     #[error("expert workers for layer {layer} are unavailable: {reason}")]
@@ -33,28 +29,12 @@ pub enum ExpertError {
 /// combined expert output described in the module docs. The call is stateless: a backend keeps nothing
 /// per request, and the result for a row never depends on the other rows of the call.
 pub trait ExpertBackend: Send + Sync {
-    fn run(
-        &self,
-        layer: usize,
-        rows: &[f32],
-        n: usize,
-        ids: &[u32],
-        weights: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), ExpertError>;
+    fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError>;
 }
 
 /// Combines per-slot contributions `contrib[n, k, hidden]` (already weighted and rounded) into
 /// `out[n, hidden]`, in ascending expert id with a rounding after every add.
-pub fn combine(
-    contrib: &[f32],
-    ids: &[u32],
-    n: usize,
-    k: usize,
-    hidden: usize,
-    dt: DType,
-    out: &mut [f32],
-) {
+pub fn combine(contrib: &[f32], ids: &[u32], n: usize, k: usize, hidden: usize, dt: DType, out: &mut [f32]) {
     let mut slots: Vec<usize> = Vec::with_capacity(k);
     for r in 0..n {
         slots.clear();
@@ -73,15 +53,7 @@ pub fn combine(
 pub struct NoExperts;
 
 impl ExpertBackend for NoExperts {
-    fn run(
-        &self,
-        layer: usize,
-        _: &[f32],
-        _: usize,
-        _: &[u32],
-        _: &[f32],
-        _: &mut [f32],
-    ) -> Result<(), ExpertError> {
+    fn run(&self, layer: usize, _: &[f32], _: usize, _: &[u32], _: &[f32], _: &mut [f32]) -> Result<(), ExpertError> {
         Err(ExpertError::NoMoe { layer })
     }
 }
@@ -99,70 +71,34 @@ struct LayerExperts {
 }
 
 impl LocalExperts {
-    pub fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        c: &ModelConfig,
-        moe: MoeConfig,
-    ) -> Result<LocalExperts, LoadError> {
+    pub fn load(ckpt: &Checkpoint, prefix: &str, c: &ModelConfig, moe: MoeConfig) -> Result<LocalExperts, LoadError> {
         let (h, e, i) = (c.hidden_size, moe.num_experts, moe.intermediate_size);
         let layers = (0..c.num_layers)
             .map(|l| {
                 let p = format!("{prefix}layers.{l}.");
                 Ok(LayerExperts {
-                    gate_up: ckpt.expect_any(
-                        &[
-                            format!("{p}experts.gate_up_proj"),
-                            format!("{p}moe.gate_up_proj"),
-                        ],
-                        &[e, 2 * i, h],
-                    )?,
-                    down: ckpt.expect_any(
-                        &[format!("{p}experts.down_proj"), format!("{p}moe.down_proj")],
-                        &[e, h, i],
-                    )?,
+                    gate_up: ckpt
+                        .expect_any(&[format!("{p}experts.gate_up_proj"), format!("{p}moe.gate_up_proj")], &[e, 2 * i, h])?
+                        .packed(),
+                    down: ckpt.expect_any(&[format!("{p}experts.down_proj"), format!("{p}moe.down_proj")], &[e, h, i])?.packed(),
                 })
             })
             .collect::<Result<_, LoadError>>()?;
-        Ok(LocalExperts {
-            layers,
-            hidden: h,
-            moe,
-        })
+        Ok(LocalExperts { layers, hidden: h, moe })
     }
 
     pub fn dtype(&self) -> DType {
-        self.layers
-            .first()
-            .map(|l| l.gate_up.dtype)
-            .unwrap_or(DType::F32)
+        self.layers.first().map(|l| l.gate_up.dtype).unwrap_or(DType::F32)
     }
 }
 
 impl ExpertBackend for LocalExperts {
-    fn run(
-        &self,
-        layer: usize,
-        rows: &[f32],
-        n: usize,
-        ids: &[u32],
-        weights: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), ExpertError> {
-        let (h, k, e, inter) = (
-            self.hidden,
-            self.moe.top_k,
-            self.moe.num_experts,
-            self.moe.intermediate_size,
-        );
+    fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        let (h, k, e, inter) = (self.hidden, self.moe.top_k, self.moe.num_experts, self.moe.intermediate_size);
         let l = self.layers.get(layer).ok_or(ExpertError::NoMoe { layer })?;
         let dt = self.dtype();
         if let Some(&bad) = ids[..n * k].iter().find(|&&id| id as usize >= e) {
-            return Err(ExpertError::BadExpert {
-                layer,
-                id: bad,
-                experts: e,
-            });
+            return Err(ExpertError::BadExpert { layer, id: bad, experts: e });
         }
         // Group (row, slot) pairs by expert, in ascending expert id.
         let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
@@ -172,29 +108,16 @@ impl ExpertBackend for LocalExperts {
         let active: Vec<usize> = (0..e).filter(|&x| !by_expert[x].is_empty()).collect();
         let gathered: Vec<Vec<f32>> = active
             .iter()
-            .map(|&x| {
-                by_expert[x]
-                    .iter()
-                    .flat_map(|&pair| rows[(pair / k) * h..(pair / k + 1) * h].iter().copied())
-                    .collect()
-            })
+            .map(|&x| by_expert[x].iter().flat_map(|&pair| rows[(pair / k) * h..(pair / k + 1) * h].iter().copied()).collect())
             .collect();
         // gate_up for every active expert in one parallel region, then the activation, then down.
-        let mut gu: Vec<Vec<f32>> = active
-            .iter()
-            .map(|&x| vec![0f32; by_expert[x].len() * 2 * inter])
-            .collect();
+        let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * 2 * inter]).collect();
         {
             let mut jobs: Vec<LinearJob<'_>> = active
                 .iter()
                 .zip(&gathered)
                 .zip(gu.iter_mut())
-                .map(|((&x, xs), o)| LinearJob {
-                    x: xs,
-                    m: by_expert[x].len(),
-                    w: l.gate_up.weight_at(x),
-                    out: o,
-                })
+                .map(|((&x, xs), o)| LinearJob { x: xs, m: by_expert[x].len(), w: l.gate_up.weight_at(x), out: o })
                 .collect();
             linear_many(&mut jobs, dt);
         }
@@ -208,21 +131,13 @@ impl ExpertBackend for LocalExperts {
                 a
             })
             .collect();
-        let mut ys: Vec<Vec<f32>> = active
-            .iter()
-            .map(|&x| vec![0f32; by_expert[x].len() * h])
-            .collect();
+        let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * h]).collect();
         {
             let mut jobs: Vec<LinearJob<'_>> = active
                 .iter()
                 .zip(&acts)
                 .zip(ys.iter_mut())
-                .map(|((&x, a), o)| LinearJob {
-                    x: a,
-                    m: by_expert[x].len(),
-                    w: expert_down(&l.down, x),
-                    out: o,
-                })
+                .map(|((&x, a), o)| LinearJob { x: a, m: by_expert[x].len(), w: expert_down(&l.down, x), out: o })
                 .collect();
             linear_many(&mut jobs, dt);
         }

@@ -32,17 +32,9 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        c: &ModelConfig,
-        index: usize,
-    ) -> Result<DecoderLayer, LoadError> {
+    pub fn load(ckpt: &Checkpoint, p: &str, c: &ModelConfig, index: usize) -> Result<DecoderLayer, LoadError> {
         let h = c.hidden_size;
-        let norm = |name: &str| {
-            ckpt.expect(&format!("{p}{name}.weight"), &[h])
-                .map(|t| t.to_f32())
-        };
+        let norm = |name: &str| ckpt.expect(&format!("{p}{name}.weight"), &[h]).map(|t| t.to_f32());
         let moe = match c.moe {
             Some(m) => Some(MoeBlock {
                 router: Router::load(ckpt, p, c, m)?,
@@ -81,9 +73,7 @@ impl DecoderLayer {
             o
         };
         // Attention block.
-        let a = self
-            .attn
-            .forward(&norm(&x, Some(&self.input_ln)), rows, caches, c, dt);
+        let a = self.attn.forward(&norm(&x, Some(&self.input_ln)), rows, caches, c, dt);
         ops::add_assign(&mut x, &norm(&a, Some(&self.post_attn_ln)), dt);
         // Dense MLP and MoE, both from the post-attention residual `x`.
         let mut m = self.mlp.forward(&norm(&x, Some(&self.pre_ff_ln)), t, c, dt);

@@ -13,19 +13,12 @@ pub struct LmHead {
 }
 
 impl LmHead {
-    pub fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        c: &ModelConfig,
-        emb: &Embedding,
-    ) -> Result<LmHead, LoadError> {
-        let norm = ckpt
-            .expect(&format!("{prefix}norm.weight"), &[c.hidden_size])?
-            .to_f32();
+    pub fn load(ckpt: &Checkpoint, prefix: &str, c: &ModelConfig, emb: &Embedding) -> Result<LmHead, LoadError> {
+        let norm = ckpt.expect(&format!("{prefix}norm.weight"), &[c.hidden_size])?.to_f32();
         // Gemma 4 ties the head to the embedding; an untied checkpoint would carry `lm_head.weight`.
         let weight = match ckpt.get("lm_head.weight") {
-            Some(_) => ckpt.expect("lm_head.weight", &[c.vocab_size, c.hidden_size])?,
-            None => emb.table.clone(),
+            Some(_) => ckpt.expect("lm_head.weight", &[c.vocab_size, c.hidden_size])?.packed(),
+            None => emb.table.clone().packed(),
         };
         Ok(LmHead { norm, weight })
     }
@@ -36,13 +29,7 @@ impl LmHead {
             return Vec::new();
         }
         let mut normed = hs.to_vec();
-        ops::rms_norm_chunks(
-            &mut normed,
-            c.hidden_size,
-            Some(&self.norm),
-            c.rms_norm_eps,
-            dt,
-        );
+        ops::rms_norm_chunks(&mut normed, c.hidden_size, Some(&self.norm), c.rms_norm_eps, dt);
         let mut logits = vec![0f32; n * c.vocab_size];
         linear(&normed, n, self.weight.weight(), &mut logits, dt);
         if let Some(cap) = c.final_logit_softcapping {

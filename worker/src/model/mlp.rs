@@ -16,9 +16,9 @@ impl Mlp {
     pub fn load(ckpt: &Checkpoint, p: &str, c: &ModelConfig) -> Result<Mlp, LoadError> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(Mlp {
-            gate: ckpt.expect(&format!("{p}mlp.gate_proj.weight"), &[i, h])?,
-            up: ckpt.expect(&format!("{p}mlp.up_proj.weight"), &[i, h])?,
-            down: ckpt.expect(&format!("{p}mlp.down_proj.weight"), &[h, i])?,
+            gate: ckpt.expect(&format!("{p}mlp.gate_proj.weight"), &[i, h])?.packed(),
+            up: ckpt.expect(&format!("{p}mlp.up_proj.weight"), &[i, h])?.packed(),
+            down: ckpt.expect(&format!("{p}mlp.down_proj.weight"), &[h, i])?.packed(),
         })
     }
 
@@ -26,20 +26,7 @@ impl Mlp {
         let i = c.intermediate_size;
         let (mut g, mut u) = (vec![0f32; t * i], vec![0f32; t * i]);
         linear_many(
-            &mut [
-                LinearJob {
-                    x,
-                    m: t,
-                    w: self.gate.weight(),
-                    out: &mut g,
-                },
-                LinearJob {
-                    x,
-                    m: t,
-                    w: self.up.weight(),
-                    out: &mut u,
-                },
-            ],
+            &mut [LinearJob { x, m: t, w: self.gate.weight(), out: &mut g }, LinearJob { x, m: t, w: self.up.weight(), out: &mut u }],
             dt,
         );
         let mut act = vec![0f32; t * i];

@@ -68,11 +68,7 @@ pub struct Gemma4Model {
 impl Gemma4Model {
     /// Loads the text model from a checkpoint, with the experts computed in this process.
     pub fn load(config: ModelConfig, ckpt: &Checkpoint) -> Result<Gemma4Model, LoadError> {
-        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") {
-            "model.language_model."
-        } else {
-            "model."
-        };
+        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
         let experts: Arc<dyn ExpertBackend> = match config.moe {
             Some(moe) => Arc::new(LocalExperts::load(ckpt, prefix, &config, moe)?),
             None => Arc::new(experts::NoExperts),
@@ -81,30 +77,15 @@ impl Gemma4Model {
     }
 
     /// Loads everything but the expert weights, which `experts` provides (in-process or remote).
-    pub fn load_with_experts(
-        config: ModelConfig,
-        ckpt: &Checkpoint,
-        experts: Arc<dyn ExpertBackend>,
-    ) -> Result<Gemma4Model, LoadError> {
-        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") {
-            "model.language_model."
-        } else {
-            "model."
-        };
+    pub fn load_with_experts(config: ModelConfig, ckpt: &Checkpoint, experts: Arc<dyn ExpertBackend>) -> Result<Gemma4Model, LoadError> {
+        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
         let embedding = embedding::Embedding::load(ckpt, prefix, &config)?;
         let dtype = embedding.dtype();
         let layers = (0..config.num_layers)
             .map(|i| DecoderLayer::load(ckpt, &format!("{prefix}layers.{i}."), &config, i))
             .collect::<Result<_, _>>()?;
         let lm_head = lm_head::LmHead::load(ckpt, prefix, &config, &embedding)?;
-        Ok(Gemma4Model {
-            config,
-            dtype,
-            embedding,
-            layers,
-            lm_head,
-            experts,
-        })
+        Ok(Gemma4Model { config, dtype, embedding, layers, lm_head, experts })
     }
 
     pub fn new_cache(&self) -> SeqCache {
@@ -119,22 +100,13 @@ impl Gemma4Model {
         for (c, ch) in chunks.iter().enumerate() {
             let start = ch.cache.len();
             if start + ch.tokens.len() > self.config.max_position_embeddings {
-                return Err(ForwardError::ContextTooLong {
-                    len: start + ch.tokens.len(),
-                    max: self.config.max_position_embeddings,
-                });
+                return Err(ForwardError::ContextTooLong { len: start + ch.tokens.len(), max: self.config.max_position_embeddings });
             }
             for (i, &t) in ch.tokens.iter().enumerate() {
                 if t as usize >= self.config.vocab_size {
-                    return Err(ForwardError::TokenOutOfVocab {
-                        id: t,
-                        vocab: self.config.vocab_size,
-                    });
+                    return Err(ForwardError::TokenOutOfVocab { id: t, vocab: self.config.vocab_size });
                 }
-                rows.push(RowInfo {
-                    chunk: c,
-                    pos: start + i,
-                });
+                rows.push(RowInfo { chunk: c, pos: start + i });
                 ids.push(t);
             }
         }
@@ -142,14 +114,7 @@ impl Gemma4Model {
         {
             let mut caches: Vec<&mut SeqCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
             for layer in &self.layers {
-                x = layer.forward(
-                    x,
-                    &rows,
-                    &mut caches,
-                    self.experts.as_ref(),
-                    &self.config,
-                    self.dtype,
-                )?;
+                x = layer.forward(x, &rows, &mut caches, self.experts.as_ref(), &self.config, self.dtype)?;
             }
         }
         for ch in chunks.iter_mut() {
@@ -168,10 +133,7 @@ impl Gemma4Model {
                 LogitsFor::All => row0..row0 + n,
             };
             let hs = &x[sel.start * h..sel.end * h];
-            out.push(
-                self.lm_head
-                    .forward(hs, sel.len(), &self.config, self.dtype),
-            );
+            out.push(self.lm_head.forward(hs, sel.len(), &self.config, self.dtype));
             row0 += n;
         }
         Ok(out)
@@ -179,11 +141,7 @@ impl Gemma4Model {
 }
 
 /// Runs `f(i)` for each row on the kernel pool and collects `[rows, width]` outputs.
-pub(crate) fn par_rows(
-    rows: usize,
-    width: usize,
-    f: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> Vec<f32> {
+pub(crate) fn par_rows(rows: usize, width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
     let mut out = vec![0f32; rows * width];
     let ptr = SyncPtr(out.as_mut_ptr());
     switchyard_kernels::pool::parallel_for(rows, &|r| {

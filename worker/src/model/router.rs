@@ -22,23 +22,13 @@ pub struct Routing {
 }
 
 impl Router {
-    pub fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        c: &ModelConfig,
-        moe: MoeConfig,
-    ) -> Result<Router, LoadError> {
+    pub fn load(ckpt: &Checkpoint, p: &str, c: &ModelConfig, moe: MoeConfig) -> Result<Router, LoadError> {
         let (h, e) = (c.hidden_size, moe.num_experts);
         let names = |suffix: &str| -> Vec<String> {
-            [
-                format!("{p}router.{suffix}"),
-                format!("{p}router.{suffix}.weight"),
-                format!("{p}moe.{suffix}"),
-            ]
-            .to_vec()
+            [format!("{p}router.{suffix}"), format!("{p}router.{suffix}.weight"), format!("{p}moe.{suffix}")].to_vec()
         };
         Ok(Router {
-            proj: ckpt.expect(&format!("{p}router.proj.weight"), &[e, h])?,
+            proj: ckpt.expect(&format!("{p}router.proj.weight"), &[e, h])?.packed(),
             scale: ckpt.expect(&format!("{p}router.scale"), &[h])?.to_f32(),
             per_expert_scale: ckpt.expect_any(&names("per_expert_scale"), &[e])?.to_f32(),
             moe,
