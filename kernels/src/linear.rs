@@ -341,30 +341,12 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
         let mut c = n0;
         while c < n1 {
             let nc = (n1 - c).min(32);
-            if let Some(panels) = w.panels {
-                // Prepacked: every row of x against this group's panel, straight from memory.
-                let g = c / 32;
+            let packed_here;
+            let pg: &[u32] = if let Some(panels) = w.panels {
+                // Prepacked at load: this group's panel, straight from memory.
                 debug_assert_eq!(c % 32, 0);
-                let pg = &panels[g * k2 * 32..(g + 1) * k2 * 32];
-                let mut r0 = 0;
-                while r0 < m {
-                    let mr = (m - r0).min(4);
-                    let xr = unsafe { x.as_ptr().add(r0 * xs) };
-                    let o = unsafe { out.add(r0 * os + c) };
-                    unsafe {
-                        match mr {
-                            1 => panel_dot::<1>(xr, xs, pg, k2, o, os, nc),
-                            2 => panel_dot::<2>(xr, xs, pg, k2, o, os, nc),
-                            3 => panel_dot::<3>(xr, xs, pg, k2, o, os, nc),
-                            _ => panel_dot::<4>(xr, xs, pg, k2, o, os, nc),
-                        }
-                    }
-                    r0 += mr;
-                }
-                c += nc;
-                continue;
-            }
-            if m <= 4 {
+                &panels[(c / 32) * k2 * 32..(c / 32 + 1) * k2 * 32]
+            } else if m <= 4 {
                 let o = unsafe { out.add(c) };
                 unsafe {
                     match m {
@@ -376,8 +358,11 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                 }
                 c += nc;
                 continue;
-            }
-            unsafe { pack_panel(w, c, nc, &mut panel[..k2 * 32]) };
+            } else {
+                unsafe { pack_panel(w, c, nc, &mut panel[..k2 * 32]) };
+                packed_here = &panel[..k2 * 32];
+                packed_here
+            };
             let mut r0 = 0;
             while r0 < m {
                 let mr = (m - r0).min(4);
@@ -385,10 +370,10 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                 let o = unsafe { out.add(r0 * os + c) };
                 unsafe {
                     match mr {
-                        1 => panel_dot::<1>(xr, xs, &panel, k2, o, os, nc),
-                        2 => panel_dot::<2>(xr, xs, &panel, k2, o, os, nc),
-                        3 => panel_dot::<3>(xr, xs, &panel, k2, o, os, nc),
-                        _ => panel_dot::<4>(xr, xs, &panel, k2, o, os, nc),
+                        1 => panel_dot::<1>(xr, xs, pg, k2, o, os, nc),
+                        2 => panel_dot::<2>(xr, xs, pg, k2, o, os, nc),
+                        3 => panel_dot::<3>(xr, xs, pg, k2, o, os, nc),
+                        _ => panel_dot::<4>(xr, xs, pg, k2, o, os, nc),
                     }
                 }
                 r0 += mr;
