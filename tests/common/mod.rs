@@ -28,8 +28,9 @@ pub struct Reference {
 pub struct Case {
     pub name: String,
     pub prompt_ids: Vec<u32>,
+    /// The rendered chat prompt that `prompt_ids` tokenizes (chat cases only).
     #[serde(default)]
-    pub prompt_text: Option<String>,
+    pub text: Option<String>,
     pub max_tokens: usize,
     pub steps: Vec<Step>,
 }
