@@ -437,29 +437,41 @@ unsafe fn load_pairs_t(w: &Weight<'_>, c: usize, nc: usize, i0: usize) -> [__m51
     transpose16(&v)
 }
 
+/// Walks the pairs of weight rows `c .. c + nc` (at most 32) in chunks of 16 pairs, handing `f` the
+/// chunk start, its length and the two transposed 16-row halves (rows past `nc` are zero).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn pair_chunks(w: &Weight<'_>, c: usize, nc: usize, mut f: impl FnMut(usize, usize, &[__m512i; 16], &[__m512i; 16])) {
+    let k2 = w.cols.div_ceil(2);
+    let mut i0 = 0;
+    while i0 < k2 {
+        let ta = unsafe { load_pairs_t(w, c, nc, i0) };
+        let tb = if nc > 16 { unsafe { load_pairs_t(w, c + 16, nc - 16, i0) } } else { [_mm512_setzero_si512(); 16] };
+        f(i0, (k2 - i0).min(16), &ta, &tb);
+        i0 += 16;
+    }
+}
+
 /// Small batches (m <= 4): weight pairs are transposed in registers on the fly and used at once, so the
 /// weights stream from memory exactly once with no panel round trip.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn stream_dot<const MR: usize>(x: *const u16, xs: usize, w: &Weight<'_>, c: usize, nc: usize, out: *mut f32, os: usize) {
-    let k2 = w.cols.div_ceil(2);
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    let mut i0 = 0;
-    while i0 < k2 {
-        let steps = (k2 - i0).min(16);
-        let ta = unsafe { load_pairs_t(w, c, nc, i0) };
-        let tb = if nc > 16 { unsafe { load_pairs_t(w, c + 16, nc - 16, i0) } } else { [_mm512_setzero_si512(); 16] };
-        for p in 0..steps {
-            for r in 0..MR {
-                let pair = unsafe { std::ptr::read_unaligned(x.add(r * xs + 2 * (i0 + p)) as *const i32) };
-                let xb = _mm512_set1_epi32(pair);
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], bh(xb), bh(ta[p]));
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], bh(xb), bh(tb[p]));
+    unsafe {
+        pair_chunks(w, c, nc, |i0, steps, ta, tb| {
+            for p in 0..steps {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let pair = std::ptr::read_unaligned(x.add(r * xs + 2 * (i0 + p)) as *const i32);
+                    let xb = _mm512_set1_epi32(pair);
+                    a[0] = _mm512_dpbf16_ps(a[0], bh(xb), bh(ta[p]));
+                    a[1] = _mm512_dpbf16_ps(a[1], bh(xb), bh(tb[p]));
+                }
             }
-        }
-        i0 += 16;
-    }
+        })
+    };
     unsafe { store_acc(&acc, out, os, nc) };
 }
 
@@ -487,20 +499,15 @@ unsafe fn store_acc<const MR: usize>(acc: &[[__m512; 2]; MR], out: *mut f32, os:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_panel(w: &Weight<'_>, c: usize, nc: usize, panel: &mut [u32]) {
-    let k2 = w.cols.div_ceil(2);
-    let mut i0 = 0;
-    while i0 < k2 {
-        let steps = (k2 - i0).min(16);
-        let ta = unsafe { load_pairs_t(w, c, nc, i0) };
-        let tb = if nc > 16 { unsafe { load_pairs_t(w, c + 16, nc - 16, i0) } } else { [_mm512_setzero_si512(); 16] };
-        for p in 0..steps {
-            unsafe {
-                _mm512_storeu_si512(panel.as_mut_ptr().add((i0 + p) * 32) as *mut _, ta[p]);
-                _mm512_storeu_si512(panel.as_mut_ptr().add((i0 + p) * 32 + 16) as *mut _, tb[p]);
+    let out = panel.as_mut_ptr();
+    unsafe {
+        pair_chunks(w, c, nc, |i0, steps, ta, tb| {
+            for p in 0..steps {
+                _mm512_storeu_si512(out.add((i0 + p) * 32) as *mut _, ta[p]);
+                _mm512_storeu_si512(out.add((i0 + p) * 32 + 16) as *mut _, tb[p]);
             }
-        }
-        i0 += 16;
-    }
+        })
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
