@@ -463,16 +463,25 @@ unsafe fn stream_dot<const MR: usize>(x: *const u16, xs: usize, w: &Weight<'_>, 
     unsafe {
         pair_chunks(w, c, nc, |i0, steps, ta, tb| {
             for p in 0..steps {
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let pair = std::ptr::read_unaligned(x.add(r * xs + 2 * (i0 + p)) as *const i32);
-                    let xb = _mm512_set1_epi32(pair);
-                    a[0] = _mm512_dpbf16_ps(a[0], bh(xb), bh(ta[p]));
-                    a[1] = _mm512_dpbf16_ps(a[1], bh(xb), bh(tb[p]));
-                }
+                pair_step(&mut acc, x, xs, i0 + p, ta[p], tb[p]);
             }
         })
     };
     unsafe { store_acc(&acc, out, os, nc) };
+}
+
+/// One step of the in-order sum: pair `i` of each of the `MR` rows of x (zero-padded to a multiple of 32
+/// elements, so the last pair is always readable) into the two 16-output halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn pair_step<const MR: usize>(acc: &mut [[__m512; 2]; MR], x: *const u16, xs: usize, i: usize, w0: __m512i, w1: __m512i) {
+    for (r, a) in acc.iter_mut().enumerate() {
+        let pair = unsafe { std::ptr::read_unaligned(x.add(r * xs + 2 * i) as *const i32) };
+        let xb = _mm512_set1_epi32(pair);
+        a[0] = _mm512_dpbf16_ps(a[0], bh(xb), bh(w0));
+        a[1] = _mm512_dpbf16_ps(a[1], bh(xb), bh(w1));
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -519,28 +528,9 @@ unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2
     for i in 0..k2 {
         let w0 = unsafe { _mm512_loadu_si512(p.add(i * 32) as *const _) };
         let w1 = unsafe { _mm512_loadu_si512(p.add(i * 32 + 16) as *const _) };
-        for r in 0..MR {
-            // x rows are zero-padded to a multiple of 32 elements, so the last pair is always readable.
-            let pair = unsafe { std::ptr::read_unaligned(x.add(r * xs + 2 * i) as *const i32) };
-            let xb = _mm512_set1_epi32(pair);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], bh(xb), bh(w0));
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], bh(xb), bh(w1));
-        }
+        unsafe { pair_step(&mut acc, x, xs, i, w0, w1) };
     }
-    let m0: __mmask16 = if nc >= 16 { 0xFFFF } else { ((1u32 << nc) - 1) as u16 };
-    let m1: __mmask16 = if nc >= 32 {
-        0xFFFF
-    } else if nc > 16 {
-        ((1u32 << (nc - 16)) - 1) as u16
-    } else {
-        0
-    };
-    for r in 0..MR {
-        unsafe {
-            _mm512_mask_storeu_ps(out.add(r * os), m0, acc[r][0]);
-            _mm512_mask_storeu_ps(out.add(r * os + 16), m1, acc[r][1]);
-        }
-    }
+    unsafe { store_acc(&acc, out, os, nc) };
 }
 
 macro_rules! fma_tile {

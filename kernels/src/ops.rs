@@ -56,12 +56,8 @@ pub fn torch_sum(x: &[f32]) -> f32 {
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..ILP {
-                for l in 0..L {
-                    acc[j][k][l] += acc[j - 1][k][l];
-                    acc[j - 1][k][l] = 0.0;
-                }
-            }
+            let lower = std::mem::take(&mut acc[j - 1]);
+            add_levels(&mut acc[j], &lower);
             if i & (mask << (j * level_power)) != 0 {
                 break;
             }
@@ -74,11 +70,8 @@ pub fn torch_sum(x: &[f32]) -> f32 {
         i += 1;
     }
     for j in 1..LEVELS {
-        for k in 0..ILP {
-            for l in 0..L {
-                acc[0][k][l] += acc[j][k][l];
-            }
-        }
+        let upper = acc[j];
+        add_levels(&mut acc[0], &upper);
     }
     let mut partial = acc[0];
     for v in size * ILP..vecs {
@@ -105,6 +98,15 @@ pub fn rms_norm_chunks(x: &mut [f32], dim: usize, weight: Option<&[f32]>, eps: f
     for row in x.chunks_exact_mut(dim) {
         rms_norm_row(row, weight, eps, dt, &mut tmp);
         row.copy_from_slice(&tmp);
+    }
+}
+
+/// `dst += src`, lane by lane (one level of `torch_sum`'s cascade into another).
+fn add_levels<const ILP: usize, const L: usize>(dst: &mut [[f32; L]; ILP], src: &[[f32; L]; ILP]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        for (a, b) in d.iter_mut().zip(s) {
+            *a += b;
+        }
     }
 }
 

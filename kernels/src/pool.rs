@@ -179,6 +179,21 @@ pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     global().parallel_for(n, f)
 }
 
+/// Runs `f(row, out_row)` for `rows` rows of width `width` on the global pool; returns `[rows, width]`.
+pub fn parallel_rows(rows: usize, width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+    struct Out(*mut f32);
+    unsafe impl Sync for Out {}
+    let mut out = vec![0f32; rows * width];
+    let ptr = Out(out.as_mut_ptr());
+    parallel_for(rows, &|r| {
+        let p = &ptr;
+        // SAFETY: each task writes only its own row.
+        let row = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * width), width) };
+        f(r, row);
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 
 use switchyard_kernels::{DType, LinearJob, attention::attend, linear, linear_many, ops};
 
-use super::{RowInfo, par_rows};
+use super::RowInfo;
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{LayerKind, LayerSpec, ModelConfig};
 use crate::error::LoadError;
@@ -79,7 +79,7 @@ impl Attention {
             LayerKind::Full => usize::MAX,
         };
         // One task per (row, head), each against its own sequence's keys; output is [T, heads, head_dim].
-        let attn = par_rows(t * nq, hd, &|task, out| {
+        let attn = switchyard_kernels::pool::parallel_rows(t * nq, hd, &|task, out| {
             let (r, head) = (task / nq, task % nq);
             let info = rows[r];
             let cache = &*caches[info.chunk];

@@ -6,7 +6,7 @@
 //! compute dtype; a row's contributions are then summed in ascending expert id, rounding after every
 //! add. Every backend must combine in exactly this order ([`combine`]) so outputs match bit for bit.
 
-use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
+use switchyard_kernels::{DType, LinearJob, linear_many, ops};
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{ModelConfig, MoeConfig};
@@ -137,7 +137,7 @@ impl ExpertBackend for LocalExperts {
                 .iter()
                 .zip(&acts)
                 .zip(ys.iter_mut())
-                .map(|((&x, a), o)| LinearJob { x: a, m: by_expert[x].len(), w: expert_down(&l.down, x), out: o })
+                .map(|((&x, a), o)| LinearJob { x: a, m: by_expert[x].len(), w: l.down.weight_at(x), out: o })
                 .collect();
             linear_many(&mut jobs, dt);
         }
@@ -154,8 +154,4 @@ impl ExpertBackend for LocalExperts {
         combine(&contrib, ids, n, k, h, dt, out);
         Ok(())
     }
-}
-
-fn expert_down(t: &Tensor, x: usize) -> Weight<'_> {
-    t.weight_at(x)
 }

@@ -68,7 +68,7 @@ pub struct Gemma4Model {
 impl Gemma4Model {
     /// Loads the text model from a checkpoint, with the experts computed in this process.
     pub fn load(config: ModelConfig, ckpt: &Checkpoint) -> Result<Gemma4Model, LoadError> {
-        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
+        let prefix = text_prefix(ckpt);
         let experts: Arc<dyn ExpertBackend> = match config.moe {
             Some(moe) => Arc::new(LocalExperts::load(ckpt, prefix, &config, moe)?),
             None => Arc::new(experts::NoExperts),
@@ -78,7 +78,7 @@ impl Gemma4Model {
 
     /// Loads everything but the expert weights, which `experts` provides (in-process or remote).
     pub fn load_with_experts(config: ModelConfig, ckpt: &Checkpoint, experts: Arc<dyn ExpertBackend>) -> Result<Gemma4Model, LoadError> {
-        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
+        let prefix = text_prefix(ckpt);
         let embedding = embedding::Embedding::load(ckpt, prefix, &config)?;
         let dtype = embedding.dtype();
         let layers = (0..config.num_layers)
@@ -140,19 +140,8 @@ impl Gemma4Model {
     }
 }
 
-/// Runs `f(i)` for each row on the kernel pool and collects `[rows, width]` outputs.
-pub(crate) fn par_rows(rows: usize, width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
-    let mut out = vec![0f32; rows * width];
-    let ptr = SyncPtr(out.as_mut_ptr());
-    switchyard_kernels::pool::parallel_for(rows, &|r| {
-        let p = &ptr;
-        // SAFETY: each task writes only its own row.
-        let row = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * width), width) };
-        f(r, row);
-    });
-    out
+/// Tensor-name prefix of the text model: `model.language_model.` in the multimodal checkpoint Google
+/// publishes, `model.` in a text-only (`Gemma4ForCausalLM`) one.
+fn text_prefix(ckpt: &Checkpoint) -> &'static str {
+    if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." }
 }
-
-pub(crate) struct SyncPtr(pub *mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
