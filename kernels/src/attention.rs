@@ -1,4 +1,4 @@
-//! Scaled-dot-product attention for one query row against a contiguous run of cached keys and values.
+//! Scaled-dot-product attention for one query row against a run of cached keys and values.
 //!
 //! It mirrors transformers' eager attention in the compute dtype: scores `q·k` (f64 accumulation)
 //! rounded to the dtype, softmax in f32, probabilities rounded, `p·v` accumulated in f64 and rounded.
@@ -7,17 +7,27 @@
 
 use crate::DType;
 
-/// `out[hd] = softmax(round(q · kᵀ) * scale) · v` over `n` keys.
-/// `keys` and `values` are `[n, hd]` row-major.
-pub fn attend(q: &[f32], keys: &[f32], values: &[f32], n: usize, scale: f32, dt: DType, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// `out[hd] = softmax(round(q · kᵀ) * scale) · v` over `n` keys, where `key(j)` and `value(j)` give
+/// the `j`-th key and value (`hd` values each), oldest first. Keys may live anywhere (paged blocks).
+#[allow(clippy::too_many_arguments)]
+pub fn attend<'a>(
+    q: &[f32],
+    n: usize,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    dt: DType,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let hd = q.len();
     scores.clear();
-    scores.extend((0..n).map(|j| dt.round(dt.round(dot(q, &keys[j * hd..(j + 1) * hd])) * scale)));
+    scores.extend((0..n).map(|j| dt.round(dt.round(dot(q, key(j))) * scale)));
     crate::ops::softmax(scores);
     let mut acc = vec![0f64; hd];
     for (j, p) in scores.iter().enumerate() {
         let p = dt.round(*p) as f64;
-        let v = &values[j * hd..(j + 1) * hd];
+        let v = value(j);
         for (o, &vv) in acc.iter_mut().zip(v) {
             *o += p * vv as f64;
         }
@@ -58,7 +68,7 @@ mod tests {
         let values = [1.0f32, 2.0, 3.0, 4.0];
         let mut s = Vec::new();
         let mut out = [0f32; 2];
-        attend(&q, &keys, &values, 2, 1.0, DType::F32, &mut s, &mut out);
+        attend(&q, 2, |j| &keys[j * 2..j * 2 + 2], |j| &values[j * 2..j * 2 + 2], 1.0, DType::F32, &mut s, &mut out);
         let p0 = 1.0 / (1.0 + (-10f32).exp());
         assert!((out[0] - (p0 * 1.0 + (1.0 - p0) * 3.0)).abs() < 1e-5);
     }

@@ -8,7 +8,7 @@ use super::RowInfo;
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{LayerKind, LayerSpec, ModelConfig};
 use crate::error::LoadError;
-use crate::kv_cache::SeqCache;
+use crate::kv_cache::KvStore;
 
 pub struct Attention {
     layer: usize,
@@ -39,7 +39,7 @@ impl Attention {
     }
 
     /// `h` is the normed input `[T, hidden]`; returns the o_proj output `[T, hidden]`.
-    pub(crate) fn forward(&self, h: &[f32], rows: &[RowInfo], caches: &mut [&mut SeqCache], c: &ModelConfig, dt: DType) -> Vec<f32> {
+    pub(crate) fn forward(&self, h: &[f32], rows: &[RowInfo], kv: &mut dyn KvStore, c: &ModelConfig, dt: DType) -> Vec<f32> {
         let t = rows.len();
         let (hd, nq, nkv) = (self.spec.head_dim, c.num_heads, self.spec.num_kv_heads);
         let mut q = vec![0f32; t * nq * hd];
@@ -69,10 +69,10 @@ impl Attention {
             rope.apply(&mut k[r * nkv * hd..(r + 1) * nkv * hd], &cos, &sin, dt);
         }
         for (r, info) in rows.iter().enumerate() {
-            let kv = r * nkv * hd..(r + 1) * nkv * hd;
-            caches[info.chunk].push(self.layer, &k[kv.clone()], &v[kv]);
+            let kv_range = r * nkv * hd..(r + 1) * nkv * hd;
+            kv.write(info.chunk, self.layer, info.pos, &k[kv_range.clone()], &v[kv_range]);
         }
-        let caches: &[&mut SeqCache] = caches;
+        let kv: &dyn KvStore = kv;
         let group = nq / nkv;
         let window = match self.spec.kind {
             LayerKind::Sliding => c.sliding_window,
@@ -82,15 +82,13 @@ impl Attention {
         let attn = switchyard_kernels::pool::parallel_rows(t * nq, hd, &|task, out| {
             let (r, head) = (task / nq, task % nq);
             let info = rows[r];
-            let cache = &*caches[info.chunk];
+            let view = kv.view(info.chunk, self.layer);
             let to = info.pos + 1;
             let from = to.saturating_sub(window);
             let kvh = head / group;
-            let keys = cache.keys(self.layer, kvh, from, to);
-            let vals = cache.values(self.layer, kvh, from, to);
             let qh = &q[task * hd..(task + 1) * hd];
             let mut scores = Vec::with_capacity(to - from);
-            attend(qh, keys, vals, to - from, 1.0, dt, &mut scores, out);
+            attend(qh, to - from, |j| view.key(from + j, kvh), |j| view.value(from + j, kvh), 1.0, dt, &mut scores, out);
         });
         let mut o = vec![0f32; t * c.hidden_size];
         linear(&attn, t, self.o_proj.weight(), &mut o, dt);

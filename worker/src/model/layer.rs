@@ -10,7 +10,7 @@ use super::{ForwardError, RowInfo};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::LoadError;
-use crate::kv_cache::SeqCache;
+use crate::kv_cache::KvStore;
 
 struct MoeBlock {
     router: Router,
@@ -61,7 +61,7 @@ impl DecoderLayer {
         &self,
         mut x: Vec<f32>,
         rows: &[RowInfo],
-        caches: &mut [&mut SeqCache],
+        kv: &mut dyn KvStore,
         experts: &dyn ExpertBackend,
         c: &ModelConfig,
         dt: DType,
@@ -73,7 +73,7 @@ impl DecoderLayer {
             o
         };
         // Attention block.
-        let a = self.attn.forward(&norm(&x, Some(&self.input_ln)), rows, caches, c, dt);
+        let a = self.attn.forward(&norm(&x, Some(&self.input_ln)), rows, kv, c, dt);
         ops::add_assign(&mut x, &norm(&a, Some(&self.post_attn_ln)), dt);
         // Dense MLP and MoE, both from the post-attention residual `x`.
         let mut m = self.mlp.forward(&norm(&x, Some(&self.pre_ff_ln)), t, c, dt);

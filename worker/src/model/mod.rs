@@ -19,7 +19,7 @@ use switchyard_kernels::DType;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::LoadError;
-use crate::kv_cache::SeqCache;
+use crate::kv_cache::{KvStore, SeqCache, SeqCaches};
 use experts::{ExpertBackend, ExpertError, LocalExperts};
 use layer::DecoderLayer;
 
@@ -31,10 +31,19 @@ pub enum LogitsFor {
     All,
 }
 
-/// One sequence's share of a forward batch.
+/// One sequence's share of a forward batch, with its own contiguous cache.
 pub struct ForwardChunk<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut SeqCache,
+    pub logits: LogitsFor,
+}
+
+/// One sequence's share of a forward batch over an external [`KvStore`]: `tokens` go at positions
+/// `start..start + tokens.len()`, after the `start` positions the store already holds.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchChunk<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
     pub logits: LogitsFor,
 }
 
@@ -95,36 +104,51 @@ impl Gemma4Model {
     /// Runs the chunks through the model, appending their keys and values to their caches.
     /// Returns, per chunk, the logits of the rows it asked for (`[rows, vocab]` flattened).
     pub fn forward(&self, chunks: &mut [ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>, ForwardError> {
+        let batch: Vec<BatchChunk<'_>> =
+            chunks.iter().map(|c| BatchChunk { tokens: c.tokens, start: c.cache.len(), logits: c.logits }).collect();
+        let mut caches: Vec<&mut SeqCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
+        let out = self.forward_batch(&batch, &mut SeqCaches(&mut caches))?;
+        for (cache, ch) in caches.iter_mut().zip(&batch) {
+            cache.advance(ch.tokens.len());
+        }
+        Ok(out)
+    }
+
+    /// Checks a batch against the model's limits without running it.
+    pub fn validate(&self, chunks: &[BatchChunk<'_>]) -> Result<(), ForwardError> {
+        for ch in chunks {
+            let len = ch.start + ch.tokens.len();
+            if len > self.config.max_position_embeddings {
+                return Err(ForwardError::ContextTooLong { len, max: self.config.max_position_embeddings });
+            }
+            if let Some(&id) = ch.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(ForwardError::TokenOutOfVocab { id, vocab: self.config.vocab_size });
+            }
+        }
+        Ok(())
+    }
+
+    /// The forward pass over any KV store (the engine's paged cache, or [`SeqCache`]s): every chunk's
+    /// positions must already have storage. Returns, per chunk, the logits of the rows it asked for.
+    pub fn forward_batch(&self, chunks: &[BatchChunk<'_>], kv: &mut dyn KvStore) -> Result<Vec<Vec<f32>>, ForwardError> {
+        self.validate(chunks)?;
         let mut rows = Vec::new();
         let mut ids = Vec::new();
         for (c, ch) in chunks.iter().enumerate() {
-            let start = ch.cache.len();
-            if start + ch.tokens.len() > self.config.max_position_embeddings {
-                return Err(ForwardError::ContextTooLong { len: start + ch.tokens.len(), max: self.config.max_position_embeddings });
-            }
             for (i, &t) in ch.tokens.iter().enumerate() {
-                if t as usize >= self.config.vocab_size {
-                    return Err(ForwardError::TokenOutOfVocab { id: t, vocab: self.config.vocab_size });
-                }
-                rows.push(RowInfo { chunk: c, pos: start + i });
+                rows.push(RowInfo { chunk: c, pos: ch.start + i });
                 ids.push(t);
             }
         }
         let mut x = self.embedding.forward(&ids, &self.config);
-        {
-            let mut caches: Vec<&mut SeqCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
-            for layer in &self.layers {
-                x = layer.forward(x, &rows, &mut caches, self.experts.as_ref(), &self.config, self.dtype)?;
-            }
-        }
-        for ch in chunks.iter_mut() {
-            ch.cache.advance(ch.tokens.len());
+        for layer in &self.layers {
+            x = layer.forward(x, &rows, kv, self.experts.as_ref(), &self.config, self.dtype)?;
         }
         // Select the rows that need logits, in chunk order.
         let h = self.config.hidden_size;
         let mut out = Vec::with_capacity(chunks.len());
         let mut row0 = 0;
-        for ch in chunks.iter() {
+        for ch in chunks {
             let n = ch.tokens.len();
             let sel = match ch.logits {
                 LogitsFor::None => 0..0,
@@ -133,7 +157,7 @@ impl Gemma4Model {
                 LogitsFor::All => row0..row0 + n,
             };
             let hs = &x[sel.start * h..sel.end * h];
-            out.push(self.lm_head.forward(hs, sel.len(), &self.config, self.dtype));
+            out.push(if sel.is_empty() { Vec::new() } else { self.lm_head.forward(hs, sel.len(), &self.config, self.dtype) });
             row0 += n;
         }
         Ok(out)
