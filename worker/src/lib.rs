@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;

@@ -1,0 +1,191 @@
+//! The serving engine against the plain forward pass: continuous batching, chunked prefill, paged KV
+//! with sliding-window freeing, preemption and prefix caching must not change a single token.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use switchyard_worker::engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, FinishReason, SamplingParams, paged_kv};
+use switchyard_worker::{ForwardChunk, Gemma4Model, GenerateOptions, LogitsFor, greedy_generate};
+
+fn model() -> Arc<Gemma4Model> {
+    Arc::new(common::load("tiny-bf16"))
+}
+
+/// Deterministic prompts of mixed lengths, longer ones well past the 16-token sliding window.
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    (0..n).map(|i| (0..(1 + (i * 13) % 70)).map(|j| 2 + ((i * 31 + j * 17 + j * j) % 500) as u32).collect()).collect()
+}
+
+fn config(model: &Gemma4Model, blocks: usize, block_size: usize, max_num_seqs: usize, max_batched: usize) -> EngineConfig {
+    let [s, g] = paged_kv::block_bytes(&model.config.layers, block_size);
+    EngineConfig {
+        max_num_seqs,
+        max_num_batched_tokens: max_batched,
+        max_model_len: 128,
+        block_size,
+        kv_cache_bytes: blocks * (s + g),
+        prefix_caching: true,
+        seed: 0,
+        eos_token_ids: vec![1],
+        model_name: "tiny".into(),
+    }
+}
+
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams { temperature: 0.0, max_tokens, ignore_eos: true, logprobs: Some(3), ..Default::default() }
+}
+
+/// Collects every token of a request; panics on an engine error.
+fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<u32>, Vec<EngineEvent>) {
+    let mut events = Vec::new();
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match &ev {
+            EngineEvent::Token(t) => tokens.push(t.token),
+            EngineEvent::Error(e) => panic!("engine error: {e}"),
+        }
+        let done = matches!(&ev, EngineEvent::Token(t) if t.finish.is_some());
+        events.push(ev);
+        if done {
+            break;
+        }
+    }
+    (tokens, events)
+}
+
+fn run_all(engine: &EngineHandle, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Vec<u32>> {
+    let rxs: Vec<_> = prompts.iter().map(|p| engine.submit(EngineRequest { prompt: p.clone(), params: params.clone() }).unwrap().1).collect();
+    rxs.into_iter().map(|rx| collect(rx).0).collect()
+}
+
+fn expected(m: &Gemma4Model, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let opts = GenerateOptions { max_tokens, top_logprobs: 1, stop_ids: Vec::new() };
+    prompts.iter().map(|p| greedy_generate(m, p, &opts, |_| {}).unwrap().iter().map(|s| s.token).collect()).collect()
+}
+
+#[test]
+fn batched_paged_engine_equals_plain_greedy_generation() {
+    let m = model();
+    let ps = prompts(24);
+    let want = expected(&m, &ps, 20);
+    let roomy = Engine::start(m.clone(), config(&m, 4096, 16, 64, 2048)).unwrap();
+    assert_eq!(run_all(&roomy, &ps, &greedy(20)), want, "all at once, roomy cache");
+    // Tiny token budget (chunked prefill mixed with decode), 4-token blocks, a few sequences at a time.
+    let tight = Engine::start(m.clone(), config(&m, 34, 4, 8, 9)).unwrap();
+    assert_eq!(run_all(&tight, &ps, &greedy(20)), want, "chunked prefill, preemption");
+    assert!(tight.stats().preemptions.load(Ordering::Relaxed) > 0, "the tight cache should have forced preemptions");
+    assert_eq!(tight.stats().kv_usage(), 0.0, "every block is free again");
+    // One request at a time through the same engine.
+    for (p, w) in ps.iter().zip(&want).take(6) {
+        assert_eq!(&run_all(&tight, std::slice::from_ref(p), &greedy(20))[0], w);
+    }
+}
+
+#[test]
+fn repeated_prompt_hits_the_prefix_cache_with_identical_output() {
+    let m = model();
+    let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
+    let prompt: Vec<u32> = (0..50).map(|i| 3 + (i * 7 % 400)).collect();
+    let req = || EngineRequest { prompt: prompt.clone(), params: greedy(12) };
+    let (first, ev1) = collect(engine.submit(req()).unwrap().1);
+    let (second, ev2) = collect(engine.submit(req()).unwrap().1);
+    assert_eq!(first, second);
+    let cached = |ev: &[EngineEvent]| match &ev[0] {
+        EngineEvent::Token(t) => t.prompt.as_ref().unwrap().cached_tokens,
+        _ => unreachable!(),
+    };
+    assert_eq!(cached(&ev1), 0);
+    // 49 of 50 prompt tokens may come from the cache: 12 full blocks of 4.
+    assert_eq!(cached(&ev2), 48);
+    assert_eq!(engine.stats().prefix_hits.load(Ordering::Relaxed), 48);
+    // Logprobs are identical too.
+    assert_eq!(ev1, {
+        let mut e = ev2.clone();
+        if let EngineEvent::Token(t) = &mut e[0] {
+            t.prompt.as_mut().unwrap().cached_tokens = 0;
+        }
+        e
+    });
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_at_any_concurrency() {
+    let m = model();
+    let engine = Engine::start(m.clone(), config(&m, 1024, 16, 32, 256)).unwrap();
+    let params = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, seed: Some(1234), max_tokens: 16, ignore_eos: true, ..Default::default() };
+    let ps = prompts(10);
+    let together = run_all(&engine, &ps, &params);
+    let alone: Vec<Vec<u32>> = ps.iter().map(|p| run_all(&engine, std::slice::from_ref(p), &params).remove(0)).collect();
+    assert_eq!(together, alone);
+    let greedy_out = run_all(&engine, &ps, &greedy(16));
+    assert_ne!(together, greedy_out, "sampling at temperature 0.9 should differ from greedy somewhere");
+}
+
+#[test]
+fn prompt_logprobs_match_a_full_forward() {
+    let m = model();
+    let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 5)).unwrap();
+    let prompt: Vec<u32> = (0..23).map(|i| 2 + (i * 11 % 300)).collect();
+    let params = SamplingParams { prompt_logprobs: Some(2), ..greedy(1) };
+    let (_, events) = collect(engine.submit(EngineRequest { prompt: prompt.clone(), params }).unwrap().1);
+    let EngineEvent::Token(t) = &events[0] else { unreachable!() };
+    let got = t.prompt.as_ref().unwrap().logprobs.as_ref().unwrap();
+    assert_eq!(got.len(), prompt.len() - 1);
+    let mut cache = m.new_cache();
+    let all = m.forward(&mut [ForwardChunk { tokens: &prompt, cache: &mut cache, logits: LogitsFor::All }]).unwrap().remove(0);
+    let vocab = m.config.vocab_size;
+    for (p, lp) in got.iter().enumerate() {
+        let want = switchyard_kernels::ops::log_softmax(&all[p * vocab..(p + 1) * vocab]);
+        assert_eq!(lp.token, prompt[p + 1]);
+        assert_eq!(lp.logprob, want[prompt[p + 1] as usize], "position {}", p + 1);
+        assert_eq!(lp.top.len(), 2);
+    }
+}
+
+#[test]
+fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
+    let m = model();
+    let engine = Engine::start(m.clone(), config(&m, 512, 16, 8, 256)).unwrap();
+    let prompt = prompts(3)[2].clone();
+    let free = run_all(&engine, std::slice::from_ref(&prompt), &greedy(10)).remove(0);
+    // Make the 4th greedy token a stop token id: generation ends right there, reporting it.
+    let stop = free[3];
+    let first = free.iter().position(|&t| t == stop).unwrap();
+    let params = SamplingParams { ignore_eos: false, stop_token_ids: vec![stop], ..greedy(10) };
+    let (toks, ev) = collect(engine.submit(EngineRequest { prompt: prompt.clone(), params: params.clone() }).unwrap().1);
+    assert_eq!(toks, free[..=first].to_vec());
+    let EngineEvent::Token(last) = ev.last().unwrap() else { unreachable!() };
+    assert_eq!(last.finish, Some(FinishReason::Stop(Some(stop))));
+    // min_tokens past the stop position keeps the stop id from being chosen until then.
+    let params = SamplingParams { min_tokens: first + 2, ..params };
+    let (toks, _) = collect(engine.submit(EngineRequest { prompt, params }).unwrap().1);
+    assert!(toks.len() > first + 1 && !toks[..first + 2].contains(&stop));
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_blocks() {
+    let m = model();
+    let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
+    let (_, mut rx) = engine.submit(EngineRequest { prompt: prompts(5)[4].clone(), params: greedy(60) }).unwrap();
+    assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Token(_))));
+    drop(rx);
+    // The engine sweeps closed requests before every step. A second, short request is the sync
+    // point: once it has finished, the dropped one must be gone too.
+    let (toks, _) = collect(engine.submit(EngineRequest { prompt: vec![2, 3], params: greedy(2) }).unwrap().1);
+    assert_eq!(toks.len(), 2);
+    assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
+    assert_eq!(engine.stats().kv_usage(), 0.0);
+}
+
+#[test]
+fn requests_beyond_the_limits_are_refused() {
+    let m = model();
+    let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
+    let long = EngineRequest { prompt: vec![5; 100], params: greedy(40) };
+    assert!(matches!(engine.submit(long), Err(switchyard_worker::engine::EngineError::ContextTooLong { max: 128, requested: 140, prompt: 100 })));
+    assert!(engine.submit(EngineRequest { prompt: vec![600], params: greedy(1) }).is_err());
+    assert!(engine.submit(EngineRequest { prompt: vec![], params: greedy(1) }).is_err());
+    assert!(Engine::start(m.clone(), config(&m, 8, 4, 8, 64)).is_err(), "8 blocks of 4 cannot hold 128 positions");
+}

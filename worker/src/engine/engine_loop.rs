@@ -1,0 +1,300 @@
+//! The engine thread: take commands, schedule a step, run the model, sample, report, repeat.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Instant;
+
+use metrics::{counter, gauge, histogram};
+use switchyard_kernels::ops::log_softmax;
+
+use super::block_pool::BlockPool;
+use super::paged_kv::{self, KvStorage};
+use super::sampling::{SamplerState, sample, token_logprob};
+use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
+use super::sequence::Sequence;
+use super::{Command, EngineConfig, EngineError, EngineEvent, EngineStats, FinishReason, PromptInfo, TokenEvent};
+use crate::model::{BatchChunk, Gemma4Model, LogitsFor};
+
+pub(super) struct EngineState {
+    model: Arc<Gemma4Model>,
+    config: EngineConfig,
+    sched: Scheduler,
+    storage: KvStorage,
+    stats: Arc<EngineStats>,
+    /// Seeds requests without a seed: reproducible for a given `--seed` and arrival order.
+    seeds: rand_chacha::ChaCha8Rng,
+    reported: (u64, u64, u64),
+}
+
+impl EngineState {
+    pub fn new(model: Arc<Gemma4Model>, config: EngineConfig, stats: Arc<EngineStats>) -> Result<EngineState, EngineError> {
+        use rand_chacha::rand_core::SeedableRng;
+        let c = &model.config;
+        let bs = config.block_size;
+        let window_blocks = c.sliding_window.div_ceil(bs) + 1;
+        let sliding_cap = config.max_num_seqs * window_blocks + config.max_num_batched_tokens.div_ceil(bs) + 1;
+        let sizes = paged_kv::plan_pools(&c.layers, bs, config.kv_cache_bytes, sliding_cap);
+        let need = config.max_model_len.div_ceil(bs);
+        let need_sliding = need.min(window_blocks + config.max_num_batched_tokens.div_ceil(bs));
+        let [sb, gb] = paged_kv::block_bytes(&c.layers, bs);
+        if (gb > 0 && sizes.global < need) || (sb > 0 && sizes.sliding < need_sliding) {
+            return Err(EngineError::CacheTooSmall { blocks: sizes.global.min(sizes.sliding), block_size: bs, max_model_len: config.max_model_len });
+        }
+        let limits = SchedulerLimits {
+            block_size: bs,
+            sliding_window: c.sliding_window,
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+            prefix_caching: config.prefix_caching,
+        };
+        let pools = [BlockPool::new(if sb > 0 { sizes.sliding } else { 0 }), BlockPool::new(if gb > 0 { sizes.global } else { 0 })];
+        let storage = KvStorage::new(&c.layers, bs, sizes);
+        let seeds = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed);
+        Ok(EngineState { model, config, sched: Scheduler::new(limits, pools), storage, stats, seeds, reported: (0, 0, 0) })
+    }
+
+    pub fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            if self.sched.running.is_empty() && self.sched.waiting.is_empty() {
+                self.publish();
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if self.sched.running.is_empty() && self.sched.waiting.is_empty() => return,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            self.drop_cancelled();
+            let plan = self.sched.schedule();
+            let finished = if plan.is_empty() {
+                self.fail_unschedulable();
+                Vec::new()
+            } else {
+                self.step(&plan)
+            };
+            // Publish before the final events go out, so a client that sees its request end also
+            // sees its blocks freed.
+            self.publish();
+            for (seq, ev) in finished {
+                let _ = seq.events.send(EngineEvent::Token(ev));
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        use rand_chacha::rand_core::RngCore;
+        match cmd {
+            Command::Add(id, req, events) => {
+                let seed = req.params.seed.unwrap_or_else(|| self.seeds.next_u64());
+                let prompt_len = req.prompt.len();
+                counter!("vllm:prompt_tokens_total", "model_name" => self.config.model_name.clone()).increment(prompt_len as u64);
+                self.sched.waiting.push_back(Sequence {
+                    id,
+                    sampler: SamplerState::new(seed, &req.prompt),
+                    tokens: req.prompt,
+                    prompt_len,
+                    computed: 0,
+                    tables: [Vec::new(), Vec::new()],
+                    hashes: Vec::new(),
+                    cached_tokens: 0,
+                    params: req.params,
+                    events,
+                    prompt_logprobs: Vec::new(),
+                    arrival: Instant::now(),
+                    last_token_at: None,
+                });
+            }
+            Command::Abort(id) => self.remove_where(|s| s.id == id),
+        }
+    }
+
+    /// Drops requests whose client has gone away.
+    fn drop_cancelled(&mut self) {
+        self.remove_where(|s| s.events.is_closed());
+    }
+
+    fn remove_where(&mut self, pred: impl Fn(&Sequence) -> bool) {
+        let mut i = 0;
+        while i < self.sched.running.len() {
+            if pred(&self.sched.running[i]) {
+                self.sched.finish(i);
+                self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                i += 1;
+            }
+        }
+        let before = self.sched.waiting.len();
+        let mut kept = std::collections::VecDeque::with_capacity(before);
+        for mut s in self.sched.waiting.drain(..).collect::<Vec<_>>() {
+            if pred(&s) {
+                self.sched.free_blocks(&mut s);
+            } else {
+                kept.push_back(s);
+            }
+        }
+        self.stats.unfinished.fetch_sub(before - kept.len(), Ordering::Relaxed);
+        self.sched.waiting = kept;
+    }
+
+    /// Nothing could be scheduled with nothing running: the head of the queue can never fit.
+    fn fail_unschedulable(&mut self) {
+        if self.sched.running.is_empty()
+            && let Some(mut seq) = self.sched.waiting.pop_front()
+        {
+            self.sched.free_blocks(&mut seq);
+            let _ = seq.events.send(EngineEvent::Error("the request does not fit in the KV cache".into()));
+            self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn logits_for(seq: &Sequence, n: usize) -> LogitsFor {
+        let ends = seq.computed + n == seq.tokens.len();
+        let wants_prompt = seq.params.prompt_logprobs.is_some() && seq.prompt_logprobs.len() + 1 < seq.prompt_len;
+        match (wants_prompt, ends) {
+            (true, _) => LogitsFor::All,
+            (false, true) => LogitsFor::Last,
+            (false, false) => LogitsFor::None,
+        }
+    }
+
+    /// Runs one step; returns the sequences that finished, with their last event still to send.
+    fn step(&mut self, plan: &[Scheduled]) -> Vec<(Sequence, TokenEvent)> {
+        let running = &self.sched.running;
+        let chunks: Vec<BatchChunk<'_>> = plan
+            .iter()
+            .map(|p| {
+                let s = &running[p.seq];
+                BatchChunk { tokens: &s.tokens[s.computed..s.computed + p.tokens], start: s.computed, logits: Self::logits_for(s, p.tokens) }
+            })
+            .collect();
+        let tables = plan.iter().map(|p| [&running[p.seq].tables[0][..], &running[p.seq].tables[1][..]]).collect();
+        let kinds: Vec<LogitsFor> = chunks.iter().map(|c| c.logits).collect();
+        let result = self.model.forward_batch(&chunks, &mut self.storage.batch(tables));
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                self.fail_batch(plan, &e.to_string());
+                return Vec::new();
+            }
+        };
+        let mut finished = Vec::new();
+        for ((p, rows), kind) in plan.iter().zip(logits).zip(kinds) {
+            if kind == LogitsFor::All {
+                self.collect_prompt_logprobs(p, &rows);
+            }
+            self.sched.advance(p.seq, p.tokens);
+            let seq = &self.sched.running[p.seq];
+            if seq.computed == seq.tokens.len() {
+                let vocab = self.model.config.vocab_size;
+                let last = &rows[rows.len() - vocab..];
+                if let Some(last_event) = self.emit_token(p.seq, last) {
+                    finished.push((p.seq, last_event));
+                }
+            }
+        }
+        finished.sort_unstable_by_key(|f| f.0);
+        let mut done = Vec::with_capacity(finished.len());
+        for (i, ev) in finished.into_iter().rev() {
+            done.push((self.sched.finish(i), ev));
+            self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+        }
+        done
+    }
+
+    fn collect_prompt_logprobs(&mut self, p: &Scheduled, rows: &[f32]) {
+        let vocab = self.model.config.vocab_size;
+        let seq = &mut self.sched.running[p.seq];
+        let n = seq.params.prompt_logprobs.unwrap_or(0);
+        for (r, row) in rows.chunks_exact(vocab).enumerate() {
+            let pos = seq.computed + r;
+            if pos == seq.prompt_logprobs.len() && pos + 1 < seq.prompt_len {
+                let lp = log_softmax(row);
+                seq.prompt_logprobs.push(token_logprob(&lp, seq.tokens[pos + 1], n));
+            }
+        }
+    }
+
+    /// Samples and appends one token and reports it, unless it finishes the sequence: then the event is
+    /// returned, to be sent once the sequence's blocks are free.
+    fn emit_token(&mut self, i: usize, logits: &[f32]) -> Option<TokenEvent> {
+        let eos = &self.config.eos_token_ids;
+        let seq = &mut self.sched.running[i];
+        let stop_ids: Vec<u32> = if seq.params.ignore_eos { Vec::new() } else { eos.clone() }
+            .into_iter()
+            .chain(seq.params.stop_token_ids.iter().copied())
+            .collect();
+        let generated = seq.generated();
+        let (token, logprob) = sample(logits, &seq.params, &mut seq.sampler, &stop_ids, generated);
+        seq.tokens.push(token);
+        seq.sampler.record(token);
+        let finish = if !seq.params.ignore_eos && eos.contains(&token) {
+            Some(FinishReason::Stop(None))
+        } else if seq.params.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop(Some(token)))
+        } else if seq.generated() >= seq.params.max_tokens || seq.tokens.len() >= self.config.max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let now = Instant::now();
+        let label = self.config.model_name.clone();
+        match seq.last_token_at {
+            None => histogram!("vllm:time_to_first_token_seconds", "model_name" => label.clone()).record((now - seq.arrival).as_secs_f64()),
+            Some(t) => histogram!("vllm:inter_token_latency_seconds", "model_name" => label.clone()).record((now - t).as_secs_f64()),
+        }
+        let prompt = seq.last_token_at.is_none().then(|| PromptInfo {
+            cached_tokens: seq.cached_tokens,
+            logprobs: seq.params.prompt_logprobs.map(|_| std::mem::take(&mut seq.prompt_logprobs)),
+        });
+        seq.last_token_at = Some(now);
+        counter!("vllm:generation_tokens_total", "model_name" => label.clone()).increment(1);
+        if let Some(f) = finish {
+            histogram!("vllm:e2e_request_latency_seconds", "model_name" => label.clone()).record((now - seq.arrival).as_secs_f64());
+            let reason = if f == FinishReason::Length { "length" } else { "stop" };
+            counter!("vllm:request_success_total", "model_name" => label, "finished_reason" => reason).increment(1);
+        }
+        let event = TokenEvent { token, logprob, finish, prompt };
+        if finish.is_some() {
+            return Some(event);
+        }
+        // A closed receiver means the client left; the next step's sweep frees the sequence.
+        let _ = seq.events.send(EngineEvent::Token(event));
+        None
+    }
+
+    fn fail_batch(&mut self, plan: &[Scheduled], message: &str) {
+        let mut idx: Vec<usize> = plan.iter().map(|p| p.seq).collect();
+        idx.sort_unstable();
+        for i in idx.into_iter().rev() {
+            let seq = self.sched.finish(i);
+            let _ = seq.events.send(EngineEvent::Error(message.to_string()));
+            self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn publish(&mut self) {
+        let label = self.config.model_name.clone();
+        let (running, waiting, usage) = (self.sched.running.len(), self.sched.waiting.len(), self.sched.usage());
+        self.stats.running.store(running, Ordering::Relaxed);
+        self.stats.waiting.store(waiting, Ordering::Relaxed);
+        self.stats.set_kv_usage(usage);
+        self.stats.preemptions.store(self.sched.preemptions, Ordering::Relaxed);
+        self.stats.prefix_hits.store(self.sched.prefix_hits, Ordering::Relaxed);
+        self.stats.prefix_queries.store(self.sched.prefix_queries, Ordering::Relaxed);
+        gauge!("vllm:num_requests_running", "model_name" => label.clone()).set(running as f64);
+        gauge!("vllm:num_requests_waiting", "model_name" => label.clone()).set(waiting as f64);
+        gauge!("vllm:kv_cache_usage_perc", "model_name" => label.clone()).set(usage);
+        let now = (self.sched.prefix_queries, self.sched.prefix_hits, self.sched.preemptions);
+        counter!("vllm:prefix_cache_queries", "model_name" => label.clone()).increment(now.0 - self.reported.0);
+        counter!("vllm:prefix_cache_hits", "model_name" => label.clone()).increment(now.1 - self.reported.1);
+        counter!("vllm:num_preemptions", "model_name" => label).increment(now.2 - self.reported.2);
+        self.reported = now;
+    }
+}

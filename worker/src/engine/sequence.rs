@@ -1,0 +1,43 @@
+//! One request's state inside the engine: its tokens (prompt, then output), how many positions have
+//! keys and values in the cache, its block tables and its sampler.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::block_pool::BlockId;
+use super::sampling::{SamplerState, SamplingParams, TokenLogprob};
+use super::{EngineEvent, RequestId};
+
+pub struct Sequence {
+    pub id: RequestId,
+    /// Prompt tokens followed by generated ones.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Positions whose keys and values are in the cache.
+    pub computed: usize,
+    /// Block tables indexed by `paged_kv::Group`.
+    pub tables: [Vec<BlockId>; 2],
+    /// Content hashes of the full blocks computed so far.
+    pub hashes: Vec<u64>,
+    /// Prompt positions served from the prefix cache at admission.
+    pub cached_tokens: usize,
+    pub params: SamplingParams,
+    pub sampler: SamplerState,
+    pub events: UnboundedSender<EngineEvent>,
+    /// Log-probabilities of prompt tokens 1.., collected while prefilling when asked for.
+    pub prompt_logprobs: Vec<TokenLogprob>,
+    pub arrival: Instant,
+    pub last_token_at: Option<Instant>,
+}
+
+impl Sequence {
+    /// Positions still to compute before the next token can be sampled.
+    pub fn remaining(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
