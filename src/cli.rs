@@ -18,6 +18,8 @@ pub struct Cli {
 pub enum Command {
     /// Greedy decoding for checks: one JSON object per generated token on stdout.
     Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible API: model, engine and HTTP server in one process.
+    Serve(crate::serve::ServeArgs),
     /// Prefill and decode throughput of the model on this machine.
     Bench(crate::bench::BenchArgs),
 }
@@ -52,6 +54,7 @@ pub struct GenerateArgs {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
+        Command::Serve(a) => crate::serve::run(a),
         Command::Bench(a) => crate::bench::run(a),
     };
     match result {

@@ -1,2 +1,15 @@
 //! The OpenAI-compatible HTTP front end: API, chat template, tokenizer, parsers and load balancing.
-//! It lands with the `switchyard serve` issue; the model and `switchyard generate` do not need it.
+
+pub mod chat;
+pub mod chat_template;
+pub mod choice;
+pub mod completions;
+pub mod detokenize;
+pub mod error;
+pub mod metrics;
+pub mod params;
+pub mod protocol;
+pub mod response;
+pub mod server;
+pub mod special_text;
+pub mod tokenize;

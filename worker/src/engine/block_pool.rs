@@ -28,7 +28,8 @@ pub struct BlockPool {
 
 impl BlockPool {
     pub fn new(num_blocks: usize) -> BlockPool {
-        let mut pool = BlockPool { blocks: vec![Block::default(); num_blocks], free: BTreeMap::new(), next_stamp: 0, cached: HashMap::new() };
+        let mut pool =
+            BlockPool { blocks: vec![Block::default(); num_blocks], free: BTreeMap::new(), next_stamp: 0, cached: HashMap::new() };
         for id in 0..num_blocks as BlockId {
             pool.push_free(id);
         }

@@ -39,7 +39,11 @@ impl EngineState {
         let need_sliding = need.min(window_blocks + config.max_num_batched_tokens.div_ceil(bs));
         let [sb, gb] = paged_kv::block_bytes(&c.layers, bs);
         if (gb > 0 && sizes.global < need) || (sb > 0 && sizes.sliding < need_sliding) {
-            return Err(EngineError::CacheTooSmall { blocks: sizes.global.min(sizes.sliding), block_size: bs, max_model_len: config.max_model_len });
+            return Err(EngineError::CacheTooSmall {
+                blocks: sizes.global.min(sizes.sliding),
+                block_size: bs,
+                max_model_len: config.max_model_len,
+            });
         }
         let limits = SchedulerLimits {
             block_size: bs,
@@ -171,7 +175,11 @@ impl EngineState {
             .iter()
             .map(|p| {
                 let s = &running[p.seq];
-                BatchChunk { tokens: &s.tokens[s.computed..s.computed + p.tokens], start: s.computed, logits: Self::logits_for(s, p.tokens) }
+                BatchChunk {
+                    tokens: &s.tokens[s.computed..s.computed + p.tokens],
+                    start: s.computed,
+                    logits: Self::logits_for(s, p.tokens),
+                }
             })
             .collect();
         let tables = plan.iter().map(|p| [&running[p.seq].tables[0][..], &running[p.seq].tables[1][..]]).collect();
@@ -292,9 +300,9 @@ impl EngineState {
         gauge!("vllm:num_requests_waiting", "model_name" => label.clone()).set(waiting as f64);
         gauge!("vllm:kv_cache_usage_perc", "model_name" => label.clone()).set(usage);
         let now = (self.sched.prefix_queries, self.sched.prefix_hits, self.sched.preemptions);
-        counter!("vllm:prefix_cache_queries", "model_name" => label.clone()).increment(now.0 - self.reported.0);
-        counter!("vllm:prefix_cache_hits", "model_name" => label.clone()).increment(now.1 - self.reported.1);
-        counter!("vllm:num_preemptions", "model_name" => label).increment(now.2 - self.reported.2);
+        counter!("vllm:prefix_cache_queries_total", "model_name" => label.clone()).increment(now.0 - self.reported.0);
+        counter!("vllm:prefix_cache_hits_total", "model_name" => label.clone()).increment(now.1 - self.reported.1);
+        counter!("vllm:num_preemptions_total", "model_name" => label).increment(now.2 - self.reported.2);
         self.reported = now;
     }
 }

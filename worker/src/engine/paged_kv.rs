@@ -84,7 +84,13 @@ impl KvStorage {
                     Group::Global => sizes.global,
                 };
                 let row = s.num_kv_heads * s.head_dim;
-                LayerStorage { group, row, head_dim: s.head_dim, k: vec![0.0; blocks * block_size * row], v: vec![0.0; blocks * block_size * row] }
+                LayerStorage {
+                    group,
+                    row,
+                    head_dim: s.head_dim,
+                    k: vec![0.0; blocks * block_size * row],
+                    v: vec![0.0; blocks * block_size * row],
+                }
             })
             .collect();
         KvStorage { block_size, layers }

@@ -121,7 +121,13 @@ pub fn top_n(x: &[f32], n: usize) -> Vec<(u32, f32)> {
 }
 
 /// Chooses the next token. `stop_ids` are the ids `min_tokens` holds back (EOS and stop token ids).
-pub fn sample(logits: &[f32], p: &SamplingParams, st: &mut SamplerState, stop_ids: &[u32], generated: usize) -> (u32, Option<TokenLogprob>) {
+pub fn sample(
+    logits: &[f32],
+    p: &SamplingParams,
+    st: &mut SamplerState,
+    stop_ids: &[u32],
+    generated: usize,
+) -> (u32, Option<TokenLogprob>) {
     let mut x = logits.to_vec();
     for &(id, bias) in &p.logit_bias {
         if let Some(v) = x.get_mut(id as usize) {
@@ -190,10 +196,13 @@ fn draw(x: &mut [f32], p: &SamplingParams, st: &mut SamplerState) -> u32 {
     let mut keep = probs.len();
     if p.top_p < 1.0 {
         let mut cum = 0.0;
-        keep = probs.iter().position(|q| {
-            cum += q;
-            cum >= p.top_p as f64
-        }).map_or(probs.len(), |i| i + 1);
+        keep = probs
+            .iter()
+            .position(|q| {
+                cum += q;
+                cum >= p.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
     }
     if p.min_p > 0.0 {
         let floor = p.min_p as f64 * probs[0];

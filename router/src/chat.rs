@@ -1,0 +1,286 @@
+//! `POST /v1/chat/completions`: messages rendered with the checkpoint's chat template, then the same
+//! engine path as completions; responses and chunks in OpenAI's chat shape.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use crate::choice::{TokenOut, Update};
+use crate::error::ApiError;
+use crate::params::{self, Limits};
+use crate::protocol::ChatRequest;
+use crate::response::{self, ChoiceResult, sse, usage};
+use crate::server::{AppState, ChoiceJob, SharedState, now_secs, parse_body, request_id, submit_all};
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
+    let (req, prompt, n, top) = match prepare(&state, &body) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let jobs = match jobs(&state, &req, &prompt, n, top) {
+        Ok(j) => j,
+        Err(e) => return e.into_response(),
+    };
+    let rx = match submit_all(&state, jobs) {
+        Ok(rx) => rx,
+        Err(e) => return e.into_response(),
+    };
+    let ctx = Ctx {
+        state,
+        id: request_id("chatcmpl"),
+        created: now_secs(),
+        prompt_tokens: prompt.len(),
+        n,
+        top,
+        as_ids: req.common.return_tokens_as_token_ids,
+    };
+    if req.common.stream {
+        stream(ctx, rx, req.common.stream_options.is_some_and(|o| o.include_usage))
+    } else {
+        match response::collect(rx, n).await {
+            Ok(choices) => axum::Json(ctx.full_response(choices)).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+type Prepared = (ChatRequest, Vec<u32>, usize, Option<usize>);
+
+fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
+    let req: ChatRequest = parse_body(state, body)?;
+    state.check_model(req.common.model.as_deref())?;
+    let n = params::choices(req.common.n)?;
+    let top = if req.logprobs { Some(params::logprobs("top_logprobs", req.top_logprobs)?.unwrap_or(0)) } else { None };
+    let prompt = render_and_tokenize(
+        state,
+        &req.messages,
+        req.tools.as_deref(),
+        req.add_generation_prompt,
+        req.continue_final_message,
+        req.chat_template_kwargs.as_ref(),
+        req.add_special_tokens,
+    )?;
+    Ok((req, prompt, n, top))
+}
+
+fn jobs(state: &SharedState, req: &ChatRequest, prompt: &[u32], n: usize, top: Option<usize>) -> Result<Vec<ChoiceJob>, ApiError> {
+    let lim = Limits { vocab_size: state.config.vocab_size, max_model_len: state.config.max_model_len, defaults: &state.config.defaults };
+    let mut p = params::sampling(&req.common, &lim)?;
+    p.max_tokens = params::max_tokens(req.max_completion_tokens.or(req.max_tokens), None, prompt.len(), state.config.max_model_len)?;
+    params::check_min_max(&p)?;
+    p.logprobs = top;
+    let stops = params::stop_strings(&req.common)?;
+    let skip_special = req.common.skip_special_tokens.unwrap_or(true);
+    Ok((0..n)
+        .map(|i| {
+            let mut p = p.clone();
+            p.seed = p.seed.map(|s| s.wrapping_add(i as u64));
+            ChoiceJob {
+                prompt: prompt.to_vec(),
+                params: p,
+                stops: stops.clone(),
+                include_stop: req.common.include_stop_str_in_output,
+                skip_special,
+            }
+        })
+        .collect())
+}
+
+/// Checks the messages and brings them into the form chat templates expect (tool-call arguments as
+/// objects, as vLLM passes them).
+pub fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+    }
+    messages.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect()
+}
+
+fn normalize_message(i: usize, m: &Value) -> Result<Value, ApiError> {
+    let at = |f: &str| format!("messages[{i}].{f}");
+    let Some(obj) = m.as_object() else { return Err(ApiError::invalid(format!("messages[{i}]"), "each message must be an object")) };
+    let role = obj.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(at("role"), "`role` is required"))?;
+    if !ROLES.contains(&role) {
+        return Err(ApiError::invalid(at("role"), format!("unknown role `{role}`")));
+    }
+    let mut out = obj.clone();
+    match obj.get("content") {
+        Some(Value::String(s)) if s.is_empty() && role != "assistant" => {
+            return Err(ApiError::invalid(at("content"), "`content` must not be empty"));
+        }
+        Some(Value::String(_)) => {}
+        Some(Value::Array(parts)) => {
+            if parts.is_empty() && role != "assistant" {
+                return Err(ApiError::invalid(at("content"), "`content` must not be empty"));
+            }
+            for (j, p) in parts.iter().enumerate() {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") if p.get("text").is_some_and(Value::is_string) => {}
+                    Some("image_url" | "image" | "input_image") => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content[{j}]"),
+                            "image input is not supported by this server yet",
+                        ));
+                    }
+                    _ => return Err(ApiError::invalid(format!("messages[{i}].content[{j}]"), "unsupported content part")),
+                }
+            }
+        }
+        Some(Value::Null) | None if role == "assistant" || role == "tool" => {}
+        _ => return Err(ApiError::invalid(at("content"), "`content` must be a string or a list of content parts")),
+    }
+    if let Some(Value::Array(calls)) = out.get_mut("tool_calls") {
+        for c in calls.iter_mut() {
+            if let Some(args) = c.pointer_mut("/function/arguments")
+                && let Some(s) = args.as_str()
+                && let Ok(parsed) = serde_json::from_str::<Value>(s)
+            {
+                *args = parsed;
+            }
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// Renders the conversation with the checkpoint's template and tokenizes it.
+#[allow(clippy::too_many_arguments)]
+pub fn render_and_tokenize(
+    state: &AppState,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    kwargs: Option<&Map<String, Value>>,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    let template =
+        state.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
+    if add_generation_prompt && continue_final_message {
+        return Err(ApiError::invalid(
+            "continue_final_message",
+            "`continue_final_message` and `add_generation_prompt` cannot both be true",
+        ));
+    }
+    let messages = Value::Array(normalize_messages(messages)?);
+    let tools = tools.map(|t| Value::Array(t.to_vec()));
+    let empty = Map::new();
+    let text = template
+        .render(&crate::chat_template::RenderRequest {
+            messages: &messages,
+            tools: tools.as_ref(),
+            add_generation_prompt,
+            kwargs: kwargs.unwrap_or(&empty),
+        })
+        .map_err(|e| ApiError::invalid("messages", format!("the chat template could not render these messages: {e}")))?;
+    let text = if continue_final_message { trim_final_turn_end(&messages, text) } else { text };
+    crate::special_text::encode_rendered(state, &text, &messages, add_special_tokens)
+}
+
+/// With `continue_final_message`, the prompt ends where the last message's content ends.
+fn trim_final_turn_end(messages: &Value, text: String) -> String {
+    let last = messages.as_array().and_then(|m| m.last()).and_then(|m| m.get("content")).and_then(Value::as_str).unwrap_or("");
+    match text.rfind(last) {
+        Some(i) if !last.is_empty() => text[..i + last.len()].to_string(),
+        _ => text,
+    }
+}
+
+struct Ctx {
+    state: SharedState,
+    id: String,
+    created: u64,
+    prompt_tokens: usize,
+    n: usize,
+    top: Option<usize>,
+    as_ids: bool,
+}
+
+impl Ctx {
+    fn entry(&self, id: u32, lp: f32) -> Value {
+        let s = self.state.token_str(id, self.as_ids);
+        json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
+    }
+
+    fn logprobs(&self, tokens: &[TokenOut]) -> Value {
+        let content: Vec<Value> = tokens
+            .iter()
+            .filter_map(|t| {
+                let l = t.logprob.as_ref()?;
+                let mut e = self.entry(t.id, l.logprob);
+                e["top_logprobs"] = Value::Array(l.top.iter().map(|&(id, lp)| self.entry(id, lp)).collect());
+                Some(e)
+            })
+            .collect();
+        json!({"content": content})
+    }
+
+    fn full_response(&self, choices: Vec<ChoiceResult>) -> Value {
+        let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+        let list: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text, "refusal": null, "tool_calls": []},
+                    "logprobs": self.top.map(|_| self.logprobs(&c.tokens)),
+                    "finish_reason": c.reason,
+                    "stop_reason": c.stop_reason,
+                })
+            })
+            .collect();
+        json!({
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.state.model_name(),
+            "choices": list, "usage": usage(self.prompt_tokens, completion), "system_fingerprint": null,
+        })
+    }
+
+    fn chunk(&self, choice: Value, with_usage: bool) -> Value {
+        let mut v = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.state.model_name(), "choices": [choice]});
+        if with_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+}
+
+fn stream(ctx: Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Update>, include_usage: bool) -> Response {
+    let (tx, resp) = sse();
+    tokio::spawn(async move {
+        for i in 0..ctx.n {
+            let role = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+            if !tx.send(&ctx.chunk(role, include_usage)) {
+                return;
+            }
+        }
+        let (mut done, mut completion) = (0, 0);
+        while done < ctx.n {
+            let Some(u) = rx.recv().await else { return };
+            let (index, text, tokens, finish) = match u {
+                Update::Delta { index, text, tokens, .. } => (index, text, tokens, None),
+                Update::Finished { index, text, tokens, reason, stop_reason, completion_tokens, .. } => {
+                    done += 1;
+                    completion += completion_tokens;
+                    (index, text, tokens, Some((reason, stop_reason)))
+                }
+                Update::Error { message, .. } => {
+                    tx.send(&response::stream_error(&ApiError::internal(message)));
+                    return;
+                }
+            };
+            let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+            let (reason, stop_reason) = finish.map_or((Value::Null, Value::Null), |(r, s)| (json!(r), s));
+            let choice = json!({"index": index, "delta": delta, "logprobs": ctx.top.map(|_| ctx.logprobs(&tokens)), "finish_reason": reason, "stop_reason": stop_reason});
+            if !tx.send(&ctx.chunk(choice, include_usage)) {
+                return;
+            }
+        }
+        if include_usage {
+            let v = json!({"id": ctx.id, "object": "chat.completion.chunk", "created": ctx.created, "model": ctx.state.model_name(), "choices": [], "usage": usage(ctx.prompt_tokens, completion)});
+            tx.send(&v);
+        }
+    });
+    resp
+}

@@ -1,0 +1,110 @@
+//! One choice of a request, from engine events to client-ready pieces: text deltas (detokenized,
+//! stop strings applied), the tokens behind them with their log-probabilities, and one final piece
+//! with the finish reason. Each choice runs as its own task, so `n > 1` and prompt lists fan out
+//! over the engine and fan back in through one channel. If that channel's reader goes away (the
+//! client disconnected), the task drops its engine receiver, which cancels the request.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use switchyard_worker::engine::{EngineEvent, EngineHandle, FinishReason, PromptInfo, RequestId, TokenLogprob};
+
+use crate::detokenize::{IncrementalDetokenizer, StopStrings};
+
+/// What a choice needs besides its engine stream.
+pub struct ChoiceSpec {
+    pub index: usize,
+    pub prompt: Vec<u32>,
+    pub min_tokens: usize,
+    pub stops: Vec<String>,
+    pub include_stop: bool,
+    pub skip_special: bool,
+}
+
+/// A generated token and, if asked for, its log-probabilities.
+#[derive(Clone, Debug)]
+pub struct TokenOut {
+    pub id: u32,
+    pub logprob: Option<TokenLogprob>,
+}
+
+#[derive(Debug)]
+pub enum Update {
+    Delta {
+        index: usize,
+        text: String,
+        tokens: Vec<TokenOut>,
+        /// Sent with the first token.
+        prompt: Option<PromptInfo>,
+    },
+    Finished {
+        index: usize,
+        text: String,
+        tokens: Vec<TokenOut>,
+        prompt: Option<PromptInfo>,
+        reason: &'static str,
+        /// The stop string or stop token id that ended generation (vLLM's `stop_reason`).
+        stop_reason: Value,
+        completion_tokens: usize,
+    },
+    Error {
+        index: usize,
+        message: String,
+    },
+}
+
+/// Forwards a choice's engine events as [`Update`]s until it finishes or the reader goes away.
+pub async fn run_choice(
+    spec: ChoiceSpec,
+    engine: EngineHandle,
+    id: RequestId,
+    mut events: UnboundedReceiver<EngineEvent>,
+    tokenizer: Arc<Tokenizer>,
+    out: UnboundedSender<Update>,
+) {
+    let mut detok = IncrementalDetokenizer::new(&spec.prompt, spec.skip_special);
+    let mut stops = StopStrings::new(spec.stops, spec.include_stop);
+    let mut generated = 0usize;
+    let index = spec.index;
+    while let Some(ev) = events.recv().await {
+        let t = match ev {
+            EngineEvent::Token(t) => t,
+            EngineEvent::Error(message) => {
+                let _ = out.send(Update::Error { index, message });
+                return;
+            }
+        };
+        generated += 1;
+        let delta = detok.push(&tokenizer, t.token);
+        let (text, hit) = stops.push(&delta, generated >= spec.min_tokens.max(1));
+        let tokens = vec![TokenOut { id: t.token, logprob: t.logprob }];
+        let finish = match (&hit, t.finish) {
+            (Some(h), _) => Some(("stop", Value::String(h.stop.clone()))),
+            (None, Some(FinishReason::Stop(tok))) => Some(("stop", tok.map_or(Value::Null, Value::from))),
+            (None, Some(FinishReason::Length)) => Some(("length", Value::Null)),
+            (None, None) => None,
+        };
+        let update = match finish {
+            Some((reason, stop_reason)) => {
+                if hit.is_some() && t.finish.is_none() {
+                    engine.abort(id);
+                }
+                let text = text + &stops.flush();
+                Update::Finished { index, text, tokens, prompt: t.prompt, reason, stop_reason, completion_tokens: generated }
+            }
+            None => Update::Delta { index, text, tokens, prompt: t.prompt },
+        };
+        let done = matches!(update, Update::Finished { .. });
+        if out.send(update).is_err() {
+            engine.abort(id);
+            return;
+        }
+        if done {
+            return;
+        }
+    }
+    let _ = out.send(Update::Error { index, message: "the request was cancelled".into() });
+}

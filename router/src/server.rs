@@ -1,0 +1,211 @@
+//! The axum application: shared state, routes, API-key guard, overload shedding, health and metrics.
+//!
+//! `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `POST /tokenize`,
+//! `POST /detokenize`, `GET /metrics` and `GET /health`. With an API key configured, every request
+//! except `GET /health` (and `/ping`) must carry `Authorization: Bearer <key>`; the check runs on the raw
+//! path before routing, so `//v1/...`, `/v1/../`, `%2F` or case tricks reach a 401, never a handler.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use switchyard_worker::engine::{EngineHandle, EngineRequest, SamplingParams};
+
+use crate::chat_template::ChatTemplate;
+use crate::choice::{ChoiceSpec, Update, run_choice};
+use crate::error::ApiError;
+use crate::params::SamplingDefaults;
+
+/// Everything the server needs, fixed at start-up.
+pub struct ServerConfig {
+    /// The first name is reported by `/v1/models` and in responses; any of them is accepted.
+    pub served_model_names: Vec<String>,
+    pub api_key: Option<String>,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    /// Requests admitted (running or queued) before new ones get 503.
+    pub max_pending: usize,
+    pub defaults: SamplingDefaults,
+    pub bos_token_id: Option<u32>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+pub struct AppState {
+    pub config: ServerConfig,
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The same tokenizer with special-token matching off: client text that spells a control token.
+    pub tokenizer_literal: Arc<Tokenizer>,
+    /// The text of every special added token.
+    pub special_strings: Vec<String>,
+    pub template: Option<ChatTemplate>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub shutting_down: AtomicBool,
+    pub created: u64,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn model_name(&self) -> &str {
+        &self.config.served_model_names[0]
+    }
+
+    /// 404 for a model this server does not serve (an absent `model` means the default one).
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if !self.config.served_model_names.iter().any(|n| n == m) => Err(ApiError::model_not_found(m)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sheds load before any parsing, templating or tokenization.
+    pub fn admit(&self) -> Result<(), ApiError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(ApiError::overloaded("The server is shutting down."));
+        }
+        if self.engine.stats().unfinished.load(Ordering::Relaxed) >= self.config.max_pending {
+            return Err(ApiError::overloaded("The server is at capacity; retry later."));
+        }
+        Ok(())
+    }
+
+    /// Text prompt → ids, with BOS first as transformers' tokenizer gives it.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+        let enc = self.tokenizer.encode(text, add_special_tokens).map_err(ApiError::internal)?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens
+            && let Some(bos) = self.config.bos_token_id
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        self.tokenizer.decode(ids, skip_special).unwrap_or_default()
+    }
+
+    /// The text of one token for log-probability listings (`token_id:N` when asked for ids).
+    pub fn token_str(&self, id: u32, as_ids: bool) -> String {
+        if as_ids { format!("token_id:{id}") } else { self.decode(&[id], false) }
+    }
+}
+
+/// One choice to run: its prompt, sampling parameters and stop handling.
+pub struct ChoiceJob {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub stops: Vec<String>,
+    pub include_stop: bool,
+    pub skip_special: bool,
+}
+
+/// Submits every choice; their updates arrive, interleaved, on the returned receiver. If one fails
+/// to submit, the ones already submitted are cancelled.
+pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<UnboundedReceiver<Update>, ApiError> {
+    for j in &jobs {
+        state.engine.validate(&EngineRequest { prompt: j.prompt.clone(), params: j.params.clone() })?;
+    }
+    let (tx, rx) = unbounded_channel();
+    for (index, j) in jobs.into_iter().enumerate() {
+        let min_tokens = j.params.min_tokens;
+        let (id, events) = state.engine.submit(EngineRequest { prompt: j.prompt.clone(), params: j.params })?;
+        let spec =
+            ChoiceSpec { index, prompt: j.prompt, min_tokens, stops: j.stops, include_stop: j.include_stop, skip_special: j.skip_special };
+        tokio::spawn(run_choice(spec, state.engine.clone(), id, events, state.tokenizer.clone(), tx.clone()));
+    }
+    Ok(rx)
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A random-looking request id with the given prefix.
+pub fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    format!("{prefix}-{:016x}{:08x}", t ^ 0x9e37_79b9_7f4a_7c15, n)
+}
+
+pub fn app(state: SharedState) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/ping", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(crate::completions::handle))
+        .route("/v1/chat/completions", post(crate::chat::handle))
+        .route("/tokenize", post(crate::tokenize::tokenize))
+        .route("/detokenize", post(crate::tokenize::detokenize))
+        .route("/metrics", get(metrics))
+        .fallback(fallback)
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+async fn fallback(req: Request) -> ApiError {
+    ApiError::not_found(req.uri().path())
+}
+
+/// Constant-time comparison, so response timing does not reveal how much of a key was right.
+fn same_key(given: &[u8], want: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.len() == want.len() && bool::from(given.ct_eq(want))
+}
+
+async fn auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let Some(key) = &state.config.api_key else { return next.run(req).await };
+    let path = req.uri().path();
+    if req.method() == axum::http::Method::GET && (path == "/health" || path == "/ping") {
+        return next.run(req).await;
+    }
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same_key(g.as_bytes(), key.as_bytes()) => next.run(req).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+async fn health(State(state): State<SharedState>) -> StatusCode {
+    if state.shutting_down.load(Ordering::Relaxed) { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+}
+
+async fn models(State(state): State<SharedState>) -> Response {
+    let data: Vec<_> = state
+        .config
+        .served_model_names
+        .iter()
+        .map(|n| json!({"id": n, "object": "model", "created": state.created, "owned_by": "switchyard", "root": n, "parent": null, "max_model_len": state.config.max_model_len}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn metrics(State(state): State<SharedState>) -> Response {
+    let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Reads a JSON body after the overload check (shedding happens before any parsing).
+pub fn parse_body<T: serde::de::DeserializeOwned>(state: &SharedState, body: &Bytes) -> Result<T, ApiError> {
+    state.admit()?;
+    crate::protocol::parse(body)
+}

@@ -1,0 +1,198 @@
+//! `switchyard serve`: the whole system in one process. The model, the engine (continuous batching
+//! over the paged KV cache) and the OpenAI server, with in-process transport and no etcd.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use switchyard_router::chat_template::ChatTemplate;
+use switchyard_router::params::SamplingDefaults;
+use switchyard_router::server::{AppState, ServerConfig, app};
+use switchyard_worker::engine::{Engine, EngineConfig, paged_kv};
+
+use crate::cli::{Loaded, ModelArgs, load_model, stop_ids};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GenerationConfigSource {
+    /// Sampling defaults from the checkpoint's generation_config.json.
+    Auto,
+    /// Ignore generation_config.json: OpenAI's defaults.
+    Vllm,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Names the API accepts for this model; the first is reported. Defaults to `--model`.
+    #[arg(long, num_args = 1.., env = "SWITCHYARD_SERVED_MODEL_NAME", value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
+    #[arg(long, default_value = "0.0.0.0", env = "SWITCHYARD_HOST")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000, env = "SWITCHYARD_PORT")]
+    pub port: u16,
+    /// Longest sequence (prompt + output). Defaults to the model's `max_position_embeddings`.
+    #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256, env = "SWITCHYARD_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (prefill is chunked to fit).
+    #[arg(long, default_value_t = 2048, env = "SWITCHYARD_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+    /// Bytes for the KV cache. Defaults to `--kv-cache-memory-fraction` of available memory.
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<usize>,
+    #[arg(long, default_value_t = 0.25, env = "SWITCHYARD_KV_CACHE_MEMORY_FRACTION")]
+    pub kv_cache_memory_fraction: f64,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16, env = "SWITCHYARD_BLOCK_SIZE")]
+    pub block_size: usize,
+    /// Reuse KV blocks of identical prompt prefixes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "SWITCHYARD_ENABLE_PREFIX_CACHING")]
+    pub enable_prefix_caching: bool,
+    /// Required as `Authorization: Bearer <key>` on every route but /health.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Where unset sampling parameters come from.
+    #[arg(long, value_enum, default_value = "auto", env = "SWITCHYARD_GENERATION_CONFIG")]
+    pub generation_config: GenerationConfigSource,
+    /// Seeds requests that do not bring their own seed.
+    #[arg(long, default_value_t = 0, env = "SWITCHYARD_SEED")]
+    pub seed: u64,
+    /// Requests admitted (running + queued) before new ones get 503 with Retry-After.
+    /// Defaults to 4 x --max-num-seqs.
+    #[arg(long, env = "SWITCHYARD_MAX_PENDING_REQUESTS")]
+    pub max_pending_requests: Option<usize>,
+    /// A chat template file replacing the checkpoint's.
+    #[arg(long, env = "SWITCHYARD_CHAT_TEMPLATE")]
+    pub chat_template: Option<std::path::PathBuf>,
+    /// Seconds admitted requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30, env = "SWITCHYARD_SHUTDOWN_GRACE")]
+    pub shutdown_grace: u64,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let loaded = load_model(&args.model)?;
+    let state = build_state(&args, loaded)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve(args, state))
+}
+
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<usize>().ok()? * 1024)
+}
+
+fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
+    let c = &loaded.model.config;
+    let max_model_len = args.max_model_len.unwrap_or(c.max_position_embeddings);
+    if max_model_len == 0 || max_model_len > c.max_position_embeddings {
+        bail!("--max-model-len {max_model_len} must be between 1 and the model's max_position_embeddings ({})", c.max_position_embeddings);
+    }
+    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+        bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
+    }
+    let [sb, gb] = paged_kv::block_bytes(&c.layers, args.block_size);
+    // Never more than every sequence at full length needs.
+    let most_useful = (sb + gb) * (args.max_num_seqs * max_model_len.div_ceil(args.block_size) + 1);
+    let kv_bytes = match args.kv_cache_memory {
+        Some(b) => b,
+        None => ((available_memory().unwrap_or(4 << 30) as f64 * args.kv_cache_memory_fraction) as usize).min(most_useful),
+    };
+    let name = args.served_model_name.first().cloned().unwrap_or_else(|| args.model.model.clone());
+    let engine_config = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len,
+        block_size: args.block_size,
+        kv_cache_bytes: kv_bytes,
+        prefix_caching: args.enable_prefix_caching,
+        seed: args.seed,
+        eos_token_ids: stop_ids(&loaded)?,
+        model_name: name.clone(),
+    };
+    let tokenizer = loaded.dir.tokenizer()?;
+    let mut literal = tokenizer.clone();
+    literal.set_encode_special_tokens(true);
+    let special_strings = tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
+    let template = load_template(args, &loaded)?;
+    let defaults = match args.generation_config {
+        GenerationConfigSource::Auto => {
+            loaded.dir.generation_config()?.map(|g| SamplingDefaults::from_generation_config(&g)).unwrap_or_default()
+        }
+        GenerationConfigSource::Vllm => SamplingDefaults::default(),
+    };
+    let config = ServerConfig {
+        served_model_names: if args.served_model_name.is_empty() { vec![name] } else { args.served_model_name.clone() },
+        api_key: args.api_key.clone().or_else(|| std::env::var("VLLM_API_KEY").ok()).filter(|k| !k.is_empty()),
+        max_model_len,
+        vocab_size: c.vocab_size,
+        max_pending: args.max_pending_requests.unwrap_or(4 * args.max_num_seqs),
+        defaults,
+        bos_token_id: c.bos_token_id,
+        max_body_bytes: 32 << 20,
+    };
+    let model = Arc::new(loaded.model);
+    let engine = Engine::start(model, engine_config).context("starting the engine")?;
+    Ok(Arc::new(AppState {
+        config,
+        engine,
+        tokenizer: Arc::new(tokenizer),
+        tokenizer_literal: Arc::new(literal),
+        special_strings,
+        template,
+        metrics: switchyard_router::metrics::handle(),
+        shutting_down: AtomicBool::new(false),
+        created: switchyard_router::server::now_secs(),
+    }))
+}
+
+fn load_template(args: &ServeArgs, loaded: &Loaded) -> Result<Option<ChatTemplate>> {
+    let source = match &args.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => loaded.dir.chat_template()?,
+    };
+    let Some(source) = source else { return Ok(None) };
+    let special = switchyard_router::chat_template::special_tokens_from_config(&loaded.dir.file("tokenizer_config.json"));
+    Ok(Some(ChatTemplate::new(&source, special).context("compiling the chat template")?))
+}
+
+async fn serve(args: ServeArgs, state: Arc<AppState>) -> Result<()> {
+    let addr: SocketAddr =
+        format!("{}:{}", args.host, args.port).parse().with_context(|| format!("bad --host/--port {}:{}", args.host, args.port))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    eprintln!("switchyard: serving {} on http://{}", state.model_name(), listener.local_addr()?);
+    let stopping = state.clone();
+    let shutdown = async move {
+        terminate_signal().await;
+        eprintln!("switchyard: shutting down; finishing admitted requests");
+        stopping.shutting_down.store(true, Ordering::Relaxed);
+    };
+    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown);
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let watchdog = async {
+        while !state.shutting_down.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r.context("serving")?,
+        _ = watchdog => eprintln!("switchyard: grace period over; exiting"),
+    }
+    Ok(())
+}
+
+async fn terminate_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
