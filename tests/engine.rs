@@ -56,7 +56,8 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<u3
 }
 
 fn run_all(engine: &EngineHandle, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Vec<u32>> {
-    let rxs: Vec<_> = prompts.iter().map(|p| engine.submit(EngineRequest { prompt: p.clone(), params: params.clone() }).unwrap().1).collect();
+    let rxs: Vec<_> =
+        prompts.iter().map(|p| engine.submit(EngineRequest { prompt: p.clone(), params: params.clone() }).unwrap().1).collect();
     rxs.into_iter().map(|rx| collect(rx).0).collect()
 }
 
@@ -114,7 +115,15 @@ fn repeated_prompt_hits_the_prefix_cache_with_identical_output() {
 fn seeded_sampling_is_reproducible_at_any_concurrency() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 1024, 16, 32, 256)).unwrap();
-    let params = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, seed: Some(1234), max_tokens: 16, ignore_eos: true, ..Default::default() };
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+        seed: Some(1234),
+        max_tokens: 16,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let ps = prompts(10);
     let together = run_all(&engine, &ps, &params);
     let alone: Vec<Vec<u32>> = ps.iter().map(|p| run_all(&engine, std::slice::from_ref(p), &params).remove(0)).collect();
@@ -184,7 +193,10 @@ fn requests_beyond_the_limits_are_refused() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
     let long = EngineRequest { prompt: vec![5; 100], params: greedy(40) };
-    assert!(matches!(engine.submit(long), Err(switchyard_worker::engine::EngineError::ContextTooLong { max: 128, requested: 140, prompt: 100 })));
+    assert!(matches!(
+        engine.submit(long),
+        Err(switchyard_worker::engine::EngineError::ContextTooLong { max: 128, requested: 140, prompt: 100 })
+    ));
     assert!(engine.submit(EngineRequest { prompt: vec![600], params: greedy(1) }).is_err());
     assert!(engine.submit(EngineRequest { prompt: vec![], params: greedy(1) }).is_err());
     assert!(Engine::start(m.clone(), config(&m, 8, 4, 8, 64)).is_err(), "8 blocks of 4 cannot hold 128 positions");
