@@ -89,6 +89,8 @@ fn available_memory() -> Option<usize> {
 }
 
 fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
+    // The recorder first, so the engine's first figures are not lost.
+    let metrics = switchyard_router::metrics::handle();
     let c = &loaded.model.config;
     let max_model_len = args.max_model_len.unwrap_or(c.max_position_embeddings);
     if max_model_len == 0 || max_model_len > c.max_position_embeddings {
@@ -146,7 +148,7 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
         tokenizer_literal: Arc::new(literal),
         special_strings,
         template,
-        metrics: switchyard_router::metrics::handle(),
+        metrics,
         shutting_down: AtomicBool::new(false),
         created: switchyard_router::server::now_secs(),
     }))

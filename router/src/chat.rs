@@ -11,7 +11,7 @@ use crate::error::ApiError;
 use crate::params::{self, Limits};
 use crate::protocol::ChatRequest;
 use crate::response::{self, ChoiceResult, sse, usage};
-use crate::server::{AppState, ChoiceJob, SharedState, now_secs, parse_body, request_id, submit_all};
+use crate::server::{AppState, ChoiceJob, SharedState, now_secs, parse_generation, request_id, submit_all};
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -50,7 +50,7 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
 type Prepared = (ChatRequest, Vec<u32>, usize, Option<usize>);
 
 fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
-    let req: ChatRequest = parse_body(state, body)?;
+    let req: ChatRequest = parse_generation(state, body)?;
     state.check_model(req.common.model.as_deref())?;
     let n = params::choices(req.common.n)?;
     let top = if req.logprobs { Some(params::logprobs("top_logprobs", req.top_logprobs)?.unwrap_or(0)) } else { None };

@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::params::{self, Limits};
 use crate::protocol::{CompletionRequest, Prompt};
 use crate::response::{self, ChoiceResult, sse, usage};
-use crate::server::{ChoiceJob, SharedState, now_secs, parse_body, request_id, submit_all};
+use crate::server::{ChoiceJob, SharedState, now_secs, parse_generation, request_id, submit_all};
 
 /// The most prompts one request may carry.
 pub const MAX_PROMPTS: usize = 256;
@@ -58,7 +58,7 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
 }
 
 fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
-    let req: CompletionRequest = parse_body(state, body)?;
+    let req: CompletionRequest = parse_generation(state, body)?;
     state.check_model(req.common.model.as_deref())?;
     if req.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));

@@ -81,7 +81,8 @@ pub struct CompletionRequest {
     pub best_of: Option<i64>,
     #[serde(default = "yes")]
     pub add_special_tokens: bool,
-    #[serde(flatten)]
+    /// Parsed separately (see [`parse_request`]) so errors name the field.
+    #[serde(skip)]
     pub common: CommonParams,
 }
 
@@ -102,7 +103,8 @@ pub struct ChatRequest {
     #[serde(default)]
     pub add_special_tokens: bool,
     pub chat_template_kwargs: Option<Map<String, Value>>,
-    #[serde(flatten)]
+    /// Parsed separately (see [`parse_request`]) so errors name the field.
+    #[serde(skip)]
     pub common: CommonParams,
 }
 
@@ -141,6 +143,31 @@ pub struct DetokenizeRequest {
 
 fn yes() -> bool {
     true
+}
+
+/// Request bodies that carry the shared sampling fields.
+pub trait WithCommon {
+    fn common_mut(&mut self) -> &mut CommonParams;
+}
+
+impl WithCommon for CompletionRequest {
+    fn common_mut(&mut self) -> &mut CommonParams {
+        &mut self.common
+    }
+}
+
+impl WithCommon for ChatRequest {
+    fn common_mut(&mut self) -> &mut CommonParams {
+        &mut self.common
+    }
+}
+
+/// Parses an endpoint's body and its shared fields. (Two plain passes rather than `#[serde(flatten)]`,
+/// which would lose the path of a wrong field.)
+pub fn parse_request<T: serde::de::DeserializeOwned + WithCommon>(body: &[u8]) -> Result<T, ApiError> {
+    let mut req: T = parse(body)?;
+    *req.common_mut() = parse(body)?;
+    Ok(req)
 }
 
 /// Parses a JSON body, naming the field that was wrong.
