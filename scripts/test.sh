@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): the Rust tests, then the whole server driven by the official
+# `openai` Python client. Sets up what it needs: a venv in .venv-test with tests/python/requirements.txt
+# (python3-venv must exist; .ci/run installs it on a fresh machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace
+cargo build --bin switchyard
+
+venv=${SWITCHYARD_TEST_VENV:-.venv-test}
+if ! "$venv/bin/python" -c "import openai, pytest, httpx" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+fi
+SWITCHYARD_BIN=target/debug/switchyard "$venv/bin/python" -m pytest -q tests/python "$@"
