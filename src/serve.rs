@@ -7,21 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use switchyard_router::chat_template::ChatTemplate;
 use switchyard_router::params::SamplingDefaults;
 use switchyard_router::server::{AppState, ServerConfig, app};
 use switchyard_worker::engine::{Engine, EngineConfig, paged_kv};
 
 use crate::cli::{Loaded, ModelArgs, load_model, stop_ids};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum GenerationConfigSource {
-    /// Sampling defaults from the checkpoint's generation_config.json.
-    Auto,
-    /// Ignore generation_config.json: OpenAI's defaults.
-    Vllm,
-}
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -57,9 +49,10 @@ pub struct ServeArgs {
     /// Required as `Authorization: Bearer <key>` on every route but /health.
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Where unset sampling parameters come from.
-    #[arg(long, value_enum, default_value = "auto", env = "SWITCHYARD_GENERATION_CONFIG")]
-    pub generation_config: GenerationConfigSource,
+    /// Where unset sampling parameters come from: `auto` (the checkpoint's generation_config.json),
+    /// `vllm` (none: OpenAI's defaults), or a folder holding a generation_config.json.
+    #[arg(long, default_value = "auto", env = "SWITCHYARD_GENERATION_CONFIG")]
+    pub generation_config: String,
     /// Seeds requests that do not bring their own seed.
     #[arg(long, default_value_t = 0, env = "SWITCHYARD_SEED")]
     pub seed: u64,
@@ -123,11 +116,14 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
     literal.set_encode_special_tokens(true);
     let special_strings = tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
     let template = load_template(args, &loaded)?;
-    let defaults = match args.generation_config {
-        GenerationConfigSource::Auto => {
-            loaded.dir.generation_config()?.map(|g| SamplingDefaults::from_generation_config(&g)).unwrap_or_default()
+    let defaults = match args.generation_config.as_str() {
+        "auto" => loaded.dir.generation_config()?.map(|g| SamplingDefaults::from_generation_config(&g)).unwrap_or_default(),
+        "vllm" => SamplingDefaults::default(),
+        dir => {
+            let path = std::path::Path::new(dir).join("generation_config.json");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("--generation-config: reading {}", path.display()))?;
+            SamplingDefaults::from_generation_config(&serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?)
         }
-        GenerationConfigSource::Vllm => SamplingDefaults::default(),
     };
     let config = ServerConfig {
         served_model_names: if args.served_model_name.is_empty() { vec![name] } else { args.served_model_name.clone() },
