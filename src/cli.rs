@@ -20,8 +20,24 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Serve the OpenAI-compatible API: model, engine and HTTP server in one process.
     Serve(crate::serve::ServeArgs),
-    /// Prefill and decode throughput of the model on this machine.
-    Bench(crate::bench::BenchArgs),
+    /// Benchmarks: the model's prefill/decode throughput on this machine, or `bench serve` for a
+    /// running OpenAI-compatible server (like `vllm bench serve`).
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub target: Option<BenchTarget>,
+    #[command(flatten)]
+    pub model: crate::bench::BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchTarget {
+    /// Load-test a running server: request throughput, output tokens/s, TTFT and inter-token latency.
+    Serve(switchyard_bench::BenchServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -55,7 +71,8 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Serve(a) => crate::serve::run(a),
-        Command::Bench(a) => crate::bench::run(a),
+        Command::Bench(BenchCommand { target: Some(BenchTarget::Serve(a)), .. }) => switchyard_bench::run(a),
+        Command::Bench(BenchCommand { target: None, model }) => crate::bench::run(model),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
