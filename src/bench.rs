@@ -13,8 +13,9 @@ use crate::cli::{ModelArgs, load_model};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// Checkpoint directory, or a Hugging Face hub id (required unless a subcommand is given).
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    pub model: Option<String>,
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     pub batch_sizes: Vec<usize>,
@@ -30,7 +31,8 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let loaded = load_model(&a.model)?;
+    let model = a.model.clone().ok_or_else(|| anyhow::anyhow!("--model is required (or use `switchyard bench serve`)"))?;
+    let loaded = load_model(&ModelArgs { model })?;
     let m = &loaded.model;
     let c = &m.config;
     let threads = switchyard_kernels::pool::global().threads();

@@ -26,12 +26,12 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchCommand {
     #[command(subcommand)]
     pub target: Option<BenchTarget>,
     #[command(flatten)]
-    pub model: crate::bench::BenchArgs,
+    pub local: crate::bench::BenchArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,7 +72,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Serve(a) => crate::serve::run(a),
         Command::Bench(BenchCommand { target: Some(BenchTarget::Serve(a)), .. }) => switchyard_bench::run(a),
-        Command::Bench(BenchCommand { target: None, model }) => crate::bench::run(model),
+        Command::Bench(BenchCommand { target: None, local }) => crate::bench::run(local),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
