@@ -94,11 +94,14 @@ pub fn torch_sum(x: &[f32]) -> f32 {
 
 /// RMSNorm applied to each `dim`-wide chunk of `x` (rows, or heads within rows), in place.
 pub fn rms_norm_chunks(x: &mut [f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt: DType) {
-    let mut tmp = vec![0f32; dim];
-    for row in x.chunks_exact_mut(dim) {
-        rms_norm_row(row, weight, eps, dt, &mut tmp);
-        row.copy_from_slice(&tmp);
-    }
+    let rows_per_task = (4096 / dim).max(1);
+    crate::pool::for_each_chunk_mut(x, rows_per_task * dim, &|_, rows| {
+        let mut tmp = vec![0f32; dim];
+        for row in rows.chunks_exact_mut(dim) {
+            rms_norm_row(row, weight, eps, dt, &mut tmp);
+            row.copy_from_slice(&tmp);
+        }
+    });
 }
 
 /// `dst += src`, lane by lane (one level of `torch_sum`'s cascade into another).
@@ -132,6 +135,14 @@ pub fn tanh(x: f32) -> f32 {
 
 /// `out[i] = round(round(gelu(gate[i])) * up[i])`: the gated activation of the MLP and the experts.
 pub fn gelu_mul(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
+    const CHUNK: usize = 4096;
+    crate::pool::for_each_chunk_mut(out, CHUNK, &|i, o| {
+        gelu_gate_up(&gate[i * CHUNK..], &up[i * CHUNK..], dt, o);
+    });
+}
+
+/// [`gelu_mul`] on one row, inline (for callers that are already inside a parallel region).
+pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = dt.round(dt.round(gelu_tanh(g)) * u);
     }
@@ -139,9 +150,12 @@ pub fn gelu_mul(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 
 /// `a[i] = round(a[i] + b[i])`.
 pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
-    for (x, &y) in a.iter_mut().zip(b) {
-        *x = dt.round(*x + y);
-    }
+    const CHUNK: usize = 8192;
+    crate::pool::for_each_chunk_mut(a, CHUNK, &|i, a| {
+        for (x, &y) in a.iter_mut().zip(&b[i * CHUNK..]) {
+            *x = dt.round(*x + y);
+        }
+    });
 }
 
 /// Softmax in f32, in place, as PyTorch's CPU kernel computes it (`_vec_softmax_lastdim`):

@@ -121,23 +121,25 @@ impl ExpertBackend for LocalExperts {
                 .collect();
             linear_many(&mut jobs, dt);
         }
-        let acts: Vec<Vec<f32>> = gu
-            .iter()
-            .map(|g| {
-                let mut a = vec![0f32; g.len() / 2];
-                for (arow, grow) in a.chunks_exact_mut(inter).zip(g.chunks_exact(2 * inter)) {
-                    ops::gelu_mul(&grow[..inter], &grow[inter..], dt, arow);
-                }
-                a
-            })
-            .collect();
+        // The activation of every (expert, row) pair, in one parallel pass.
+        let offsets: Vec<usize> = gu.iter().scan(0, |acc, g| Some(std::mem::replace(acc, *acc + g.len() / 2))).collect();
+        let total: usize = gu.iter().map(|g| g.len() / 2).sum();
+        let mut act = vec![0f32; total];
+        let row_expert: Vec<usize> = gu.iter().enumerate().flat_map(|(ai, g)| std::iter::repeat_n(ai, g.len() / (2 * inter))).collect();
+        switchyard_kernels::pool::for_each_chunk_mut(&mut act, inter, &|r, arow| {
+            let ai = row_expert[r];
+            let j = r - offsets[ai] / inter;
+            let grow = &gu[ai][j * 2 * inter..(j + 1) * 2 * inter];
+            ops::gelu_gate_up(&grow[..inter], &grow[inter..], dt, arow);
+        });
+        let acts: Vec<&[f32]> = offsets.iter().zip(&gu).map(|(&o, g)| &act[o..o + g.len() / 2]).collect();
         let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * h]).collect();
         {
             let mut jobs: Vec<LinearJob<'_>> = active
                 .iter()
                 .zip(&acts)
                 .zip(ys.iter_mut())
-                .map(|((&x, a), o)| LinearJob { x: a, m: by_expert[x].len(), w: l.down.weight_at(x), out: o })
+                .map(|((&x, &a), o)| LinearJob { x: a, m: by_expert[x].len(), w: l.down.weight_at(x), out: o })
                 .collect();
             linear_many(&mut jobs, dt);
         }
