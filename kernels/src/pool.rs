@@ -221,7 +221,7 @@ pub const PARALLEL_MIN: usize = 1 << 15;
 /// [`PARALLEL_MIN`] elements and inline otherwise. Each element is written by exactly one task, so the
 /// result never depends on how the work was split.
 pub fn for_each_chunk_mut(data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-    if data.len() < PARALLEL_MIN {
+    if data.len() < PARALLEL_MIN || data.len() <= chunk {
         data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
         return;
     }

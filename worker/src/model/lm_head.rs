@@ -33,10 +33,13 @@ impl LmHead {
         let mut logits = vec![0f32; n * c.vocab_size];
         linear(&normed, n, self.weight.weight(), &mut logits, dt);
         if let Some(cap) = c.final_logit_softcapping {
-            for l in logits.iter_mut() {
-                // `logits / cap`, `tanh`, `* cap`, each rounded in the compute dtype.
-                *l = dt.round(dt.round(ops::tanh(dt.round(*l / cap))) * cap);
-            }
+            // One chunk per row: a single decode row stays inline (a parallel region costs more than it saves).
+            switchyard_kernels::pool::for_each_chunk_mut(&mut logits, c.vocab_size, &|_, chunk| {
+                for l in chunk.iter_mut() {
+                    // `logits / cap`, `tanh`, `* cap`, each rounded in the compute dtype.
+                    *l = dt.round(dt.round(ops::tanh(dt.round(*l / cap))) * cap);
+                }
+            });
         }
         logits
     }
