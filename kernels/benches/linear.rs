@@ -3,14 +3,21 @@ use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
 fn main() {
-    for (n, k, ms) in [(4096usize, 1024usize, &[1usize, 16, 256][..]), (131072, 1024, &[1, 16][..])] {
-        shape(n, k, ms);
+    for (n, k, ms) in [(4096usize, 1024usize, &[1usize, 2, 16, 256][..]), (131072, 1024, &[1, 16][..])] {
+        shape(n, k, ms, false);
+        shape(n, k, ms, true);
     }
 }
 
-fn shape(n: usize, k: usize, ms: &[usize]) {
+fn shape(n: usize, k: usize, ms: &[usize], packed: bool) {
     let wb: Vec<u8> = (0..n * k).flat_map(|i| (((i * 2654435761) % 65521) as u16 & 0x3eff).to_le_bytes()).collect();
-    let w = Weight::new(DType::BF16, &wb, n, k);
+    let plain = Weight::new(DType::BF16, &wb, n, k);
+    let panels = if packed { switchyard_kernels::linear::pack_panels(&plain) } else { None };
+    if packed && panels.is_none() {
+        return; // no AVX512-BF16 here
+    }
+    let w = plain.with_panels(panels.as_deref());
+    let label = if packed { "packed" } else { "plain " };
     for &m in ms {
         let x: Vec<f32> = (0..m * k).map(|i| switchyard_kernels::dtype::bf16_round(((i % 17) as f32 - 8.0) / 8.0)).collect();
         let mut out = vec![0f32; m * n];
@@ -22,7 +29,7 @@ fn shape(n: usize, k: usize, ms: &[usize]) {
         }
         let s = t.elapsed().as_secs_f64() / iters as f64;
         println!(
-            "linear bf16 m={m:<4} n={n} k={k}: {:8.1} us  {:6.1} GB/s weights  {:7.1} GFLOP/s",
+            "linear bf16 {label} m={m:<4} n={n} k={k}: {:8.1} us  {:6.1} GB/s weights  {:7.1} GFLOP/s",
             s * 1e6,
             (n * k * 2) as f64 / s / 1e9,
             (2 * m * n * k) as f64 / s / 1e9

@@ -345,6 +345,13 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
             let pg: &[u32] = if let Some(panels) = w.panels {
                 // Prepacked at load: this group's panel, straight from memory.
                 debug_assert_eq!(c % 32, 0);
+                if m <= 2 {
+                    // Few rows: one or two dependent chains per panel would leave the dot-product unit
+                    // waiting on latency, so take several panels at once (same per-output order).
+                    let done = unsafe { few_rows_panels(x.as_ptr(), xs, m, &panels[(c / 32) * k2 * 32..], k2, out.add(c), os, n1 - c) };
+                    c += done;
+                    continue;
+                }
                 &panels[(c / 32) * k2 * 32..(c / 32 + 1) * k2 * 32]
             } else if m <= 4 {
                 let o = unsafe { out.add(c) };
@@ -531,6 +538,47 @@ unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2
         unsafe { pair_step(&mut acc, x, xs, i, w0, w1) };
     }
     unsafe { store_acc(&acc, out, os, nc) };
+}
+
+/// `m` (1 or 2) rows against up to 4 (m = 1) or 2 (m = 2) consecutive prepacked panels; returns how many
+/// output columns it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn few_rows_panels(x: *const u16, xs: usize, m: usize, panels: &[u32], k2: usize, out: *mut f32, os: usize, cols: usize) -> usize {
+    let np = cols.div_ceil(32).min(if m == 1 { 4 } else { 2 });
+    unsafe {
+        match (m, np) {
+            (1, 1) => panels_dot::<1, 1>(x, xs, panels, k2, out, os, cols),
+            (1, 2) => panels_dot::<1, 2>(x, xs, panels, k2, out, os, cols),
+            (1, 3) => panels_dot::<1, 3>(x, xs, panels, k2, out, os, cols),
+            (1, _) => panels_dot::<1, 4>(x, xs, panels, k2, out, os, cols),
+            (_, 1) => panels_dot::<2, 1>(x, xs, panels, k2, out, os, cols),
+            _ => panels_dot::<2, 2>(x, xs, panels, k2, out, os, cols),
+        }
+    }
+    cols.min(np * 32)
+}
+
+/// [`panel_dot`] over `NP` consecutive panels at once: `2 * MR * NP` independent accumulators, each
+/// output still summed over k-pairs in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_dot<const MR: usize, const NP: usize>(x: *const u16, xs: usize, panels: &[u32], k2: usize, out: *mut f32, os: usize, cols: usize) {
+    debug_assert!(panels.len() >= NP * k2 * 32);
+    let mut acc = [[[_mm512_setzero_ps(); 2]; MR]; NP];
+    let p = panels.as_ptr();
+    for i in 0..k2 {
+        for (q, a) in acc.iter_mut().enumerate() {
+            let w0 = unsafe { _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32) as *const _) };
+            let w1 = unsafe { _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32 + 16) as *const _) };
+            unsafe { pair_step(a, x, xs, i, w0, w1) };
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        unsafe { store_acc(a, out.add(q * 32), os, cols.saturating_sub(q * 32).min(32)) };
+    }
 }
 
 macro_rules! fma_tile {

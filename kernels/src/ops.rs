@@ -135,8 +135,8 @@ pub fn tanh(x: f32) -> f32 {
 
 /// `out[i] = round(round(gelu(gate[i])) * up[i])`: the gated activation of the MLP and the experts.
 pub fn gelu_mul(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
-    const CHUNK: usize = 4096;
-    crate::pool::for_each_chunk_mut(out, CHUNK, &|i, o| {
+    const CHUNK: usize = 2048;
+    crate::pool::for_each_chunk_mut_above(out, CHUNK, 2 * CHUNK, &|i, o| {
         gelu_gate_up(&gate[i * CHUNK..], &up[i * CHUNK..], dt, o);
     });
 }

@@ -221,7 +221,12 @@ pub const PARALLEL_MIN: usize = 1 << 15;
 /// [`PARALLEL_MIN`] elements and inline otherwise. Each element is written by exactly one task, so the
 /// result never depends on how the work was split.
 pub fn for_each_chunk_mut(data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-    if data.len() < PARALLEL_MIN || data.len() <= chunk {
+    for_each_chunk_mut_above(data, chunk, PARALLEL_MIN, f)
+}
+
+/// [`for_each_chunk_mut`] with its own threshold, for passes whose elements are expensive (a tanh each).
+pub fn for_each_chunk_mut_above(data: &mut [f32], chunk: usize, min: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    if data.len() < min || data.len() <= chunk {
         data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
         return;
     }

@@ -126,7 +126,7 @@ impl ExpertBackend for LocalExperts {
         let total: usize = gu.iter().map(|g| g.len() / 2).sum();
         let mut act = vec![0f32; total];
         let row_expert: Vec<usize> = gu.iter().enumerate().flat_map(|(ai, g)| std::iter::repeat_n(ai, g.len() / (2 * inter))).collect();
-        switchyard_kernels::pool::for_each_chunk_mut(&mut act, inter, &|r, arow| {
+        switchyard_kernels::pool::for_each_chunk_mut_above(&mut act, inter, 4096, &|r, arow| {
             let ai = row_expert[r];
             let j = r - offsets[ai] / inter;
             let grow = &gu[ai][j * 2 * inter..(j + 1) * 2 * inter];

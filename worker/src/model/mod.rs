@@ -144,21 +144,33 @@ impl Gemma4Model {
         for layer in &self.layers {
             x = layer.forward(x, &rows, kv, self.experts.as_ref(), &self.config, self.dtype)?;
         }
-        // Select the rows that need logits, in chunk order.
+        // The rows that need logits, in chunk order, through the head in one batch (one pass over its
+        // weights however many sequences ask), then split back per chunk.
         let h = self.config.hidden_size;
-        let mut out = Vec::with_capacity(chunks.len());
+        let mut selected = Vec::with_capacity(chunks.len());
         let mut row0 = 0;
         for ch in chunks {
             let n = ch.tokens.len();
-            let sel = match ch.logits {
+            selected.push(match ch.logits {
                 LogitsFor::None => 0..0,
                 LogitsFor::Last if n > 0 => row0 + n - 1..row0 + n,
                 LogitsFor::Last => 0..0,
                 LogitsFor::All => row0..row0 + n,
-            };
-            let hs = &x[sel.start * h..sel.end * h];
-            out.push(if sel.is_empty() { Vec::new() } else { self.lm_head.forward(hs, sel.len(), &self.config, self.dtype) });
+            });
             row0 += n;
+        }
+        let total: usize = selected.iter().map(|r| r.len()).sum();
+        let mut hs = Vec::with_capacity(total * h);
+        for r in &selected {
+            hs.extend_from_slice(&x[r.start * h..r.end * h]);
+        }
+        let logits = self.lm_head.forward(&hs, total, &self.config, self.dtype);
+        let vocab = self.config.vocab_size;
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for r in &selected {
+            out.push(logits[at * vocab..(at + r.len()) * vocab].to_vec());
+            at += r.len();
         }
         Ok(out)
     }
