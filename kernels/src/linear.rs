@@ -565,7 +565,15 @@ unsafe fn few_rows_panels(x: *const u16, xs: usize, m: usize, panels: &[u32], k2
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn panels_dot<const MR: usize, const NP: usize>(x: *const u16, xs: usize, panels: &[u32], k2: usize, out: *mut f32, os: usize, cols: usize) {
+unsafe fn panels_dot<const MR: usize, const NP: usize>(
+    x: *const u16,
+    xs: usize,
+    panels: &[u32],
+    k2: usize,
+    out: *mut f32,
+    os: usize,
+    cols: usize,
+) {
     debug_assert!(panels.len() >= NP * k2 * 32);
     let mut acc = [[[_mm512_setzero_ps(); 2]; MR]; NP];
     let p = panels.as_ptr();
