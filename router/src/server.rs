@@ -211,7 +211,10 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(state: &SharedState, body: &By
 }
 
 /// [`parse_body`] for the generation endpoints.
-pub fn parse_generation<T: serde::de::DeserializeOwned + crate::protocol::WithCommon>(state: &SharedState, body: &Bytes) -> Result<T, ApiError> {
+pub fn parse_generation<T: serde::de::DeserializeOwned + crate::protocol::WithCommon>(
+    state: &SharedState,
+    body: &Bytes,
+) -> Result<T, ApiError> {
     state.admit()?;
     crate::protocol::parse_request(body)
 }
