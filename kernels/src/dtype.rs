@@ -39,10 +39,10 @@ impl DType {
 
     /// Rounds every element in place; a no-op for `F32`.
     pub fn round_slice(self, xs: &mut [f32]) {
-        if self != DType::F32 {
-            for x in xs {
-                *x = self.round(*x);
-            }
+        match self {
+            DType::F32 => {}
+            DType::BF16 => xs.iter_mut().for_each(|x| *x = bf16_round(*x)),
+            DType::F16 => xs.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
         }
     }
 

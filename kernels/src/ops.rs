@@ -207,6 +207,38 @@ fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
     }
 }
 
+/// Final-logit soft-capping in place: `round(round(tanh(round(l / cap))) * cap)`, as transformers
+/// computes `tanh(logits / cap) * cap` in the compute dtype.
+pub fn softcap(logits: &mut [f32], cap: f32, dt: DType) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has the features; same arithmetic in vectors.
+        return unsafe { softcap_avx512(logits, cap, dt) };
+    }
+    softcap_body(logits, cap, dt)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn softcap_avx512(logits: &mut [f32], cap: f32, dt: DType) {
+    softcap_body(logits, cap, dt)
+}
+
+#[inline(always)]
+fn softcap_body(logits: &mut [f32], cap: f32, dt: DType) {
+    #[inline(always)]
+    fn run(logits: &mut [f32], cap: f32, round: impl Fn(f32) -> f32) {
+        for l in logits.iter_mut() {
+            *l = round(round(tanh(round(*l / cap))) * cap);
+        }
+    }
+    match dt {
+        DType::BF16 => run(logits, cap, crate::dtype::bf16_round),
+        DType::F32 => run(logits, cap, |x| x),
+        DType::F16 => run(logits, cap, |x| DType::F16.round(x)),
+    }
+}
+
 #[inline(always)]
 fn gelu_loop(gate: &[f32], up: &[f32], out: &mut [f32], round: impl Fn(f32) -> f32) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {

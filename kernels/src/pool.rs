@@ -175,7 +175,7 @@ fn keep_freed_memory() {
         const M_MMAP_THRESHOLD: i32 = -3;
         // SAFETY: mallopt only adjusts allocator tunables; called once, before the pool starts.
         unsafe {
-            mallopt(M_MMAP_THRESHOLD, 1 << 30);
+            mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum on 64-bit: larger values are ignored
             mallopt(M_TRIM_THRESHOLD, i32::MAX);
         }
     }

@@ -34,12 +34,7 @@ impl LmHead {
         linear(&normed, n, self.weight.weight(), &mut logits, dt);
         if let Some(cap) = c.final_logit_softcapping {
             // One chunk per row: a single decode row stays inline (a parallel region costs more than it saves).
-            switchyard_kernels::pool::for_each_chunk_mut(&mut logits, c.vocab_size, &|_, chunk| {
-                for l in chunk.iter_mut() {
-                    // `logits / cap`, `tanh`, `* cap`, each rounded in the compute dtype.
-                    *l = dt.round(dt.round(ops::tanh(dt.round(*l / cap))) * cap);
-                }
-            });
+            switchyard_kernels::pool::for_each_chunk_mut(&mut logits, c.vocab_size, &|_, chunk| ops::softcap(chunk, cap, dt));
         }
         logits
     }
