@@ -40,7 +40,7 @@ pub struct ServeArgs {
     pub kv_cache_memory: Option<usize>,
     #[arg(long, default_value_t = 0.25, env = "SWITCHYARD_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: f64,
-    /// Positions per KV block.
+    /// Positions per KV block (a power of two).
     #[arg(long, default_value_t = 16, env = "SWITCHYARD_BLOCK_SIZE")]
     pub block_size: usize,
     /// Reuse KV blocks of identical prompt prefixes.
@@ -89,8 +89,11 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
     if max_model_len == 0 || max_model_len > c.max_position_embeddings {
         bail!("--max-model-len {max_model_len} must be between 1 and the model's max_position_embeddings ({})", c.max_position_embeddings);
     }
-    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
-        bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
+    if !args.block_size.is_power_of_two() {
+        bail!("--block-size must be a power of two, got {}", args.block_size);
+    }
+    if args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+        bail!("--max-num-seqs and --max-num-batched-tokens must be positive (and the block size a power of two)");
     }
     let [sb, gb] = paged_kv::block_bytes(&c.layers, args.block_size);
     // Never more than every sequence at full length needs.

@@ -59,24 +59,78 @@ fn attend_body<'a>(
 ) {
     let hd = q.len();
     scores.clear();
-    // A plain loop (not an iterator adaptor) so `dot` inlines into the caller's AVX-512 build.
+    // Plain loops (not iterator adaptors) so everything inlines into the caller's AVX-512 build.
+    // Four keys at a time: four independent accumulator chains, each key still summed in `dot`'s order.
     scores.reserve(n);
-    for j in 0..n {
+    let mut j = 0;
+    while j + 4 <= n {
+        let d = dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+        for d in d {
+            scores.push(dt.round(dt.round(d) * scale));
+        }
+        j += 4;
+    }
+    while j < n {
         let d = dot(q, key(j));
         scores.push(dt.round(dt.round(d) * scale));
+        j += 1;
     }
     crate::ops::softmax(scores);
-    let mut acc = vec![0f64; hd];
-    for (j, p) in scores.iter().enumerate() {
-        let p = dt.round(*p) as f64;
-        let v = value(j);
-        for (o, &vv) in acc.iter_mut().zip(v) {
-            *o += p * vv as f64;
+    // The probabilities in the compute dtype, as eager attention casts them before `p @ v`.
+    dt.round_slice(scores);
+    // p·v, 64 output columns at a time so the accumulators stay in registers; each output is still
+    // summed over the keys in order.
+    let mut c0 = 0;
+    while c0 + 64 <= hd {
+        let mut acc = [0f64; 64];
+        for (j, &p) in scores.iter().enumerate() {
+            let v: &[f32; 64] = value(j)[c0..c0 + 64].try_into().expect("64 columns");
+            for i in 0..64 {
+                acc[i] += p as f64 * v[i] as f64;
+            }
+        }
+        for i in 0..64 {
+            out[c0 + i] = dt.round(acc[i] as f32);
+        }
+        c0 += 64;
+    }
+    if c0 < hd {
+        let mut acc = vec![0f64; hd - c0];
+        for (j, &p) in scores.iter().enumerate() {
+            for (o, &vv) in acc.iter_mut().zip(&value(j)[c0..hd]) {
+                *o += p as f64 * vv as f64;
+            }
+        }
+        for (o, a) in out[c0..hd].iter_mut().zip(&acc) {
+            *o = dt.round(*a as f32);
         }
     }
-    for (o, a) in out[..hd].iter_mut().zip(&acc) {
-        *o = dt.round(*a as f32);
+}
+
+/// [`dot`] of `a` with four vectors at once (the same per-vector summation order).
+#[inline(always)]
+fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let n8 = a.len() / 8 * 8;
+    let mut lanes = [[0f64; 8]; 4];
+    let mut c = 0;
+    while c < n8 {
+        let x: &[f32; 8] = a[c..c + 8].try_into().expect("8");
+        for (t, l) in lanes.iter_mut().enumerate() {
+            let y: &[f32; 8] = b[t][c..c + 8].try_into().expect("8");
+            for i in 0..8 {
+                l[i] += x[i] as f64 * y[i] as f64;
+            }
+        }
+        c += 8;
     }
+    let mut out = [0f32; 4];
+    for (t, l) in lanes.iter_mut().enumerate() {
+        for i in 0..a.len() - n8 {
+            l[i] += a[n8 + i] as f64 * b[t][n8 + i] as f64;
+        }
+        out[t] = (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))) as f32;
+    }
+    out
 }
 
 /// Dot product accumulated in f64 and rounded once: for these short (head-size) products it gives the

@@ -13,9 +13,10 @@ use crate::config::LayerSpec;
 pub struct KvView<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
-    /// Block ids, by position / block_size. Entries for blocks that were freed are never read.
+    /// Block ids, by position >> block_shift. Entries for blocks that were freed are never read.
     pub blocks: &'a [u32],
-    pub block_size: usize,
+    /// log2 of the block size (a shift and a mask per key, not a division: this runs per key and head).
+    pub block_shift: u32,
     /// `kv_heads * head_dim`: one position's stride.
     pub row: usize,
     pub head_dim: usize,
@@ -24,8 +25,8 @@ pub struct KvView<'a> {
 impl<'a> KvView<'a> {
     #[inline]
     fn offset(&self, pos: usize, head: usize) -> usize {
-        let block = self.blocks[pos / self.block_size] as usize;
-        (block * self.block_size + pos % self.block_size) * self.row + head * self.head_dim
+        let block = self.blocks[pos >> self.block_shift] as usize;
+        ((block << self.block_shift) + (pos & ((1usize << self.block_shift) - 1))) * self.row + head * self.head_dim
     }
 
     #[inline]
@@ -99,7 +100,7 @@ impl SeqCache {
 
     fn view(&self, layer: usize) -> KvView<'_> {
         let l = &self.layers[layer];
-        KvView { k: &l.k, v: &l.v, blocks: &WHOLE, block_size: usize::MAX, row: l.row, head_dim: l.head_dim }
+        KvView { k: &l.k, v: &l.v, blocks: &WHOLE, block_shift: usize::BITS - 1, row: l.row, head_dim: l.head_dim }
     }
 
     /// Drops everything after position `len` (used to re-run a suffix).

@@ -32,6 +32,9 @@ impl EngineState {
         use rand_chacha::rand_core::SeedableRng;
         let c = &model.config;
         let bs = config.block_size;
+        if !bs.is_power_of_two() {
+            return Err(EngineError::BadBlockSize(bs));
+        }
         let window_blocks = c.sliding_window.div_ceil(bs) + 1;
         let sliding_cap = config.max_num_seqs * window_blocks + config.max_num_batched_tokens.div_ceil(bs) + 1;
         let sizes = paged_kv::plan_pools(&c.layers, bs, config.kv_cache_bytes, sliding_cap);

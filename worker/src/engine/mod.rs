@@ -86,6 +86,8 @@ pub enum EngineError {
     ContextTooLong { max: usize, requested: usize, prompt: usize },
     #[error("the KV cache ({blocks} blocks of {block_size}) cannot hold one sequence of max_model_len {max_model_len}")]
     CacheTooSmall { blocks: usize, block_size: usize, max_model_len: usize },
+    #[error("the block size must be a power of two, got {0}")]
+    BadBlockSize(usize),
     #[error("the engine has stopped")]
     Stopped,
 }

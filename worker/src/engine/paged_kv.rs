@@ -74,7 +74,9 @@ pub fn plan_pools(specs: &[LayerSpec], block_size: usize, budget: usize, sliding
 }
 
 impl KvStorage {
+    /// `block_size` must be a power of two.
     pub fn new(specs: &[LayerSpec], block_size: usize, sizes: PoolSizes) -> KvStorage {
+        assert!(block_size.is_power_of_two(), "block size {block_size} is not a power of two");
         let layers = specs
             .iter()
             .map(|s| {
@@ -127,7 +129,7 @@ impl KvStore for BatchKv<'_> {
             k: &l.k,
             v: &l.v,
             blocks: self.tables[chunk][l.group as usize],
-            block_size: self.storage.block_size,
+            block_shift: self.storage.block_size.trailing_zeros(),
             row: l.row,
             head_dim: l.head_dim,
         }

@@ -62,11 +62,20 @@ impl Attention {
         ops::rms_norm_chunks(&mut q, hd, Some(&self.q_norm), eps, dt);
         ops::rms_norm_chunks(&mut k, hd, Some(&self.k_norm), eps, dt);
         ops::rms_norm_chunks(&mut v, hd, None, eps, dt);
+        // RoPE: each row's cos/sin once (in parallel for prefill-sized batches), then q and k by row.
         let rope = &self.spec.rope;
-        for (r, info) in rows.iter().enumerate() {
-            let (cos, sin) = rope.cos_sin(info.pos, dt);
-            rope.apply(&mut q[r * nq * hd..(r + 1) * nq * hd], &cos, &sin, dt);
-            rope.apply(&mut k[r * nkv * hd..(r + 1) * nkv * hd], &cos, &sin, dt);
+        let half = rope.cos_sin(0, dt).0.len();
+        let mut table = vec![0f32; t * 2 * half];
+        switchyard_kernels::pool::for_each_chunk_mut(&mut table, 2 * half, &|r, cs| {
+            let (cos, sin) = rope.cos_sin(rows[r].pos, dt);
+            cs[..half].copy_from_slice(&cos);
+            cs[half..].copy_from_slice(&sin);
+        });
+        for (x, width) in [(&mut q, nq * hd), (&mut k, nkv * hd)] {
+            switchyard_kernels::pool::for_each_chunk_mut(x, width, &|r, row| {
+                let cs = &table[r * 2 * half..(r + 1) * 2 * half];
+                rope.apply(row, &cs[..half], &cs[half..], dt);
+            });
         }
         for (r, info) in rows.iter().enumerate() {
             let kv_range = r * nkv * hd..(r + 1) * nkv * hd;

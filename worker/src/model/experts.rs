@@ -35,18 +35,18 @@ pub trait ExpertBackend: Send + Sync {
 /// Combines per-slot contributions `contrib[n, k, hidden]` (already weighted and rounded) into
 /// `out[n, hidden]`, in ascending expert id with a rounding after every add.
 pub fn combine(contrib: &[f32], ids: &[u32], n: usize, k: usize, hidden: usize, dt: DType, out: &mut [f32]) {
-    let mut slots: Vec<usize> = Vec::with_capacity(k);
-    for r in 0..n {
-        slots.clear();
-        slots.extend(0..k);
+    // Rows are independent: one task per row, each summing its slots serially.
+    switchyard_kernels::pool::for_each_chunk_mut(&mut out[..n * hidden], hidden, &|r, o| {
+        let mut slots: Vec<usize> = (0..k).collect();
         slots.sort_by_key(|&s| ids[r * k + s]);
-        let o = &mut out[r * hidden..(r + 1) * hidden];
         o.fill(0.0);
         for &s in &slots {
             let c = &contrib[(r * k + s) * hidden..(r * k + s + 1) * hidden];
-            ops::add_assign(o, c, dt);
+            for (x, &y) in o.iter_mut().zip(c) {
+                *x = dt.round(*x + y);
+            }
         }
-    }
+    });
 }
 
 /// A model without an MoE block (not Gemma 4 26B, but a valid config).
@@ -143,16 +143,21 @@ impl ExpertBackend for LocalExperts {
                 .collect();
             linear_many(&mut jobs, dt);
         }
-        let mut contrib = vec![0f32; n * k * h];
+        // Each pair's output times its routing weight, rounded, at the pair's place: [n, k, hidden].
+        let mut place = vec![(0usize, 0usize); n * k];
         for (ai, &x) in active.iter().enumerate() {
             for (j, &pair) in by_expert[x].iter().enumerate() {
-                let w = weights[pair];
-                let dst = &mut contrib[pair * h..(pair + 1) * h];
-                for (d, &y) in dst.iter_mut().zip(&ys[ai][j * h..(j + 1) * h]) {
-                    *d = dt.round(y * w);
-                }
+                place[pair] = (ai, j);
             }
         }
+        let mut contrib = vec![0f32; n * k * h];
+        switchyard_kernels::pool::for_each_chunk_mut(&mut contrib, h, &|pair, dst| {
+            let (ai, j) = place[pair];
+            let w = weights[pair];
+            for (d, &y) in dst.iter_mut().zip(&ys[ai][j * h..(j + 1) * h]) {
+                *d = dt.round(y * w);
+            }
+        });
         combine(&contrib, ids, n, k, h, dt, out);
         Ok(())
     }
