@@ -49,6 +49,26 @@ pub fn combine(contrib: &[f32], ids: &[u32], n: usize, k: usize, hidden: usize, 
     });
 }
 
+/// Per active expert, its rows of `rows` (`[pairs of that expert, hidden]`), copied in parallel. (One
+/// allocation per expert: measurably faster for the GEMMs that follow than slices of one buffer.)
+fn gather(active: &[usize], by_expert: &[Vec<usize>], rows: &[f32], k: usize, h: usize) -> Vec<Vec<f32>> {
+    let total: usize = active.iter().map(|&x| by_expert[x].len()).sum();
+    let mut flat = vec![0f32; total * h];
+    let order: Vec<usize> = active.iter().flat_map(|&x| by_expert[x].iter().copied()).collect();
+    switchyard_kernels::pool::for_each_chunk_mut(&mut flat, h, &|i, dst| {
+        let row = order[i] / k;
+        dst.copy_from_slice(&rows[row * h..(row + 1) * h]);
+    });
+    let mut out = Vec::with_capacity(active.len());
+    let mut at = 0;
+    for &x in active {
+        let len = by_expert[x].len() * h;
+        out.push(flat[at..at + len].to_vec());
+        at += len;
+    }
+    out
+}
+
 /// A model without an MoE block (not Gemma 4 26B, but a valid config).
 pub struct NoExperts;
 
@@ -106,10 +126,7 @@ impl ExpertBackend for LocalExperts {
             by_expert[id as usize].push(pair);
         }
         let active: Vec<usize> = (0..e).filter(|&x| !by_expert[x].is_empty()).collect();
-        let gathered: Vec<Vec<f32>> = active
-            .iter()
-            .map(|&x| by_expert[x].iter().flat_map(|&pair| rows[(pair / k) * h..(pair / k + 1) * h].iter().copied()).collect())
-            .collect();
+        let gathered: Vec<Vec<f32>> = gather(&active, &by_expert, rows, k, h);
         // gate_up for every active expert in one parallel region, then the activation, then down.
         let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * 2 * inter]).collect();
         {
@@ -143,22 +160,28 @@ impl ExpertBackend for LocalExperts {
                 .collect();
             linear_many(&mut jobs, dt);
         }
-        // Each pair's output times its routing weight, rounded, at the pair's place: [n, k, hidden].
+        // Where each (row, slot) pair's output is: (active expert index, row within that expert).
         let mut place = vec![(0usize, 0usize); n * k];
         for (ai, &x) in active.iter().enumerate() {
             for (j, &pair) in by_expert[x].iter().enumerate() {
                 place[pair] = (ai, j);
             }
         }
-        let mut contrib = vec![0f32; n * k * h];
-        switchyard_kernels::pool::for_each_chunk_mut(&mut contrib, h, &|pair, dst| {
-            let (ai, j) = place[pair];
-            let w = weights[pair];
-            for (d, &y) in dst.iter_mut().zip(&ys[ai][j * h..(j + 1) * h]) {
-                *d = dt.round(y * w);
+        // The combine, fused with the routing weights: the same arithmetic as `combine` over
+        // `round(y * w)` contributions, without materialising them.
+        switchyard_kernels::pool::for_each_chunk_mut(&mut out[..n * h], h, &|r, o| {
+            let mut slots: Vec<usize> = (0..k).collect();
+            slots.sort_by_key(|&s| ids[r * k + s]);
+            o.fill(0.0);
+            for s in slots {
+                let pair = r * k + s;
+                let (ai, j) = place[pair];
+                let w = weights[pair];
+                for (x, &y) in o.iter_mut().zip(&ys[ai][j * h..(j + 1) * h]) {
+                    *x = dt.round(*x + dt.round(y * w));
+                }
             }
         });
-        combine(&contrib, ids, n, k, h, dt, out);
         Ok(())
     }
 }
