@@ -117,6 +117,18 @@ pub struct ChoiceJob {
 /// Submits every choice; their updates arrive, interleaved, on the returned receiver. If one fails
 /// to submit, the ones already submitted are cancelled.
 pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<UnboundedReceiver<Update>, ApiError> {
+    // Every choice is a sequence in the queue: one request may not take more than the whole queue,
+    // nor push it past its bound.
+    let max = state.config.max_pending;
+    if jobs.len() > max {
+        return Err(ApiError::invalid(
+            "n",
+            format!("this request asks for {} sequences (prompts x n); the server queues at most {max}", jobs.len()),
+        ));
+    }
+    if state.engine.stats().unfinished.load(Ordering::Relaxed) + jobs.len() > max {
+        return Err(ApiError::overloaded("The server is at capacity; retry later."));
+    }
     for j in &jobs {
         state.engine.validate(&EngineRequest { prompt: j.prompt.clone(), params: j.params.clone() })?;
     }

@@ -70,6 +70,13 @@ def test_huge_values_are_refused_quickly_and_cheaply(bf16):
     assert bf16.metrics()["vllm:num_requests_running"] == 0
 
 
+def test_one_request_cannot_take_the_whole_queue(bf16):
+    # tiny-bf16 serves with --max-num-seqs 64, so at most 256 sequences may be pending.
+    assert_error(post(bf16, COMPLETIONS, {"prompt": ["a", "b", "c"], "n": 100, "max_tokens": 1}), 400, "n")
+    ok = post(bf16, COMPLETIONS, {"prompt": ["a", "b"], "n": 100, "max_tokens": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 200
+
+
 def test_context_length_exceeded(bf16):
     err = assert_error(post(bf16, COMPLETIONS, {"prompt": [2] * 600, "max_tokens": 1}), 400, code="context_length_exceeded")
     assert "512" in err["message"]
