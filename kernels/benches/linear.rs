@@ -3,7 +3,9 @@ use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
 fn main() {
-    for (n, k, ms) in [(4096usize, 1024usize, &[1usize, 2, 16, 256][..]), (1024, 1024, &[256][..]), (1024, 512, &[256][..]), (131072, 1024, &[1, 16][..])] {
+    for (n, k, ms) in
+        [(4096usize, 1024usize, &[1usize, 2, 16, 256][..]), (1024, 1024, &[256][..]), (1024, 512, &[256][..]), (131072, 1024, &[1, 16][..])]
+    {
         shape(n, k, ms, false);
         shape(n, k, ms, true);
     }
