@@ -10,7 +10,7 @@ use crate::choice::{TokenOut, Update};
 use crate::error::ApiError;
 use crate::params::{self, Limits};
 use crate::protocol::ChatRequest;
-use crate::response::{self, ChoiceResult, sse, usage};
+use crate::response::{self, ChoiceResult, ChunkHead, usage};
 use crate::server::{AppState, ChoiceJob, SharedState, now_secs, parse_generation, request_id, submit_all};
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -236,51 +236,22 @@ impl Ctx {
             "choices": list, "usage": usage(self.prompt_tokens, completion), "system_fingerprint": null,
         })
     }
-
-    fn chunk(&self, choice: Value, with_usage: bool) -> Value {
-        let mut v = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.state.model_name(), "choices": [choice]});
-        if with_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    }
 }
 
-fn stream(ctx: Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Update>, include_usage: bool) -> Response {
-    let (tx, resp) = sse();
-    tokio::spawn(async move {
-        for i in 0..ctx.n {
-            let role = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-            if !tx.send(&ctx.chunk(role, include_usage)) {
-                return;
-            }
-        }
-        let (mut done, mut completion) = (0, 0);
-        while done < ctx.n {
-            let Some(u) = rx.recv().await else { return };
-            let (index, text, tokens, finish) = match u {
-                Update::Delta { index, text, tokens, .. } => (index, text, tokens, None),
-                Update::Finished { index, text, tokens, reason, stop_reason, completion_tokens, .. } => {
-                    done += 1;
-                    completion += completion_tokens;
-                    (index, text, tokens, Some((reason, stop_reason)))
-                }
-                Update::Error { message, .. } => {
-                    tx.send(&response::stream_error(&ApiError::internal(message)));
-                    return;
-                }
-            };
-            let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
-            let (reason, stop_reason) = finish.map_or((Value::Null, Value::Null), |(r, s)| (json!(r), s));
-            let choice = json!({"index": index, "delta": delta, "logprobs": ctx.top.map(|_| ctx.logprobs(&tokens)), "finish_reason": reason, "stop_reason": stop_reason});
-            if !tx.send(&ctx.chunk(choice, include_usage)) {
-                return;
-            }
-        }
-        if include_usage {
-            let v = json!({"id": ctx.id, "object": "chat.completion.chunk", "created": ctx.created, "model": ctx.state.model_name(), "choices": [], "usage": usage(ctx.prompt_tokens, completion)});
-            tx.send(&v);
-        }
-    });
-    resp
+fn stream(ctx: Ctx, rx: tokio::sync::mpsc::UnboundedReceiver<Update>, include_usage: bool) -> Response {
+    let head = ChunkHead {
+        id: ctx.id.clone(),
+        object: "chat.completion.chunk",
+        created: ctx.created,
+        model: ctx.state.model_name().to_string(),
+        include_usage,
+    };
+    let roles = (0..ctx.n)
+        .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+        .collect();
+    response::stream(rx, ctx.n, head, ctx.prompt_tokens, roles, move |p| {
+        let delta = if p.text.is_empty() { json!({}) } else { json!({"content": p.text}) };
+        let (reason, stop_reason) = response::finish_fields(p.finish.as_ref());
+        json!({"index": p.index, "delta": delta, "logprobs": ctx.top.map(|_| ctx.logprobs(&p.tokens)), "finish_reason": reason, "stop_reason": stop_reason})
+    })
 }

@@ -31,30 +31,28 @@ pub struct TokenOut {
     pub logprob: Option<TokenLogprob>,
 }
 
+/// What one choice produced since its last piece: text (detokenized, stop strings applied), the tokens
+/// behind it, and on its last piece how it finished.
 #[derive(Debug)]
-pub enum Update {
-    Delta {
-        index: usize,
-        text: String,
-        tokens: Vec<TokenOut>,
-        /// Sent with the first token.
-        prompt: Option<PromptInfo>,
-    },
-    Finished {
-        index: usize,
-        text: String,
-        tokens: Vec<TokenOut>,
-        prompt: Option<PromptInfo>,
-        reason: &'static str,
-        /// The stop string or stop token id that ended generation (vLLM's `stop_reason`).
-        stop_reason: Value,
-        completion_tokens: usize,
-    },
-    Error {
-        index: usize,
-        message: String,
-    },
+pub struct Piece {
+    pub index: usize,
+    pub text: String,
+    pub tokens: Vec<TokenOut>,
+    /// Sent with the first token.
+    pub prompt: Option<PromptInfo>,
+    pub finish: Option<Finish>,
 }
+
+#[derive(Debug)]
+pub struct Finish {
+    pub reason: &'static str,
+    /// The stop string or stop token id that ended generation (vLLM's `stop_reason`).
+    pub stop_reason: Value,
+    pub completion_tokens: usize,
+}
+
+/// A piece, or the engine's message for a choice that ended without finishing (logged, not shown).
+pub type Update = Result<Piece, String>;
 
 /// Forwards a choice's engine events as [`Update`]s until it finishes or the reader goes away.
 pub async fn run_choice(
@@ -73,7 +71,7 @@ pub async fn run_choice(
         let t = match ev {
             EngineEvent::Token(t) => t,
             EngineEvent::Error(message) => {
-                let _ = out.send(Update::Error { index, message });
+                let _ = out.send(Err(message));
                 return;
             }
         };
@@ -87,17 +85,15 @@ pub async fn run_choice(
             (None, Some(FinishReason::Length)) => Some(("length", Value::Null)),
             (None, None) => None,
         };
-        let update = match finish {
-            Some((reason, stop_reason)) => {
-                if hit.is_some() && t.finish.is_none() {
-                    engine.abort(id);
-                }
-                let text = text + &stops.flush();
-                Update::Finished { index, text, tokens, prompt: t.prompt, reason, stop_reason, completion_tokens: generated }
+        let finish = finish.map(|(reason, stop_reason)| {
+            if hit.is_some() && t.finish.is_none() {
+                engine.abort(id);
             }
-            None => Update::Delta { index, text, tokens, prompt: t.prompt },
-        };
-        let done = matches!(update, Update::Finished { .. });
+            Finish { reason, stop_reason, completion_tokens: generated }
+        });
+        let text = if finish.is_some() { text + &stops.flush() } else { text };
+        let done = finish.is_some();
+        let update = Ok(Piece { index, text, tokens, prompt: t.prompt, finish });
         if out.send(update).is_err() {
             engine.abort(id);
             return;
@@ -106,5 +102,5 @@ pub async fn run_choice(
             return;
         }
     }
-    let _ = out.send(Update::Error { index, message: "the request was cancelled".into() });
+    let _ = out.send(Err("the request was cancelled".into()));
 }

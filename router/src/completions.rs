@@ -12,7 +12,7 @@ use crate::choice::{TokenOut, Update};
 use crate::error::ApiError;
 use crate::params::{self, Limits};
 use crate::protocol::{CompletionRequest, Prompt};
-use crate::response::{self, ChoiceResult, sse, usage};
+use crate::response::{self, ChoiceResult, ChunkHead, usage};
 use crate::server::{ChoiceJob, SharedState, now_secs, parse_generation, request_id, submit_all};
 
 /// The most prompts one request may carry.
@@ -186,54 +186,29 @@ impl Ctx {
             "choices": list, "usage": usage(self.prompt_tokens(), completion), "system_fingerprint": null,
         })
     }
-
-    fn chunk(&self, choice: Value, with_usage: bool) -> Value {
-        let mut v = json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.state.model_name(), "choices": [choice]});
-        if with_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    }
 }
 
-fn stream(ctx: Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Update>, include_usage: bool) -> Response {
-    let (tx, resp) = sse();
-    tokio::spawn(async move {
-        let total = ctx.prompts.len() * ctx.n;
-        let mut started = vec![false; total];
-        let mut offsets = vec![0usize; total];
-        let (mut done, mut completion) = (0, 0);
-        while done < total {
-            let Some(u) = rx.recv().await else { return };
-            let (index, text, tokens, prompt, finish) = match u {
-                Update::Delta { index, text, tokens, prompt } => (index, text, tokens, prompt, None),
-                Update::Finished { index, text, tokens, prompt, reason, stop_reason, completion_tokens } => {
-                    done += 1;
-                    completion += completion_tokens;
-                    (index, text, tokens, prompt, Some((reason, stop_reason)))
-                }
-                Update::Error { message, .. } => {
-                    tx.send(&response::stream_error(&ApiError::internal(message)));
-                    return;
-                }
-            };
-            let (ids, ptext) = &ctx.prompts[index / ctx.n];
-            let first = !std::mem::replace(&mut started[index], true);
-            let text = if first && ctx.echo { format!("{ptext}{text}") } else { text };
-            let logprobs = ctx.logprobs.map(|_| {
-                let echo = (first && ctx.echo).then(|| (ids.as_slice(), prompt.as_ref().and_then(|p| p.logprobs.as_ref())));
-                ctx.logprobs_obj(echo, &tokens, &mut offsets[index])
-            });
-            let (reason, stop_reason) = finish.map_or((Value::Null, Value::Null), |(r, s)| (json!(r), s));
-            let choice = json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop_reason});
-            if !tx.send(&ctx.chunk(choice, include_usage)) {
-                return;
-            }
-        }
-        if include_usage {
-            let v = json!({"id": ctx.id, "object": "text_completion", "created": ctx.created, "model": ctx.state.model_name(), "choices": [], "usage": usage(ctx.prompt_tokens(), completion)});
-            tx.send(&v);
-        }
-    });
-    resp
+fn stream(ctx: Ctx, rx: tokio::sync::mpsc::UnboundedReceiver<Update>, include_usage: bool) -> Response {
+    let total = ctx.prompts.len() * ctx.n;
+    let head = ChunkHead {
+        id: ctx.id.clone(),
+        object: "text_completion",
+        created: ctx.created,
+        model: ctx.state.model_name().to_string(),
+        include_usage,
+    };
+    let prompt_tokens = ctx.prompt_tokens();
+    let mut started = vec![false; total];
+    let mut offsets = vec![0usize; total];
+    response::stream(rx, total, head, prompt_tokens, Vec::new(), move |p| {
+        let (ids, ptext) = &ctx.prompts[p.index / ctx.n];
+        let first = !std::mem::replace(&mut started[p.index], true);
+        let text = if first && ctx.echo { format!("{ptext}{}", p.text) } else { p.text };
+        let logprobs = ctx.logprobs.map(|_| {
+            let echo = (first && ctx.echo).then(|| (ids.as_slice(), p.prompt.as_ref().and_then(|i| i.logprobs.as_ref())));
+            ctx.logprobs_obj(echo, &p.tokens, &mut offsets[p.index])
+        });
+        let (reason, stop_reason) = response::finish_fields(p.finish.as_ref());
+        json!({"index": p.index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop_reason})
+    })
 }

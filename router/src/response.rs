@@ -10,7 +10,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use switchyard_worker::engine::PromptInfo;
 
-use crate::choice::{TokenOut, Update};
+use crate::choice::{Finish, Piece, TokenOut, Update};
 use crate::error::ApiError;
 
 /// A finished choice.
@@ -30,37 +30,103 @@ pub async fn collect(mut rx: UnboundedReceiver<Update>, n: usize) -> Result<Vec<
     let mut done = 0;
     while done < n {
         let Some(u) = rx.recv().await else { return Err(ApiError::internal("choice tasks ended early")) };
-        match u {
-            Update::Delta { index, text, tokens, prompt } => {
-                let c = &mut out[index];
-                c.text.push_str(&text);
-                c.tokens.extend(tokens);
-                c.prompt = c.prompt.take().or(prompt);
-            }
-            Update::Finished { index, text, tokens, prompt, reason, stop_reason, completion_tokens } => {
-                let c = &mut out[index];
-                c.text.push_str(&text);
-                c.tokens.extend(tokens);
-                c.prompt = c.prompt.take().or(prompt);
-                (c.reason, c.stop_reason, c.completion_tokens) = (reason, stop_reason, completion_tokens);
-                done += 1;
-            }
-            Update::Error { message, .. } => return Err(ApiError::internal(message)),
+        let p = u.map_err(ApiError::internal)?;
+        let c = &mut out[p.index];
+        c.text.push_str(&p.text);
+        c.tokens.extend(p.tokens);
+        c.prompt = c.prompt.take().or(p.prompt);
+        if let Some(f) = p.finish {
+            (c.reason, c.stop_reason, c.completion_tokens) = (f.reason, f.stop_reason, f.completion_tokens);
+            done += 1;
         }
     }
     Ok(out)
+}
+
+/// `finish_reason` and `stop_reason` of a piece (null while the choice is still going).
+pub fn finish_fields(f: Option<&Finish>) -> (Value, Value) {
+    f.map_or((Value::Null, Value::Null), |f| (json!(f.reason), f.stop_reason.clone()))
+}
+
+/// What every chunk of one streamed response repeats.
+pub struct ChunkHead {
+    pub id: String,
+    /// `text_completion` or `chat.completion.chunk`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// `stream_options.include_usage`: every chunk then carries `"usage": null`, and a last chunk
+    /// with no choices carries the totals.
+    pub include_usage: bool,
+}
+
+impl ChunkHead {
+    fn chunk(&self, choices: Vec<Value>) -> Value {
+        let mut v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices});
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+}
+
+/// Streams a request's pieces as chunks: `prologue` choices first (chat's role chunks), then one chunk
+/// per piece with the choice `render` makes of it, then the usage chunk if asked for, then `[DONE]`.
+/// An engine error ends the stream with an error event. When the client goes, the pieces' receiver is
+/// dropped, which cancels every choice.
+pub fn stream(
+    mut rx: UnboundedReceiver<Update>,
+    choices: usize,
+    head: ChunkHead,
+    prompt_tokens: usize,
+    prologue: Vec<Value>,
+    mut render: impl FnMut(Piece) -> Value + Send + 'static,
+) -> Response {
+    let (tx, resp) = sse();
+    tokio::spawn(async move {
+        for c in prologue {
+            if !tx.send(&head.chunk(vec![c])) {
+                return;
+            }
+        }
+        let (mut done, mut completion) = (0, 0);
+        while done < choices {
+            let Some(u) = rx.recv().await else { return };
+            let piece = match u {
+                Ok(p) => p,
+                Err(message) => {
+                    tx.send(&ApiError::internal(message).body());
+                    return;
+                }
+            };
+            if let Some(f) = &piece.finish {
+                done += 1;
+                completion += f.completion_tokens;
+            }
+            if !tx.send(&head.chunk(vec![render(piece)])) {
+                return;
+            }
+        }
+        if head.include_usage {
+            let mut v = head.chunk(Vec::new());
+            v["usage"] = usage(prompt_tokens, completion);
+            tx.send(&v);
+        }
+    });
+    resp
 }
 
 pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
 }
 
-/// The sending half of an SSE response: JSON payloads become `data:` events; dropping it sends
+/// The sending half of an SSE response (an error mid-stream is sent as its OpenAI error body, as vLLM
+/// does): JSON payloads become `data:` events; dropping it sends
 /// `[DONE]`. `send` fails once the client has gone.
-pub struct SseSender(UnboundedSender<Event>);
+struct SseSender(UnboundedSender<Event>);
 
 impl SseSender {
-    pub fn send(&self, v: &Value) -> bool {
+    fn send(&self, v: &Value) -> bool {
         self.0.send(Event::default().data(v.to_string())).is_ok()
     }
 }
@@ -72,13 +138,8 @@ impl Drop for SseSender {
 }
 
 /// An SSE response fed by the returned sender.
-pub fn sse() -> (SseSender, Response) {
+fn sse() -> (SseSender, Response) {
     let (tx, rx) = unbounded_channel::<Event>();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
     (SseSender(tx), Sse::new(stream).into_response())
-}
-
-/// An error in the middle of a stream, as vLLM sends it: an event whose payload is the error body.
-pub fn stream_error(e: &ApiError) -> Value {
-    e.body()
 }
