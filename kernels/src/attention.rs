@@ -22,13 +22,14 @@ pub fn attend<'a>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F. The body is the same code, compiled with 8-wide f64 vectors;
-        // Rust never contracts a*b+c into an FMA, so the numbers are identical to the portable build.
+        // SAFETY: the CPU has AVX-512F. Not `simd::avx512`: LLVM does not inline this closure (it
+        // captures the two key/value accessors) into the AVX-512 function, so the body would stay scalar.
         return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) };
     }
     attend_body(q, n, key, value, scale, dt, scores, out)
 }
 
+/// [`attend_body`] compiled with AVX-512F (same numbers; see `simd`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]

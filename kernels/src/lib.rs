@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod linear;
 pub mod ops;
 pub mod pool;
+pub mod simd;
 pub mod topk;
 
 pub use dtype::DType;

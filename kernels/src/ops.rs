@@ -183,18 +183,7 @@ pub fn gelu_mul(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 
 /// [`gelu_mul`] on one row, inline (for callers that are already inside a parallel region).
 pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
-        // SAFETY: the CPU has the features; same arithmetic, in 8-wide vectors (no FMA contraction).
-        return unsafe { gelu_gate_up_avx512(gate, up, dt, out) };
-    }
-    gelu_gate_up_body(gate, up, dt, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn gelu_gate_up_avx512(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
-    gelu_gate_up_body(gate, up, dt, out)
+    crate::simd::avx512(|| gelu_gate_up_body(gate, up, dt, out))
 }
 
 #[inline(always)]
@@ -210,18 +199,7 @@ fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 /// Final-logit soft-capping in place: `round(round(tanh(round(l / cap))) * cap)`, as transformers
 /// computes `tanh(logits / cap) * cap` in the compute dtype.
 pub fn softcap(logits: &mut [f32], cap: f32, dt: DType) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
-        // SAFETY: the CPU has the features; same arithmetic in vectors.
-        return unsafe { softcap_avx512(logits, cap, dt) };
-    }
-    softcap_body(logits, cap, dt)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn softcap_avx512(logits: &mut [f32], cap: f32, dt: DType) {
-    softcap_body(logits, cap, dt)
+    crate::simd::avx512(|| softcap_body(logits, cap, dt))
 }
 
 #[inline(always)]
