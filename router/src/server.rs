@@ -130,7 +130,7 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
         return Err(ApiError::overloaded("The server is at capacity; retry later."));
     }
     for j in &jobs {
-        state.engine.validate(&EngineRequest { prompt: j.prompt.clone(), params: j.params.clone() })?;
+        state.engine.validate(&j.prompt, &j.params)?;
     }
     let (tx, rx) = unbounded_channel();
     for (index, j) in jobs.into_iter().enumerate() {

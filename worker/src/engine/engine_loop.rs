@@ -101,6 +101,8 @@ impl EngineState {
             Command::Add(id, req, events) => {
                 let seed = req.params.seed.unwrap_or_else(|| self.seeds.next_u64());
                 let prompt_len = req.prompt.len();
+                let eos = if req.params.ignore_eos { &[][..] } else { &self.config.eos_token_ids[..] };
+                let min_tokens_held = eos.iter().chain(&req.params.stop_token_ids).copied().collect();
                 counter!("vllm:prompt_tokens_total", "model_name" => self.config.model_name.clone()).increment(prompt_len as u64);
                 self.sched.waiting.push_back(Sequence {
                     id,
@@ -114,6 +116,7 @@ impl EngineState {
                     params: req.params,
                     events,
                     prompt_logprobs: Vec::new(),
+                    min_tokens_held,
                     arrival: Instant::now(),
                     last_token_at: None,
                 });
@@ -137,25 +140,17 @@ impl EngineState {
                 i += 1;
             }
         }
+        // Waiting sequences hold no blocks (see `Scheduler::waiting`), so dropping one frees nothing.
         let before = self.sched.waiting.len();
-        let mut kept = std::collections::VecDeque::with_capacity(before);
-        for mut s in self.sched.waiting.drain(..).collect::<Vec<_>>() {
-            if pred(&s) {
-                self.sched.free_blocks(&mut s);
-            } else {
-                kept.push_back(s);
-            }
-        }
-        self.stats.unfinished.fetch_sub(before - kept.len(), Ordering::Relaxed);
-        self.sched.waiting = kept;
+        self.sched.waiting.retain(|s| !pred(s));
+        self.stats.unfinished.fetch_sub(before - self.sched.waiting.len(), Ordering::Relaxed);
     }
 
     /// Nothing could be scheduled with nothing running: the head of the queue can never fit.
     fn fail_unschedulable(&mut self) {
         if self.sched.running.is_empty()
-            && let Some(mut seq) = self.sched.waiting.pop_front()
+            && let Some(seq) = self.sched.waiting.pop_front()
         {
-            self.sched.free_blocks(&mut seq);
             let _ = seq.events.send(EngineEvent::Error("the request does not fit in the KV cache".into()));
             self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
         }
@@ -237,12 +232,8 @@ impl EngineState {
     fn emit_token(&mut self, i: usize, logits: &[f32]) -> Option<TokenEvent> {
         let eos = &self.config.eos_token_ids;
         let seq = &mut self.sched.running[i];
-        let stop_ids: Vec<u32> = if seq.params.ignore_eos { Vec::new() } else { eos.clone() }
-            .into_iter()
-            .chain(seq.params.stop_token_ids.iter().copied())
-            .collect();
         let generated = seq.generated();
-        let (token, logprob) = sample(logits, &seq.params, &mut seq.sampler, &stop_ids, generated);
+        let (token, logprob) = sample(logits, &seq.params, &mut seq.sampler, &seq.min_tokens_held, generated);
         seq.tokens.push(token);
         seq.sampler.record(token);
         let finish = if !seq.params.ignore_eos && eos.contains(&token) {

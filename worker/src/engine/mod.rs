@@ -134,7 +134,7 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Queues a request; its events arrive on the returned receiver.
     pub fn submit(&self, req: EngineRequest) -> Result<(RequestId, UnboundedReceiver<EngineEvent>), EngineError> {
-        self.validate(&req)?;
+        self.validate(&req.prompt, &req.params)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
         self.stats.unfinished.fetch_add(1, Ordering::Relaxed);
@@ -145,16 +145,17 @@ impl EngineHandle {
         Ok((id, rx))
     }
 
-    pub fn validate(&self, req: &EngineRequest) -> Result<(), EngineError> {
-        if req.prompt.is_empty() {
+    /// The checks `submit` makes, without submitting.
+    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(EngineError::TokenOutOfVocab { id, vocab: self.vocab_size });
         }
-        let requested = req.prompt.len() + req.params.max_tokens;
+        let requested = prompt.len() + params.max_tokens;
         if requested > self.max_model_len {
-            return Err(EngineError::ContextTooLong { max: self.max_model_len, requested, prompt: req.prompt.len() });
+            return Err(EngineError::ContextTooLong { max: self.max_model_len, requested, prompt: prompt.len() });
         }
         Ok(())
     }

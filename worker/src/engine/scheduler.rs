@@ -36,6 +36,8 @@ pub struct Scheduled {
 
 pub struct Scheduler {
     pub limits: SchedulerLimits,
+    /// Sequences not yet running. Invariant: a waiting sequence holds no blocks (admission that fails
+    /// and preemption both free them before a sequence goes back here).
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     /// Indexed by [`Group`]; a pool with no blocks belongs to a group the model does not have.
@@ -118,7 +120,7 @@ impl Scheduler {
         self.waiting.push_front(seq);
     }
 
-    pub fn free_blocks(&mut self, seq: &mut Sequence) {
+    fn free_blocks(&mut self, seq: &mut Sequence) {
         for g in [Group::Sliding, Group::Global] {
             for id in seq.tables[g as usize].drain(..) {
                 if id != FREED {

@@ -27,6 +27,8 @@ pub struct Sequence {
     pub events: UnboundedSender<EngineEvent>,
     /// Log-probabilities of prompt tokens 1.., collected while prefilling when asked for.
     pub prompt_logprobs: Vec<TokenLogprob>,
+    /// The ids `min_tokens` holds back: EOS (unless `ignore_eos`) and the request's stop token ids.
+    pub min_tokens_held: Vec<u32>,
     pub arrival: Instant,
     pub last_token_at: Option<Instant>,
 }
