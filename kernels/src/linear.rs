@@ -114,19 +114,13 @@ pub fn pack_panels(w: &Weight<'_>) -> Option<Vec<u32>> {
         return None;
     }
     let k2 = w.cols.div_ceil(2);
-    let groups = w.rows.div_ceil(32);
     let mut out = vec![0u32; panel_len(w.rows, w.cols)];
     #[cfg(target_arch = "x86_64")]
-    {
-        let ptr = SendPtr(out.as_mut_ptr() as *mut f32);
-        pool::parallel_for(groups, &|g| {
-            let p = &ptr;
-            let c = g * 32;
-            // SAFETY: each task writes its own group's panel.
-            let panel = unsafe { std::slice::from_raw_parts_mut((p.0 as *mut u32).add(g * k2 * 32), k2 * 32) };
-            unsafe { pack_panel(w, c, (w.rows - c).min(32), panel) };
-        });
-    }
+    pool::for_each_chunk_mut_above(&mut out, k2 * 32, 0, &|g, panel| {
+        let c = g * 32;
+        // SAFETY: the CPU has AVX512-BF16 (checked above); each task fills its own group's panel.
+        unsafe { pack_panel(w, c, (w.rows - c).min(32), panel) };
+    });
     Some(out)
 }
 

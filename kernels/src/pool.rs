@@ -201,16 +201,8 @@ pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
 
 /// Runs `f(row, out_row)` for `rows` rows of width `width` on the global pool; returns `[rows, width]`.
 pub fn parallel_rows(rows: usize, width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
-    struct Out(*mut f32);
-    unsafe impl Sync for Out {}
     let mut out = vec![0f32; rows * width];
-    let ptr = Out(out.as_mut_ptr());
-    parallel_for(rows, &|r| {
-        let p = &ptr;
-        // SAFETY: each task writes only its own row.
-        let row = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * width), width) };
-        f(r, row);
-    });
+    for_each_chunk_mut_above(&mut out, width, 0, f);
     out
 }
 
@@ -220,18 +212,19 @@ pub const PARALLEL_MIN: usize = 1 << 15;
 /// Runs `f(index, chunk)` over `data.chunks_mut(chunk)`, on the global pool when `data` holds at least
 /// [`PARALLEL_MIN`] elements and inline otherwise. Each element is written by exactly one task, so the
 /// result never depends on how the work was split.
-pub fn for_each_chunk_mut(data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
     for_each_chunk_mut_above(data, chunk, PARALLEL_MIN, f)
 }
 
 /// [`for_each_chunk_mut`] with its own threshold, for passes whose elements are expensive (a tanh each).
-pub fn for_each_chunk_mut_above(data: &mut [f32], chunk: usize, min: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+pub fn for_each_chunk_mut_above<T: Send>(data: &mut [T], chunk: usize, min: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
     if data.len() < min || data.len() <= chunk {
         data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
         return;
     }
-    struct Out(*mut f32);
-    unsafe impl Sync for Out {}
+    struct Out<T>(*mut T);
+    // SAFETY: tasks only build disjoint `&mut [T]` from it, and `T: Send`.
+    unsafe impl<T: Send> Sync for Out<T> {}
     let (len, ptr) = (data.len(), Out(data.as_mut_ptr()));
     parallel_for(len.div_ceil(chunk), &|i| {
         let p = &ptr;
