@@ -114,14 +114,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let prompt: Vec<u32> = match &a.prompt {
         Some(text) => {
             let tok = loaded.dir.tokenizer()?;
-            let enc = tok.encode(text.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-            let mut ids = enc.get_ids().to_vec();
-            if let Some(bos) = loaded.model.config.bos_token_id
-                && ids.first() != Some(&bos)
-            {
-                ids.insert(0, bos);
-            }
-            ids
+            switchyard_worker::model_dir::encode_text(&tok, text, true, loaded.model.config.bos_token_id)
+                .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
         }
         None => a.prompt_ids.clone(),
     };

@@ -84,15 +84,8 @@ impl AppState {
 
     /// Text prompt → ids, with BOS first as transformers' tokenizer gives it.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
-        let enc = self.tokenizer.encode(text, add_special_tokens).map_err(ApiError::internal)?;
-        let mut ids = enc.get_ids().to_vec();
-        if add_special_tokens
-            && let Some(bos) = self.config.bos_token_id
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
-        }
-        Ok(ids)
+        switchyard_worker::model_dir::encode_text(&self.tokenizer, text, add_special_tokens, self.config.bos_token_id)
+            .map_err(ApiError::internal)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
