@@ -203,12 +203,13 @@ impl Scheduler {
                 }
             }
         }
+        // Blocks leave the window in order, so the ones still held below `first_needed` are the few just
+        // before it: walk back until the first freed one rather than over the whole table every step.
         let sliding = &mut seq.tables[Group::Sliding as usize];
-        for id in sliding.iter_mut().take(first_needed) {
-            if *id != FREED {
-                self.pools[0].release(*id);
-                *id = FREED;
-            }
+        let end = first_needed.min(sliding.len());
+        for id in sliding[..end].iter_mut().rev().take_while(|id| **id != FREED) {
+            self.pools[0].release(*id);
+            *id = FREED;
         }
     }
 
