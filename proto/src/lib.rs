@@ -1,3 +1,13 @@
-//! Wire types for everything that crosses a process boundary (router <-> attention worker <-> expert
-//! worker <-> coordinator). The gRPC services land with the cluster issue; until then nothing crosses a
-//! process boundary and this crate is intentionally empty.
+//! The wire contract between Switchyard processes: generated from `proto/switchyard/v1/switchyard.proto`.
+//!
+//! Wire rules (they live here, next to the .proto): add fields, never renumber or reuse a number;
+//! readers tolerate unknown fields; a breaking change is a new package (`switchyard.v2`), served side
+//! by side. Activations travel as raw little-endian rows in the compute dtype, never as an object
+//! graph, and every frame is checked against the model shape and the plan before use.
+
+pub mod v1 {
+    tonic::include_proto!("switchyard.v1");
+}
+
+/// The W3C trace-context header carried in gRPC metadata from router to attention to expert workers.
+pub const TRACEPARENT: &str = "traceparent";
