@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedSender;
 
-use switchyard_worker::engine::{EngineEvent, EngineHandle, FinishReason, PromptInfo, RequestId, TokenLogprob};
+use switchyard_worker::engine::{EngineEvent, FinishReason, PromptInfo, TokenLogprob};
+
+use crate::backend::Submission;
 
 use crate::detokenize::{IncrementalDetokenizer, StopStrings};
 
@@ -57,9 +59,7 @@ pub type Update = Result<Piece, String>;
 /// Forwards a choice's engine events as [`Update`]s until it finishes or the reader goes away.
 pub async fn run_choice(
     spec: ChoiceSpec,
-    engine: EngineHandle,
-    id: RequestId,
-    mut events: UnboundedReceiver<EngineEvent>,
+    sub: Submission,
     tokenizer: Arc<Tokenizer>,
     out: UnboundedSender<Update>,
 ) {
@@ -67,6 +67,7 @@ pub async fn run_choice(
     let mut stops = StopStrings::new(spec.stops, spec.include_stop);
     let mut generated = 0usize;
     let index = spec.index;
+    let Submission { mut events, cancel } = sub;
     while let Some(ev) = events.recv().await {
         let t = match ev {
             EngineEvent::Token(t) => t,
@@ -87,7 +88,7 @@ pub async fn run_choice(
         };
         let finish = finish.map(|(reason, stop_reason)| {
             if hit.is_some() && t.finish.is_none() {
-                engine.abort(id);
+                cancel();
             }
             Finish { reason, stop_reason, completion_tokens: generated }
         });
@@ -95,7 +96,7 @@ pub async fn run_choice(
         let done = finish.is_some();
         let update = Ok(Piece { index, text, tokens, prompt: t.prompt, finish });
         if out.send(update).is_err() {
-            engine.abort(id);
+            cancel();
             return;
         }
         if done {

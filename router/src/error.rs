@@ -92,7 +92,7 @@ impl From<switchyard_worker::engine::EngineError> for ApiError {
             E::EmptyPrompt => ApiError::invalid("prompt", e.to_string()),
             E::TokenOutOfVocab { .. } => ApiError::invalid("prompt", e.to_string()),
             E::Stopped => ApiError::overloaded("The server is shutting down."),
-            E::CacheTooSmall { .. } | E::BadBlockSize(_) => ApiError::internal(e),
+            E::CacheTooSmall { .. } | E::BadBlockSize(_) | E::ResumePastEnd { .. } => ApiError::internal(e),
         }
     }
 }

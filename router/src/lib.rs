@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP front end: API, chat template, tokenizer, parsers and load balancing.
 
+pub mod backend;
 pub mod chat;
 pub mod chat_template;
 pub mod choice;
@@ -9,6 +10,7 @@ pub mod error;
 pub mod metrics;
 pub mod params;
 pub mod protocol;
+pub mod remote;
 pub mod response;
 pub mod server;
 pub mod special_text;

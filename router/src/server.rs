@@ -20,7 +20,9 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use switchyard_worker::engine::{EngineHandle, EngineRequest, SamplingParams};
+use switchyard_worker::engine::{EngineRequest, SamplingParams};
+
+use crate::backend::GenerationBackend;
 
 use crate::chat_template::ChatTemplate;
 use crate::choice::{ChoiceSpec, Update, run_choice};
@@ -44,7 +46,7 @@ pub struct ServerConfig {
 
 pub struct AppState {
     pub config: ServerConfig,
-    pub engine: EngineHandle,
+    pub engine: Arc<dyn GenerationBackend>,
     pub tokenizer: Arc<Tokenizer>,
     /// The same tokenizer with special-token matching off: client text that spells a control token.
     pub tokenizer_literal: Arc<Tokenizer>,
@@ -76,7 +78,7 @@ impl AppState {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::overloaded("The server is shutting down."));
         }
-        if self.engine.stats().unfinished.load(Ordering::Relaxed) >= self.config.max_pending {
+        if self.engine.unfinished() >= self.config.max_pending {
             return Err(ApiError::overloaded("The server is at capacity; retry later."));
         }
         Ok(())
@@ -119,7 +121,7 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
             format!("this request asks for {} sequences (prompts x n); the server queues at most {max}", jobs.len()),
         ));
     }
-    if state.engine.stats().unfinished.load(Ordering::Relaxed) + jobs.len() > max {
+    if state.engine.unfinished() + jobs.len() > max {
         return Err(ApiError::overloaded("The server is at capacity; retry later."));
     }
     for j in &jobs {
@@ -128,10 +130,10 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
     let (tx, rx) = unbounded_channel();
     for (index, j) in jobs.into_iter().enumerate() {
         let min_tokens = j.params.min_tokens;
-        let (id, events) = state.engine.submit(EngineRequest { prompt: j.prompt.clone(), params: j.params })?;
+        let sub = state.engine.submit(EngineRequest { prompt: j.prompt.clone(), params: j.params, resume: Vec::new() })?;
         let spec =
             ChoiceSpec { index, prompt: j.prompt, min_tokens, stops: j.stops, include_stop: j.include_stop, skip_special: j.skip_special };
-        tokio::spawn(run_choice(spec, state.engine.clone(), id, events, state.tokenizer.clone(), tx.clone()));
+        tokio::spawn(run_choice(spec, sub, state.tokenizer.clone(), tx.clone()));
     }
     Ok(rx)
 }
@@ -191,7 +193,7 @@ async fn auth(State(state): State<SharedState>, req: Request, next: Next) -> Res
 }
 
 async fn health(State(state): State<SharedState>) -> StatusCode {
-    if state.shutting_down.load(Ordering::Relaxed) { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
+    if state.shutting_down.load(Ordering::Relaxed) || !state.engine.ready() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
 }
 
 async fn models(State(state): State<SharedState>) -> Response {

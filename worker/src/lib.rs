@@ -2,6 +2,7 @@
 //! interface that later issues put behind gRPC/NCCL, and greedy generation for checks.
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;

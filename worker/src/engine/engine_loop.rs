@@ -101,13 +101,19 @@ impl EngineState {
             Command::Add(id, req, events) => {
                 let seed = req.params.seed.unwrap_or_else(|| self.seeds.next_u64());
                 let prompt_len = req.prompt.len();
+                let mut sampler = SamplerState::new(seed, &req.prompt);
+                for &t in &req.resume {
+                    sampler.record(t);
+                }
+                let mut tokens = req.prompt;
+                tokens.extend_from_slice(&req.resume);
                 let eos = if req.params.ignore_eos { &[][..] } else { &self.config.eos_token_ids[..] };
                 let min_tokens_held = eos.iter().chain(&req.params.stop_token_ids).copied().collect();
                 counter!("vllm:prompt_tokens_total", "model_name" => self.config.model_name.clone()).increment(prompt_len as u64);
                 self.sched.waiting.push_back(Sequence {
                     id,
-                    sampler: SamplerState::new(seed, &req.prompt),
-                    tokens: req.prompt,
+                    sampler,
+                    tokens,
                     prompt_len,
                     computed: 0,
                     tables: [Vec::new(), Vec::new()],
@@ -233,6 +239,7 @@ impl EngineState {
         let eos = &self.config.eos_token_ids;
         let seq = &mut self.sched.running[i];
         let generated = seq.generated();
+        seq.sampler.at_output(generated);
         let (token, logprob) = sample(logits, &seq.params, &mut seq.sampler, &seq.min_tokens_held, generated);
         seq.tokens.push(token);
         seq.sampler.record(token);

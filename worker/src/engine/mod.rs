@@ -44,6 +44,10 @@ pub struct EngineConfig {
 pub struct EngineRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Output tokens already produced for this request elsewhere (a replay after a worker died): they
+    /// are prefilled after the prompt and count as output for `max_tokens`, `min_tokens`, penalties
+    /// and the sampler's position; generation continues after them.
+    pub resume: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +94,8 @@ pub enum EngineError {
     BadBlockSize(usize),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("{resumed} tokens to resume from, but max_tokens is {max_tokens}")]
+    ResumePastEnd { resumed: usize, max_tokens: usize },
 }
 
 /// Load figures the server reads without asking the engine thread.
@@ -135,6 +141,12 @@ impl EngineHandle {
     /// Queues a request; its events arrive on the returned receiver.
     pub fn submit(&self, req: EngineRequest) -> Result<(RequestId, UnboundedReceiver<EngineEvent>), EngineError> {
         self.validate(&req.prompt, &req.params)?;
+        if let Some(&id) = req.resume.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(EngineError::TokenOutOfVocab { id, vocab: self.vocab_size });
+        }
+        if req.resume.len() >= req.params.max_tokens {
+            return Err(EngineError::ResumePastEnd { resumed: req.resume.len(), max_tokens: req.params.max_tokens });
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
         self.stats.unfinished.fetch_add(1, Ordering::Relaxed);
@@ -147,17 +159,7 @@ impl EngineHandle {
 
     /// The checks `submit` makes, without submitting.
     pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(EngineError::TokenOutOfVocab { id, vocab: self.vocab_size });
-        }
-        let requested = prompt.len() + params.max_tokens;
-        if requested > self.max_model_len {
-            return Err(EngineError::ContextTooLong { max: self.max_model_len, requested, prompt: prompt.len() });
-        }
-        Ok(())
+        validate_request(prompt, params, self.vocab_size, self.max_model_len)
     }
 
     /// Cancels a request (a no-op if it already finished).
@@ -172,6 +174,21 @@ impl EngineHandle {
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
     }
+}
+
+/// A request's checks against the model's limits (the engine's, and a router's without an engine).
+pub fn validate_request(prompt: &[u32], params: &SamplingParams, vocab_size: usize, max_model_len: usize) -> Result<(), EngineError> {
+    if prompt.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if let Some(&id) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(EngineError::TokenOutOfVocab { id, vocab: vocab_size });
+    }
+    let requested = prompt.len() + params.max_tokens;
+    if requested > max_model_len {
+        return Err(EngineError::ContextTooLong { max: max_model_len, requested, prompt: prompt.len() });
+    }
+    Ok(())
 }
 
 pub struct Engine;

@@ -78,6 +78,7 @@ pub struct TokenLogprob {
 
 /// What a sequence's sampler carries from step to step.
 pub struct SamplerState {
+    seed: u64,
     rng: ChaCha8Rng,
     /// Occurrences of each generated token (frequency / presence penalties).
     output_counts: HashMap<u32, u32>,
@@ -87,7 +88,15 @@ pub struct SamplerState {
 
 impl SamplerState {
     pub fn new(seed: u64, prompt: &[u32]) -> SamplerState {
-        SamplerState { rng: ChaCha8Rng::seed_from_u64(seed), output_counts: HashMap::new(), seen: prompt.iter().copied().collect() }
+        SamplerState { seed, rng: ChaCha8Rng::seed_from_u64(seed), output_counts: HashMap::new(), seen: prompt.iter().copied().collect() }
+    }
+
+    /// Positions the generator at the draws for output token `index`: each output position has its
+    /// own ChaCha stream of the request's seed, so a request replayed on another worker from its
+    /// prompt plus the tokens already sent continues with exactly the draws it would have made.
+    pub fn at_output(&mut self, index: usize) {
+        self.rng = ChaCha8Rng::seed_from_u64(self.seed);
+        self.rng.set_stream(index as u64);
     }
 
     pub fn record(&mut self, token: u32) {

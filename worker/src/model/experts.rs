@@ -6,7 +6,7 @@
 //! compute dtype; a row's contributions are then summed in ascending expert id, rounding after every
 //! add. Every backend must combine in exactly this order ([`combine`]) so outputs match bit for bit.
 
-use switchyard_kernels::{DType, LinearJob, linear_many, ops};
+use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{ModelConfig, MoeConfig};
@@ -30,6 +30,10 @@ pub enum ExpertError {
 /// per request, and the result for a row never depends on the other rows of the call.
 pub trait ExpertBackend: Send + Sync {
     fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError>;
+
+    /// Called once at the start of every forward pass: a backend that follows a changing placement
+    /// plan pins the plan here, so that a step that started on plan version v completes on v.
+    fn begin_step(&self) {}
 }
 
 /// Combines per-slot contributions `contrib[n, k, hidden]` (already weighted and rounded) into
@@ -49,14 +53,15 @@ pub fn combine(contrib: &[f32], ids: &[u32], n: usize, k: usize, hidden: usize, 
     });
 }
 
-/// Per active expert, its rows of `rows` (`[pairs of that expert, hidden]`), copied in parallel. (One
-/// allocation per expert: measurably faster for the GEMMs that follow than slices of one buffer.)
-fn gather(active: &[usize], by_expert: &[Vec<usize>], rows: &[f32], k: usize, h: usize) -> Vec<Vec<f32>> {
+/// Per active expert, its pairs' rows of `rows` (`[pairs of that expert, hidden]`), copied in
+/// parallel. (One allocation per expert: measurably faster for the GEMMs that follow than slices of
+/// one buffer.)
+fn gather(active: &[usize], by_expert: &[Vec<usize>], rows: &[f32], pair_row: &[usize], h: usize) -> Vec<Vec<f32>> {
     let total: usize = active.iter().map(|&x| by_expert[x].len()).sum();
     let mut flat = vec![0f32; total * h];
     let order: Vec<usize> = active.iter().flat_map(|&x| by_expert[x].iter().copied()).collect();
     switchyard_kernels::pool::for_each_chunk_mut(&mut flat, h, &|i, dst| {
-        let row = order[i] / k;
+        let row = pair_row[order[i]];
         dst.copy_from_slice(&rows[row * h..(row + 1) * h]);
     });
     let mut out = Vec::with_capacity(active.len());
@@ -112,61 +117,121 @@ impl LocalExperts {
     }
 }
 
+/// The two weights of one expert, as linear layers.
+pub struct ExpertWeights<'a> {
+    /// `[2 * intermediate, hidden]`: gate rows then up rows.
+    pub gate_up: Weight<'a>,
+    /// `[hidden, intermediate]`.
+    pub down: Weight<'a>,
+}
+
+/// Per-pair expert outputs `y = down(gelu_tanh(gate) * up)` (before the routing weight), grouped by
+/// expert: pair `p`'s row is at [`ExpertOutputs::y`].
+pub struct ExpertOutputs {
+    ys: Vec<Vec<f32>>,
+    place: Vec<(usize, usize)>,
+    hidden: usize,
+}
+
+impl ExpertOutputs {
+    pub fn y(&self, pair: usize) -> &[f32] {
+        let (ai, j) = self.place[pair];
+        &self.ys[ai][j * self.hidden..(j + 1) * self.hidden]
+    }
+}
+
+/// Computes every pair's expert output: pair `p` applies expert `pair_expert[p]` to row
+/// `pair_row[p]` of `rows` (`[_, hidden]`). Experts run in ascending id, all GEMMs of a stage in one
+/// parallel region; each row's result depends only on that row (batch-invariant kernels).
+pub fn expert_outputs<'w>(
+    weights: &dyn Fn(usize) -> ExpertWeights<'w>,
+    rows: &[f32],
+    pair_row: &[usize],
+    pair_expert: &[u32],
+    num_experts: usize,
+    dt: DType,
+) -> ExpertOutputs {
+    let Some(first) = pair_expert.first() else { return ExpertOutputs { ys: Vec::new(), place: Vec::new(), hidden: 0 } };
+    let probe = weights(*first as usize);
+    let (h, inter) = (probe.down.rows, probe.down.cols);
+    let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); num_experts];
+    for (pair, &id) in pair_expert.iter().enumerate() {
+        by_expert[id as usize].push(pair);
+    }
+    let active: Vec<usize> = (0..num_experts).filter(|&x| !by_expert[x].is_empty()).collect();
+    let gathered: Vec<Vec<f32>> = gather(&active, &by_expert, rows, pair_row, h);
+    let ws: Vec<ExpertWeights<'w>> = active.iter().map(|&x| weights(x)).collect();
+    // gate_up for every active expert in one parallel region, then the activation, then down.
+    let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * 2 * inter]).collect();
+    {
+        let mut jobs: Vec<LinearJob<'_>> = active
+            .iter()
+            .zip(&gathered)
+            .zip(gu.iter_mut())
+            .zip(&ws)
+            .map(|(((&x, xs), o), w)| LinearJob { x: xs, m: by_expert[x].len(), w: w.gate_up, out: o })
+            .collect();
+        linear_many(&mut jobs, dt);
+    }
+    // The activation of every (expert, row) pair, in one parallel pass.
+    let offsets: Vec<usize> = gu.iter().scan(0, |acc, g| Some(std::mem::replace(acc, *acc + g.len() / 2))).collect();
+    let total: usize = gu.iter().map(|g| g.len() / 2).sum();
+    let mut act = vec![0f32; total];
+    let row_expert: Vec<usize> = gu.iter().enumerate().flat_map(|(ai, g)| std::iter::repeat_n(ai, g.len() / (2 * inter))).collect();
+    switchyard_kernels::pool::for_each_chunk_mut_above(&mut act, inter, 4096, &|r, arow| {
+        let ai = row_expert[r];
+        let j = r - offsets[ai] / inter;
+        let grow = &gu[ai][j * 2 * inter..(j + 1) * 2 * inter];
+        ops::gelu_gate_up(&grow[..inter], &grow[inter..], dt, arow);
+    });
+    let acts: Vec<&[f32]> = offsets.iter().zip(&gu).map(|(&o, g)| &act[o..o + g.len() / 2]).collect();
+    let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * h]).collect();
+    {
+        let mut jobs: Vec<LinearJob<'_>> = active
+            .iter()
+            .zip(&acts)
+            .zip(ys.iter_mut())
+            .zip(&ws)
+            .map(|(((&x, &a), o), w)| LinearJob { x: a, m: by_expert[x].len(), w: w.down, out: o })
+            .collect();
+        linear_many(&mut jobs, dt);
+    }
+    // Where each pair's output is: (active expert index, row within that expert).
+    let mut place = vec![(0usize, 0usize); pair_expert.len()];
+    for (ai, &x) in active.iter().enumerate() {
+        for (j, &pair) in by_expert[x].iter().enumerate() {
+            place[pair] = (ai, j);
+        }
+    }
+    ExpertOutputs { ys, place, hidden: h }
+}
+
+/// Each pair's weighted contribution `round(y * w)` into `out[pairs, hidden]` (what an expert worker
+/// returns; [`combine`] then sums them exactly as the fused local path does).
+pub fn weighted_contributions(y: &ExpertOutputs, weights: &[f32], dt: DType, out: &mut [f32]) {
+    let h = y.hidden;
+    if h == 0 {
+        return;
+    }
+    switchyard_kernels::pool::for_each_chunk_mut(&mut out[..weights.len() * h], h, &|p, o| {
+        let w = weights[p];
+        for (x, &v) in o.iter_mut().zip(y.y(p)) {
+            *x = dt.round(v * w);
+        }
+    });
+}
+
 impl ExpertBackend for LocalExperts {
     fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
-        let (h, k, e, inter) = (self.hidden, self.moe.top_k, self.moe.num_experts, self.moe.intermediate_size);
+        let (h, k, e) = (self.hidden, self.moe.top_k, self.moe.num_experts);
         let l = self.layers.get(layer).ok_or(ExpertError::NoMoe { layer })?;
         let dt = self.dtype();
         if let Some(&bad) = ids[..n * k].iter().find(|&&id| id as usize >= e) {
             return Err(ExpertError::BadExpert { layer, id: bad, experts: e });
         }
-        // Group (row, slot) pairs by expert, in ascending expert id.
-        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); e];
-        for (pair, &id) in ids[..n * k].iter().enumerate() {
-            by_expert[id as usize].push(pair);
-        }
-        let active: Vec<usize> = (0..e).filter(|&x| !by_expert[x].is_empty()).collect();
-        let gathered: Vec<Vec<f32>> = gather(&active, &by_expert, rows, k, h);
-        // gate_up for every active expert in one parallel region, then the activation, then down.
-        let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * 2 * inter]).collect();
-        {
-            let mut jobs: Vec<LinearJob<'_>> = active
-                .iter()
-                .zip(&gathered)
-                .zip(gu.iter_mut())
-                .map(|((&x, xs), o)| LinearJob { x: xs, m: by_expert[x].len(), w: l.gate_up.weight_at(x), out: o })
-                .collect();
-            linear_many(&mut jobs, dt);
-        }
-        // The activation of every (expert, row) pair, in one parallel pass.
-        let offsets: Vec<usize> = gu.iter().scan(0, |acc, g| Some(std::mem::replace(acc, *acc + g.len() / 2))).collect();
-        let total: usize = gu.iter().map(|g| g.len() / 2).sum();
-        let mut act = vec![0f32; total];
-        let row_expert: Vec<usize> = gu.iter().enumerate().flat_map(|(ai, g)| std::iter::repeat_n(ai, g.len() / (2 * inter))).collect();
-        switchyard_kernels::pool::for_each_chunk_mut_above(&mut act, inter, 4096, &|r, arow| {
-            let ai = row_expert[r];
-            let j = r - offsets[ai] / inter;
-            let grow = &gu[ai][j * 2 * inter..(j + 1) * 2 * inter];
-            ops::gelu_gate_up(&grow[..inter], &grow[inter..], dt, arow);
-        });
-        let acts: Vec<&[f32]> = offsets.iter().zip(&gu).map(|(&o, g)| &act[o..o + g.len() / 2]).collect();
-        let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * h]).collect();
-        {
-            let mut jobs: Vec<LinearJob<'_>> = active
-                .iter()
-                .zip(&acts)
-                .zip(ys.iter_mut())
-                .map(|((&x, &a), o)| LinearJob { x: a, m: by_expert[x].len(), w: l.down.weight_at(x), out: o })
-                .collect();
-            linear_many(&mut jobs, dt);
-        }
-        // Where each (row, slot) pair's output is: (active expert index, row within that expert).
-        let mut place = vec![(0usize, 0usize); n * k];
-        for (ai, &x) in active.iter().enumerate() {
-            for (j, &pair) in by_expert[x].iter().enumerate() {
-                place[pair] = (ai, j);
-            }
-        }
+        let pair_row: Vec<usize> = (0..n * k).map(|p| p / k).collect();
+        let w = |x: usize| ExpertWeights { gate_up: l.gate_up.weight_at(x), down: l.down.weight_at(x) };
+        let y = expert_outputs(&w, rows, &pair_row, &ids[..n * k], e, dt);
         // The combine, fused with the routing weights: the same arithmetic as `combine` over
         // `round(y * w)` contributions, without materialising them.
         switchyard_kernels::pool::for_each_chunk_mut(&mut out[..n * h], h, &|r, o| {
@@ -175,9 +240,8 @@ impl ExpertBackend for LocalExperts {
             o.fill(0.0);
             for s in slots {
                 let pair = r * k + s;
-                let (ai, j) = place[pair];
                 let w = weights[pair];
-                for (x, &y) in o.iter_mut().zip(&ys[ai][j * h..(j + 1) * h]) {
+                for (x, &y) in o.iter_mut().zip(y.y(pair)) {
                     *x = dt.round(*x + dt.round(y * w));
                 }
             }

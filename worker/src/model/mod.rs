@@ -132,6 +132,7 @@ impl Gemma4Model {
     /// positions must already have storage. Returns, per chunk, the logits of the rows it asked for.
     pub fn forward_batch(&self, chunks: &[BatchChunk<'_>], kv: &mut dyn KvStore) -> Result<Vec<Vec<f32>>, ForwardError> {
         self.validate(chunks)?;
+        self.experts.begin_step();
         let mut rows = Vec::new();
         let mut ids = Vec::new();
         for (c, ch) in chunks.iter().enumerate() {

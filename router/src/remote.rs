@@ -1,0 +1,316 @@
+//! [`AttentionPool`]: the router's [`GenerationBackend`] over attention workers reached by gRPC.
+//!
+//! Balancing picks among workers that pass health checks and whose circuit breaker is closed: least
+//! outstanding requests (default), prefix affinity (rendezvous hashing of the prompt's first tokens,
+//! so shared prefixes meet their cached blocks), or power of two choices. A request that fails before
+//! streaming anything is retried on another worker; one that fails mid-stream is replayed there from
+//! the prompt plus the tokens already sent (the worker resumes after them, so the client sees no gap
+//! and no duplicate). The router keeps no state beyond the open requests.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use switchyard_proto::v1::{self, attention_service_client::AttentionServiceClient};
+use switchyard_worker::cluster::convert::{event_from_wire, params_to_wire};
+use switchyard_worker::engine::{EngineError, EngineEvent, EngineRequest, SamplingParams, validate_request};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tonic::transport::Channel;
+
+use crate::backend::{GenerationBackend, Submission};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    LeastOutstanding,
+    PrefixAffinity,
+    PowerOfTwo,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Policy, String> {
+        match s {
+            "least-outstanding" => Ok(Policy::LeastOutstanding),
+            "prefix-affinity" => Ok(Policy::PrefixAffinity),
+            "power-of-two" => Ok(Policy::PowerOfTwo),
+            _ => Err(format!("unknown policy `{s}` (least-outstanding, prefix-affinity, power-of-two)")),
+        }
+    }
+}
+
+/// Consecutive failures open the breaker for a backoff that doubles, up to this.
+const MAX_OPEN: Duration = Duration::from_secs(5);
+/// How long a request waits for some worker to become eligible before failing.
+const NO_WORKER_WAIT: Duration = Duration::from_secs(15);
+
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+pub struct Endpoint {
+    pub id: String,
+    pub addr: String,
+    client: AttentionServiceClient<Channel>,
+    outstanding: AtomicUsize,
+    ready: AtomicBool,
+    breaker: Mutex<Breaker>,
+}
+
+impl Endpoint {
+    fn new(id: String, addr: String) -> Result<Endpoint, String> {
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .map_err(|e| format!("bad worker address {addr}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Endpoint {
+            id,
+            addr,
+            client: AttentionServiceClient::new(channel),
+            outstanding: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            breaker: Mutex::new(Breaker { failures: 0, open_until: None }),
+        })
+    }
+
+    fn eligible(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.breaker.lock().unwrap().open_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    fn failed(&self) {
+        let mut b = self.breaker.lock().unwrap();
+        b.failures += 1;
+        let backoff = Duration::from_millis(250 << b.failures.min(5)).min(MAX_OPEN);
+        b.open_until = Some(Instant::now() + backoff);
+        metrics::counter!("switchyard_router_worker_failures_total", "worker" => self.id.clone()).increment(1);
+    }
+
+    fn succeeded(&self) {
+        let mut b = self.breaker.lock().unwrap();
+        b.failures = 0;
+        b.open_until = None;
+    }
+}
+
+pub struct AttentionPool {
+    endpoints: RwLock<Vec<Arc<Endpoint>>>,
+    policy: Policy,
+    unfinished: Arc<AtomicUsize>,
+    vocab_size: usize,
+    max_model_len: usize,
+    counter: AtomicU64,
+}
+
+/// Decrements a counter when dropped.
+struct Count(Arc<AtomicUsize>);
+
+impl Drop for Count {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Outstanding(Arc<Endpoint>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AttentionPool {
+    pub fn new(policy: Policy, vocab_size: usize, max_model_len: usize) -> Arc<AttentionPool> {
+        Arc::new(AttentionPool {
+            endpoints: RwLock::new(Vec::new()),
+            policy,
+            unfinished: Arc::new(AtomicUsize::new(0)),
+            vocab_size,
+            max_model_len,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// Replaces the worker list (id, address), keeping the state of workers that stay.
+    pub fn set_workers(&self, list: &[(String, String)]) {
+        let mut eps = self.endpoints.write().unwrap();
+        let mut next = Vec::with_capacity(list.len());
+        for (id, addr) in list {
+            match eps.iter().find(|e| &e.id == id && &e.addr == addr) {
+                Some(e) => next.push(e.clone()),
+                None => match Endpoint::new(id.clone(), addr.clone()) {
+                    Ok(e) => next.push(Arc::new(e)),
+                    Err(m) => eprintln!("switchyard router: {m}"),
+                },
+            }
+        }
+        *eps = next;
+    }
+
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.endpoints.read().unwrap().clone()
+    }
+
+    /// Polls every worker's `Health` every `every`; a worker is eligible only while it answers ready.
+    pub async fn health_checks(self: Arc<Self>, every: Duration) {
+        loop {
+            let checks = self.endpoints().into_iter().map(|e| async move {
+                let mut c = e.client.clone();
+                let r = tokio::time::timeout(Duration::from_secs(1), c.health(v1::HealthRequest {})).await;
+                let ready = matches!(&r, Ok(Ok(resp)) if resp.get_ref().ready);
+                e.ready.store(ready, Ordering::Relaxed);
+            });
+            futures_util::future::join_all(checks).await;
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    fn pick(&self, prompt: &[u32], tried: &[String]) -> Option<Arc<Endpoint>> {
+        let eps = self.endpoints();
+        let fresh: Vec<&Arc<Endpoint>> = eps.iter().filter(|e| e.eligible() && !tried.contains(&e.id)).collect();
+        let pool: Vec<&Arc<Endpoint>> = if fresh.is_empty() { eps.iter().filter(|e| e.eligible()).collect() } else { fresh };
+        if pool.is_empty() {
+            return None;
+        }
+        let n = self.counter.fetch_add(1, Ordering::Relaxed) as usize;
+        let load = |e: &Arc<Endpoint>| e.outstanding.load(Ordering::Relaxed);
+        let chosen = match self.policy {
+            // Ties rotate, so equal workers share the load.
+            Policy::LeastOutstanding => {
+                let min = pool.iter().map(|e| load(e)).min().unwrap_or(0);
+                let ties: Vec<&&Arc<Endpoint>> = pool.iter().filter(|e| load(e) == min).collect();
+                *ties[n % ties.len()]
+            }
+            Policy::PowerOfTwo => {
+                let mut h = DefaultHasher::new();
+                n.hash(&mut h);
+                let r = h.finish() as usize;
+                let (a, b) = (pool[r % pool.len()], pool[(r / pool.len().max(1)) % pool.len()]);
+                if load(b) < load(a) { b } else { a }
+            }
+            Policy::PrefixAffinity => {
+                let head = &prompt[..prompt.len().min(64)];
+                pool.iter()
+                    .max_by_key(|e| {
+                        let mut h = DefaultHasher::new();
+                        head.hash(&mut h);
+                        e.id.hash(&mut h);
+                        h.finish()
+                    })
+                    .copied()
+                    .expect("pool is not empty")
+            }
+        };
+        Some(chosen.clone())
+    }
+
+    async fn drive(self: Arc<Self>, req: EngineRequest, tx: UnboundedSender<EngineEvent>, _count: Count) {
+        let request_id = format!("{:016x}", self.counter.fetch_add(1, Ordering::Relaxed) ^ 0x5bd1_e995_u64.rotate_left(17));
+        let traceparent = traceparent(&request_id);
+        let mut sent: Vec<u32> = Vec::new();
+        let mut tried: Vec<String> = Vec::new();
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            let Some(ep) = self.pick(&req.prompt, &tried) else {
+                if started.elapsed() > NO_WORKER_WAIT {
+                    let _ = tx.send(EngineEvent::Error("no attention worker is available".into()));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            attempts += 1;
+            if attempts > 1 {
+                let kind = if sent.is_empty() { "retry" } else { "replay" };
+                metrics::counter!("switchyard_router_retries_total", "kind" => kind).increment(1);
+                eprintln!("switchyard router: {kind} of request {request_id} on {} after {} tokens", ep.id, sent.len());
+            }
+            ep.outstanding.fetch_add(1, Ordering::Relaxed);
+            let _out = Outstanding(ep.clone());
+            let mut call = tonic::Request::new(v1::GenerateRequest {
+                request_id: request_id.clone(),
+                prompt: req.prompt.clone(),
+                params: Some(params_to_wire(&req.params)),
+                resume_output: sent.clone(),
+            });
+            if let Ok(v) = traceparent.parse() {
+                call.metadata_mut().insert(switchyard_proto::TRACEPARENT, v);
+            }
+            let mut stream = match ep.client.clone().generate(call).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    let _ = tx.send(EngineEvent::Error(s.message().to_string()));
+                    return;
+                }
+                Err(_) => {
+                    ep.failed();
+                    tried.push(ep.id.clone());
+                    continue;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(ev)) => {
+                        let mut ev = event_from_wire(&ev);
+                        if let EngineEvent::Token(t) = &mut ev {
+                            ep.succeeded();
+                            if !sent.is_empty() {
+                                // Prompt facts went out with the first token of the first attempt.
+                                t.prompt = None;
+                            }
+                            sent.push(t.token);
+                        }
+                        let last = matches!(&ev, EngineEvent::Error(_)) || matches!(&ev, EngineEvent::Token(t) if t.finish.is_some());
+                        if tx.send(ev).is_err() || last {
+                            return;
+                        }
+                    }
+                    // The stream ended without a finish: the worker went away. Replay elsewhere.
+                    Ok(None) | Err(_) => {
+                        ep.failed();
+                        tried.push(ep.id.clone());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A W3C `traceparent` for a request (trace id from the request id, sampled).
+fn traceparent(request_id: &str) -> String {
+    let mut h = DefaultHasher::new();
+    request_id.hash(&mut h);
+    let a = h.finish();
+    "span".hash(&mut h);
+    let b = h.finish();
+    format!("00-{a:016x}{:016x}-{b:016x}-01", a.rotate_left(29) ^ b)
+}
+
+impl GenerationBackend for Arc<AttentionPool> {
+    fn unfinished(&self) -> usize {
+        self.unfinished.load(Ordering::Relaxed)
+    }
+
+    fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        validate_request(prompt, params, self.vocab_size, self.max_model_len)
+    }
+
+    fn submit(&self, req: EngineRequest) -> Result<Submission, EngineError> {
+        self.validate(&req.prompt, &req.params)?;
+        let (tx, events) = unbounded_channel();
+        self.unfinished.fetch_add(1, Ordering::Relaxed);
+        // Moved into the task: an abort before it first runs still releases the count.
+        let count = Count(self.unfinished.clone());
+        let task = tokio::spawn(self.clone().drive(req, tx, count));
+        let abort = task.abort_handle();
+        Ok(Submission { events, cancel: Box::new(move || abort.abort()) })
+    }
+
+    fn ready(&self) -> bool {
+        self.endpoints().iter().any(|e| e.eligible())
+    }
+}

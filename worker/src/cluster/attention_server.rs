@@ -1,0 +1,82 @@
+//! `AttentionService`: the router's way into an attention worker's engine. `Generate` streams one
+//! event per token; dropping the stream (client gone, router cancelled) aborts the request in the
+//! engine at its next token.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use switchyard_proto::v1::{self, attention_service_server::AttentionService};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+
+use super::convert::{event_to_wire, params_from_wire};
+use crate::engine::{EngineError, EngineEvent, EngineHandle, EngineRequest};
+use switchyard_coordinator::PlacementPlan;
+
+#[derive(Clone)]
+pub struct AttentionServer {
+    engine: EngineHandle,
+    /// The plan steps run on; not ready until there is one.
+    active: watch::Receiver<Option<Arc<PlacementPlan>>>,
+    vocab_size: usize,
+    /// Whether the model needs a plan at all (a model without experts does not).
+    needs_plan: bool,
+}
+
+impl AttentionServer {
+    pub fn new(engine: EngineHandle, active: watch::Receiver<Option<Arc<PlacementPlan>>>, vocab_size: usize, needs_plan: bool) -> AttentionServer {
+        AttentionServer { engine, active, vocab_size, needs_plan }
+    }
+}
+
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::Stopped => Status::unavailable(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AttentionService for AttentionServer {
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        let trace = request.metadata().get(switchyard_proto::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let r = request.into_inner();
+        let params = params_from_wire(&r.params.unwrap_or_default());
+        let (id, mut events) =
+            self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output }).map_err(status)?;
+        if let Some(t) = &trace {
+            eprintln!("switchyard worker: request {} (traceparent {t}) admitted as {id}", r.request_id);
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                let last = matches!(&ev, EngineEvent::Error(_)) || matches!(&ev, EngineEvent::Token(t) if t.finish.is_some());
+                if tx.send(Ok(event_to_wire(&ev))).await.is_err() {
+                    engine.abort(id);
+                    return;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
+        let plan = self.active.borrow().as_ref().map_or(0, |p| p.version);
+        Ok(Response::new(v1::HealthReply {
+            ready: !self.needs_plan || plan > 0,
+            plan_version: plan,
+            unfinished: self.engine.stats().unfinished.load(std::sync::atomic::Ordering::Relaxed) as u32,
+            vocab_size: self.vocab_size as u32,
+            max_model_len: self.engine.max_model_len() as u32,
+        }))
+    }
+}

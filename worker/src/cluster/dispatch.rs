@@ -1,0 +1,308 @@
+//! [`ExpertDispatch`]: the [`ExpertBackend`] of an attention worker in a cluster.
+//!
+//! Per layer, each (row, slot) pair goes to a holder of its expert under the step's plan: this
+//! process when it holds the expert (TEP/DEP), else one of the plan's replicas (spread by row). Rows
+//! are grouped per worker and sent concurrently over one long-lived bidirectional stream per expert
+//! worker; this process's own share is computed meanwhile. Each pair comes back as its weighted
+//! contribution, and the contributions are summed per row in ascending expert id, exactly as the
+//! in-process path does, so output is bit-identical to `serve` whatever the placement.
+//!
+//! Failure: a worker whose call fails or misses the per-layer deadline is marked down for a moment
+//! and its pairs are retried on other replicas in the same step; a pair with no live holder fails the
+//! step with [`ExpertError::Unavailable`] (an explicit error to the client, never wrong output).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchyard_coordinator::{ExpertLoad, PlacementPlan};
+use switchyard_kernels::DType;
+use switchyard_proto::v1::{self, expert_service_client::ExpertServiceClient};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::expert_store::ExpertStore;
+use super::wire;
+use crate::model::experts::{ExpertBackend, ExpertError, combine, weighted_contributions};
+
+/// How long a worker that failed is skipped before it is tried again.
+const DOWN_FOR: Duration = Duration::from_secs(1);
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<v1::LayerResponse>>>>;
+
+/// One bidirectional `Dispatch` stream to an expert worker.
+struct Peer {
+    tx: mpsc::Sender<v1::LayerRequest>,
+    pending: Pending,
+    closed: watch::Receiver<bool>,
+}
+
+impl Peer {
+    async fn connect(addr: &str, timeout: Duration) -> Result<Peer, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let mut client = ExpertServiceClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        let (tx, rx) = mpsc::channel(256);
+        let mut inbound = client.dispatch(ReceiverStream::new(rx)).await.map_err(|e| format!("opening the stream to {addr}: {e}"))?.into_inner();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let (closed_tx, closed) = watch::channel(false);
+        let p = pending.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(resp)) = inbound.message().await {
+                if let Some(waiter) = p.lock().unwrap().remove(&resp.id) {
+                    let _ = waiter.send(resp);
+                }
+            }
+            // The stream ended: fail everything in flight (dropping the senders).
+            let _ = closed_tx.send(true);
+            p.lock().unwrap().clear();
+        });
+        Ok(Peer { tx, pending, closed })
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.closed.borrow() || self.tx.is_closed()
+    }
+
+    async fn call(&self, req: v1::LayerRequest) -> Result<v1::LayerResponse, String> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(req.id, tx);
+        let id = req.id;
+        if self.tx.send(req).await.is_err() {
+            self.pending.lock().unwrap().remove(&id);
+            return Err("the stream is closed".into());
+        }
+        rx.await.map_err(|_| "the stream ended before the reply".to_string())
+    }
+}
+
+pub struct DispatchConfig {
+    /// This worker's id (to recognise its own slices in the plan).
+    pub me: String,
+    pub num_layers: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    pub dtype: DType,
+    /// Per-layer deadline for one worker's reply.
+    pub timeout: Duration,
+}
+
+pub struct ExpertDispatch {
+    cfg: DispatchConfig,
+    local: Option<Arc<ExpertStore>>,
+    active: watch::Receiver<Option<Arc<PlacementPlan>>>,
+    pinned: Mutex<Option<Arc<PlacementPlan>>>,
+    peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
+    down: Mutex<HashMap<String, Instant>>,
+    rt: Handle,
+    next_id: AtomicU64,
+    /// Tokens routed per (layer, expert) since the last [`ExpertDispatch::take_load`].
+    load: Vec<AtomicU64>,
+}
+
+/// One worker's share of a layer: which pairs it computes.
+struct Share {
+    worker: String,
+    pairs: Vec<usize>,
+}
+
+impl ExpertDispatch {
+    /// `active` is the plan steps run on (advanced by the plan follower); `local` the slices this
+    /// process holds, if any. Remote calls run on `rt`; `run` itself is called from the engine thread.
+    pub fn new(
+        cfg: DispatchConfig,
+        local: Option<Arc<ExpertStore>>,
+        active: watch::Receiver<Option<Arc<PlacementPlan>>>,
+        rt: Handle,
+    ) -> ExpertDispatch {
+        let load = (0..cfg.num_layers * cfg.num_experts).map(|_| AtomicU64::new(0)).collect();
+        ExpertDispatch {
+            cfg,
+            local,
+            active,
+            pinned: Mutex::new(None),
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
+            rt,
+            next_id: AtomicU64::new(1),
+            load,
+        }
+    }
+
+    /// Tokens routed per (layer, expert) since the last call (for the coordinator's rebalancing).
+    pub fn take_load(&self) -> ExpertLoad {
+        let mut l = ExpertLoad::default();
+        for (i, c) in self.load.iter().enumerate() {
+            let n = c.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                l.add(i / self.cfg.num_experts, i % self.cfg.num_experts, n as f64);
+            }
+        }
+        l
+    }
+
+    fn plan(&self) -> Option<Arc<PlacementPlan>> {
+        self.pinned.lock().unwrap().clone().or_else(|| self.active.borrow().clone())
+    }
+
+    fn is_down(&self, w: &str) -> bool {
+        self.down.lock().unwrap().get(w).is_some_and(|t| Instant::now() < *t)
+    }
+
+    /// Chooses a holder for every pair, skipping `excluded` workers. Pairs of one row go to the same
+    /// replica where they can (fewer rows on the wire).
+    fn assign(&self, plan: &PlacementPlan, layer: usize, pairs: &[usize], ids: &[u32], excluded: &HashSet<String>) -> Result<Vec<Share>, ExpertError> {
+        let k = self.cfg.top_k;
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for &p in pairs {
+            let e = ids[p];
+            let live: Vec<&String> = plan.holders(layer, e as usize).iter().filter(|h| !excluded.contains(*h)).collect();
+            let target = if live.iter().any(|h| **h == self.cfg.me) && self.local.is_some() {
+                self.cfg.me.as_str()
+            } else if live.is_empty() {
+                return Err(ExpertError::Unavailable { layer, reason: format!("no live holder of expert {e} under plan v{}", plan.version) });
+            } else {
+                live[(p / k) % live.len()].as_str()
+            };
+            groups.entry(target).or_default().push(p);
+        }
+        Ok(groups.into_iter().map(|(w, pairs)| Share { worker: w.to_string(), pairs }).collect())
+    }
+
+    fn frame(&self, plan: &PlacementPlan, layer: usize, rows: &[f32], ids: &[u32], weights: &[f32], pairs: &[usize]) -> v1::LayerRequest {
+        let (h, k) = (self.cfg.hidden, self.cfg.top_k);
+        let mut row_index: HashMap<usize, u32> = HashMap::new();
+        let mut packed = Vec::new();
+        let mut pair_row = Vec::with_capacity(pairs.len());
+        for &p in pairs {
+            let r = p / k;
+            let next = row_index.len() as u32;
+            let idx = *row_index.entry(r).or_insert_with(|| {
+                packed.extend_from_slice(&rows[r * h..(r + 1) * h]);
+                next
+            });
+            pair_row.push(idx);
+        }
+        v1::LayerRequest {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            plan_version: plan.version,
+            layer: layer as u32,
+            dtype: wire::to_wire(self.cfg.dtype) as i32,
+            hidden: h as u32,
+            rows: wire::encode(self.cfg.dtype, &packed),
+            pair_row,
+            pair_expert: pairs.iter().map(|&p| ids[p]).collect(),
+            pair_weight: pairs.iter().map(|&p| weights[p]).collect(),
+        }
+    }
+
+    async fn peer(&self, worker: &str, addr: &str) -> Result<Arc<Peer>, String> {
+        let mut peers = self.peers.lock().await;
+        if let Some(p) = peers.get(worker).filter(|p| !p.is_closed()) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(Peer::connect(addr, self.cfg.timeout).await?);
+        peers.insert(worker.to_string(), p.clone());
+        Ok(p)
+    }
+
+    async fn remote(self: Arc<Self>, worker: String, addr: String, req: v1::LayerRequest, expect: usize) -> Result<Vec<f32>, String> {
+        let t0 = Instant::now();
+        let layer = req.layer;
+        let call = async {
+            let peer = self.peer(&worker, &addr).await?;
+            peer.call(req).await
+        };
+        let resp = tokio::time::timeout(self.cfg.timeout, call).await.map_err(|_| format!("no reply within {:?}", self.cfg.timeout))??;
+        if resp.error != 0 {
+            return Err(format!("{} ({:?})", resp.message, v1::DispatchError::try_from(resp.error).unwrap_or(v1::DispatchError::DispatchBadFrame)));
+        }
+        if resp.contributions.len() != expect * self.cfg.dtype.size() {
+            return Err(format!("reply has {} bytes, expected {}", resp.contributions.len(), expect * self.cfg.dtype.size()));
+        }
+        metrics::histogram!("switchyard_dispatch_seconds", "layer" => layer.to_string()).record(t0.elapsed().as_secs_f64());
+        Ok(wire::decode(self.cfg.dtype, &resp.contributions))
+    }
+
+    fn run_shared(self: &Arc<Self>, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        let (h, k, e) = (self.cfg.hidden, self.cfg.top_k, self.cfg.num_experts);
+        if let Some(&bad) = ids[..n * k].iter().find(|&&id| id as usize >= e) {
+            return Err(ExpertError::BadExpert { layer, id: bad, experts: e });
+        }
+        let plan = self.plan().ok_or_else(|| ExpertError::Unavailable { layer, reason: "no placement plan yet".into() })?;
+        for &id in &ids[..n * k] {
+            self.load[layer * e + id as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        let mut contrib = vec![0f32; n * k * h];
+        let mut todo: Vec<usize> = (0..n * k).collect();
+        let mut excluded: HashSet<String> = plan.addresses.keys().filter(|w| self.is_down(w)).cloned().collect();
+        while !todo.is_empty() {
+            let shares = self.assign(&plan, layer, &todo, ids, &excluded)?;
+            todo.clear();
+            let mut calls = Vec::new();
+            let mut local = None;
+            for s in shares {
+                if s.worker == self.cfg.me && self.local.is_some() {
+                    local = Some(s);
+                    continue;
+                }
+                let addr = plan.addresses.get(&s.worker).cloned().unwrap_or_default();
+                let req = self.frame(&plan, layer, rows, ids, weights, &s.pairs);
+                let task = self.rt.spawn(self.clone().remote(s.worker.clone(), addr, req, s.pairs.len() * h));
+                calls.push((s, task));
+            }
+            if let (Some(s), Some(store)) = (local, &self.local) {
+                let pair_row: Vec<usize> = s.pairs.iter().map(|p| p / k).collect();
+                let pair_expert: Vec<u32> = s.pairs.iter().map(|&p| ids[p]).collect();
+                let w: Vec<f32> = s.pairs.iter().map(|&p| weights[p]).collect();
+                let y = store
+                    .outputs(layer, rows, &pair_row, &pair_expert)
+                    .map_err(|err| ExpertError::Unavailable { layer, reason: err.to_string() })?;
+                let mut c = vec![0f32; s.pairs.len() * h];
+                weighted_contributions(&y, &w, self.cfg.dtype, &mut c);
+                for (i, &p) in s.pairs.iter().enumerate() {
+                    contrib[p * h..(p + 1) * h].copy_from_slice(&c[i * h..(i + 1) * h]);
+                }
+            }
+            for (s, task) in calls {
+                let result = self.rt.block_on(task).unwrap_or_else(|e| Err(format!("dispatch task failed: {e}")));
+                match result {
+                    Ok(c) => {
+                        for (i, &p) in s.pairs.iter().enumerate() {
+                            contrib[p * h..(p + 1) * h].copy_from_slice(&c[i * h..(i + 1) * h]);
+                        }
+                    }
+                    Err(reason) => {
+                        eprintln!("switchyard: layer {layer}: expert worker {} failed ({reason}); retrying on other replicas", s.worker);
+                        metrics::counter!("switchyard_dispatch_failures_total").increment(1);
+                        self.down.lock().unwrap().insert(s.worker.clone(), Instant::now() + DOWN_FOR);
+                        excluded.insert(s.worker);
+                        todo.extend(s.pairs);
+                    }
+                }
+            }
+        }
+        combine(&contrib, ids, n, k, h, self.cfg.dtype, out);
+        Ok(())
+    }
+}
+
+/// The engine holds the dispatcher through this (it needs `Arc<Self>` to spawn remote calls).
+pub struct SharedDispatch(pub Arc<ExpertDispatch>);
+
+impl ExpertBackend for SharedDispatch {
+    fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        self.0.run_shared(layer, rows, n, ids, weights, out)
+    }
+
+    fn begin_step(&self) {
+        let plan = self.0.active.borrow().clone();
+        *self.0.pinned.lock().unwrap() = plan;
+    }
+}

@@ -1,0 +1,148 @@
+//! The expert slices this process holds: for each (layer, expert) the plan gives it, owned copies of
+//! that expert's gate_up and down weights, read from the safetensors files by offset (the rest of the
+//! file is never touched, so memory follows the share). Slices are loaded and dropped as plans change.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use switchyard_kernels::{DType, Weight};
+
+use crate::checkpoint::{Checkpoint, Tensor};
+use crate::config::{ModelConfig, MoeConfig};
+use crate::error::LoadError;
+use crate::model::experts::{ExpertOutputs, ExpertWeights, expert_outputs};
+
+/// One weight matrix, owned, with the bf16 kernel's packed panels when they apply.
+struct OwnedWeight {
+    dtype: DType,
+    bytes: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    panels: Option<Vec<u32>>,
+}
+
+impl OwnedWeight {
+    fn copy_of(t: &Tensor, i: usize) -> OwnedWeight {
+        let w = t.weight_at(i);
+        let mut o = OwnedWeight { dtype: w.dtype, bytes: w.bytes.to_vec(), rows: w.rows, cols: w.cols, panels: None };
+        if !std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
+            o.panels = switchyard_kernels::linear::pack_panels(&o.view());
+        }
+        o
+    }
+
+    fn view(&self) -> Weight<'_> {
+        Weight::new(self.dtype, &self.bytes, self.rows, self.cols).with_panels(self.panels.as_deref())
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.len() + self.panels.as_ref().map_or(0, |p| p.len() * 4)
+    }
+}
+
+struct Slice {
+    gate_up: OwnedWeight,
+    down: OwnedWeight,
+}
+
+/// Expert slices by (layer, expert), shared between the gRPC handlers and the compute thread.
+pub struct ExpertStore {
+    ckpt: Checkpoint,
+    prefix: &'static str,
+    moe: MoeConfig,
+    pub hidden: usize,
+    pub num_layers: usize,
+    pub dtype: DType,
+    slices: RwLock<HashMap<(usize, usize), Arc<Slice>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("layer {layer} expert {expert} is not held here")]
+    NotHeld { layer: usize, expert: u32 },
+}
+
+impl ExpertStore {
+    /// Opens the checkpoint's expert tensors (nothing is copied until [`ExpertStore::hold`]).
+    pub fn open(ckpt: Checkpoint, config: &ModelConfig) -> Result<ExpertStore, LoadError> {
+        let moe = config.moe.ok_or_else(|| LoadError::MissingTensor { name: "experts (config has no MoE block)".into(), expected: vec![] })?;
+        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
+        let store = ExpertStore {
+            ckpt,
+            prefix,
+            moe,
+            hidden: config.hidden_size,
+            num_layers: config.num_layers,
+            dtype: DType::F32,
+            slices: RwLock::new(HashMap::new()),
+        };
+        let dtype = store.tensors(0)?.0.dtype;
+        Ok(ExpertStore { dtype, ..store })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.moe.num_experts
+    }
+
+    pub fn top_k(&self) -> usize {
+        self.moe.top_k
+    }
+
+    /// Bytes of one (layer, expert) slice in the checkpoint dtype.
+    pub fn slice_bytes(&self) -> u64 {
+        (3 * self.moe.intermediate_size * self.hidden * self.dtype.size()) as u64
+    }
+
+    fn tensors(&self, layer: usize) -> Result<(Tensor, Tensor), LoadError> {
+        let (h, e, i) = (self.hidden, self.moe.num_experts, self.moe.intermediate_size);
+        let p = format!("{}layers.{layer}.", self.prefix);
+        let gu = self.ckpt.expect_any(&[format!("{p}experts.gate_up_proj"), format!("{p}moe.gate_up_proj")], &[e, 2 * i, h])?;
+        let down = self.ckpt.expect_any(&[format!("{p}experts.down_proj"), format!("{p}moe.down_proj")], &[e, h, i])?;
+        Ok((gu, down))
+    }
+
+    /// Makes the held set exactly `want`: copies in the missing slices, drops the others. Returns the
+    /// bytes now held.
+    pub fn hold(&self, want: &BTreeSet<(usize, usize)>) -> Result<usize, LoadError> {
+        let missing: Vec<(usize, usize)> = {
+            let held = self.slices.read().unwrap();
+            want.iter().filter(|k| !held.contains_key(k)).copied().collect()
+        };
+        let mut loaded = Vec::with_capacity(missing.len());
+        for (l, e) in missing {
+            let (gu, down) = self.tensors(l)?;
+            loaded.push(((l, e), Arc::new(Slice { gate_up: OwnedWeight::copy_of(&gu, e), down: OwnedWeight::copy_of(&down, e) })));
+        }
+        let mut held = self.slices.write().unwrap();
+        held.extend(loaded);
+        held.retain(|k, _| want.contains(k));
+        Ok(held.values().map(|s| s.gate_up.bytes() + s.down.bytes()).sum())
+    }
+
+    pub fn held(&self) -> BTreeSet<(usize, usize)> {
+        self.slices.read().unwrap().keys().copied().collect()
+    }
+
+    pub fn holds(&self, layer: usize, expert: u32) -> bool {
+        self.slices.read().unwrap().contains_key(&(layer, expert as usize))
+    }
+
+    /// Every pair's expert output for one layer; fails if any expert is not held.
+    pub fn outputs(&self, layer: usize, rows: &[f32], pair_row: &[usize], pair_expert: &[u32]) -> Result<ExpertOutputs, StoreError> {
+        let mut slices: HashMap<usize, Arc<Slice>> = HashMap::new();
+        {
+            let held = self.slices.read().unwrap();
+            for &e in pair_expert {
+                if let std::collections::hash_map::Entry::Vacant(v) = slices.entry(e as usize) {
+                    let s = held.get(&(layer, e as usize)).ok_or(StoreError::NotHeld { layer, expert: e })?;
+                    v.insert(s.clone());
+                }
+            }
+        }
+        let w = |x: usize| {
+            let s = &slices[&x];
+            ExpertWeights { gate_up: s.gate_up.view(), down: s.down.view() }
+        };
+        Ok(expert_outputs(&w, rows, pair_row, pair_expert, self.moe.num_experts, self.dtype))
+    }
+}

@@ -1,0 +1,183 @@
+//! One `switchyard worker` process: registration, plan following, load reports and the gRPC server.
+//!
+//! Plan changes never drop work. An expert worker loads the slices of a new plan next to the old ones
+//! and only then reports `loaded_plan`; an attention worker switches its steps to a plan only once
+//! every holder in it has loaded it (a step pins its plan, so a step that started on v completes on
+//! v); and an expert worker drops the old slices only after every attention worker reports running
+//! on the new plan. Frames older than the oldest plan still held are refused as stale.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use switchyard_coordinator::{Discovery, PlacementPlan, Registration, Role, WorkerInfo};
+use switchyard_proto::v1::attention_service_server::AttentionServiceServer;
+use switchyard_proto::v1::expert_service_server::ExpertServiceServer;
+use tokio::sync::watch;
+
+use super::attention_server::AttentionServer;
+use super::dispatch::ExpertDispatch;
+use super::expert_server::ExpertServer;
+use super::expert_store::ExpertStore;
+use crate::engine::EngineHandle;
+
+pub struct WorkerConfig {
+    pub id: String,
+    pub role: Role,
+    /// The bound listener for the gRPC server (bind first, so the address is known).
+    pub listener: tokio::net::TcpListener,
+    /// The address other processes dial; `http://<bound address>` when None.
+    pub advertise: Option<String>,
+    /// Bytes this worker offers for expert slices.
+    pub expert_memory: u64,
+    /// How often the expert load seen by this attention worker is reported.
+    pub stats_interval: Duration,
+}
+
+/// The parts of a worker built from the checkpoint.
+pub struct WorkerParts {
+    /// Expert-capable roles: the slice store and its server.
+    pub experts: Option<ExpertServer>,
+    /// Attention-capable roles: the engine, its dispatcher and the plan channel steps read.
+    pub attention: Option<AttentionParts>,
+    /// The channel the plan follower advances; the dispatcher reads it.
+    pub active: watch::Sender<Option<Arc<PlacementPlan>>>,
+}
+
+pub struct AttentionParts {
+    pub engine: EngineHandle,
+    pub dispatch: Arc<ExpertDispatch>,
+    pub vocab_size: usize,
+    /// False for a model without experts (no plan needed to serve).
+    pub needs_plan: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("discovery: {0}")]
+    Discovery(#[from] switchyard_coordinator::DiscoveryError),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Registers, follows plans, reports load and serves gRPC until `shutdown` resolves.
+pub async fn run_worker(
+    cfg: WorkerConfig,
+    parts: WorkerParts,
+    discovery: Arc<dyn Discovery>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    let bound = cfg.listener.local_addr()?;
+    let addr = cfg.advertise.clone().unwrap_or_else(|| default_advertise(bound));
+    let info = WorkerInfo { id: cfg.id.clone(), role: cfg.role, addr: addr.clone(), capacity_bytes: cfg.expert_memory, loaded_plan: 0, active_plan: 0 };
+    let reg = discovery.register(info.clone()).await?;
+    let store = parts.experts.as_ref().map(|s| (s.store().clone(), s.clone()));
+    let follower = tokio::spawn(follow_plans(discovery.clone(), reg, info, store, parts.attention.is_some().then(|| parts.active.clone())));
+    if let Some(a) = &parts.attention {
+        tokio::spawn(report_load(discovery.clone(), cfg.id.clone(), a.dispatch.clone(), cfg.stats_interval));
+    }
+    let router = tonic::transport::Server::builder().tcp_nodelay(true).add_optional_service(parts.experts.clone().map(|s| {
+        ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
+    }));
+    let router = router.add_optional_service(parts.attention.as_ref().map(|a| {
+        AttentionServiceServer::new(AttentionServer::new(a.engine.clone(), parts.active.subscribe(), a.vocab_size, a.needs_plan))
+    }));
+    eprintln!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(cfg.listener);
+    let result = router.serve_with_incoming_shutdown(incoming, shutdown).await;
+    follower.abort();
+    result.map_err(WorkerError::from)
+}
+
+async fn report_load(d: Arc<dyn Discovery>, id: String, dispatch: Arc<ExpertDispatch>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let load = dispatch.take_load();
+        if load.total() > 0.0
+            && let Err(e) = d.report_load(&id, &load).await
+        {
+            eprintln!("switchyard worker {id}: reporting load: {e}");
+        }
+    }
+}
+
+fn slices_of(plans: &[Arc<PlacementPlan>], me: &str) -> BTreeSet<(usize, usize)> {
+    plans.iter().flat_map(|p| p.slices_of(me)).collect()
+}
+
+async fn follow_plans(
+    d: Arc<dyn Discovery>,
+    reg: Box<dyn Registration>,
+    mut info: WorkerInfo,
+    store: Option<(Arc<ExpertStore>, ExpertServer)>,
+    active: Option<watch::Sender<Option<Arc<PlacementPlan>>>>,
+) {
+    let mut plans = d.plan();
+    let mut workers = d.workers();
+    // Plans whose slices this worker holds, oldest first.
+    let mut retained: Vec<Arc<PlacementPlan>> = Vec::new();
+    loop {
+        let latest = plans.borrow_and_update().clone();
+        let ws = workers.borrow_and_update().clone();
+        if let Some(p) = latest {
+            if let Some((store, server)) = &store {
+                if info.loaded_plan < p.version {
+                    retained.push(p.clone());
+                    load_slices(store, slices_of(&retained, &info.id)).await;
+                    info.loaded_plan = p.version;
+                    reg.update(info.clone());
+                }
+                // Drop the old plans' slices once every attention worker runs on the newest.
+                let newest = retained.last().map_or(0, |p| p.version);
+                let switched = ws.values().filter(|w| w.role.runs_attention()).all(|w| {
+                    let v = if w.id == info.id { info.active_plan } else { w.active_plan };
+                    v >= newest
+                });
+                if retained.len() > 1 && switched {
+                    retained.drain(..retained.len() - 1);
+                    server.min_plan_version.store(newest, Ordering::Relaxed);
+                    load_slices(store, slices_of(&retained, &info.id)).await;
+                }
+            }
+            if let Some(tx) = &active {
+                let current = tx.borrow().as_ref().map_or(0, |p| p.version);
+                let loaded = |w: &str| if w == info.id { info.loaded_plan >= p.version } else { ws.get(w).is_some_and(|x| x.loaded_plan >= p.version) };
+                if p.version > current && p.expert_workers().into_iter().all(loaded) {
+                    tx.send_replace(Some(p.clone()));
+                    info.active_plan = p.version;
+                    reg.update(info.clone());
+                    metrics::gauge!("switchyard_plan_version").set(p.version as f64);
+                    eprintln!("switchyard worker {}: steps now run on plan v{}", info.id, p.version);
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            r = plans.changed() => if r.is_err() { return },
+            r = workers.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn load_slices(store: &Arc<ExpertStore>, want: BTreeSet<(usize, usize)>) {
+    let s = store.clone();
+    let n = want.len();
+    match tokio::task::spawn_blocking(move || s.hold(&want)).await {
+        Ok(Ok(bytes)) => {
+            metrics::gauge!("switchyard_expert_bytes").set(bytes as f64);
+            metrics::gauge!("switchyard_expert_slices").set(n as f64);
+        }
+        Ok(Err(e)) => eprintln!("switchyard worker: loading expert slices: {e}"),
+        Err(e) => eprintln!("switchyard worker: loading expert slices: {e}"),
+    }
+}
+
+/// The address to advertise for a listener bound to `bound` (an unspecified IP becomes loopback).
+pub fn default_advertise(bound: SocketAddr) -> String {
+    let ip = if bound.ip().is_unspecified() { std::net::IpAddr::from([127, 0, 0, 1]) } else { bound.ip() };
+    format!("http://{}", SocketAddr::new(ip, bound.port()))
+}
