@@ -20,6 +20,12 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Serve the OpenAI-compatible API: model, engine and HTTP server in one process.
     Serve(crate::serve::ServeArgs),
+    /// The cluster's coordinator: membership, expert placement and its versions, in etcd.
+    Coordinator(crate::cluster::CoordinatorArgs),
+    /// A cluster worker: attention (engine and dispatch), expert (expert slices) or both.
+    Worker(crate::cluster::WorkerArgs),
+    /// The cluster's stateless OpenAI-compatible front end over attention workers.
+    Router(crate::cluster::RouterArgs),
     /// Benchmarks: the model's prefill/decode throughput on this machine, or `bench serve` for a
     /// running OpenAI-compatible server (like `vllm bench serve`).
     Bench(BenchCommand),
@@ -71,6 +77,9 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Serve(a) => crate::serve::run(a),
+        Command::Coordinator(a) => crate::cluster::coordinator(a),
+        Command::Worker(a) => crate::cluster::worker(a),
+        Command::Router(a) => crate::cluster::router(a),
         Command::Bench(BenchCommand { target: Some(BenchTarget::Serve(a)), .. }) => switchyard_bench::run(a),
         Command::Bench(BenchCommand { target: None, local }) => crate::bench::run(local),
     };
@@ -99,14 +108,19 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
 
 /// EOS ids: `generation_config.json` if it names any, else config.json's.
 pub fn stop_ids(l: &Loaded) -> Result<Vec<u32>> {
-    let from_gen = l.dir.generation_config()?.and_then(|g| {
+    eos_ids(&l.dir, &l.model.config)
+}
+
+/// EOS ids: `generation_config.json` if it names any, else config.json's.
+pub fn eos_ids(dir: &ModelDir, config: &ModelConfig) -> Result<Vec<u32>> {
+    let from_gen = dir.generation_config()?.and_then(|g| {
         let v = g.get("eos_token_id")?;
         Some(match v {
             serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
             other => other.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         })
     });
-    Ok(from_gen.filter(|v: &Vec<u32>| !v.is_empty()).unwrap_or_else(|| l.model.config.eos_token_ids.clone()))
+    Ok(from_gen.filter(|v: &Vec<u32>| !v.is_empty()).unwrap_or_else(|| config.eos_token_ids.clone()))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

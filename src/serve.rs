@@ -13,12 +13,24 @@ use switchyard_router::params::SamplingDefaults;
 use switchyard_router::server::{AppState, ServerConfig, app};
 use switchyard_worker::engine::{Engine, EngineConfig, paged_kv};
 
+use switchyard_router::backend::GenerationBackend;
+use switchyard_worker::{ModelConfig, ModelDir};
+
 use crate::cli::{Loaded, ModelArgs, load_model, stop_ids};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub front: FrontArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// The HTTP front end's flags (`serve` and `router`).
+#[derive(Args, Debug, Clone)]
+pub struct FrontArgs {
     /// Names the API accepts for this model; the first is reported. Defaults to `--model`.
     #[arg(long, num_args = 1.., env = "SWITCHYARD_SERVED_MODEL_NAME", value_delimiter = ',')]
     pub served_model_name: Vec<String>,
@@ -29,6 +41,28 @@ pub struct ServeArgs {
     /// Longest sequence (prompt + output). Defaults to the model's `max_position_embeddings`.
     #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// Required as `Authorization: Bearer <key>` on every route but /health.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Where unset sampling parameters come from: `auto` (the checkpoint's generation_config.json),
+    /// `vllm` (none: OpenAI's defaults), or a folder holding a generation_config.json.
+    #[arg(long, default_value = "auto", env = "SWITCHYARD_GENERATION_CONFIG")]
+    pub generation_config: String,
+    /// Requests admitted (running + queued) before new ones get 503 with Retry-After.
+    /// Defaults to 4 x --max-num-seqs (1024 for `router`).
+    #[arg(long, env = "SWITCHYARD_MAX_PENDING_REQUESTS")]
+    pub max_pending_requests: Option<usize>,
+    /// A chat template file replacing the checkpoint's.
+    #[arg(long, env = "SWITCHYARD_CHAT_TEMPLATE")]
+    pub chat_template: Option<std::path::PathBuf>,
+    /// Seconds admitted requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30, env = "SWITCHYARD_SHUTDOWN_GRACE")]
+    pub shutdown_grace: u64,
+}
+
+/// The engine's flags (`serve` and attention workers).
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256, env = "SWITCHYARD_MAX_NUM_SEQS")]
     pub max_num_seqs: usize,
@@ -46,36 +80,19 @@ pub struct ServeArgs {
     /// Reuse KV blocks of identical prompt prefixes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "SWITCHYARD_ENABLE_PREFIX_CACHING")]
     pub enable_prefix_caching: bool,
-    /// Required as `Authorization: Bearer <key>` on every route but /health.
-    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Where unset sampling parameters come from: `auto` (the checkpoint's generation_config.json),
-    /// `vllm` (none: OpenAI's defaults), or a folder holding a generation_config.json.
-    #[arg(long, default_value = "auto", env = "SWITCHYARD_GENERATION_CONFIG")]
-    pub generation_config: String,
     /// Seeds requests that do not bring their own seed.
     #[arg(long, default_value_t = 0, env = "SWITCHYARD_SEED")]
     pub seed: u64,
-    /// Requests admitted (running + queued) before new ones get 503 with Retry-After.
-    /// Defaults to 4 x --max-num-seqs.
-    #[arg(long, env = "SWITCHYARD_MAX_PENDING_REQUESTS")]
-    pub max_pending_requests: Option<usize>,
-    /// A chat template file replacing the checkpoint's.
-    #[arg(long, env = "SWITCHYARD_CHAT_TEMPLATE")]
-    pub chat_template: Option<std::path::PathBuf>,
-    /// Seconds admitted requests get to finish after SIGTERM.
-    #[arg(long, default_value_t = 30, env = "SWITCHYARD_SHUTDOWN_GRACE")]
-    pub shutdown_grace: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let loaded = load_model(&args.model)?;
     let state = build_state(&args, loaded)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve(args, state))
+    rt.block_on(serve_http(&args.front, state))
 }
 
-fn available_memory() -> Option<usize> {
+pub fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<usize>().ok()? * 1024)
@@ -85,10 +102,26 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
     // The recorder first, so the engine's first figures are not lost.
     let metrics = switchyard_router::metrics::handle();
     let c = &loaded.model.config;
-    let max_model_len = args.max_model_len.unwrap_or(c.max_position_embeddings);
+    let max_model_len = max_model_len(args.front.max_model_len, c)?;
+    let name = args.front.served_model_name.first().cloned().unwrap_or_else(|| args.model.model.clone());
+    let engine_config = engine_config(&args.engine, max_model_len, c, name, stop_ids(&loaded)?)?;
+    let model = Arc::new(loaded.model);
+    let engine = Engine::start(model.clone(), engine_config).context("starting the engine")?;
+    let max_pending = args.front.max_pending_requests.unwrap_or(4 * args.engine.max_num_seqs);
+    front_state(&args.front, &args.model.model, &loaded.dir, &model.config, max_model_len, Arc::new(engine), max_pending, metrics)
+}
+
+/// `--max-model-len`, checked against the model.
+pub fn max_model_len(flag: Option<usize>, c: &ModelConfig) -> Result<usize> {
+    let max_model_len = flag.unwrap_or(c.max_position_embeddings);
     if max_model_len == 0 || max_model_len > c.max_position_embeddings {
         bail!("--max-model-len {max_model_len} must be between 1 and the model's max_position_embeddings ({})", c.max_position_embeddings);
     }
+    Ok(max_model_len)
+}
+
+/// The engine's configuration from its flags, with the KV cache sized for this machine.
+pub fn engine_config(args: &EngineArgs, max_model_len: usize, c: &ModelConfig, name: String, eos: Vec<u32>) -> Result<EngineConfig> {
     if !args.block_size.is_power_of_two() {
         bail!("--block-size must be a power of two, got {}", args.block_size);
     }
@@ -102,8 +135,7 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
         Some(b) => b,
         None => ((available_memory().unwrap_or(4 << 30) as f64 * args.kv_cache_memory_fraction) as usize).min(most_useful),
     };
-    let name = args.served_model_name.first().cloned().unwrap_or_else(|| args.model.model.clone());
-    let engine_config = EngineConfig {
+    Ok(EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len,
@@ -111,19 +143,35 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
         kv_cache_bytes: kv_bytes,
         prefix_caching: args.enable_prefix_caching,
         seed: args.seed,
-        eos_token_ids: stop_ids(&loaded)?,
-        model_name: name.clone(),
-    };
-    let tokenizer = loaded.dir.tokenizer()?;
+        eos_token_ids: eos,
+        model_name: name,
+    })
+}
+
+/// The HTTP front end's state over any generation backend (the engine in process, or a pool of
+/// attention workers).
+#[allow(clippy::too_many_arguments)]
+pub fn front_state(
+    args: &FrontArgs,
+    model_arg: &str,
+    dir: &ModelDir,
+    c: &ModelConfig,
+    max_model_len: usize,
+    engine: Arc<dyn GenerationBackend>,
+    max_pending: usize,
+    metrics: Option<switchyard_router::metrics::PrometheusHandle>,
+) -> Result<Arc<AppState>> {
+    let name = args.served_model_name.first().cloned().unwrap_or_else(|| model_arg.to_string());
+    let tokenizer = dir.tokenizer()?;
     let mut literal = tokenizer.clone();
     literal.set_encode_special_tokens(true);
     let special_strings = tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
-    let template = load_template(args, &loaded)?;
+    let template = load_template(args, dir)?;
     let defaults = match args.generation_config.as_str() {
-        "auto" => loaded.dir.generation_config()?.map(|g| SamplingDefaults::from_generation_config(&g)).unwrap_or_default(),
+        "auto" => dir.generation_config()?.map(|g| SamplingDefaults::from_generation_config(&g)).unwrap_or_default(),
         "vllm" => SamplingDefaults::default(),
-        dir => {
-            let path = std::path::Path::new(dir).join("generation_config.json");
+        d => {
+            let path = std::path::Path::new(d).join("generation_config.json");
             let text = std::fs::read_to_string(&path).with_context(|| format!("--generation-config: reading {}", path.display()))?;
             SamplingDefaults::from_generation_config(&serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?)
         }
@@ -133,13 +181,11 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
         api_key: args.api_key.clone().or_else(|| std::env::var("VLLM_API_KEY").ok()).filter(|k| !k.is_empty()),
         max_model_len,
         vocab_size: c.vocab_size,
-        max_pending: args.max_pending_requests.unwrap_or(4 * args.max_num_seqs),
+        max_pending,
         defaults,
         bos_token_id: c.bos_token_id,
         max_body_bytes: 32 << 20,
     };
-    let model = Arc::new(loaded.model);
-    let engine = Engine::start(model, engine_config).context("starting the engine")?;
     Ok(Arc::new(AppState {
         config,
         engine,
@@ -153,17 +199,18 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
     }))
 }
 
-fn load_template(args: &ServeArgs, loaded: &Loaded) -> Result<Option<ChatTemplate>> {
+fn load_template(args: &FrontArgs, dir: &ModelDir) -> Result<Option<ChatTemplate>> {
     let source = match &args.chat_template {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
-        None => loaded.dir.chat_template()?,
+        None => dir.chat_template()?,
     };
     let Some(source) = source else { return Ok(None) };
-    let special = switchyard_router::chat_template::special_tokens_from_config(&loaded.dir.file("tokenizer_config.json"));
+    let special = switchyard_router::chat_template::special_tokens_from_config(&dir.file("tokenizer_config.json"));
     Ok(Some(ChatTemplate::new(&source, special).context("compiling the chat template")?))
 }
 
-async fn serve(args: ServeArgs, state: Arc<AppState>) -> Result<()> {
+/// Serves the OpenAI API until SIGTERM, then drains admitted requests for the grace period.
+pub async fn serve_http(args: &FrontArgs, state: Arc<AppState>) -> Result<()> {
     let addr: SocketAddr =
         format!("{}:{}", args.host, args.port).parse().with_context(|| format!("bad --host/--port {}:{}", args.host, args.port))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
@@ -189,7 +236,7 @@ async fn serve(args: ServeArgs, state: Arc<AppState>) -> Result<()> {
     Ok(())
 }
 
-async fn terminate_signal() {
+pub async fn terminate_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
     tokio::select! {

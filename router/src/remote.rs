@@ -163,6 +163,8 @@ impl AttentionPool {
                 e.ready.store(ready, Ordering::Relaxed);
             });
             futures_util::future::join_all(checks).await;
+            let ready = self.endpoints().iter().filter(|e| e.eligible()).count();
+            metrics::gauge!("switchyard_router_ready_workers").set(ready as f64);
             tokio::time::sleep(every).await;
         }
     }

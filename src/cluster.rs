@@ -1,0 +1,297 @@
+//! The cluster's subcommands: `switchyard coordinator`, `switchyard worker` and `switchyard router`.
+//! Each parses its flags, builds its parts from the crates and runs until SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use switchyard_coordinator::coordinator::{CoordinatorConfig, run as run_coordinator};
+use switchyard_coordinator::{Discovery, EtcdDiscovery, ExpertShape, Layout, Role};
+use switchyard_kernels::DType;
+use switchyard_router::remote::{AttentionPool, Policy};
+use switchyard_worker::cluster::dispatch::{DispatchConfig, ExpertDispatch, SharedDispatch};
+use switchyard_worker::cluster::expert_server::ExpertServer;
+use switchyard_worker::cluster::expert_store::ExpertStore;
+use switchyard_worker::cluster::process::{AttentionParts, WorkerConfig, WorkerParts, run_worker};
+use switchyard_worker::engine::Engine;
+use switchyard_worker::{Checkpoint, Gemma4Model, ModelConfig, ModelDir};
+use tokio::sync::watch;
+
+use crate::cli::ModelArgs;
+use crate::serve::{EngineArgs, FrontArgs, available_memory, engine_config, front_state, max_model_len, serve_http, terminate_signal};
+
+/// Where the cluster's shared state lives.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "SWITCHYARD_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd: Vec<String>,
+    /// Namespaces the etcd keys (`/switchyard/<cluster>/`), so several clusters can share one etcd.
+    #[arg(long, env = "SWITCHYARD_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Seconds a registration or leadership outlives its holder (etcd lease TTL).
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 10)]
+    pub lease_ttl: u64,
+    /// Serve Prometheus metrics on this port (`GET /metrics`).
+    #[arg(long, env = "SWITCHYARD_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+}
+
+impl ClusterArgs {
+    async fn discovery(&self) -> Result<Arc<dyn Discovery>> {
+        let d = EtcdDiscovery::connect(&self.etcd, &self.cluster, Duration::from_secs(self.lease_ttl.max(1)))
+            .await
+            .with_context(|| format!("connecting to etcd at {}", self.etcd.join(",")))?;
+        Ok(Arc::new(d))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// How experts are placed: tep, dep or afd (see ARCHITECTURE.md).
+    #[arg(long, env = "SWITCHYARD_LAYOUT", default_value = "afd")]
+    pub layout: Layout,
+    /// Distinct workers holding every (layer, expert).
+    #[arg(long, env = "SWITCHYARD_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// Extra replicas per layer for the hottest experts (EPLB-style).
+    #[arg(long, env = "SWITCHYARD_REDUNDANT_EXPERTS", default_value_t = 0)]
+    pub redundant_experts: usize,
+    /// Re-plan for load when max/mean expected tokens per worker exceeds this.
+    #[arg(long, env = "SWITCHYARD_REBALANCE_THRESHOLD", default_value_t = 1.25)]
+    pub rebalance_threshold: f64,
+    /// Seconds between load-driven re-plans, at least.
+    #[arg(long, env = "SWITCHYARD_REBALANCE_INTERVAL", default_value_t = 60)]
+    pub rebalance_interval: u64,
+    /// This coordinator's id in the leader election. Defaults to host and process id.
+    #[arg(long, env = "SWITCHYARD_ID")]
+    pub id: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// attention (engine, KV cache, dispatch), expert (expert slices) or both.
+    #[arg(long, env = "SWITCHYARD_ROLE")]
+    pub role: Role,
+    /// Address the gRPC server binds.
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:7000")]
+    pub listen: String,
+    /// Address other processes dial (e.g. `http://pod-ip:7000`). Defaults to the bound address.
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Worker id. Defaults to host and port.
+    #[arg(long, env = "SWITCHYARD_ID")]
+    pub id: Option<String>,
+    /// Bytes this worker offers for expert weights. Defaults to 80% of available memory.
+    #[arg(long, env = "SWITCHYARD_EXPERT_MEMORY")]
+    pub expert_memory: Option<u64>,
+    /// Longest sequence (prompt + output). Defaults to the model's `max_position_embeddings`.
+    #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Milliseconds an expert worker gets to answer one layer before its rows go to a replica.
+    #[arg(long, env = "SWITCHYARD_DISPATCH_TIMEOUT_MS", default_value_t = 5000)]
+    pub dispatch_timeout_ms: u64,
+    /// Seconds between expert-load reports (for rebalancing).
+    #[arg(long, env = "SWITCHYARD_STATS_INTERVAL", default_value_t = 5)]
+    pub stats_interval: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub front: FrontArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Attention workers' gRPC addresses, comma-separated, instead of discovering them in etcd.
+    #[arg(long, env = "SWITCHYARD_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// How requests are balanced: least-outstanding, prefix-affinity or power-of-two.
+    #[arg(long, env = "SWITCHYARD_POLICY", default_value = "least-outstanding")]
+    pub policy: Policy,
+    /// Milliseconds between health checks of each attention worker.
+    #[arg(long, env = "SWITCHYARD_HEALTH_INTERVAL_MS", default_value_t = 500)]
+    pub health_interval_ms: u64,
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+async fn serve_metrics(port: Option<u16>) -> Result<()> {
+    let Some(port) = port else { return Ok(()) };
+    let handle = switchyard_router::metrics::handle();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let h = handle.clone();
+            async move { h.map(|h| h.render()).unwrap_or_default() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("binding metrics port {port}"))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}
+
+/// The checkpoint's compute dtype (the dtype of its embedding) and the bytes of one expert slice.
+fn checkpoint_facts(dir: &ModelDir, c: &ModelConfig) -> Result<(Checkpoint, DType, u64)> {
+    let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("opening {}", dir.path.display()))?;
+    let emb = ["model.language_model.embed_tokens.weight", "model.embed_tokens.weight"]
+        .iter()
+        .find_map(|n| ckpt.get(n))
+        .context("the checkpoint has no embed_tokens.weight")?;
+    let dt = emb.dtype;
+    let slice = c.moe.map_or(0, |m| (3 * m.intermediate_size * c.hidden_size * dt.size()) as u64);
+    Ok((ckpt, dt, slice))
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let dir = ModelDir::resolve(&args.model.model)?;
+    let c = ModelConfig::from_file(&dir.file("config.json"))?;
+    let moe = c.moe.context("this model has no experts to place")?;
+    let (_, _, slice_bytes) = checkpoint_facts(&dir, &c)?;
+    let cfg = CoordinatorConfig {
+        id: args.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+        layout: args.layout,
+        replicas: args.replicas,
+        shape: ExpertShape { num_layers: c.num_layers, num_experts: moe.num_experts, slice_bytes },
+        redundant_per_layer: args.redundant_experts,
+        rebalance_threshold: args.rebalance_threshold,
+        rebalance_interval: Duration::from_secs(args.rebalance_interval),
+    };
+    if cfg.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    runtime()?.block_on(async {
+        let _ = switchyard_router::metrics::handle();
+        serve_metrics(args.cluster.metrics_port).await?;
+        let d = args.cluster.discovery().await?;
+        eprintln!("switchyard coordinator {}: {:?} layout, {} replicas, cluster `{}`", cfg.id, cfg.layout, cfg.replicas, args.cluster.cluster);
+        tokio::select! {
+            r = run_coordinator(d, cfg) => r.context("coordinator")?,
+            _ = terminate_signal() => eprintln!("switchyard coordinator: shutting down"),
+        }
+        Ok(())
+    })
+}
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let dir = ModelDir::resolve(&args.model.model)?;
+    let c = ModelConfig::from_file(&dir.file("config.json"))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let _ = switchyard_router::metrics::handle();
+        serve_metrics(args.cluster.metrics_port).await?;
+        let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let port = listener.local_addr()?.port();
+        let id = args.id.clone().unwrap_or_else(|| format!("{}-{port}", hostname()));
+        let d = args.cluster.discovery().await?;
+        let (ckpt, dtype, _) = checkpoint_facts(&dir, &c)?;
+        let experts = match (args.role, c.moe) {
+            (Role::Expert | Role::Both, Some(_)) => {
+                let store = ExpertStore::open(Checkpoint::open(&dir.path)?, &c)?;
+                let max_pairs = args.engine.max_num_batched_tokens.max(args.engine.max_num_seqs) * c.moe.map_or(8, |m| m.top_k) * 4;
+                Some(ExpertServer::new(Arc::new(store), max_pairs.max(1 << 16)))
+            }
+            (Role::Expert, None) => bail!("--role expert: this model has no experts"),
+            _ => None,
+        };
+        let (active, active_rx) = watch::channel(None);
+        let attention = if args.role.runs_attention() {
+            let moe = c.moe;
+            let dispatch = Arc::new(ExpertDispatch::new(
+                DispatchConfig {
+                    me: id.clone(),
+                    num_layers: c.num_layers,
+                    num_experts: moe.map_or(0, |m| m.num_experts),
+                    top_k: moe.map_or(0, |m| m.top_k),
+                    hidden: c.hidden_size,
+                    dtype,
+                    timeout: Duration::from_millis(args.dispatch_timeout_ms),
+                },
+                experts.as_ref().map(|s| s.store().clone()),
+                active_rx,
+                tokio::runtime::Handle::current(),
+            ));
+            let max_len = max_model_len(args.max_model_len, &c)?;
+            let name = args.model.model.clone();
+            let eos = crate::cli::eos_ids(&dir, &c)?;
+            let ecfg = engine_config(&args.engine, max_len, &c, name, eos)?;
+            let model = if moe.is_some() {
+                Gemma4Model::load_with_experts(c.clone(), &ckpt, Arc::new(SharedDispatch(dispatch.clone())))?
+            } else {
+                Gemma4Model::load(c.clone(), &ckpt)?
+            };
+            let engine = Engine::start(Arc::new(model), ecfg).context("starting the engine")?;
+            Some(AttentionParts { engine, dispatch, vocab_size: c.vocab_size, needs_plan: moe.is_some() })
+        } else {
+            None
+        };
+        let expert_memory = args.expert_memory.unwrap_or_else(|| (available_memory().unwrap_or(8 << 30) as f64 * 0.8) as u64);
+        let cfg = WorkerConfig {
+            id,
+            role: args.role,
+            listener,
+            advertise: args.advertise.clone(),
+            expert_memory,
+            stats_interval: Duration::from_secs(args.stats_interval.max(1)),
+        };
+        run_worker(cfg, WorkerParts { experts, attention, active }, d, terminate_signal()).await.context("worker")
+    })
+}
+
+pub fn router(args: RouterArgs) -> Result<()> {
+    let dir = ModelDir::resolve(&args.model.model)?;
+    let c = ModelConfig::from_file(&dir.file("config.json"))?;
+    let max_len = max_model_len(args.front.max_model_len, &c)?;
+    runtime()?.block_on(async {
+        let metrics = switchyard_router::metrics::handle();
+        let pool = AttentionPool::new(args.policy, c.vocab_size, max_len);
+        if args.workers.is_empty() {
+            let d = args.cluster.discovery().await?;
+            tokio::spawn(follow_attention_workers(d, pool.clone()));
+        } else {
+            let list: Vec<(String, String)> = args.workers.iter().map(|w| (w.clone(), w.clone())).collect();
+            pool.set_workers(&list);
+        }
+        tokio::spawn(pool.clone().health_checks(Duration::from_millis(args.health_interval_ms.max(50))));
+        let max_pending = args.front.max_pending_requests.unwrap_or(1024);
+        let state = front_state(&args.front, &args.model.model, &dir, &c, max_len, Arc::new(pool), max_pending, metrics)?;
+        serve_http(&args.front, state).await
+    })
+}
+
+/// Keeps the pool's worker list equal to the attention-capable workers registered in discovery.
+async fn follow_attention_workers(d: Arc<dyn Discovery>, pool: Arc<AttentionPool>) {
+    let mut workers = d.workers();
+    loop {
+        let list: Vec<(String, String)> =
+            workers.borrow_and_update().values().filter(|w| w.role.runs_attention()).map(|w| (w.id.clone(), w.addr.clone())).collect();
+        pool.set_workers(&list);
+        if workers.changed().await.is_err() {
+            return;
+        }
+    }
+}

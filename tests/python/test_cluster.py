@@ -1,0 +1,225 @@
+"""The cluster as separate processes on loopback with a real etcd: coordinator, two attention workers,
+three expert workers and a router, in each layout. Outputs must equal `switchyard serve` and the
+transformers reference token for token, and survive the faults ARCHITECTURE.md promises to survive.
+"""
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cluster import Cluster, Etcd, wait_for
+from test_reference import mixed_workload, reference, run_case
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cluster-logs")
+
+
+@pytest.fixture(scope="module")
+def etcd(logdir):
+    e = Etcd(logdir)
+    yield e
+    e.stop()
+
+
+class Target:
+    """What `run_case` needs from a server."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.model = cluster.model
+
+    def client(self):
+        return self.cluster.client()
+
+
+def run_concurrently(target, cases):
+    with ThreadPoolExecutor(len(cases)) as pool:
+        return list(pool.map(lambda c: run_case(target, c), cases))
+
+
+@pytest.mark.parametrize("layout", ["tep", "dep", "afd"])
+def test_each_layout_equals_serve_and_transformers(layout, etcd, logdir, f32):
+    cases = mixed_workload(reference("tiny-f32"))
+    c = Cluster(etcd, logdir, model="tiny-f32", layout=layout)
+    try:
+        got = run_concurrently(Target(c), cases)
+    finally:
+        c.stop()
+    served = run_concurrently(f32, cases)
+    assert got == served, f"{layout}: cluster output differs from serve"
+    for case, (tokens, _, _) in zip(cases, got):
+        assert tokens == [s["token"] for s in case["steps"]], f"{layout}: {case['name']} differs from transformers"
+
+
+def test_bf16_rows_on_the_wire_equal_serve(etcd, logdir, bf16):
+    cases = mixed_workload(reference("tiny-bf16"))
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="dep", attention=2, experts=1)
+    try:
+        got = run_concurrently(Target(c), cases)
+    finally:
+        c.stop()
+    assert got == run_concurrently(bf16, cases)
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+PROMPTS = [[2] + [(7 * i + 13 * j) % 500 + 3 for j in range(4 + i % 9)] for i in range(32)]
+LONG = 160
+
+
+def stream(client, model, prompt, log, key):
+    """Streams a greedy completion; records (time, text) per chunk in log[key]; returns the text or
+    the exception it ended with."""
+    log[key] = []
+    try:
+        s = client.completions.create(model=model, prompt=prompt, max_tokens=LONG, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+        text = ""
+        finish = None
+        for chunk in s:
+            ch = chunk.choices[0]
+            text += ch.text
+            log[key].append(time.monotonic())
+            finish = ch.finish_reason or finish
+        return ("ok", text, finish)
+    except Exception as e:  # noqa: BLE001 - any failure is an outcome to classify
+        return ("error", repr(e), None)
+
+
+def baseline(server, prompts):
+    client = server.client()
+    out = []
+    for p in prompts:
+        r = client.completions.create(model=server.model, prompt=p, max_tokens=LONG, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        out.append(r.choices[0].text)
+    return out
+
+
+def run_with_fault(c, fault, min_chunks=3):
+    """32 concurrent streams; once every stream has produced `min_chunks` chunks, `fault()` runs.
+    Returns the outcomes, the chunk timestamps, and the time of the fault."""
+    client = c.client()
+    log = {}
+    fault_at = {}
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = [pool.submit(stream, client, c.model, p, log, i) for i, p in enumerate(PROMPTS)]
+        wait_for(lambda: len(log) == len(PROMPTS) and all(len(v) >= min_chunks for v in log.values()) or
+                 all(f.done() for f in futures), 120, "every stream under way")
+        fault_at["t"] = time.monotonic()
+        fault()
+        outcomes = [f.result() for f in futures]
+    return outcomes, log, fault_at["t"]
+
+
+def longest_stall(log, since):
+    gaps = []
+    for ts in log.values():
+        after = [t for t in ts if t >= since]
+        before = [t for t in ts if t < since]
+        seq = ([before[-1]] if before else []) + after
+        gaps += [b - a for a, b in zip(seq, seq[1:])]
+    return max(gaps, default=0.0)
+
+
+def test_kill_expert_worker_with_replicas_loses_nothing(etcd, logdir, bf16):
+    want = baseline(bf16, PROMPTS)
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=2, lease_ttl=2)
+    try:
+        victim = c.experts[1]
+        mark = c.coordinators[0].offset()
+        outcomes, log, t_kill = run_with_fault(c, lambda: victim.kill(signal.SIGKILL))
+        # The coordinator re-plans without the dead worker once its lease expires.
+        c.coordinators[0].wait_log(r"published plan v\d+ \(Afd, 2 expert workers", timeout=30, after=mark)
+        replanned = time.monotonic() - t_kill
+    finally:
+        c.stop()
+    stall = longest_stall(log, t_kill)
+    print(f"\nkill -9 of an expert worker (replicas 2): longest stall {stall * 1000:.0f} ms, "
+          f"new plan {replanned:.2f} s after the kill (lease TTL {c.lease_ttl} s)")
+    assert [o[0] for o in outcomes] == ["ok"] * len(PROMPTS), [o for o in outcomes if o[0] != "ok"][:3]
+    assert [o[1] for o in outcomes] == want
+    assert all(o[2] == "length" for o in outcomes)
+    # Lease expiry is checked by etcd about every 500 ms; the plan follows within that of the TTL.
+    assert replanned <= c.lease_ttl + 1.0
+
+
+def test_kill_only_holder_ends_affected_requests_with_an_error(etcd, logdir, bf16):
+    want = baseline(bf16, PROMPTS)
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=1, lease_ttl=2)
+    try:
+        outcomes, _, _ = run_with_fault(c, lambda: c.experts[0].kill(signal.SIGKILL))
+    finally:
+        c.stop()
+    errors = [o for o in outcomes if o[0] == "error"]
+    finished = [(o, w) for o, w in zip(outcomes, want) if o[0] == "ok"]
+    print(f"\nkill -9 of the only holder: {len(errors)} requests ended with an error, {len(finished)} finished")
+    assert errors, "requests routed to the dead worker's experts must fail explicitly"
+    # Never a normal finish with wrong or truncated text.
+    for (status, text, finish), w in finished:
+        assert text == w and finish == "length"
+
+
+def test_kill_attention_worker_mid_stream_replays_without_gaps(etcd, logdir, bf16):
+    want = baseline(bf16, PROMPTS)
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=1, lease_ttl=2)
+    try:
+        mark = c.router.offset()
+        outcomes, log, t_kill = run_with_fault(c, lambda: c.attention[0].kill(signal.SIGKILL))
+        replays = c.router.text()[mark:].count("replay of request")
+    finally:
+        c.stop()
+    print(f"\nkill -9 of an attention worker: {replays} streams replayed, longest stall {longest_stall(log, t_kill) * 1000:.0f} ms")
+    assert replays > 0, "the killed worker was serving some of the streams"
+    assert [o[0] for o in outcomes] == ["ok"] * len(PROMPTS), [o for o in outcomes if o[0] != "ok"][:3]
+    # Same text as serve: no token missing, none repeated.
+    assert [o[1] for o in outcomes] == want
+
+
+def test_etcd_restart_serving_continues_and_the_cluster_converges(etcd, logdir, bf16):
+    cases = mixed_workload(reference("tiny-bf16"), 8)
+    want = run_concurrently(bf16, cases)
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=2, lease_ttl=2)
+    try:
+        etcd.kill()
+        # etcd is down: workers and routers serve on the last plan they saw.
+        assert run_concurrently(Target(c), cases) == want
+        etcd.start()
+        assert run_concurrently(Target(c), cases) == want
+        # Back up: registrations come back, and a membership change is planned again.
+        mark = c.coordinators[0].offset()
+        c.experts[2].kill(signal.SIGKILL)
+        c.coordinators[0].wait_log(r"published plan v\d+ \(Afd, 2 expert workers", timeout=30, after=mark)
+        c.wait_ready(holders=2)
+        assert run_concurrently(Target(c), cases) == want
+    finally:
+        c.stop()
+
+
+def test_killing_the_leader_coordinator_elects_another(etcd, logdir, bf16):
+    cases = mixed_workload(reference("tiny-bf16"), 8)
+    want = run_concurrently(bf16, cases)
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=2, coordinators=2, lease_ttl=2)
+    try:
+        first = c.leader()
+        second = next(x for x in c.coordinators if x is not first)
+        mark = second.offset()
+        first.kill(signal.SIGKILL)
+        t0 = time.monotonic()
+        second.wait_log("elected leader", timeout=30, after=mark)
+        took = time.monotonic() - t0
+        print(f"\nleader killed: the other coordinator took over after {took:.2f} s (lease TTL {c.lease_ttl} s)")
+        assert took <= c.lease_ttl + 1.0
+        # The new leader plans: an expert worker leaves, a plan without it appears.
+        mark = second.offset()
+        c.experts[0].kill(signal.SIGKILL)
+        second.wait_log(r"published plan v\d+ \(Afd, 2 expert workers", timeout=30, after=mark)
+        assert run_concurrently(Target(c), cases) == want
+    finally:
+        c.stop()
