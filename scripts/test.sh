@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): the Rust tests, then the whole server driven by the official
 # `openai` Python client. Sets up what it needs: a venv in .venv-test with tests/python/requirements.txt
-# (python3-venv must exist; .ci/run installs it on a fresh machine).
+# (system packages come from scripts/install-system-deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# etcd (cluster tests), python3-venv: installed with apt when missing.
+bash scripts/install-system-deps.sh
 
 cargo test --workspace
 cargo build --bin switchyard
