@@ -102,6 +102,10 @@ pub struct BenchServeArgs {
     #[arg(long)]
     pub extra_body: Option<String>,
 
+    /// Prometheus endpoints of Switchyard attention workers (comma-separated): the per-layer expert
+    /// dispatch latency over the run is read from them and reported with the results.
+    #[arg(long, value_delimiter = ',')]
+    pub scrape_metrics: Vec<String>,
     /// Percentiles reported for each latency metric, comma-separated.
     #[arg(long, alias = "metric-percentiles", value_delimiter = ',', default_value = "99")]
     pub percentiles: Vec<f64>,
@@ -165,6 +169,7 @@ pub struct BenchConfig {
     pub ignore_eos: bool,
     pub extra_body: Map<String, Value>,
     pub percentiles: Vec<f64>,
+    pub scrape_metrics: Vec<String>,
     /// Where to write the JSON result, if anywhere.
     pub result_path: Option<PathBuf>,
     pub save_detailed: bool,
@@ -226,6 +231,7 @@ impl BenchServeArgs {
             ignore_eos: self.ignore_eos,
             extra_body: self.extra_body_map()?,
             percentiles: self.percentiles.clone(),
+            scrape_metrics: self.scrape_metrics.clone(),
             result_path: self.result_path(),
             save_detailed: self.save_detailed,
             label: self.label.clone().unwrap_or_else(|| "switchyard-bench".to_owned()),

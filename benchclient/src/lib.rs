@@ -17,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod report;
 pub mod rng;
+pub mod scrape;
 pub mod runner;
 pub mod sse;
 
@@ -65,7 +66,9 @@ pub async fn run_async(args: BenchServeArgs) -> Result<BenchReport, BenchError> 
     println!("Starting main benchmark run: {} requests to {} (model {})", requests.len(), config.api_url, client.model());
     println!("Traffic request rate: {}", config.request_rate.map_or("inf".to_owned(), |r| r.to_string()));
     println!("Maximum request concurrency: {}", config.max_concurrency.map_or("unlimited".to_owned(), |c| c.to_string()));
+    let before = scrape::scrape(&config.scrape_metrics).await;
     let outcome = runner::run_requests(&client, &requests, shape).await;
+    let dispatch = scrape::delta(&before, &scrape::scrape(&config.scrape_metrics).await);
     let metrics = BenchMetrics::compute(&outcome.records, outcome.duration.as_secs_f64(), &config.percentiles);
 
     let report = BenchReport {
@@ -79,6 +82,7 @@ pub async fn run_async(args: BenchServeArgs) -> Result<BenchReport, BenchError> 
         metrics,
         records: outcome.records,
         args: serde_json::to_value(&args).unwrap_or_default(),
+        dispatch,
     };
     print!("{}", report.table());
     if let Some(path) = &config.result_path {

@@ -27,6 +27,8 @@ pub struct BenchReport {
     pub records: Vec<RequestRecord>,
     /// The flags the run was started with (without the API key).
     pub args: Value,
+    /// Mean expert-dispatch latency per layer during the run (`--scrape-metrics`).
+    pub dispatch: Vec<crate::scrape::LayerDispatch>,
 }
 
 impl BenchReport {
@@ -56,6 +58,17 @@ impl BenchReport {
         for (name, header, stats) in latency_sections(m) {
             table.push_str(&stats_block(name, header, stats));
         }
+        if !self.dispatch.is_empty() {
+            table.push_str(&centered(" Expert dispatch (per layer) ", '-'));
+            table.push('\n');
+            let calls: u64 = self.dispatch.iter().map(|d| d.calls).sum();
+            let mean = self.dispatch.iter().map(|d| d.mean_ms * d.calls as f64).sum::<f64>() / calls.max(1) as f64;
+            let _ = writeln!(table, "{:<40} {:<10.3}", "Mean dispatch latency, all layers (ms):", mean);
+            let _ = writeln!(table, "{:<40} {:<10.3}", "Dispatch time per step, sum of layers (ms):", self.dispatch.iter().map(|d| d.mean_ms).sum::<f64>());
+            for d in &self.dispatch {
+                let _ = writeln!(table, "{:<40} {:<10.3}", format!("Layer {} ({} calls) (ms):", d.layer, d.calls), d.mean_ms);
+            }
+        }
         table.push_str(&"=".repeat(WIDTH));
         table.push('\n');
         if let Some(error) = &m.first_error {
@@ -78,6 +91,7 @@ impl BenchReport {
             ("num_prompts", json!(self.num_prompts)),
             ("request_rate", json!(self.request_rate)),
             ("max_concurrency", json!(self.max_concurrency)),
+            ("expert_dispatch", json!(self.dispatch)),
             ("duration", json!(m.duration_s)),
             ("completed", json!(m.completed)),
             ("failed", json!(m.failed)),
@@ -184,6 +198,7 @@ mod tests {
         };
         let records = vec![record, RequestRecord::failed("HTTP 500 Internal Server Error: boom".into())];
         BenchReport {
+            dispatch: Vec::new(),
             label: "t".into(),
             base_url: "http://127.0.0.1:1".into(),
             endpoint: "/v1/completions".into(),

@@ -27,6 +27,13 @@ use super::expert_store::ExpertStore;
 use super::wire;
 use crate::model::experts::{ExpertBackend, ExpertError, combine, weighted_contributions};
 
+/// Static labels, so recording a layer's latency allocates nothing.
+const LAYER_LABELS: [&str; 64] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22",
+    "23", "24", "25", "26", "27", "28", "29", "30", "31", "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43",
+    "44", "45", "46", "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63",
+];
+
 /// How long a worker that failed is skipped before it is tried again.
 const DOWN_FOR: Duration = Duration::from_secs(1);
 
@@ -141,7 +148,9 @@ impl ExpertDispatch {
         for (i, c) in self.load.iter().enumerate() {
             let n = c.swap(0, Ordering::Relaxed);
             if n > 0 {
-                l.add(i / self.cfg.num_experts, i % self.cfg.num_experts, n as f64);
+                let (layer, expert) = (i / self.cfg.num_experts, i % self.cfg.num_experts);
+                l.add(layer, expert, n as f64);
+                metrics::counter!("switchyard_expert_tokens_total", "layer" => layer.to_string(), "expert" => expert.to_string()).increment(n);
             }
         }
         l
@@ -226,7 +235,8 @@ impl ExpertDispatch {
         if resp.contributions.len() != expect * self.cfg.dtype.size() {
             return Err(format!("reply has {} bytes, expected {}", resp.contributions.len(), expect * self.cfg.dtype.size()));
         }
-        metrics::histogram!("switchyard_dispatch_seconds", "layer" => layer.to_string()).record(t0.elapsed().as_secs_f64());
+        metrics::histogram!("switchyard_dispatch_call_seconds").record(t0.elapsed().as_secs_f64());
+        let _ = layer;
         Ok(wire::decode(self.cfg.dtype, &resp.contributions))
     }
 
@@ -236,6 +246,7 @@ impl ExpertDispatch {
             return Err(ExpertError::BadExpert { layer, id: bad, experts: e });
         }
         let plan = self.plan().ok_or_else(|| ExpertError::Unavailable { layer, reason: "no placement plan yet".into() })?;
+        let t0 = Instant::now();
         for &id in &ids[..n * k] {
             self.load[layer * e + id as usize].fetch_add(1, Ordering::Relaxed);
         }
@@ -289,6 +300,9 @@ impl ExpertDispatch {
             }
         }
         combine(&contrib, ids, n, k, h, self.cfg.dtype, out);
+        // The layer's whole expert phase as the step sees it: grouping, the concurrent calls (and the
+        // local share), retries and the combine.
+        metrics::histogram!("switchyard_dispatch_seconds", "layer" => LAYER_LABELS.get(layer).copied().unwrap_or("other")).record(t0.elapsed().as_secs_f64());
         Ok(())
     }
 }
