@@ -34,12 +34,16 @@ command -v etcd >/dev/null || { echo "error: etcd not installed (scripts/install
 vocab=$(python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print(c.get('text_config', c).get('vocab_size'))" "$MODEL_DIR/config.json")
 
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; PIDS=(); }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done; PIDS=(); }
 trap cleanup EXIT
 
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
-wait_url() { # url pattern seconds
-  for _ in $(seq 1 $(( $3 * 10 ))); do curl -sf "$1" 2>/dev/null | grep -q "$2" && return 0; sleep 0.1; done
+wait_url() { # url pattern seconds (an empty pattern: any 2xx answer)
+  for _ in $(seq 1 $(( $3 * 10 ))); do
+    if [[ -z $2 ]]; then curl -sf -o /dev/null "$1" 2>/dev/null && return 0
+    else curl -sf "$1" 2>/dev/null | grep -q "$2" && return 0; fi
+    sleep 0.1
+  done
   echo "timed out waiting for $1 ~ $2" >&2; return 1
 }
 wait_log() { # file pattern seconds
@@ -77,7 +81,7 @@ for layout in $LAYOUTS; do
   engine=(--max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$CONCURRENCY")
   role=attention; holders=$EXPERTS
   if [[ $layout != afd ]]; then role=both; holders=$((EXPERTS + ATTENTION)); fi
-  SWITCHYARD_THREADS=$THREADS_PER_WORKER "$BIN" coordinator "${common[@]}" --layout "$layout" > "$OUT_DIR/$layout-coordinator.log" 2>&1 &
+  SWITCHYARD_THREADS=$THREADS_PER_WORKER "$BIN" coordinator "${common[@]}" --layout "$layout" --min-expert-workers "$holders" > "$OUT_DIR/$layout-coordinator.log" 2>&1 &
   PIDS+=($!)
   for i in $(seq 1 "$EXPERTS"); do
     SWITCHYARD_THREADS=$THREADS_PER_WORKER "$BIN" worker "${common[@]}" "${engine[@]}" --role expert --listen 127.0.0.1:0 \

@@ -68,6 +68,10 @@ pub struct CoordinatorArgs {
     /// Seconds between load-driven re-plans, at least.
     #[arg(long, env = "SWITCHYARD_REBALANCE_INTERVAL", default_value_t = 60)]
     pub rebalance_interval: u64,
+    /// Publish the first plan only once this many expert-holding workers have registered (so a
+    /// starting cluster does not load everything onto the first worker and then move it).
+    #[arg(long, env = "SWITCHYARD_MIN_EXPERT_WORKERS", default_value_t = 1)]
+    pub min_expert_workers: usize,
     /// This coordinator's id in the leader election. Defaults to host and process id.
     #[arg(long, env = "SWITCHYARD_ID")]
     pub id: Option<String>,
@@ -105,6 +109,9 @@ pub struct WorkerArgs {
     /// Seconds between expert-load reports (for rebalancing).
     #[arg(long, env = "SWITCHYARD_STATS_INTERVAL", default_value_t = 5)]
     pub stats_interval: u64,
+    /// Seconds open streams get after SIGTERM before the worker stops.
+    #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE", default_value_t = 10)]
+    pub shutdown_grace: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -180,6 +187,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         redundant_per_layer: args.redundant_experts,
         rebalance_threshold: args.rebalance_threshold,
         rebalance_interval: Duration::from_secs(args.rebalance_interval),
+        min_expert_workers: args.min_expert_workers,
     };
     if cfg.replicas == 0 {
         bail!("--replicas must be at least 1");
@@ -257,6 +265,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             advertise: args.advertise.clone(),
             expert_memory,
             stats_interval: Duration::from_secs(args.stats_interval.max(1)),
+            shutdown_grace: Duration::from_secs(args.shutdown_grace),
         };
         run_worker(cfg, WorkerParts { experts, attention, active }, d, terminate_signal()).await.context("worker")
     })

@@ -25,6 +25,8 @@ pub struct CoordinatorConfig {
     pub rebalance_threshold: f64,
     /// At most one load-driven re-plan per this interval (membership changes are never delayed).
     pub rebalance_interval: Duration,
+    /// No first plan until this many expert-holding workers are registered.
+    pub min_expert_workers: usize,
 }
 
 /// Campaigns, leads until the leadership is lost, and campaigns again; forever.
@@ -64,7 +66,7 @@ pub fn next_plan(
     load_replan_allowed: bool,
 ) -> Option<Result<PlacementPlan, crate::plan::PlanError>> {
     let want = eligible(cfg.layout, workers);
-    if want.is_empty() {
+    if want.is_empty() || (current.is_none() && want.len() < cfg.min_expert_workers) {
         return None;
     }
     let ws: Vec<WorkerInfo> = workers.values().cloned().collect();
@@ -179,6 +181,7 @@ mod tests {
             redundant_per_layer: 0,
             rebalance_threshold: 1.2,
             rebalance_interval: Duration::from_millis(10),
+            min_expert_workers: 1,
         }
     }
 

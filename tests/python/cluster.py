@@ -141,14 +141,15 @@ class Cluster:
         self.engine = ["--max-model-len", str(max_model_len), "--max-num-seqs", "64",
                        "--kv-cache-memory", str(64 << 20)]
         self.procs = []
-        self.coordinators = [self.spawn(f"coordinator-{i}", "coordinator", "--layout", layout, "--replicas", str(replicas),
-                                        "--id", f"coord-{i}") for i in range(coordinators)]
         attention_role = "attention" if layout == "afd" else "both"
+        self.holders = experts + (attention if attention_role == "both" else 0)
+        self.coordinators = [self.spawn(f"coordinator-{i}", "coordinator", "--layout", layout, "--replicas", str(replicas),
+                                        "--id", f"coord-{i}", "--min-expert-workers", str(self.holders))
+                             for i in range(coordinators)]
         self.experts = [self.spawn(f"expert-{i}", "worker", "--role", "expert", "--listen", "127.0.0.1:0",
                                    "--id", f"expert-{i}", *self.engine) for i in range(experts)]
         self.attention = [self.spawn(f"attention-{i}", "worker", "--role", attention_role, "--listen", "127.0.0.1:0",
                                      "--id", f"attention-{i}", *self.engine) for i in range(attention)]
-        self.holders = experts + (attention if attention_role == "both" else 0)
         self.router = self.spawn("router", "router", "--host", "127.0.0.1", "--port", "0", "--served-model-name", model,
                                  "--max-model-len", str(max_model_len), "--health-interval-ms", "100")
         self.url = "http://" + self.router.wait_log(r"on http://([\d.]+:\d+)").group(1)

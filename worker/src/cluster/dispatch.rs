@@ -51,7 +51,9 @@ impl Peer {
         let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
             .map_err(|e| format!("bad address {addr}: {e}"))?
             .connect_timeout(timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(super::process::WINDOW)
+            .initial_connection_window_size(4 * super::process::WINDOW);
         let channel = endpoint.connect().await.map_err(|e| format!("connecting to {addr}: {e}"))?;
         let mut client = ExpertServiceClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(256);

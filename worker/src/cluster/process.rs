@@ -23,6 +23,10 @@ use super::expert_server::ExpertServer;
 use super::expert_store::ExpertStore;
 use crate::engine::EngineHandle;
 
+/// HTTP/2 flow-control window per stream: a layer's rows and contributions (megabytes at large
+/// batches) flow without waiting for window updates.
+pub const WINDOW: u32 = 16 << 20;
+
 pub struct WorkerConfig {
     pub id: String,
     pub role: Role,
@@ -34,6 +38,9 @@ pub struct WorkerConfig {
     pub expert_memory: u64,
     /// How often the expert load seen by this attention worker is reported.
     pub stats_interval: Duration,
+    /// After the shutdown signal: how long open streams get before the process stops anyway (worker
+    /// to worker streams never end by themselves).
+    pub shutdown_grace: Duration,
 }
 
 /// The parts of a worker built from the checkpoint.
@@ -80,17 +87,43 @@ pub async fn run_worker(
     if let Some(a) = &parts.attention {
         tokio::spawn(report_load(discovery.clone(), cfg.id.clone(), a.dispatch.clone(), cfg.stats_interval));
     }
-    let router = tonic::transport::Server::builder().tcp_nodelay(true).add_optional_service(parts.experts.clone().map(|s| {
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(WINDOW))
+        .initial_connection_window_size(Some(4 * WINDOW))
+        .add_optional_service(parts.experts.clone().map(|s| {
         ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
     }));
     let router = router.add_optional_service(parts.attention.as_ref().map(|a| {
         AttentionServiceServer::new(AttentionServer::new(a.engine.clone(), parts.active.subscribe(), a.vocab_size, a.needs_plan))
     }));
     eprintln!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(cfg.listener);
-    let result = router.serve_with_incoming_shutdown(incoming, shutdown).await;
+    // The server's own `tcp_nodelay` applies only to listeners it binds; ours is bound by the caller,
+    // so set it per connection. (Without it, small replies wait out Nagle plus delayed ACK: ~40 ms a
+    // layer.)
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(cfg.listener), |s| {
+        s.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    });
+    let grace = cfg.shutdown_grace;
+    let deadline = async move {
+        shutdown.await;
+        eprintln!("switchyard worker: shutting down; open streams get {grace:?}");
+        let _ = stop_tx.send(());
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(WorkerError::from),
+        _ = deadline => Ok(()),
+    };
     follower.abort();
-    result.map_err(WorkerError::from)
+    result
 }
 
 async fn report_load(d: Arc<dyn Discovery>, id: String, dispatch: Arc<ExpertDispatch>, every: Duration) {
