@@ -57,14 +57,24 @@ def test_each_layout_equals_serve_and_transformers(layout, etcd, logdir, f32):
         assert tokens == [s["token"] for s in case["steps"]], f"{layout}: {case['name']} differs from transformers"
 
 
-def test_bf16_rows_on_the_wire_equal_serve(etcd, logdir, bf16):
+def test_bf16_rows_on_the_wire_equal_serve_and_a_router_needs_no_etcd(etcd, logdir, bf16):
     cases = mixed_workload(reference("tiny-bf16"))
     c = Cluster(etcd, logdir, model="tiny-bf16", layout="dep", attention=2, experts=1)
     try:
         got = run_concurrently(Target(c), cases)
+        # A second router given the attention workers' addresses (`--workers`), no etcd at all.
+        addrs = [a.wait_log(r"listening on (http://[\d.]+:\d+)").group(1) for a in c.attention]
+        r2 = c.spawn("router-static", "router", "--host", "127.0.0.1", "--port", "0", "--served-model-name", c.model,
+                     "--max-model-len", "512", "--health-interval-ms", "100", "--workers", ",".join(addrs),
+                     "--policy", "prefix-affinity")
+        c.url = "http://" + r2.wait_log(r"on http://([\d.]+:\d+)").group(1)
+        wait_for(lambda: c.metric("switchyard_router_ready_workers") == 2, 60, "the static router sees both workers")
+        static = run_concurrently(Target(c), cases)
     finally:
         c.stop()
-    assert got == run_concurrently(bf16, cases)
+    want = run_concurrently(bf16, cases)
+    assert got == want
+    assert static == want
 
 
 # --- faults -------------------------------------------------------------------------------------

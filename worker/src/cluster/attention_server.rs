@@ -44,14 +44,10 @@ impl AttentionService for AttentionServer {
     type GenerateStream = EventStream;
 
     async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
-        let trace = request.metadata().get(switchyard_proto::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_string);
         let r = request.into_inner();
         let params = params_from_wire(&r.params.unwrap_or_default());
         let (id, mut events) =
             self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output }).map_err(status)?;
-        if let Some(t) = &trace {
-            eprintln!("switchyard worker: request {} (traceparent {t}) admitted as {id}", r.request_id);
-        }
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         tokio::spawn(async move {
