@@ -75,7 +75,7 @@ pub fn check_request(req: &v1::LayerRequest, s: &FrameShape) -> Result<LayerFram
         _ => return Err(format!("dtype {} does not match the model's {}", req.dtype, s.dtype.name())),
     }
     let row_bytes = s.hidden * s.dtype.size();
-    if req.rows.len() % row_bytes != 0 {
+    if !req.rows.len().is_multiple_of(row_bytes) {
         return Err(format!("rows are {} bytes, not a multiple of one row ({row_bytes})", req.rows.len()));
     }
     let n_rows = req.rows.len() / row_bytes;
