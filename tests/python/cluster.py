@@ -127,7 +127,7 @@ class Cluster:
     counter = 0
 
     def __init__(self, etcd: Etcd, logdir: Path, model="tiny-f32", layout="afd", replicas=1, attention=2, experts=3,
-                 coordinators=1, lease_ttl=2, max_model_len=512):
+                 coordinators=1, lease_ttl=2, max_model_len=512, attention_args=()):
         Cluster.counter += 1
         self.name = f"t{Cluster.counter}-{layout}-r{replicas}"
         self.logdir = logdir / self.name
@@ -149,7 +149,7 @@ class Cluster:
         self.experts = [self.spawn(f"expert-{i}", "worker", "--role", "expert", "--listen", "127.0.0.1:0",
                                    "--id", f"expert-{i}", *self.engine) for i in range(experts)]
         self.attention = [self.spawn(f"attention-{i}", "worker", "--role", attention_role, "--listen", "127.0.0.1:0",
-                                     "--id", f"attention-{i}", *self.engine) for i in range(attention)]
+                                     "--id", f"attention-{i}", *self.engine, *attention_args) for i in range(attention)]
         self.router = self.spawn("router", "router", "--host", "127.0.0.1", "--port", "0", "--served-model-name", model,
                                  "--max-model-len", str(max_model_len), "--health-interval-ms", "100")
         self.url = "http://" + self.router.wait_log(r"on http://([\d.]+:\d+)").group(1)

@@ -160,6 +160,24 @@ def test_kill_expert_worker_with_replicas_loses_nothing(etcd, logdir, bf16):
     assert replanned <= c.lease_ttl + 1.0
 
 
+def test_a_stopped_expert_worker_is_caught_by_the_per_layer_deadline(etcd, logdir, bf16):
+    """SIGSTOP: the process stays connected but never answers; the deadline moves its rows to the
+    replica, so no request hangs and the output is unchanged."""
+    want = baseline(bf16, PROMPTS)
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=2, lease_ttl=30,
+                attention_args=("--dispatch-timeout-ms", "500"))
+    victim = c.experts[0]
+    try:
+        outcomes, log, t_stop = run_with_fault(c, lambda: victim.proc.send_signal(signal.SIGSTOP))
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+        c.stop()
+    stall = longest_stall(log, t_stop)
+    print(f"\nSIGSTOP of an expert worker (replicas 2, deadline 500 ms, lease TTL 30 s): longest stall {stall * 1000:.0f} ms")
+    assert [o[0] for o in outcomes] == ["ok"] * len(PROMPTS), [o for o in outcomes if o[0] != "ok"][:3]
+    assert [o[1] for o in outcomes] == want
+
+
 def test_kill_only_holder_ends_affected_requests_with_an_error(etcd, logdir, bf16):
     want = baseline(bf16, PROMPTS)
     c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=1, lease_ttl=2)

@@ -34,8 +34,10 @@ const LAYER_LABELS: [&str; 64] = [
     "44", "45", "46", "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63",
 ];
 
-/// How long a worker that failed is skipped before it is tried again.
+/// How long a worker that failed is skipped before it is tried again; doubled for every consecutive
+/// failure (a stopped process keeps its connections but never answers), up to `DOWN_MAX`.
 const DOWN_FOR: Duration = Duration::from_secs(1);
+const DOWN_MAX: Duration = Duration::from_secs(30);
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<v1::LayerResponse>>>>;
 
@@ -108,7 +110,8 @@ pub struct ExpertDispatch {
     active: watch::Receiver<Option<Arc<PlacementPlan>>>,
     pinned: Mutex<Option<Arc<PlacementPlan>>>,
     peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
-    down: Mutex<HashMap<String, Instant>>,
+    /// Workers being skipped: until when, and after how many consecutive failures.
+    down: Mutex<HashMap<String, (Instant, u32)>>,
     rt: Handle,
     next_id: AtomicU64,
     /// Tokens routed per (layer, expert) since the last [`ExpertDispatch::take_load`].
@@ -163,7 +166,7 @@ impl ExpertDispatch {
     }
 
     fn is_down(&self, w: &str) -> bool {
-        self.down.lock().unwrap().get(w).is_some_and(|t| Instant::now() < *t)
+        self.down.lock().unwrap().get(w).is_some_and(|(t, _)| Instant::now() < *t)
     }
 
     /// Chooses a holder for every pair, skipping `excluded` workers. Pairs of one row go to the same
@@ -287,6 +290,7 @@ impl ExpertDispatch {
                 let result = self.rt.block_on(task).unwrap_or_else(|e| Err(format!("dispatch task failed: {e}")));
                 match result {
                     Ok(c) => {
+                        self.down.lock().unwrap().remove(&s.worker);
                         for (i, &p) in s.pairs.iter().enumerate() {
                             contrib[p * h..(p + 1) * h].copy_from_slice(&c[i * h..(i + 1) * h]);
                         }
@@ -294,7 +298,11 @@ impl ExpertDispatch {
                     Err(reason) => {
                         eprintln!("switchyard: layer {layer}: expert worker {} failed ({reason}); retrying on other replicas", s.worker);
                         metrics::counter!("switchyard_dispatch_failures_total").increment(1);
-                        self.down.lock().unwrap().insert(s.worker.clone(), Instant::now() + DOWN_FOR);
+                        let mut down = self.down.lock().unwrap();
+                        let failures = down.get(&s.worker).map_or(0, |d| d.1) + 1;
+                        let wait = (DOWN_FOR * (1 << (failures - 1).min(5))).min(DOWN_MAX);
+                        down.insert(s.worker.clone(), (Instant::now() + wait, failures));
+                        drop(down);
                         excluded.insert(s.worker);
                         todo.extend(s.pairs);
                     }
