@@ -217,13 +217,20 @@ impl ExpertDispatch {
     }
 
     async fn peer(&self, worker: &str, addr: &str) -> Result<Arc<Peer>, String> {
-        let mut peers = self.peers.lock().await;
-        if let Some(p) = peers.get(worker).filter(|p| !p.is_closed()) {
+        if let Some(p) = self.peers.lock().await.get(worker).filter(|p| !p.is_closed()) {
             return Ok(p.clone());
         }
+        // Connect without holding the map: a slow or unreachable worker must not delay the others.
         let p = Arc::new(Peer::connect(addr, self.cfg.timeout).await?);
-        peers.insert(worker.to_string(), p.clone());
-        Ok(p)
+        let mut peers = self.peers.lock().await;
+        match peers.get(worker).filter(|q| !q.is_closed()) {
+            // Another call connected meanwhile: use one stream per pair of workers.
+            Some(q) => Ok(q.clone()),
+            None => {
+                peers.insert(worker.to_string(), p.clone());
+                Ok(p)
+            }
+        }
     }
 
     async fn remote(self: Arc<Self>, worker: String, addr: String, req: v1::LayerRequest, expect: usize) -> Result<Vec<f32>, String> {
