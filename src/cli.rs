@@ -20,6 +20,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Serve the OpenAI-compatible API: model, engine and HTTP server in one process.
     Serve(crate::serve::ServeArgs),
+    /// Fetch a checkpoint from the Hugging Face hub into the local cache (HF_HOME) and print its
+    /// directory (an init container's job in the Helm chart).
+    Download(ModelArgs),
     /// The cluster's coordinator: membership, expert placement and its versions, in etcd.
     Coordinator(crate::cluster::CoordinatorArgs),
     /// A cluster worker: attention (engine and dispatch), expert (expert slices) or both.
@@ -77,6 +80,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Serve(a) => crate::serve::run(a),
+        Command::Download(a) => ModelDir::resolve(&a.model).map(|d| println!("{}", d.path.display())).map_err(Into::into),
         Command::Coordinator(a) => crate::cluster::coordinator(a),
         Command::Worker(a) => crate::cluster::worker(a),
         Command::Router(a) => crate::cluster::router(a),

@@ -33,9 +33,22 @@ pub struct ClusterArgs {
     /// Seconds a registration or leadership outlives its holder (etcd lease TTL).
     #[arg(long, env = "SWITCHYARD_LEASE_TTL", default_value_t = 10)]
     pub lease_ttl: u64,
-    /// Serve Prometheus metrics on this port (`GET /metrics`).
+    /// Serve Prometheus metrics (`GET /metrics`), liveness (`GET /live`) and readiness (`GET /ready`)
+    /// on this port.
     #[arg(long, env = "SWITCHYARD_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+    /// Parse and check the flags and environment, print the resulting configuration, and exit
+    /// without starting anything (for deployment checks).
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// `--check-config`: the parsed configuration on stdout; true when the caller should exit.
+fn checked(args: &impl std::fmt::Debug, check: bool) -> bool {
+    if check {
+        println!("{args:#?}");
+    }
+    check
 }
 
 impl ClusterArgs {
@@ -145,16 +158,25 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-async fn serve_metrics(port: Option<u16>) -> Result<()> {
+/// The HTTP side port of workers and coordinators: `GET /metrics` (Prometheus), `GET /live`
+/// (liveness: the process answers) and `GET /ready` (readiness, from `ready`).
+async fn serve_metrics(port: Option<u16>, ready: watch::Receiver<bool>) -> Result<()> {
     let Some(port) = port else { return Ok(()) };
     let handle = switchyard_router::metrics::handle();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let h = handle.clone();
-            async move { h.map(|h| h.render()).unwrap_or_default() }
-        }),
-    );
+    let status = |ok: bool| if ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let h = handle.clone();
+                async move { h.map(|h| h.render()).unwrap_or_default() }
+            }),
+        )
+        .route("/live", axum::routing::get(|| async { axum::http::StatusCode::OK }))
+        .route("/ready", axum::routing::get(move || {
+            let ok = *ready.borrow();
+            async move { status(ok) }
+        }));
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("binding metrics port {port}"))?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -175,6 +197,9 @@ fn checkpoint_facts(dir: &ModelDir, c: &ModelConfig) -> Result<(Checkpoint, DTyp
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    if checked(&args, args.cluster.check_config) {
+        return Ok(());
+    }
     let dir = ModelDir::resolve(&args.model.model)?;
     let c = ModelConfig::from_file(&dir.file("config.json"))?;
     let moe = c.moe.context("this model has no experts to place")?;
@@ -194,7 +219,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     }
     runtime()?.block_on(async {
         let _ = switchyard_router::metrics::handle();
-        serve_metrics(args.cluster.metrics_port).await?;
+        serve_metrics(args.cluster.metrics_port, watch::channel(true).1).await?;
         let d = args.cluster.discovery().await?;
         eprintln!("switchyard coordinator {}: {:?} layout, {} replicas, cluster `{}`", cfg.id, cfg.layout, cfg.replicas, args.cluster.cluster);
         tokio::select! {
@@ -206,12 +231,16 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 }
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
+    if checked(&args, args.cluster.check_config) {
+        return Ok(());
+    }
     let dir = ModelDir::resolve(&args.model.model)?;
     let c = ModelConfig::from_file(&dir.file("config.json"))?;
     let rt = runtime()?;
     rt.block_on(async {
         let _ = switchyard_router::metrics::handle();
-        serve_metrics(args.cluster.metrics_port).await?;
+        let (ready_tx, ready) = watch::channel(false);
+        serve_metrics(args.cluster.metrics_port, ready).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let port = listener.local_addr()?.port();
         let id = args.id.clone().unwrap_or_else(|| format!("{}-{port}", hostname()));
@@ -267,11 +296,14 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             stats_interval: Duration::from_secs(args.stats_interval.max(1)),
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
         };
-        run_worker(cfg, WorkerParts { experts, attention, active }, d, terminate_signal()).await.context("worker")
+        run_worker(cfg, WorkerParts { experts, attention, active, ready: ready_tx }, d, terminate_signal()).await.context("worker")
     })
 }
 
 pub fn router(args: RouterArgs) -> Result<()> {
+    if checked(&args, args.cluster.check_config) {
+        return Ok(());
+    }
     let dir = ModelDir::resolve(&args.model.model)?;
     let c = ModelConfig::from_file(&dir.file("config.json"))?;
     let max_len = max_model_len(args.front.max_model_len, &c)?;

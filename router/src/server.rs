@@ -2,7 +2,7 @@
 //!
 //! `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `POST /tokenize`,
 //! `POST /detokenize`, `GET /metrics` and `GET /health`. With an API key configured, every request
-//! except `GET /health` (and `/ping`) must carry `Authorization: Bearer <key>`; the check runs on the raw
+//! except `GET /health` (readiness) and `GET /ping` (liveness) must carry `Authorization: Bearer <key>`; the check runs on the raw
 //! path before routing, so `//v1/...`, `/v1/../`, `%2F` or case tricks reach a 401, never a handler.
 
 use std::sync::Arc;
@@ -155,7 +155,7 @@ pub fn app(state: SharedState) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
         .route("/health", get(health))
-        .route("/ping", get(health))
+        .route("/ping", get(live))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(crate::completions::handle))
         .route("/v1/chat/completions", post(crate::chat::handle))
@@ -190,6 +190,11 @@ async fn auth(State(state): State<SharedState>, req: Request, next: Next) -> Res
         Some(g) if same_key(g.as_bytes(), key.as_bytes()) => next.run(req).await,
         _ => ApiError::unauthorized().into_response(),
     }
+}
+
+/// Liveness: the process answers (Kubernetes restarts it otherwise). Readiness is `/health`.
+async fn live() -> StatusCode {
+    StatusCode::OK
 }
 
 async fn health(State(state): State<SharedState>) -> StatusCode {

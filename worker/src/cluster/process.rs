@@ -51,6 +51,9 @@ pub struct WorkerParts {
     pub attention: Option<AttentionParts>,
     /// The channel the plan follower advances; the dispatcher reads it.
     pub active: watch::Sender<Option<Arc<PlacementPlan>>>,
+    /// Set once the worker can do its part: slices of a plan loaded (expert roles) and steps running
+    /// on a plan (attention roles). Readiness probes read it.
+    pub ready: watch::Sender<bool>,
 }
 
 pub struct AttentionParts {
@@ -83,7 +86,14 @@ pub async fn run_worker(
     let info = WorkerInfo { id: cfg.id.clone(), role: cfg.role, addr: addr.clone(), capacity_bytes: cfg.expert_memory, loaded_plan: 0, active_plan: 0 };
     let reg = discovery.register(info.clone()).await?;
     let store = parts.experts.as_ref().map(|s| (s.store().clone(), s.clone()));
-    let follower = tokio::spawn(follow_plans(discovery.clone(), reg, info, store, parts.attention.is_some().then(|| parts.active.clone())));
+    let follower = tokio::spawn(follow_plans(
+        discovery.clone(),
+        reg,
+        info,
+        store,
+        parts.attention.is_some().then(|| parts.active.clone()),
+        parts.ready.clone(),
+    ));
     if let Some(a) = &parts.attention {
         tokio::spawn(report_load(discovery.clone(), cfg.id.clone(), a.dispatch.clone(), cfg.stats_interval));
     }
@@ -148,6 +158,7 @@ async fn follow_plans(
     mut info: WorkerInfo,
     store: Option<(Arc<ExpertStore>, ExpertServer)>,
     active: Option<watch::Sender<Option<Arc<PlacementPlan>>>>,
+    ready: watch::Sender<bool>,
 ) {
     let mut plans = d.plan();
     let mut workers = d.workers();
@@ -189,6 +200,12 @@ async fn follow_plans(
                 }
             }
         }
+        let expert_ready = store.is_none() || info.loaded_plan > 0;
+        let attention_ready = active.as_ref().is_none_or(|tx| tx.borrow().is_some());
+        ready.send_if_modified(|r| {
+            let now = expert_ready && attention_ready;
+            std::mem::replace(r, now) != now
+        });
         tokio::select! {
             r = plans.changed() => if r.is_err() { return },
             r = workers.changed() => if r.is_err() { return },
