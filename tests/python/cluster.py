@@ -192,5 +192,23 @@ class Cluster:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def stop(self):
-        for p in reversed(self.procs):
-            p.stop()
+        stop_all(self.procs)
+
+
+def stop_all(procs, timeout=30.0):
+    """SIGTERM to every process at once (as a rollout or `helm uninstall` does), then wait for all;
+    returns the exit codes of those that were still running."""
+    running = [p for p in procs if p.proc.poll() is None]
+    for p in running:
+        p.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    codes = {}
+    for p in running:
+        try:
+            codes[p.name] = p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            codes[p.name] = p.proc.wait()
+    for p in procs:
+        p.log.close()
+    return codes

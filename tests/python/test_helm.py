@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from cluster import ENV, Etcd, Proc, free_port, wait_for
+from cluster import ENV, Etcd, Proc, free_port, stop_all, wait_for
 from conftest import BIN, FIXTURES, ROOT
 
 helm_python = pytest.importorskip("helm_python")
@@ -206,9 +206,11 @@ def test_the_cpu_demo_preset_runs_as_processes_and_serves(tmp_path, bf16):
         want = [served.completions.create(model=bf16.model, prompt=p, max_tokens=12, temperature=0).choices[0].text
                 for p in prompts]
         assert got == want
+        # SIGTERM to every pod at once (helm uninstall): each drains and exits 0 well within the grace.
+        codes = stop_all(procs, timeout=60)
+        assert codes == {p.name: 0 for p in procs}, codes
     finally:
-        for p in reversed(procs):
-            p.stop()
+        stop_all(procs)
         etcd.stop()
 
 

@@ -118,22 +118,59 @@ pub async fn run_worker(
         })
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = router.serve_with_incoming_shutdown(incoming, async {
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
-    });
+    }));
     let grace = cfg.shutdown_grace;
-    let deadline = async move {
+    let server_failed = async {
+        // Only an error ends the process early; a finished graceful shutdown still waits for the drain.
+        match server.await {
+            Ok(Err(e)) => Err(WorkerError::from(e)),
+            _ => std::future::pending().await,
+        }
+    };
+    let drain = async move {
         shutdown.await;
-        eprintln!("switchyard worker: shutting down; open streams get {grace:?}");
+        eprintln!("switchyard worker {}: shutting down: withdrawing from the cluster, draining (at most {grace:?})", cfg.id);
+        // Dropping the registration revokes the lease: the coordinator re-plans without this worker.
+        follower.abort();
         let _ = stop_tx.send(());
-        tokio::time::sleep(grace).await;
+        if tokio::time::timeout(grace, drained(&cfg.id, discovery.as_ref(), parts.attention.as_ref(), parts.experts.is_some())).await.is_err() {
+            eprintln!("switchyard worker {}: grace period over; exiting", cfg.id);
+        }
     };
-    let result = tokio::select! {
-        r = server => r.map_err(WorkerError::from),
-        _ = deadline => Ok(()),
-    };
-    follower.abort();
-    result
+    tokio::select! {
+        r = server_failed => r,
+        _ = drain => Ok(()),
+    }
+}
+
+/// Until this worker's work is done: its admitted requests finished (attention), and a published
+/// plan without it running on every attention worker (expert slices no longer needed).
+async fn drained(me: &str, d: &dyn Discovery, attention: Option<&AttentionParts>, holds_experts: bool) {
+    let mut plans = d.plan();
+    let mut workers = d.workers();
+    loop {
+        let requests_done = attention.is_none_or(|a| a.engine.stats().unfinished.load(Ordering::Relaxed) == 0);
+        let experts_released = !holds_experts || {
+            let plan = plans.borrow_and_update().clone();
+            let ws = workers.borrow_and_update().clone();
+            let mut attention_workers = ws.values().filter(|w| w.role.runs_attention() && w.id != me).peekable();
+            // Nobody left to call us (the whole cluster is stopping), or every attention worker runs
+            // on a plan without us.
+            attention_workers.peek().is_none()
+                || plan.is_some_and(|p| !p.addresses.contains_key(me) && attention_workers.all(|w| w.active_plan >= p.version))
+        };
+        if requests_done && experts_released {
+            eprintln!("switchyard worker {me}: drained");
+            return;
+        }
+        tokio::select! {
+            _ = plans.changed() => {}
+            _ = workers.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
 }
 
 async fn report_load(d: Arc<dyn Discovery>, id: String, dispatch: Arc<ExpertDispatch>, every: Duration) {
