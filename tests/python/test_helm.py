@@ -11,15 +11,15 @@ import signal
 import subprocess
 from pathlib import Path
 
+import helm_python
 import httpx
+import kubernetes_validate
 import pytest
 import yaml
 
 from cluster import ENV, Etcd, Proc, free_port, stop_all, wait_for
 from conftest import BIN, FIXTURES, ROOT
 
-helm_python = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 CHART = ROOT / "helm" / "switchyard"
 PRESETS = [None, "values-1xh100.yaml", "values-8gpu-dep.yaml", "values-cpu-demo.yaml"]
