@@ -21,7 +21,7 @@ pub struct CoordinatorConfig {
     /// Extra replicas per layer for hot experts.
     pub redundant_per_layer: usize,
     /// Re-plan for load when the current plan's imbalance (max/mean expected tokens per worker)
-    /// exceeds this and a new plan would lower it by at least 10%.
+    /// exceeds this and a new plan would remove at least half of the excess over 1.0.
     pub rebalance_threshold: f64,
     /// At most one load-driven re-plan per this interval (membership changes are never delayed).
     pub rebalance_interval: Duration,
@@ -94,8 +94,9 @@ pub fn next_plan(
     if now <= cfg.rebalance_threshold {
         return None;
     }
+    // Worth moving weights only if the new plan removes at least half of the excess over perfect balance.
     match make(load) {
-        Ok(p) if p.imbalance < now * 0.9 && !p.same_placement(cur) => Some(Ok(p)),
+        Ok(p) if p.imbalance - 1.0 < (now - 1.0) * 0.5 && !p.same_placement(cur) => Some(Ok(p)),
         _ => None,
     }
 }

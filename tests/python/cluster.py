@@ -127,7 +127,7 @@ class Cluster:
     counter = 0
 
     def __init__(self, etcd: Etcd, logdir: Path, model="tiny-f32", layout="afd", replicas=1, attention=2, experts=3,
-                 coordinators=1, lease_ttl=2, max_model_len=512, attention_args=()):
+                 coordinators=1, lease_ttl=2, max_model_len=512, attention_args=(), coordinator_args=()):
         Cluster.counter += 1
         self.name = f"t{Cluster.counter}-{layout}-r{replicas}"
         self.logdir = logdir / self.name
@@ -144,7 +144,7 @@ class Cluster:
         attention_role = "attention" if layout == "afd" else "both"
         self.holders = experts + (attention if attention_role == "both" else 0)
         self.coordinators = [self.spawn(f"coordinator-{i}", "coordinator", "--layout", layout, "--replicas", str(replicas),
-                                        "--id", f"coord-{i}", "--min-expert-workers", str(self.holders))
+                                        "--id", f"coord-{i}", "--min-expert-workers", str(self.holders), *coordinator_args)
                              for i in range(coordinators)]
         self.experts = [self.spawn(f"expert-{i}", "worker", "--role", "expert", "--listen", "127.0.0.1:0",
                                    "--id", f"expert-{i}", *self.engine) for i in range(experts)]

@@ -3,6 +3,7 @@ three expert workers and a router, in each layout. Outputs must equal `switchyar
 transformers reference token for token, and survive the faults ARCHITECTURE.md promises to survive.
 """
 
+import re
 import signal
 import threading
 import time
@@ -251,3 +252,26 @@ def test_killing_the_leader_coordinator_elects_another(etcd, logdir, bf16):
         assert run_concurrently(Target(c), cases) == want
     finally:
         c.stop()
+
+
+def test_load_rebalancing_moves_experts_under_traffic_without_changing_outputs(etcd, logdir, bf16):
+    """Attention workers report expert load every second; past the threshold the coordinator publishes
+    an EPLB-style plan (hot experts get extra replicas), expert workers load the new slices and drop
+    the old ones, attention workers switch between steps. Streams running across the change keep
+    exactly the output of `serve`."""
+    want = baseline(bf16, PROMPTS)
+    c = Cluster(etcd, logdir, model="tiny-bf16", layout="afd", replicas=1,
+                attention_args=("--stats-interval", "1"),
+                coordinator_args=("--redundant-experts", "2", "--rebalance-threshold", "1.01", "--rebalance-interval", "1"))
+    try:
+        coord = c.coordinators[0]
+        mark = coord.offset()
+        outcomes, _, _ = run_with_fault(c, lambda: coord.wait_log(r"published plan v\d+ .*for load", timeout=60, after=mark))
+        switched = [a.text().count("steps now run on plan") for a in c.attention]
+    finally:
+        c.stop()
+    line = re.search(r"published plan v(\d+) .*imbalance ([\d.]+), for load", coord.text()[mark:])
+    print(f"\nload-driven plan v{line.group(1)} (imbalance {line.group(2)} under the observed load) during 32 streams")
+    assert all(n >= 2 for n in switched), switched
+    assert [o[0] for o in outcomes] == ["ok"] * len(PROMPTS), [o for o in outcomes if o[0] != "ok"][:3]
+    assert [o[1] for o in outcomes] == want

@@ -116,6 +116,8 @@ pub struct ExpertDispatch {
     next_id: AtomicU64,
     /// Tokens routed per (layer, expert) since the last [`ExpertDispatch::take_load`].
     load: Vec<AtomicU64>,
+    /// The plan version of the step running now (0: no step is running).
+    step_version: AtomicU64,
 }
 
 /// One worker's share of a layer: which pairs it computes.
@@ -144,7 +146,15 @@ impl ExpertDispatch {
             rt,
             next_id: AtomicU64::new(1),
             load,
+            step_version: AtomicU64::new(0),
         }
+    }
+
+    /// Whether no step still runs on a plan older than `version` (so old slices may be dropped).
+    pub fn steps_on_or_after(&self, version: u64) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let v = self.step_version.load(Ordering::SeqCst);
+        v == 0 || v >= version
     }
 
     /// Tokens routed per (layer, expert) since the last call (for the coordinator's rebalancing).
@@ -333,7 +343,16 @@ impl ExpertBackend for SharedDispatch {
     }
 
     fn begin_step(&self) {
+        // "A step is starting on the oldest plan" before reading which plan: the follower must never
+        // see this step as idle while it pins a plan the follower is about to report as left behind.
+        self.0.step_version.store(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         let plan = self.0.active.borrow().clone();
+        self.0.step_version.store(plan.as_ref().map_or(u64::MAX, |p| p.version), Ordering::SeqCst);
         *self.0.pinned.lock().unwrap() = plan;
+    }
+
+    fn end_step(&self) {
+        self.0.step_version.store(0, Ordering::SeqCst);
     }
 }

@@ -91,7 +91,7 @@ pub async fn run_worker(
         reg,
         info,
         store,
-        parts.attention.is_some().then(|| parts.active.clone()),
+        parts.attention.as_ref().map(|a| (parts.active.clone(), a.dispatch.clone())),
         parts.ready.clone(),
     ));
     if let Some(a) = &parts.attention {
@@ -194,9 +194,12 @@ async fn follow_plans(
     reg: Box<dyn Registration>,
     mut info: WorkerInfo,
     store: Option<(Arc<ExpertStore>, ExpertServer)>,
-    active: Option<watch::Sender<Option<Arc<PlacementPlan>>>>,
+    active: Option<(watch::Sender<Option<Arc<PlacementPlan>>>, Arc<ExpertDispatch>)>,
     ready: watch::Sender<bool>,
 ) {
+    // A plan steps have switched to, not yet reported: a step pinned to the old plan may still run,
+    // and expert workers drop the old slices as soon as every attention worker reports the new one.
+    let mut unreported: Option<u64> = None;
     let mut plans = d.plan();
     let mut workers = d.workers();
     // Plans whose slices this worker holds, oldest first.
@@ -224,28 +227,36 @@ async fn follow_plans(
                     load_slices(store, slices_of(&retained, &info.id)).await;
                 }
             }
-            if let Some(tx) = &active {
+            if let Some((tx, _)) = &active {
                 let current = tx.borrow().as_ref().map_or(0, |p| p.version);
                 let loaded = |w: &str| if w == info.id { info.loaded_plan >= p.version } else { ws.get(w).is_some_and(|x| x.loaded_plan >= p.version) };
                 if p.version > current && p.expert_workers().into_iter().all(loaded) {
                     tx.send_replace(Some(p.clone()));
-                    info.active_plan = p.version;
-                    reg.update(info.clone());
+                    unreported = Some(p.version);
                     metrics::gauge!("switchyard_plan_version").set(p.version as f64);
                     eprintln!("switchyard worker {}: steps now run on plan v{}", info.id, p.version);
-                    continue;
                 }
             }
         }
+        if let (Some(v), Some((_, dispatch))) = (unreported, &active)
+            && dispatch.steps_on_or_after(v)
+        {
+            info.active_plan = v;
+            reg.update(info.clone());
+            unreported = None;
+        }
         let expert_ready = store.is_none() || info.loaded_plan > 0;
-        let attention_ready = active.as_ref().is_none_or(|tx| tx.borrow().is_some());
+        let attention_ready = active.as_ref().is_none_or(|(tx, _)| tx.borrow().is_some());
         ready.send_if_modified(|r| {
             let now = expert_ready && attention_ready;
             std::mem::replace(r, now) != now
         });
+        let poll = unreported.is_some();
         tokio::select! {
             r = plans.changed() => if r.is_err() { return },
             r = workers.changed() => if r.is_err() { return },
+            // Until the last step on the old plan has ended.
+            _ = tokio::time::sleep(Duration::from_millis(5)), if poll => {}
         }
     }
 }

@@ -34,6 +34,9 @@ pub trait ExpertBackend: Send + Sync {
     /// Called once at the start of every forward pass: a backend that follows a changing placement
     /// plan pins the plan here, so that a step that started on plan version v completes on v.
     fn begin_step(&self) {}
+
+    /// Called when that forward pass ends (also when it fails).
+    fn end_step(&self) {}
 }
 
 /// Combines per-slot contributions `contrib[n, k, hidden]` (already weighted and rounded) into

@@ -133,6 +133,14 @@ impl Gemma4Model {
     pub fn forward_batch(&self, chunks: &[BatchChunk<'_>], kv: &mut dyn KvStore) -> Result<Vec<Vec<f32>>, ForwardError> {
         self.validate(chunks)?;
         self.experts.begin_step();
+        // Ends the step for the expert backend however this function returns.
+        struct StepEnd<'a>(&'a dyn ExpertBackend);
+        impl Drop for StepEnd<'_> {
+            fn drop(&mut self) {
+                self.0.end_step();
+            }
+        }
+        let _step = StepEnd(self.experts.as_ref());
         let mut rows = Vec::new();
         let mut ids = Vec::new();
         for (c, ch) in chunks.iter().enumerate() {
