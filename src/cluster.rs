@@ -173,10 +173,13 @@ async fn serve_metrics(port: Option<u16>, ready: watch::Receiver<bool>) -> Resul
             }),
         )
         .route("/live", axum::routing::get(|| async { axum::http::StatusCode::OK }))
-        .route("/ready", axum::routing::get(move || {
-            let ok = *ready.borrow();
-            async move { status(ok) }
-        }));
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let ok = *ready.borrow();
+                async move { status(ok) }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("binding metrics port {port}"))?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -221,7 +224,10 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let _ = switchyard_router::metrics::handle();
         serve_metrics(args.cluster.metrics_port, watch::channel(true).1).await?;
         let d = args.cluster.discovery().await?;
-        eprintln!("switchyard coordinator {}: {:?} layout, {} replicas, cluster `{}`", cfg.id, cfg.layout, cfg.replicas, args.cluster.cluster);
+        eprintln!(
+            "switchyard coordinator {}: {:?} layout, {} replicas, cluster `{}`",
+            cfg.id, cfg.layout, cfg.replicas, args.cluster.cluster
+        );
         tokio::select! {
             r = run_coordinator(d, cfg) => r.context("coordinator")?,
             _ = terminate_signal() => eprintln!("switchyard coordinator: shutting down"),

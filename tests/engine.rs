@@ -56,8 +56,10 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<u3
 }
 
 fn run_all(engine: &EngineHandle, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Vec<u32>> {
-    let rxs: Vec<_> =
-        prompts.iter().map(|p| engine.submit(EngineRequest { resume: vec![], prompt: p.clone(), params: params.clone() }).unwrap().1).collect();
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(EngineRequest { resume: vec![], prompt: p.clone(), params: params.clone() }).unwrap().1)
+        .collect();
     rxs.into_iter().map(|rx| collect(rx).0).collect()
 }
 

@@ -17,8 +17,8 @@ pub mod error;
 pub mod metrics;
 pub mod report;
 pub mod rng;
-pub mod scrape;
 pub mod runner;
+pub mod scrape;
 pub mod sse;
 
 pub use args::{BenchConfig, BenchServeArgs, DatasetName, Endpoint};

@@ -64,7 +64,12 @@ impl BenchReport {
             let calls: u64 = self.dispatch.iter().map(|d| d.calls).sum();
             let mean = self.dispatch.iter().map(|d| d.mean_ms * d.calls as f64).sum::<f64>() / calls.max(1) as f64;
             let _ = writeln!(table, "{:<40} {:<10.3}", "Mean dispatch latency, all layers (ms):", mean);
-            let _ = writeln!(table, "{:<40} {:<10.3}", "Dispatch time per step, sum of layers (ms):", self.dispatch.iter().map(|d| d.mean_ms).sum::<f64>());
+            let _ = writeln!(
+                table,
+                "{:<40} {:<10.3}",
+                "Dispatch time per step, sum of layers (ms):",
+                self.dispatch.iter().map(|d| d.mean_ms).sum::<f64>()
+            );
             for d in &self.dispatch {
                 let _ = writeln!(table, "{:<40} {:<10.3}", format!("Layer {} ({} calls) (ms):", d.layer, d.calls), d.mean_ms);
             }

@@ -151,7 +151,14 @@ fn apply(m: &Mirror, prefix: &str, key: &str, value: Option<&[u8]>) {
         },
         Key::Leader => {
             let v = value.map(|v| String::from_utf8_lossy(v).into_owned());
-            m.leader.send_if_modified(|l| if *l != v { *l = v; true } else { false });
+            m.leader.send_if_modified(|l| {
+                if *l != v {
+                    *l = v;
+                    true
+                } else {
+                    false
+                }
+            });
         }
         Key::Other => {}
     }
@@ -195,8 +202,10 @@ async fn mirror_loop(mut client: Client, prefix: String, m: Arc<Mirror>, mut rev
 }
 
 async fn watch_from(client: &mut Client, prefix: &str, m: &Mirror, start: i64) -> Result<(), DiscoveryError> {
-    let mut stream =
-        client.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify())).await.map_err(err)?;
+    let mut stream = client
+        .watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify()))
+        .await
+        .map_err(err)?;
     while let Some(resp) = stream.message().await.map_err(err)? {
         if resp.canceled() {
             return Ok(());
@@ -316,7 +325,14 @@ struct EtcdRegistration(LeaseHolder);
 impl Registration for EtcdRegistration {
     fn update(&self, info: WorkerInfo) {
         let v = serde_json::to_vec(&info).expect("WorkerInfo serialises");
-        self.0.value.send_if_modified(|cur| if *cur != v { *cur = v; true } else { false });
+        self.0.value.send_if_modified(|cur| {
+            if *cur != v {
+                *cur = v;
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -338,9 +354,11 @@ impl Discovery for EtcdDiscovery {
 
     async fn publish_plan(&self, leader: &Leadership, plan: &PlacementPlan) -> Result<(), DiscoveryError> {
         let value = serde_json::to_vec(plan).expect("plans serialise");
-        let txn = Txn::new()
-            .when([Compare::value(self.key("leader"), CompareOp::Equal, leader.id.as_str())])
-            .and_then([TxnOp::put(self.key("plan"), value, None)]);
+        let txn = Txn::new().when([Compare::value(self.key("leader"), CompareOp::Equal, leader.id.as_str())]).and_then([TxnOp::put(
+            self.key("plan"),
+            value,
+            None,
+        )]);
         let resp = self.client.clone().txn(txn).await.map_err(err)?;
         if resp.succeeded() { Ok(()) } else { Err(DiscoveryError::NotLeader) }
     }
@@ -362,9 +380,11 @@ impl Discovery for EtcdDiscovery {
             let mut c = self.client.clone();
             let attempt = async {
                 let lease = c.lease_grant(self.ttl_secs(), None).await.map_err(err)?.id();
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key.as_str(), id, Some(PutOptions::new().with_lease(lease)))]);
+                let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+                    key.as_str(),
+                    id,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
                 let won = c.txn(txn).await.map_err(err)?.succeeded();
                 if !won {
                     let _ = c.lease_revoke(lease).await;

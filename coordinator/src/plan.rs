@@ -188,15 +188,8 @@ pub fn plan(req: &PlanRequest<'_>) -> Result<PlacementPlan, PlanError> {
     let holders: Vec<Vec<Vec<String>>> =
         holders.into_iter().map(|l| l.into_iter().map(|hs| hs.into_iter().map(|i| ws[i].id.clone()).collect()).collect()).collect();
     let addresses = eligible.iter().map(|w| (w.id.clone(), w.addr.clone())).collect();
-    let mut p = PlacementPlan {
-        version: req.version,
-        layout: req.layout,
-        replicas: req.replicas,
-        shape,
-        holders,
-        addresses,
-        imbalance: 1.0,
-    };
+    let mut p =
+        PlacementPlan { version: req.version, layout: req.layout, replicas: req.replicas, shape, holders, addresses, imbalance: 1.0 };
     p.imbalance = p.imbalance_under(req.load);
     Ok(p)
 }
@@ -381,11 +374,24 @@ mod tests {
             let need = (SHAPE.num_layers * SHAPE.num_experts * replicas) as u64 * SHAPE.slice_bytes;
             let ws: Vec<WorkerInfo> = (0..n)
                 .map(|i| {
-                    let cap = if layout == Layout::Tep { need } else { need / n as u64 * (10 + rng.next_u64() % 10) / 10 + 2 * SHAPE.slice_bytes };
+                    let cap = if layout == Layout::Tep {
+                        need
+                    } else {
+                        need / n as u64 * (10 + rng.next_u64() % 10) / 10 + 2 * SHAPE.slice_bytes
+                    };
                     worker(&format!("w{i}"), if i % 2 == 0 { Role::Expert } else { Role::Both }, cap)
                 })
                 .collect();
-            let ws: Vec<WorkerInfo> = if layout == Layout::Afd { ws.into_iter().map(|mut w| { w.role = Role::Expert; w }).collect() } else { ws };
+            let ws: Vec<WorkerInfo> = if layout == Layout::Afd {
+                ws.into_iter()
+                    .map(|mut w| {
+                        w.role = Role::Expert;
+                        w
+                    })
+                    .collect()
+            } else {
+                ws
+            };
             let mut load = ExpertLoad::default();
             for l in 0..SHAPE.num_layers {
                 for e in 0..SHAPE.num_experts {

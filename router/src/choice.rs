@@ -57,12 +57,7 @@ pub struct Finish {
 pub type Update = Result<Piece, String>;
 
 /// Forwards a choice's engine events as [`Update`]s until it finishes or the reader goes away.
-pub async fn run_choice(
-    spec: ChoiceSpec,
-    sub: Submission,
-    tokenizer: Arc<Tokenizer>,
-    out: UnboundedSender<Update>,
-) {
+pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokenizer>, out: UnboundedSender<Update>) {
     let mut detok = IncrementalDetokenizer::new(&spec.prompt, spec.skip_special);
     let mut stops = StopStrings::new(spec.stops, spec.include_stop);
     let mut generated = 0usize;

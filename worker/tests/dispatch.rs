@@ -120,7 +120,11 @@ fn remote_experts_equal_local_bit_for_bit_and_survive_a_dead_replica() {
     // Two workers, each expert on both (replicas 2), primaries alternating.
     let mut a = start_expert(&rt, &all);
     let b = start_expert(&rt, &all);
-    let p = plan(1, |_, e| if e % 2 == 0 { vec!["a".into(), "b".into()] } else { vec!["b".into(), "a".into()] }, &[("a", &a.addr), ("b", &b.addr)]);
+    let p = plan(
+        1,
+        |_, e| if e % 2 == 0 { vec!["a".into(), "b".into()] } else { vec!["b".into(), "a".into()] },
+        &[("a", &a.addr), ("b", &b.addr)],
+    );
     let (remote, _plan_tx) = dispatcher(&rt, p);
     let h = c.hidden_size;
     let check = |remote: &SharedDispatch, seed: u64| {
@@ -140,7 +144,11 @@ fn remote_experts_equal_local_bit_for_bit_and_survive_a_dead_replica() {
     let dead = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let dead_addr = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
-    let p = plan(2, |_, e| if e % 2 == 0 { vec!["a".into(), "b".into()] } else { vec!["b".into(), "a".into()] }, &[("a", &dead_addr), ("b", &b.addr)]);
+    let p = plan(
+        2,
+        |_, e| if e % 2 == 0 { vec!["a".into(), "b".into()] } else { vec!["b".into(), "a".into()] },
+        &[("a", &dead_addr), ("b", &b.addr)],
+    );
     let (failover, _plan_tx2) = dispatcher(&rt, p);
     check(&failover, 2);
     a.stop.take().unwrap().send(()).unwrap();

@@ -25,7 +25,12 @@ pub struct AttentionServer {
 }
 
 impl AttentionServer {
-    pub fn new(engine: EngineHandle, active: watch::Receiver<Option<Arc<PlacementPlan>>>, vocab_size: usize, needs_plan: bool) -> AttentionServer {
+    pub fn new(
+        engine: EngineHandle,
+        active: watch::Receiver<Option<Arc<PlacementPlan>>>,
+        vocab_size: usize,
+        needs_plan: bool,
+    ) -> AttentionServer {
         AttentionServer { engine, active, vocab_size, needs_plan }
     }
 }
@@ -46,8 +51,7 @@ impl AttentionService for AttentionServer {
     async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
         let params = params_from_wire(&r.params.unwrap_or_default());
-        let (id, mut events) =
-            self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output }).map_err(status)?;
+        let (id, mut events) = self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output }).map_err(status)?;
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         tokio::spawn(async move {

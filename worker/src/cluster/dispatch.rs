@@ -29,9 +29,9 @@ use crate::model::experts::{ExpertBackend, ExpertError, combine, weighted_contri
 
 /// Static labels, so recording a layer's latency allocates nothing.
 const LAYER_LABELS: [&str; 64] = [
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22",
-    "23", "24", "25", "26", "27", "28", "29", "30", "31", "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43",
-    "44", "45", "46", "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63",
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22", "23",
+    "24", "25", "26", "27", "28", "29", "30", "31", "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45",
+    "46", "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63",
 ];
 
 /// How long a worker that failed is skipped before it is tried again; doubled for every consecutive
@@ -59,7 +59,8 @@ impl Peer {
         let channel = endpoint.connect().await.map_err(|e| format!("connecting to {addr}: {e}"))?;
         let mut client = ExpertServiceClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(256);
-        let mut inbound = client.dispatch(ReceiverStream::new(rx)).await.map_err(|e| format!("opening the stream to {addr}: {e}"))?.into_inner();
+        let mut inbound =
+            client.dispatch(ReceiverStream::new(rx)).await.map_err(|e| format!("opening the stream to {addr}: {e}"))?.into_inner();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let (closed_tx, closed) = watch::channel(false);
         let p = pending.clone();
@@ -165,7 +166,8 @@ impl ExpertDispatch {
             if n > 0 {
                 let (layer, expert) = (i / self.cfg.num_experts, i % self.cfg.num_experts);
                 l.add(layer, expert, n as f64);
-                metrics::counter!("switchyard_expert_tokens_total", "layer" => layer.to_string(), "expert" => expert.to_string()).increment(n);
+                metrics::counter!("switchyard_expert_tokens_total", "layer" => layer.to_string(), "expert" => expert.to_string())
+                    .increment(n);
             }
         }
         l
@@ -181,7 +183,14 @@ impl ExpertDispatch {
 
     /// Chooses a holder for every pair, skipping `excluded` workers. Pairs of one row go to the same
     /// replica where they can (fewer rows on the wire).
-    fn assign(&self, plan: &PlacementPlan, layer: usize, pairs: &[usize], ids: &[u32], excluded: &HashSet<String>) -> Result<Vec<Share>, ExpertError> {
+    fn assign(
+        &self,
+        plan: &PlacementPlan,
+        layer: usize,
+        pairs: &[usize],
+        ids: &[u32],
+        excluded: &HashSet<String>,
+    ) -> Result<Vec<Share>, ExpertError> {
         let k = self.cfg.top_k;
         let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for &p in pairs {
@@ -190,7 +199,10 @@ impl ExpertDispatch {
             let target = if live.iter().any(|h| **h == self.cfg.me) && self.local.is_some() {
                 self.cfg.me.as_str()
             } else if live.is_empty() {
-                return Err(ExpertError::Unavailable { layer, reason: format!("no live holder of expert {e} under plan v{}", plan.version) });
+                return Err(ExpertError::Unavailable {
+                    layer,
+                    reason: format!("no live holder of expert {e} under plan v{}", plan.version),
+                });
             } else {
                 live[(p / k) % live.len()].as_str()
             };
@@ -252,7 +264,11 @@ impl ExpertDispatch {
         };
         let resp = tokio::time::timeout(self.cfg.timeout, call).await.map_err(|_| format!("no reply within {:?}", self.cfg.timeout))??;
         if resp.error != 0 {
-            return Err(format!("{} ({:?})", resp.message, v1::DispatchError::try_from(resp.error).unwrap_or(v1::DispatchError::DispatchBadFrame)));
+            return Err(format!(
+                "{} ({:?})",
+                resp.message,
+                v1::DispatchError::try_from(resp.error).unwrap_or(v1::DispatchError::DispatchBadFrame)
+            ));
         }
         if resp.contributions.len() != expect * self.cfg.dtype.size() {
             return Err(format!("reply has {} bytes, expected {}", resp.contributions.len(), expect * self.cfg.dtype.size()));
@@ -262,7 +278,15 @@ impl ExpertDispatch {
         Ok(wire::decode(self.cfg.dtype, &resp.contributions))
     }
 
-    fn run_shared(self: &Arc<Self>, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+    fn run_shared(
+        self: &Arc<Self>,
+        layer: usize,
+        rows: &[f32],
+        n: usize,
+        ids: &[u32],
+        weights: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), ExpertError> {
         let (h, k, e) = (self.cfg.hidden, self.cfg.top_k, self.cfg.num_experts);
         if let Some(&bad) = ids[..n * k].iter().find(|&&id| id as usize >= e) {
             return Err(ExpertError::BadExpert { layer, id: bad, experts: e });
@@ -329,7 +353,8 @@ impl ExpertDispatch {
         combine(&contrib, ids, n, k, h, self.cfg.dtype, out);
         // The layer's whole expert phase as the step sees it: grouping, the concurrent calls (and the
         // local share), retries and the combine.
-        metrics::histogram!("switchyard_dispatch_seconds", "layer" => LAYER_LABELS.get(layer).copied().unwrap_or("other")).record(t0.elapsed().as_secs_f64());
+        metrics::histogram!("switchyard_dispatch_seconds", "layer" => LAYER_LABELS.get(layer).copied().unwrap_or("other"))
+            .record(t0.elapsed().as_secs_f64());
         Ok(())
     }
 }

@@ -45,7 +45,10 @@ impl ExpertServer {
         };
         let (tx, rx) = std_mpsc::channel();
         let s = store.clone();
-        std::thread::Builder::new().name("switchyard-experts".into()).spawn(move || compute_loop(s, rx)).expect("spawning the expert thread");
+        std::thread::Builder::new()
+            .name("switchyard-experts".into())
+            .spawn(move || compute_loop(s, rx))
+            .expect("spawning the expert thread");
         ExpertServer { store, shape, jobs: tx, min_plan_version: Arc::new(AtomicU64::new(0)) }
     }
 

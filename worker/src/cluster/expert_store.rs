@@ -65,7 +65,8 @@ pub enum StoreError {
 impl ExpertStore {
     /// Opens the checkpoint's expert tensors (nothing is copied until [`ExpertStore::hold`]).
     pub fn open(ckpt: Checkpoint, config: &ModelConfig) -> Result<ExpertStore, LoadError> {
-        let moe = config.moe.ok_or_else(|| LoadError::MissingTensor { name: "experts (config has no MoE block)".into(), expected: vec![] })?;
+        let moe =
+            config.moe.ok_or_else(|| LoadError::MissingTensor { name: "experts (config has no MoE block)".into(), expected: vec![] })?;
         let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
         let store = ExpertStore {
             ckpt,

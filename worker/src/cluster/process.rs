@@ -83,7 +83,14 @@ pub async fn run_worker(
 ) -> Result<(), WorkerError> {
     let bound = cfg.listener.local_addr()?;
     let addr = cfg.advertise.clone().unwrap_or_else(|| default_advertise(bound));
-    let info = WorkerInfo { id: cfg.id.clone(), role: cfg.role, addr: addr.clone(), capacity_bytes: cfg.expert_memory, loaded_plan: 0, active_plan: 0 };
+    let info = WorkerInfo {
+        id: cfg.id.clone(),
+        role: cfg.role,
+        addr: addr.clone(),
+        capacity_bytes: cfg.expert_memory,
+        loaded_plan: 0,
+        active_plan: 0,
+    };
     let reg = discovery.register(info.clone()).await?;
     let store = parts.experts.as_ref().map(|s| (s.store().clone(), s.clone()));
     let follower = tokio::spawn(follow_plans(
@@ -101,9 +108,12 @@ pub async fn run_worker(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(WINDOW))
         .initial_connection_window_size(Some(4 * WINDOW))
-        .add_optional_service(parts.experts.clone().map(|s| {
-        ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)
-    }));
+        .add_optional_service(
+            parts
+                .experts
+                .clone()
+                .map(|s| ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)),
+        );
     let router = router.add_optional_service(parts.attention.as_ref().map(|a| {
         AttentionServiceServer::new(AttentionServer::new(a.engine.clone(), parts.active.subscribe(), a.vocab_size, a.needs_plan))
     }));
@@ -135,7 +145,10 @@ pub async fn run_worker(
         // Dropping the registration revokes the lease: the coordinator re-plans without this worker.
         follower.abort();
         let _ = stop_tx.send(());
-        if tokio::time::timeout(grace, drained(&cfg.id, discovery.as_ref(), parts.attention.as_ref(), parts.experts.is_some())).await.is_err() {
+        if tokio::time::timeout(grace, drained(&cfg.id, discovery.as_ref(), parts.attention.as_ref(), parts.experts.is_some()))
+            .await
+            .is_err()
+        {
             eprintln!("switchyard worker {}: grace period over; exiting", cfg.id);
         }
     };
@@ -229,7 +242,9 @@ async fn follow_plans(
             }
             if let Some((tx, _)) = &active {
                 let current = tx.borrow().as_ref().map_or(0, |p| p.version);
-                let loaded = |w: &str| if w == info.id { info.loaded_plan >= p.version } else { ws.get(w).is_some_and(|x| x.loaded_plan >= p.version) };
+                let loaded = |w: &str| {
+                    if w == info.id { info.loaded_plan >= p.version } else { ws.get(w).is_some_and(|x| x.loaded_plan >= p.version) }
+                };
                 if p.version > current && p.expert_workers().into_iter().all(loaded) {
                     tx.send_replace(Some(p.clone()));
                     unreported = Some(p.version);

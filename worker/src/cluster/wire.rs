@@ -149,11 +149,14 @@ mod tests {
             ("pair row", Box::new(|r| r.pair_row[0] = 2)),
             ("expert id", Box::new(|r| r.pair_expert[1] = 4)),
             ("finite", Box::new(|r| r.pair_weight[0] = f32::NAN)),
-            ("more than", Box::new(|r| {
-                r.pair_row = vec![0; 65];
-                r.pair_expert = vec![0; 65];
-                r.pair_weight = vec![0.0; 65];
-            })),
+            (
+                "more than",
+                Box::new(|r| {
+                    r.pair_row = vec![0; 65];
+                    r.pair_expert = vec![0; 65];
+                    r.pair_weight = vec![0.0; 65];
+                }),
+            ),
         ];
         for (want, mutate) in cases {
             let mut r = good();
