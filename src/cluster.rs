@@ -190,12 +190,9 @@ async fn serve_metrics(port: Option<u16>, ready: watch::Receiver<bool>) -> Resul
 /// The checkpoint's compute dtype (the dtype of its embedding) and the bytes of one expert slice.
 fn checkpoint_facts(dir: &ModelDir, c: &ModelConfig) -> Result<(Checkpoint, DType, u64)> {
     let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("opening {}", dir.path.display()))?;
-    let emb = ["model.language_model.embed_tokens.weight", "model.embed_tokens.weight"]
-        .iter()
-        .find_map(|n| ckpt.get(n))
-        .context("the checkpoint has no embed_tokens.weight")?;
-    let dt = emb.dtype;
-    let slice = c.moe.map_or(0, |m| (3 * m.intermediate_size * c.hidden_size * dt.size()) as u64);
+    let name = format!("{}embed_tokens.weight", ckpt.text_prefix());
+    let dt = ckpt.get(&name).with_context(|| format!("the checkpoint has no {name}"))?.dtype;
+    let slice = c.moe.map_or(0, |m| m.slice_bytes(c.hidden_size, dt));
     Ok((ckpt, dt, slice))
 }
 
@@ -254,7 +251,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let (ckpt, dtype, _) = checkpoint_facts(&dir, &c)?;
         let experts = match (args.role, c.moe) {
             (Role::Expert | Role::Both, Some(_)) => {
-                let store = ExpertStore::open(Checkpoint::open(&dir.path)?, &c)?;
+                let store = ExpertStore::open(&ckpt, &c)?;
                 let max_pairs = args.engine.max_num_batched_tokens.max(args.engine.max_num_seqs) * c.moe.map_or(8, |m| m.top_k) * 4;
                 Some(ExpertServer::new(Arc::new(store), max_pairs.max(1 << 16)))
             }

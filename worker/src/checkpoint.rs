@@ -56,7 +56,7 @@ impl Tensor {
     /// the same dtype, so decode streams it at memory speed. A no-op where the pair kernel is not used
     /// (f32/f16 checkpoints, CPUs without AVX512-BF16) or when `SWITCHYARD_PACK_WEIGHTS=0`.
     pub fn packed(self) -> Tensor {
-        if std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
+        if !packing_enabled() {
             return self;
         }
         self.panels.get_or_init(|| {
@@ -83,6 +83,12 @@ impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor({} {:?} {:?})", self.name, self.dtype, self.shape)
     }
+}
+
+/// Whether linear weights get the bf16 kernel's repacked copy ([`Tensor::packed`]);
+/// `SWITCHYARD_PACK_WEIGHTS=0` turns it off.
+pub fn packing_enabled() -> bool {
+    !std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0")
 }
 
 /// All tensors of a checkpoint directory, by name.
@@ -148,6 +154,12 @@ impl Checkpoint {
             }
         }
         Err(LoadError::MissingTensor { name: names[0].clone(), expected: shape.to_vec() })
+    }
+
+    /// Tensor-name prefix of the text model: `model.language_model.` in the multimodal checkpoint
+    /// Google publishes, `model.` in a text-only (`Gemma4ForCausalLM`) one.
+    pub fn text_prefix(&self) -> &'static str {
+        if self.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

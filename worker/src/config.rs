@@ -60,6 +60,13 @@ pub struct MoeConfig {
     pub intermediate_size: usize,
 }
 
+impl MoeConfig {
+    /// Bytes of one (layer, expert) slice (gate_up plus down) stored in `dtype`.
+    pub fn slice_bytes(&self, hidden: usize, dtype: switchyard_kernels::DType) -> u64 {
+        (3 * self.intermediate_size * hidden * dtype.size()) as u64
+    }
+}
+
 #[derive(Deserialize)]
 struct RawRope {
     rope_type: Option<String>,

@@ -32,7 +32,7 @@ struct Running {
 /// An expert worker holding `slices`, served on a loopback port.
 fn start_expert(rt: &tokio::runtime::Runtime, slices: &[(usize, usize)]) -> Running {
     let c = config();
-    let store = ExpertStore::open(Checkpoint::open(std::path::Path::new(DIR)).unwrap(), &c).unwrap();
+    let store = ExpertStore::open(&Checkpoint::open(std::path::Path::new(DIR)).unwrap(), &c).unwrap();
     let bytes = store.hold(&slices.iter().copied().collect()).unwrap();
     // Memory follows the share: exactly the slices asked for (plus their packed panels, if any).
     assert!(bytes as u64 >= slices.len() as u64 * store.slice_bytes());
@@ -114,8 +114,7 @@ fn remote_experts_equal_local_bit_for_bit_and_survive_a_dead_replica() {
     let c = config();
     let m = c.moe.unwrap();
     let ckpt = Checkpoint::open(std::path::Path::new(DIR)).unwrap();
-    let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
-    let local = LocalExperts::load(&ckpt, prefix, &c, m).unwrap();
+    let local = LocalExperts::load(&ckpt, ckpt.text_prefix(), &c, m).unwrap();
     let all: Vec<(usize, usize)> = (0..c.num_layers).flat_map(|l| (0..m.num_experts).map(move |e| (l, e))).collect();
     // Two workers, each expert on both (replicas 2), primaries alternating.
     let mut a = start_expert(&rt, &all);

@@ -7,10 +7,10 @@ use std::sync::{Arc, RwLock};
 
 use switchyard_kernels::{DType, Weight};
 
-use crate::checkpoint::{Checkpoint, Tensor};
+use crate::checkpoint::{Checkpoint, Tensor, packing_enabled};
 use crate::config::{ModelConfig, MoeConfig};
 use crate::error::LoadError;
-use crate::model::experts::{ExpertOutputs, ExpertWeights, expert_outputs};
+use crate::model::experts::{ExpertOutputs, ExpertWeights, expert_outputs, expert_tensors};
 
 /// One weight matrix, owned, with the bf16 kernel's packed panels when they apply.
 struct OwnedWeight {
@@ -25,7 +25,7 @@ impl OwnedWeight {
     fn copy_of(t: &Tensor, i: usize) -> OwnedWeight {
         let w = t.weight_at(i);
         let mut o = OwnedWeight { dtype: w.dtype, bytes: w.bytes.to_vec(), rows: w.rows, cols: w.cols, panels: None };
-        if !std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0") {
+        if packing_enabled() {
             o.panels = switchyard_kernels::linear::pack_panels(&o.view());
         }
         o
@@ -47,8 +47,8 @@ struct Slice {
 
 /// Expert slices by (layer, expert), shared between the gRPC handlers and the compute thread.
 pub struct ExpertStore {
-    ckpt: Checkpoint,
-    prefix: &'static str,
+    /// Per layer, the checkpoint's stacked `gate_up` and `down` tensors (memory-mapped, not copied).
+    layers: Vec<(Tensor, Tensor)>,
     moe: MoeConfig,
     pub hidden: usize,
     pub num_layers: usize,
@@ -63,43 +63,32 @@ pub enum StoreError {
 }
 
 impl ExpertStore {
-    /// Opens the checkpoint's expert tensors (nothing is copied until [`ExpertStore::hold`]).
-    pub fn open(ckpt: Checkpoint, config: &ModelConfig) -> Result<ExpertStore, LoadError> {
+    /// Finds every layer's expert tensors (checked for shape now; nothing is copied until
+    /// [`ExpertStore::hold`]).
+    pub fn open(ckpt: &Checkpoint, config: &ModelConfig) -> Result<ExpertStore, LoadError> {
         let moe =
             config.moe.ok_or_else(|| LoadError::MissingTensor { name: "experts (config has no MoE block)".into(), expected: vec![] })?;
-        let prefix = if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." };
-        let store = ExpertStore {
-            ckpt,
-            prefix,
+        let prefix = ckpt.text_prefix();
+        let layers: Vec<(Tensor, Tensor)> =
+            (0..config.num_layers).map(|l| expert_tensors(ckpt, prefix, config, moe, l)).collect::<Result<_, _>>()?;
+        let dtype = layers.first().map_or(DType::F32, |(gu, _)| gu.dtype);
+        Ok(ExpertStore {
+            layers,
             moe,
             hidden: config.hidden_size,
             num_layers: config.num_layers,
-            dtype: DType::F32,
+            dtype,
             slices: RwLock::new(HashMap::new()),
-        };
-        let dtype = store.tensors(0)?.0.dtype;
-        Ok(ExpertStore { dtype, ..store })
+        })
     }
 
     pub fn num_experts(&self) -> usize {
         self.moe.num_experts
     }
 
-    pub fn top_k(&self) -> usize {
-        self.moe.top_k
-    }
-
     /// Bytes of one (layer, expert) slice in the checkpoint dtype.
     pub fn slice_bytes(&self) -> u64 {
-        (3 * self.moe.intermediate_size * self.hidden * self.dtype.size()) as u64
-    }
-
-    fn tensors(&self, layer: usize) -> Result<(Tensor, Tensor), LoadError> {
-        let (h, e, i) = (self.hidden, self.moe.num_experts, self.moe.intermediate_size);
-        let p = format!("{}layers.{layer}.", self.prefix);
-        let gu = self.ckpt.expect_any(&[format!("{p}experts.gate_up_proj"), format!("{p}moe.gate_up_proj")], &[e, 2 * i, h])?;
-        let down = self.ckpt.expect_any(&[format!("{p}experts.down_proj"), format!("{p}moe.down_proj")], &[e, h, i])?;
-        Ok((gu, down))
+        self.moe.slice_bytes(self.hidden, self.dtype)
     }
 
     /// Makes the held set exactly `want`: copies in the missing slices, drops the others. Returns the
@@ -111,8 +100,8 @@ impl ExpertStore {
         };
         let mut loaded = Vec::with_capacity(missing.len());
         for (l, e) in missing {
-            let (gu, down) = self.tensors(l)?;
-            loaded.push(((l, e), Arc::new(Slice { gate_up: OwnedWeight::copy_of(&gu, e), down: OwnedWeight::copy_of(&down, e) })));
+            let (gu, down) = &self.layers[l];
+            loaded.push(((l, e), Arc::new(Slice { gate_up: OwnedWeight::copy_of(gu, e), down: OwnedWeight::copy_of(down, e) })));
         }
         let mut held = self.slices.write().unwrap();
         held.extend(loaded);

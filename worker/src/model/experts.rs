@@ -77,6 +77,22 @@ fn gather(active: &[usize], by_expert: &[Vec<usize>], rows: &[f32], pair_row: &[
     out
 }
 
+/// One layer's stacked expert weights, `gate_up [E, 2I, H]` and `down [E, H, I]`, under the names
+/// transformers writes (`experts.*`) or the older `moe.*`.
+pub fn expert_tensors(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    c: &ModelConfig,
+    moe: MoeConfig,
+    layer: usize,
+) -> Result<(Tensor, Tensor), LoadError> {
+    let (h, e, i) = (c.hidden_size, moe.num_experts, moe.intermediate_size);
+    let p = format!("{prefix}layers.{layer}.");
+    let gate_up = ckpt.expect_any(&[format!("{p}experts.gate_up_proj"), format!("{p}moe.gate_up_proj")], &[e, 2 * i, h])?;
+    let down = ckpt.expect_any(&[format!("{p}experts.down_proj"), format!("{p}moe.down_proj")], &[e, h, i])?;
+    Ok((gate_up, down))
+}
+
 /// A model without an MoE block (not Gemma 4 26B, but a valid config).
 pub struct NoExperts;
 
@@ -100,19 +116,13 @@ struct LayerExperts {
 
 impl LocalExperts {
     pub fn load(ckpt: &Checkpoint, prefix: &str, c: &ModelConfig, moe: MoeConfig) -> Result<LocalExperts, LoadError> {
-        let (h, e, i) = (c.hidden_size, moe.num_experts, moe.intermediate_size);
         let layers = (0..c.num_layers)
             .map(|l| {
-                let p = format!("{prefix}layers.{l}.");
-                Ok(LayerExperts {
-                    gate_up: ckpt
-                        .expect_any(&[format!("{p}experts.gate_up_proj"), format!("{p}moe.gate_up_proj")], &[e, 2 * i, h])?
-                        .packed(),
-                    down: ckpt.expect_any(&[format!("{p}experts.down_proj"), format!("{p}moe.down_proj")], &[e, h, i])?.packed(),
-                })
+                let (gate_up, down) = expert_tensors(ckpt, prefix, c, moe, l)?;
+                Ok(LayerExperts { gate_up: gate_up.packed(), down: down.packed() })
             })
             .collect::<Result<_, LoadError>>()?;
-        Ok(LocalExperts { layers, hidden: h, moe })
+        Ok(LocalExperts { layers, hidden: c.hidden_size, moe })
     }
 
     pub fn dtype(&self) -> DType {

@@ -77,7 +77,7 @@ pub struct Gemma4Model {
 impl Gemma4Model {
     /// Loads the text model from a checkpoint, with the experts computed in this process.
     pub fn load(config: ModelConfig, ckpt: &Checkpoint) -> Result<Gemma4Model, LoadError> {
-        let prefix = text_prefix(ckpt);
+        let prefix = ckpt.text_prefix();
         let experts: Arc<dyn ExpertBackend> = match config.moe {
             Some(moe) => Arc::new(LocalExperts::load(ckpt, prefix, &config, moe)?),
             None => Arc::new(experts::NoExperts),
@@ -87,7 +87,7 @@ impl Gemma4Model {
 
     /// Loads everything but the expert weights, which `experts` provides (in-process or remote).
     pub fn load_with_experts(config: ModelConfig, ckpt: &Checkpoint, experts: Arc<dyn ExpertBackend>) -> Result<Gemma4Model, LoadError> {
-        let prefix = text_prefix(ckpt);
+        let prefix = ckpt.text_prefix();
         let embedding = embedding::Embedding::load(ckpt, prefix, &config)?;
         let dtype = embedding.dtype();
         let layers = (0..config.num_layers)
@@ -183,10 +183,4 @@ impl Gemma4Model {
         }
         Ok(out)
     }
-}
-
-/// Tensor-name prefix of the text model: `model.language_model.` in the multimodal checkpoint Google
-/// publishes, `model.` in a text-only (`Gemma4ForCausalLM`) one.
-fn text_prefix(ckpt: &Checkpoint) -> &'static str {
-    if ckpt.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." }
 }
