@@ -25,14 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::expert_store::ExpertStore;
 use super::wire;
-use crate::model::experts::{ExpertBackend, ExpertError, combine, weighted_contributions};
-
-/// Static labels, so recording a layer's latency allocates nothing.
-const LAYER_LABELS: [&str; 64] = [
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20", "21", "22", "23",
-    "24", "25", "26", "27", "28", "29", "30", "31", "32", "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45",
-    "46", "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63",
-];
+use crate::model::experts::{ExpertBackend, ExpertError, combine};
 
 /// How long a worker that failed is skipped before it is tried again; doubled for every consecutive
 /// failure (a stopped process keeps its connections but never answers), up to `DOWN_MAX`.
@@ -119,6 +112,8 @@ pub struct ExpertDispatch {
     load: Vec<AtomicU64>,
     /// The plan version of the step running now (0: no step is running).
     step_version: AtomicU64,
+    /// `switchyard_dispatch_seconds{layer}`, one handle per layer, made once.
+    layer_seconds: Vec<metrics::Histogram>,
 }
 
 /// One worker's share of a layer: which pairs it computes.
@@ -137,6 +132,8 @@ impl ExpertDispatch {
         rt: Handle,
     ) -> ExpertDispatch {
         let load = (0..cfg.num_layers * cfg.num_experts).map(|_| AtomicU64::new(0)).collect();
+        let layer_seconds =
+            (0..cfg.num_layers).map(|l| metrics::histogram!("switchyard_dispatch_seconds", "layer" => l.to_string())).collect();
         ExpertDispatch {
             cfg,
             local,
@@ -148,6 +145,7 @@ impl ExpertDispatch {
             next_id: AtomicU64::new(1),
             load,
             step_version: AtomicU64::new(0),
+            layer_seconds,
         }
     }
 
@@ -193,9 +191,12 @@ impl ExpertDispatch {
     ) -> Result<Vec<Share>, ExpertError> {
         let k = self.cfg.top_k;
         let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        // Live holders per expert, found once per call rather than per pair.
+        let mut live_of: Vec<Option<Vec<&String>>> = vec![None; self.cfg.num_experts];
         for &p in pairs {
             let e = ids[p];
-            let live: Vec<&String> = plan.holders(layer, e as usize).iter().filter(|h| !excluded.contains(*h)).collect();
+            let live = live_of[e as usize]
+                .get_or_insert_with(|| plan.holders(layer, e as usize).iter().filter(|h| !excluded.contains(*h)).collect());
             let target = if live.iter().any(|h| **h == self.cfg.me) && self.local.is_some() {
                 self.cfg.me.as_str()
             } else if live.is_empty() {
@@ -257,7 +258,6 @@ impl ExpertDispatch {
 
     async fn remote(self: Arc<Self>, worker: String, addr: String, req: v1::LayerRequest, expect: usize) -> Result<Vec<f32>, String> {
         let t0 = Instant::now();
-        let layer = req.layer;
         let call = async {
             let peer = self.peer(&worker, &addr).await?;
             peer.call(req).await
@@ -274,7 +274,6 @@ impl ExpertDispatch {
             return Err(format!("reply has {} bytes, expected {}", resp.contributions.len(), expect * self.cfg.dtype.size()));
         }
         metrics::histogram!("switchyard_dispatch_call_seconds").record(t0.elapsed().as_secs_f64());
-        let _ = layer;
         Ok(wire::decode(self.cfg.dtype, &resp.contributions))
     }
 
@@ -318,23 +317,17 @@ impl ExpertDispatch {
                 let pair_row: Vec<usize> = s.pairs.iter().map(|p| p / k).collect();
                 let pair_expert: Vec<u32> = s.pairs.iter().map(|&p| ids[p]).collect();
                 let w: Vec<f32> = s.pairs.iter().map(|&p| weights[p]).collect();
-                let y = store
-                    .outputs(layer, rows, &pair_row, &pair_expert)
+                let c = store
+                    .contributions(layer, rows, &pair_row, &pair_expert, &w)
                     .map_err(|err| ExpertError::Unavailable { layer, reason: err.to_string() })?;
-                let mut c = vec![0f32; s.pairs.len() * h];
-                weighted_contributions(&y, &w, self.cfg.dtype, &mut c);
-                for (i, &p) in s.pairs.iter().enumerate() {
-                    contrib[p * h..(p + 1) * h].copy_from_slice(&c[i * h..(i + 1) * h]);
-                }
+                scatter(&mut contrib, &s.pairs, &c, h);
             }
             for (s, task) in calls {
                 let result = self.rt.block_on(task).unwrap_or_else(|e| Err(format!("dispatch task failed: {e}")));
                 match result {
                     Ok(c) => {
                         self.down.lock().unwrap().remove(&s.worker);
-                        for (i, &p) in s.pairs.iter().enumerate() {
-                            contrib[p * h..(p + 1) * h].copy_from_slice(&c[i * h..(i + 1) * h]);
-                        }
+                        scatter(&mut contrib, &s.pairs, &c, h);
                     }
                     Err(reason) => {
                         eprintln!("switchyard: layer {layer}: expert worker {} failed ({reason}); retrying on other replicas", s.worker);
@@ -353,9 +346,15 @@ impl ExpertDispatch {
         combine(&contrib, ids, n, k, h, self.cfg.dtype, out);
         // The layer's whole expert phase as the step sees it: grouping, the concurrent calls (and the
         // local share), retries and the combine.
-        metrics::histogram!("switchyard_dispatch_seconds", "layer" => LAYER_LABELS.get(layer).copied().unwrap_or("other"))
-            .record(t0.elapsed().as_secs_f64());
+        self.layer_seconds[layer].record(t0.elapsed().as_secs_f64());
         Ok(())
+    }
+}
+
+/// Puts a share's contributions (`[share pairs, h]`, in share order) at their pairs' places.
+fn scatter(contrib: &mut [f32], pairs: &[usize], c: &[f32], h: usize) {
+    for (i, &p) in pairs.iter().enumerate() {
+        contrib[p * h..(p + 1) * h].copy_from_slice(&c[i * h..(i + 1) * h]);
     }
 }
 

@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::expert_store::ExpertStore;
 use super::wire::{self, FrameShape, LayerFrame};
-use crate::model::experts::weighted_contributions;
 
 struct Job {
     frame: LayerFrame,
@@ -131,11 +130,7 @@ fn run_layer(store: &ExpertStore, layer: usize, jobs: Vec<Job>) {
         spans.push(start..pair_row.len());
     }
     metrics::counter!("switchyard_expert_pairs_total").increment(pair_row.len() as u64);
-    let result = store.outputs(layer, &rows, &pair_row, &pair_expert).map(|y| {
-        let mut c = vec![0f32; pair_row.len() * h];
-        weighted_contributions(&y, &pair_weight, dt, &mut c);
-        c
-    });
+    let result = store.contributions(layer, &rows, &pair_row, &pair_expert, &pair_weight);
     for (j, span) in jobs.into_iter().zip(spans) {
         let r = match &result {
             Ok(c) => Ok(wire::encode(dt, &c[span.start * h..span.end * h])),

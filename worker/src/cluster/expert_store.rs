@@ -10,7 +10,7 @@ use switchyard_kernels::{DType, Weight};
 use crate::checkpoint::{Checkpoint, Tensor, packing_enabled};
 use crate::config::{ModelConfig, MoeConfig};
 use crate::error::LoadError;
-use crate::model::experts::{ExpertOutputs, ExpertWeights, expert_outputs, expert_tensors};
+use crate::model::experts::{ExpertOutputs, ExpertWeights, expert_outputs, expert_tensors, weighted_contributions};
 
 /// One weight matrix, owned, with the bf16 kernel's packed panels when they apply.
 struct OwnedWeight {
@@ -117,8 +117,24 @@ impl ExpertStore {
         self.slices.read().unwrap().contains_key(&(layer, expert as usize))
     }
 
+    /// Every pair's weighted contribution `round(expert(row) * weight)` (`[pairs, hidden]`), as the
+    /// combine sums them; fails if any expert is not held.
+    pub fn contributions(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        pair_row: &[usize],
+        pair_expert: &[u32],
+        pair_weight: &[f32],
+    ) -> Result<Vec<f32>, StoreError> {
+        let y = self.outputs(layer, rows, pair_row, pair_expert)?;
+        let mut c = vec![0f32; pair_row.len() * self.hidden];
+        weighted_contributions(&y, pair_weight, self.dtype, &mut c);
+        Ok(c)
+    }
+
     /// Every pair's expert output for one layer; fails if any expert is not held.
-    pub fn outputs(&self, layer: usize, rows: &[f32], pair_row: &[usize], pair_expert: &[u32]) -> Result<ExpertOutputs, StoreError> {
+    fn outputs(&self, layer: usize, rows: &[f32], pair_row: &[usize], pair_expert: &[u32]) -> Result<ExpertOutputs, StoreError> {
         let mut slices: HashMap<usize, Arc<Slice>> = HashMap::new();
         {
             let held = self.slices.read().unwrap();
