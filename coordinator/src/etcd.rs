@@ -310,13 +310,18 @@ impl Drop for LeaseHolder {
         self.task.abort();
         let lease = *self.lease.borrow();
         if lease != 0 {
-            let mut c = self.client.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = c.lease_revoke(lease).await;
-                });
-            }
+            revoke_in_background(&self.client, lease);
         }
+    }
+}
+
+/// Revokes a lease without waiting (from a `Drop`): its keys go at once instead of at expiry.
+fn revoke_in_background(client: &Client, lease: i64) {
+    let mut c = client.clone();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            let _ = c.lease_revoke(lease).await;
+        });
     }
 }
 
@@ -462,11 +467,6 @@ struct LeaderGuard {
 impl Drop for LeaderGuard {
     fn drop(&mut self) {
         self.task.abort();
-        let (mut c, lease) = (self.client.clone(), self.lease);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = c.lease_revoke(lease).await;
-            });
-        }
+        revoke_in_background(&self.client, self.lease);
     }
 }

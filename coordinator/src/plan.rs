@@ -238,10 +238,7 @@ fn place_balanced(
 ) -> Result<(), PlanError> {
     let mut count = vec![replicas; layer.len()];
     for _ in 0..redundant {
-        let hottest = (0..layer.len())
-            .filter(|&e| count[e] < ws.len())
-            .max_by(|&a, &b| (load[a] / count[a] as f64).total_cmp(&(load[b] / count[b] as f64)).then(b.cmp(&a)));
-        match hottest {
+        match hottest(load, |e| count[e], |e| count[e] < ws.len()) {
             Some(e) => count[e] += 1,
             None => break,
         }
@@ -263,6 +260,14 @@ fn place_balanced(
     Ok(())
 }
 
+/// The expert with the most tokens per replica among the `eligible` ones (ties to the lower id): the
+/// one an extra replica helps most.
+fn hottest(load: &[f64], replicas: impl Fn(usize) -> usize, eligible: impl Fn(usize) -> bool) -> Option<usize> {
+    (0..load.len())
+        .filter(|&e| eligible(e))
+        .max_by(|&a, &b| (load[a] / replicas(a) as f64).total_cmp(&(load[b] / replicas(b) as f64)).then(b.cmp(&a)))
+}
+
 fn best_worker(ws: &[Holder], exclude: &[usize], slice: u64) -> Option<usize> {
     (0..ws.len())
         .filter(|w| !exclude.contains(w) && ws[*w].used + slice <= ws[*w].capacity)
@@ -273,10 +278,9 @@ fn best_worker(ws: &[Holder], exclude: &[usize], slice: u64) -> Option<usize> {
 /// replica, on the least-loaded worker that does not hold it yet and has room.
 fn add_redundant(layer: &mut [Vec<usize>], load: &[f64], ws: &mut [Holder], extra: usize, shape: ExpertShape) {
     for _ in 0..extra {
-        let hottest = (0..layer.len())
-            .filter(|&e| best_worker(ws, &layer[e], shape.slice_bytes).is_some())
-            .max_by(|&a, &b| (load[a] / layer[a].len() as f64).total_cmp(&(load[b] / layer[b].len() as f64)).then(b.cmp(&a)));
-        let Some(e) = hottest else { return };
+        let Some(e) = hottest(load, |e| layer[e].len(), |e| best_worker(ws, &layer[e], shape.slice_bytes).is_some()) else {
+            return;
+        };
         let Some(w) = best_worker(ws, &layer[e], shape.slice_bytes) else { return };
         // The expert's tokens are now spread over one more holder.
         let (old, new) = (load[e] / layer[e].len() as f64, load[e] / (layer[e].len() + 1) as f64);
