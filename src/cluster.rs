@@ -19,7 +19,9 @@ use switchyard_worker::{Checkpoint, Gemma4Model, ModelConfig, ModelDir};
 use tokio::sync::watch;
 
 use crate::cli::ModelArgs;
-use crate::serve::{EngineArgs, FrontArgs, available_memory, engine_config, front_state, max_model_len, serve_http, terminate_signal};
+use crate::serve::{
+    EngineArgs, FrontArgs, available_memory, engine_config, front_state, max_model_len, runtime, serve_http, terminate_signal,
+};
 
 /// Where the cluster's shared state lives.
 #[derive(Args, Debug, Clone)]
@@ -152,10 +154,6 @@ fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_else(|| "localhost".into())
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 /// The HTTP side port of workers and coordinators: `GET /metrics` (Prometheus), `GET /live`

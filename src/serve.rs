@@ -88,8 +88,12 @@ pub struct EngineArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     let loaded = load_model(&args.model)?;
     let state = build_state(&args, loaded)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve_http(&args.front, state))
+    runtime()?.block_on(serve_http(&args.front, state))
+}
+
+/// The async runtime of every server command: two threads for I/O (the model computes on its own).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 pub fn available_memory() -> Option<usize> {
