@@ -72,14 +72,7 @@ class Proc:
             self.proc.wait(timeout=30)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_all([self], timeout=15)
 
 
 class Etcd:
