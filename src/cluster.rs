@@ -283,7 +283,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 Gemma4Model::load(c.clone(), &ckpt)?
             };
             let engine = Engine::start(Arc::new(model), ecfg).context("starting the engine")?;
-            Some(AttentionParts { engine, dispatch, vocab_size: c.vocab_size, needs_plan: moe.is_some() })
+            Some(AttentionParts { engine, dispatch })
         } else {
             None
         };

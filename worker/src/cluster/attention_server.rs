@@ -17,21 +17,15 @@ use switchyard_coordinator::PlacementPlan;
 #[derive(Clone)]
 pub struct AttentionServer {
     engine: EngineHandle,
-    /// The plan steps run on; not ready until there is one.
+    /// The plan steps run on (its version is reported).
     active: watch::Receiver<Option<Arc<PlacementPlan>>>,
-    vocab_size: usize,
-    /// Whether the model needs a plan at all (a model without experts does not).
-    needs_plan: bool,
+    /// The worker's readiness (the plan follower keeps it), reported to routers.
+    ready: watch::Receiver<bool>,
 }
 
 impl AttentionServer {
-    pub fn new(
-        engine: EngineHandle,
-        active: watch::Receiver<Option<Arc<PlacementPlan>>>,
-        vocab_size: usize,
-        needs_plan: bool,
-    ) -> AttentionServer {
-        AttentionServer { engine, active, vocab_size, needs_plan }
+    pub fn new(engine: EngineHandle, active: watch::Receiver<Option<Arc<PlacementPlan>>>, ready: watch::Receiver<bool>) -> AttentionServer {
+        AttentionServer { engine, active, ready }
     }
 }
 
@@ -72,10 +66,10 @@ impl AttentionService for AttentionServer {
     async fn health(&self, _: Request<v1::HealthRequest>) -> Result<Response<v1::HealthReply>, Status> {
         let plan = self.active.borrow().as_ref().map_or(0, |p| p.version);
         Ok(Response::new(v1::HealthReply {
-            ready: !self.needs_plan || plan > 0,
+            ready: *self.ready.borrow(),
             plan_version: plan,
             unfinished: self.engine.stats().unfinished.load(std::sync::atomic::Ordering::Relaxed) as u32,
-            vocab_size: self.vocab_size as u32,
+            vocab_size: self.engine.vocab_size() as u32,
             max_model_len: self.engine.max_model_len() as u32,
         }))
     }

@@ -149,6 +149,11 @@ impl ExpertDispatch {
         }
     }
 
+    /// Whether steps need a placement plan at all (a model without experts does not).
+    pub fn needs_plan(&self) -> bool {
+        self.cfg.num_experts > 0
+    }
+
     /// Whether no step still runs on a plan older than `version` (so old slices may be dropped).
     pub fn steps_on_or_after(&self, version: u64) -> bool {
         std::sync::atomic::fence(Ordering::SeqCst);

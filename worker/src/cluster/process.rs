@@ -59,9 +59,6 @@ pub struct WorkerParts {
 pub struct AttentionParts {
     pub engine: EngineHandle,
     pub dispatch: Arc<ExpertDispatch>,
-    pub vocab_size: usize,
-    /// False for a model without experts (no plan needed to serve).
-    pub needs_plan: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,9 +111,10 @@ pub async fn run_worker(
                 .clone()
                 .map(|s| ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)),
         );
-    let router = router.add_optional_service(parts.attention.as_ref().map(|a| {
-        AttentionServiceServer::new(AttentionServer::new(a.engine.clone(), parts.active.subscribe(), a.vocab_size, a.needs_plan))
-    }));
+    let router =
+        router.add_optional_service(parts.attention.as_ref().map(|a| {
+            AttentionServiceServer::new(AttentionServer::new(a.engine.clone(), parts.active.subscribe(), parts.ready.subscribe()))
+        }));
     eprintln!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
     // The server's own `tcp_nodelay` applies only to listeners it binds; ours is bound by the caller,
     // so set it per connection. (Without it, small replies wait out Nagle plus delayed ACK: ~40 ms a
@@ -261,7 +259,7 @@ async fn follow_plans(
             unreported = None;
         }
         let expert_ready = store.is_none() || info.loaded_plan > 0;
-        let attention_ready = active.as_ref().is_none_or(|(tx, _)| tx.borrow().is_some());
+        let attention_ready = active.as_ref().is_none_or(|(tx, d)| !d.needs_plan() || tx.borrow().is_some());
         ready.send_if_modified(|r| {
             let now = expert_ready && attention_ready;
             std::mem::replace(r, now) != now

@@ -174,6 +174,10 @@ impl EngineHandle {
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
     }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
 }
 
 /// A request's checks against the model's limits (the engine's, and a router's without an engine).
