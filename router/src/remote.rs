@@ -54,7 +54,7 @@ pub struct Endpoint {
     pub id: String,
     pub addr: String,
     client: AttentionServiceClient<Channel>,
-    outstanding: AtomicUsize,
+    outstanding: Arc<AtomicUsize>,
     ready: AtomicBool,
     breaker: Mutex<Breaker>,
 }
@@ -70,7 +70,7 @@ impl Endpoint {
             id,
             addr,
             client: AttentionServiceClient::new(channel),
-            outstanding: AtomicUsize::new(0),
+            outstanding: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
             breaker: Mutex::new(Breaker { failures: 0, open_until: None }),
         })
@@ -104,20 +104,19 @@ pub struct AttentionPool {
     counter: AtomicU64,
 }
 
-/// Decrements a counter when dropped.
+/// One unit of a counter (requests in flight, per pool or per worker), released when dropped.
 struct Count(Arc<AtomicUsize>);
+
+impl Count {
+    fn enter(counter: &Arc<AtomicUsize>) -> Count {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Count(counter.clone())
+    }
+}
 
 impl Drop for Count {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-struct Outstanding(Arc<Endpoint>);
-
-impl Drop for Outstanding {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -230,8 +229,7 @@ impl AttentionPool {
                 metrics::counter!("switchyard_router_retries_total", "kind" => kind).increment(1);
                 eprintln!("switchyard router: {kind} of request {request_id} on {} after {} tokens", ep.id, sent.len());
             }
-            ep.outstanding.fetch_add(1, Ordering::Relaxed);
-            let _out = Outstanding(ep.clone());
+            let _out = Count::enter(&ep.outstanding);
             let mut call = tonic::Request::new(v1::GenerateRequest {
                 request_id: request_id.clone(),
                 prompt: req.prompt.clone(),
@@ -304,9 +302,8 @@ impl GenerationBackend for Arc<AttentionPool> {
     fn submit(&self, req: EngineRequest) -> Result<Submission, EngineError> {
         self.validate(&req.prompt, &req.params)?;
         let (tx, events) = unbounded_channel();
-        self.unfinished.fetch_add(1, Ordering::Relaxed);
         // Moved into the task: an abort before it first runs still releases the count.
-        let count = Count(self.unfinished.clone());
+        let count = Count::enter(&self.unfinished);
         let task = tokio::spawn(self.clone().drive(req, tx, count));
         let abort = task.abort_handle();
         Ok(Submission { events, cancel: Box::new(move || abort.abort()) })
