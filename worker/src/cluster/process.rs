@@ -89,12 +89,11 @@ pub async fn run_worker(
         active_plan: 0,
     };
     let reg = discovery.register(info.clone()).await?;
-    let store = parts.experts.as_ref().map(|s| (s.store().clone(), s.clone()));
     let follower = tokio::spawn(follow_plans(
         discovery.clone(),
         reg,
         info,
-        store,
+        parts.experts.clone(),
         parts.attention.as_ref().map(|a| (parts.active.clone(), a.dispatch.clone())),
         parts.ready.clone(),
     ));
@@ -102,7 +101,6 @@ pub async fn run_worker(
         tokio::spawn(report_load(discovery.clone(), cfg.id.clone(), a.dispatch.clone(), cfg.stats_interval));
     }
     let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(WINDOW))
         .initial_connection_window_size(Some(4 * WINDOW))
         .add_optional_service(
@@ -204,7 +202,7 @@ async fn follow_plans(
     d: Arc<dyn Discovery>,
     reg: Box<dyn Registration>,
     mut info: WorkerInfo,
-    store: Option<(Arc<ExpertStore>, ExpertServer)>,
+    experts: Option<ExpertServer>,
     active: Option<(watch::Sender<Option<Arc<PlacementPlan>>>, Arc<ExpertDispatch>)>,
     ready: watch::Sender<bool>,
 ) {
@@ -219,7 +217,8 @@ async fn follow_plans(
         let latest = plans.borrow_and_update().clone();
         let ws = workers.borrow_and_update().clone();
         if let Some(p) = latest {
-            if let Some((store, server)) = &store {
+            if let Some(server) = &experts {
+                let store = server.store();
                 if info.loaded_plan < p.version {
                     retained.push(p.clone());
                     load_slices(store, slices_of(&retained, &info.id)).await;
@@ -258,7 +257,7 @@ async fn follow_plans(
             reg.update(info.clone());
             unreported = None;
         }
-        let expert_ready = store.is_none() || info.loaded_plan > 0;
+        let expert_ready = experts.is_none() || info.loaded_plan > 0;
         let attention_ready = active.as_ref().is_none_or(|(tx, d)| !d.needs_plan() || tx.borrow().is_some());
         ready.send_if_modified(|r| {
             let now = expert_ready && attention_ready;
