@@ -248,9 +248,9 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let d = args.cluster.discovery().await?;
         let (ckpt, dtype, _) = checkpoint_facts(&dir, &c)?;
         let experts = match (args.role, c.moe) {
-            (Role::Expert | Role::Both, Some(_)) => {
+            (Role::Expert | Role::Both, Some(moe)) => {
                 let store = ExpertStore::open(&ckpt, &c)?;
-                let max_pairs = args.engine.max_num_batched_tokens.max(args.engine.max_num_seqs) * c.moe.map_or(8, |m| m.top_k) * 4;
+                let max_pairs = args.engine.max_num_batched_tokens.max(args.engine.max_num_seqs) * moe.top_k * 4;
                 Some(ExpertServer::new(Arc::new(store), max_pairs.max(1 << 16)))
             }
             (Role::Expert, None) => bail!("--role expert: this model has no experts"),

@@ -209,7 +209,7 @@ fn load_template(args: &FrontArgs, dir: &ModelDir) -> Result<Option<ChatTemplate
         None => dir.chat_template()?,
     };
     let Some(source) = source else { return Ok(None) };
-    let special = switchyard_router::chat_template::special_tokens_from_config(&dir.file("tokenizer_config.json"));
+    let special = switchyard_router::chat_template::special_tokens_from_config(dir.file("tokenizer_config.json"));
     Ok(Some(ChatTemplate::new(&source, special).context("compiling the chat template")?))
 }
 

@@ -27,6 +27,9 @@ use crate::engine::EngineHandle;
 /// batches) flow without waiting for window updates.
 pub const WINDOW: u32 = 16 << 20;
 
+/// The plan an attention worker's steps run on, advanced by the plan follower.
+pub type ActivePlan = watch::Sender<Option<Arc<PlacementPlan>>>;
+
 pub struct WorkerConfig {
     pub id: String,
     pub role: Role,
@@ -50,7 +53,7 @@ pub struct WorkerParts {
     /// Attention-capable roles: the engine, its dispatcher and the plan channel steps read.
     pub attention: Option<AttentionParts>,
     /// The channel the plan follower advances; the dispatcher reads it.
-    pub active: watch::Sender<Option<Arc<PlacementPlan>>>,
+    pub active: ActivePlan,
     /// Set once the worker can do its part: slices of a plan loaded (expert roles) and steps running
     /// on a plan (attention roles). Readiness probes read it.
     pub ready: watch::Sender<bool>,
@@ -203,7 +206,7 @@ async fn follow_plans(
     reg: Box<dyn Registration>,
     mut info: WorkerInfo,
     experts: Option<ExpertServer>,
-    active: Option<(watch::Sender<Option<Arc<PlacementPlan>>>, Arc<ExpertDispatch>)>,
+    active: Option<(ActivePlan, Arc<ExpertDispatch>)>,
     ready: watch::Sender<bool>,
 ) {
     // A plan steps have switched to, not yet reported: a step pinned to the old plan may still run,
