@@ -15,24 +15,12 @@ use tokio::sync::watch;
 
 use crate::plan::PlacementPlan;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Attention,
     Expert,
     Both,
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
-        match s {
-            "attention" => Ok(Role::Attention),
-            "expert" => Ok(Role::Expert),
-            "both" => Ok(Role::Both),
-            _ => Err(format!("unknown role `{s}` (attention, expert or both)")),
-        }
-    }
 }
 
 impl Role {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::discovery::{ExpertLoad, Role, WorkerInfo};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
     Tep,
@@ -30,18 +30,6 @@ impl Layout {
         match self {
             Layout::Afd => role == Role::Expert,
             Layout::Tep | Layout::Dep => matches!(role, Role::Expert | Role::Both),
-        }
-    }
-}
-
-impl std::str::FromStr for Layout {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Layout, String> {
-        match s {
-            "tep" => Ok(Layout::Tep),
-            "dep" => Ok(Layout::Dep),
-            "afd" => Ok(Layout::Afd),
-            _ => Err(format!("unknown layout `{s}` (tep, dep or afd)")),
         }
     }
 }

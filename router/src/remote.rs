@@ -21,23 +21,11 @@ use tonic::transport::Channel;
 
 use crate::backend::{GenerationBackend, Submission};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
     LeastOutstanding,
     PrefixAffinity,
     PowerOfTwo,
-}
-
-impl std::str::FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Policy, String> {
-        match s {
-            "least-outstanding" => Ok(Policy::LeastOutstanding),
-            "prefix-affinity" => Ok(Policy::PrefixAffinity),
-            "power-of-two" => Ok(Policy::PowerOfTwo),
-            _ => Err(format!("unknown policy `{s}` (least-outstanding, prefix-affinity, power-of-two)")),
-        }
-    }
 }
 
 /// Consecutive failures open the breaker for a backoff that doubles, up to this.
