@@ -14,6 +14,6 @@ cargo build --bin switchyard
 venv=${SWITCHYARD_TEST_VENV:-.venv-test}
 if ! "$venv/bin/python" -c "import openai, pytest, httpx, yaml, helm_python, kubernetes_validate" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+  "$venv/bin/pip" install -q --no-cache-dir --disable-pip-version-check -r tests/python/requirements.txt
 fi
 SWITCHYARD_BIN=target/debug/switchyard "$venv/bin/python" -m pytest -q tests/python "$@"
