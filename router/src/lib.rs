@@ -7,6 +7,7 @@ pub mod choice;
 pub mod completions;
 pub mod detokenize;
 pub mod error;
+pub mod gemma4;
 pub mod metrics;
 pub mod params;
 pub mod protocol;

@@ -1,0 +1,485 @@
+//! Gemma 4's output format, as vLLM's `gemma4` reasoning and tool-call parsers read it:
+//!
+//! ```text
+//! <|channel>thought\n...reasoning...<channel|>answer<|tool_call>call:NAME{key:<|"|>v<|"|>}<tool_call|>
+//! ```
+//!
+//! [`OutputParser`] is one state machine fed with text deltas (decoded with special tokens kept). It
+//! can be fed any split of the text, down to single bytes inside a delimiter or a `<|"|>` quote: text
+//! that could still become a delimiter is held back until it is decided. It yields
+//! [`Delta`]s: reasoning first, then content and tool calls (name first, then argument fragments whose
+//! concatenation is the final `arguments` JSON). [`parse_complete`] is the non-streaming form.
+
+pub mod args;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::Value;
+
+use args::Arg;
+
+pub const CHANNEL_START: &str = "<|channel>";
+pub const CHANNEL_END: &str = "<channel|>";
+pub const TOOL_CALL_START: &str = "<|tool_call>";
+pub const TOOL_CALL_END: &str = "<tool_call|>";
+const THOUGHT_PREFIX: &str = "thought\n";
+
+/// Special tokens that never belong in content, should the model write them.
+const DROPPED_FROM_CONTENT: [&str; 10] = [
+    "<|turn>",
+    "<turn|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    "<|think|>",
+    "<|image|>",
+    "<|audio|>",
+    "<|video|>",
+];
+
+/// Which parts of the format a request parses.
+#[derive(Clone, Debug, Default)]
+pub struct ParseOptions {
+    /// `--reasoning-parser gemma4`: channel text becomes `reasoning`.
+    pub reasoning: bool,
+    /// Tool calls become `tool_calls` (tools given, `tool_choice` not `none`, tool parsing enabled).
+    pub tools: bool,
+    /// The request's tools, whose schemas type the arguments.
+    pub tool_specs: Vec<Value>,
+    /// The prompt ends inside an open `<|channel>` block: output starts as reasoning.
+    pub starts_in_reasoning: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Content,
+    Reasoning,
+    /// After `<|tool_call>`, before `call:`.
+    Preamble,
+    Name,
+    Args,
+}
+
+/// One streamed tool-call fragment, as in OpenAI's `delta.tool_calls[]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallDelta {
+    pub index: usize,
+    /// With the first fragment of a call only.
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+/// What one feed produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Delta {
+    pub reasoning: String,
+    pub content: String,
+    pub calls: Vec<CallDelta>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.reasoning.is_empty() && self.content.is_empty() && self.calls.is_empty()
+    }
+}
+
+/// A finished tool call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+#[derive(Debug, Default)]
+struct Call {
+    id: String,
+    name: String,
+    raw_args: String,
+    /// Argument JSON already streamed.
+    sent: String,
+    /// Streaming stopped because a later parse was not an extension of what was sent.
+    diverged: bool,
+    name_sent: bool,
+    done: bool,
+}
+
+/// `chatcmpl-tool-` ids, unique within the process.
+pub fn tool_call_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    format!("chatcmpl-tool-{:016x}{:08x}", t ^ n.rotate_left(32), n as u32)
+}
+
+pub struct OutputParser {
+    opts: ParseOptions,
+    state: State,
+    /// Text not yet classified (it may be the start of a delimiter).
+    held: String,
+    /// Nothing has been fed yet (decides the stray `thought\n` rule).
+    first: bool,
+    /// Reasoning seen so far, while the `thought\n` label may still be stripped.
+    reasoning_head: Option<String>,
+    calls: Vec<Call>,
+}
+
+impl OutputParser {
+    pub fn new(opts: ParseOptions) -> OutputParser {
+        let state = if opts.reasoning && opts.starts_in_reasoning { State::Reasoning } else { State::Content };
+        OutputParser { opts, state, held: String::new(), first: true, reasoning_head: Some(String::new()), calls: Vec::new() }
+    }
+
+    /// The delimiters that change state from `state`, with where they lead.
+    fn terminals(&self) -> &'static [&'static str] {
+        match (self.state, self.opts.reasoning, self.opts.tools) {
+            (State::Content, true, true) => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START, TOOL_CALL_END],
+            (State::Content, true, false) => &[CHANNEL_START, CHANNEL_END],
+            (State::Content, false, true) => &[TOOL_CALL_START, TOOL_CALL_END],
+            (State::Content, false, false) => &[],
+            (State::Reasoning, _, true) => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START],
+            (State::Reasoning, _, false) => &[CHANNEL_START, CHANNEL_END],
+            (State::Preamble, ..) => &[TOOL_CALL_END, "call:", ":"],
+            (State::Name, ..) => &["{", "(", TOOL_CALL_END],
+            (State::Args, ..) => &[TOOL_CALL_END],
+        }
+    }
+
+    /// Feeds the next text delta.
+    pub fn feed(&mut self, text: &str) -> Delta {
+        let mut d = Delta::default();
+        self.held.push_str(text);
+        if self.first {
+            if self.held.is_empty() {
+                return d;
+            }
+            // A stray `thought\n` (or a `<channel|>` with no opener) at the very start means the model
+            // wrote a channel without its opener: treat it as opened.
+            if self.opts.reasoning && self.state == State::Content && !self.held.starts_with(CHANNEL_START) {
+                if THOUGHT_PREFIX.starts_with(self.held.as_str()) && self.held.len() < THOUGHT_PREFIX.len() {
+                    return d; // undecided yet
+                }
+                if self.held.starts_with(THOUGHT_PREFIX) {
+                    self.held.insert_str(0, CHANNEL_START);
+                }
+            }
+            self.first = false;
+        }
+        self.run(&mut d, false);
+        d
+    }
+
+    /// Ends the stream: held text is released and an unfinished tool call is closed.
+    pub fn finish(&mut self) -> Delta {
+        let mut d = Delta::default();
+        if self.first && !self.held.is_empty() {
+            // Only part of `thought\n` ever arrived: it is text.
+            self.first = false;
+        }
+        self.run(&mut d, true);
+        if let Some(head) = self.reasoning_head.take()
+            && !head.is_empty()
+            && !THOUGHT_PREFIX.starts_with(head.as_str())
+        {
+            d.reasoning.push_str(&head);
+        }
+        if matches!(self.state, State::Name | State::Args | State::Preamble) {
+            self.end_call(&mut d);
+            self.state = State::Content;
+        }
+        d
+    }
+
+    fn run(&mut self, d: &mut Delta, last: bool) {
+        loop {
+            let terms = self.terminals();
+            let found = terms.iter().filter_map(|t| self.held.find(t).map(|at| (at, *t))).min_by_key(|(at, t)| (*at, usize::MAX - t.len()));
+            match found {
+                Some((at, term)) => {
+                    let before: String = self.held.drain(..at).collect();
+                    self.held.drain(..term.len());
+                    self.text(d, &before);
+                    self.transition(d, term);
+                }
+                None => {
+                    // Hold back a tail that could still become a delimiter.
+                    let keep = if last { 0 } else { partial_suffix(&self.held, terms) };
+                    let cut = self.held.len() - keep;
+                    let ready: String = self.held.drain(..cut).collect();
+                    self.text(d, &ready);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn text(&mut self, d: &mut Delta, t: &str) {
+        if t.is_empty() {
+            return;
+        }
+        match self.state {
+            State::Content => {
+                let mut t = t.to_string();
+                for s in DROPPED_FROM_CONTENT {
+                    t = t.replace(s, "");
+                }
+                d.content.push_str(&t);
+            }
+            State::Reasoning if !self.opts.reasoning => d.content.push_str(t),
+            State::Reasoning => self.reasoning(d, t),
+            State::Preamble => {}
+            State::Name => {
+                if let Some(c) = self.calls.last_mut() {
+                    c.name.push_str(t);
+                }
+            }
+            State::Args => {
+                if let Some(c) = self.calls.last_mut() {
+                    c.raw_args.push_str(t);
+                }
+                self.stream_args(d);
+            }
+        }
+    }
+
+    /// Reasoning text, with the channel's `thought\n` label removed from its start.
+    fn reasoning(&mut self, d: &mut Delta, t: &str) {
+        let Some(head) = self.reasoning_head.as_mut() else {
+            d.reasoning.push_str(t);
+            return;
+        };
+        head.push_str(t);
+        if head.starts_with(THOUGHT_PREFIX) {
+            d.reasoning.push_str(&head[THOUGHT_PREFIX.len()..]);
+            self.reasoning_head = None;
+        } else if !THOUGHT_PREFIX.starts_with(head.as_str()) {
+            d.reasoning.push_str(head);
+            self.reasoning_head = None;
+        }
+    }
+
+    fn transition(&mut self, d: &mut Delta, term: &str) {
+        self.state = match (self.state, term) {
+            (State::Content, CHANNEL_START) => {
+                self.reasoning_head = Some(String::new());
+                State::Reasoning
+            }
+            (State::Reasoning, CHANNEL_END) => {
+                self.end_reasoning(d);
+                State::Content
+            }
+            (State::Content | State::Reasoning, TOOL_CALL_START) => {
+                self.end_reasoning(d);
+                self.calls.push(Call { id: tool_call_id(), ..Call::default() });
+                State::Preamble
+            }
+            (State::Preamble, "call:" | ":") => State::Name,
+            (State::Name, "{" | "(") => {
+                self.announce(d);
+                State::Args
+            }
+            (State::Preamble | State::Name | State::Args, TOOL_CALL_END) => {
+                self.end_call(d);
+                State::Content
+            }
+            // `<|channel>` inside reasoning, a stray `<channel|>` or `<tool_call|>` in content: absorbed.
+            (s, _) => s,
+        };
+    }
+
+    fn end_reasoning(&mut self, d: &mut Delta) {
+        if let Some(head) = self.reasoning_head.take()
+            && !THOUGHT_PREFIX.starts_with(head.as_str())
+        {
+            d.reasoning.push_str(&head);
+        }
+    }
+
+    /// The call's name is known: send it (with its id and empty arguments).
+    fn announce(&mut self, d: &mut Delta) {
+        let index = self.calls.len() - 1;
+        let c = &mut self.calls[index];
+        c.name = c.name.trim().to_string();
+        c.name_sent = true;
+        d.calls.push(CallDelta { index, id: Some(c.id.clone()), name: Some(c.name.clone()), arguments: String::new() });
+    }
+
+    fn properties(&self, name: &str) -> Option<&serde_json::Map<String, Value>> {
+        self.opts.tool_specs.iter().find_map(|t| {
+            let f = t.get("function")?;
+            (f.get("name")?.as_str()? == name).then_some(())?;
+            f.get("parameters")?.get("properties")?.as_object()
+        })
+    }
+
+    fn typed_args(&self, index: usize, partial: bool) -> Vec<(String, Arg)> {
+        let c = &self.calls[index];
+        let mut a = if partial { args::parse_object(&c.raw_args, true) } else { args::parse_call_args(&c.raw_args, false) };
+        if let Some(props) = self.properties(&c.name) {
+            args::coerce_fields(&mut a, props);
+        }
+        a
+    }
+
+    /// Streams the part of the arguments JSON that later text cannot change.
+    fn stream_args(&mut self, d: &mut Delta) {
+        let index = self.calls.len() - 1;
+        if self.calls[index].diverged {
+            return;
+        }
+        let parsed = self.typed_args(index, true);
+        let json = args::dumps_fields(&parsed);
+        let string_keys = self
+            .properties(&self.calls[index].name)
+            .map(|p| p.iter().filter(|(_, s)| args::schema_types(s) == ["string"]).map(|(k, _)| k.clone()).collect::<Vec<_>>());
+        let safe = safe_prefix(&json, string_keys.as_deref());
+        let c = &mut self.calls[index];
+        if safe.len() > c.sent.len() {
+            if safe.starts_with(c.sent.as_str()) {
+                let more = safe[c.sent.len()..].to_string();
+                c.sent.push_str(&more);
+                push_args(d, index, &more);
+            } else {
+                c.diverged = true;
+            }
+        }
+    }
+
+    /// The call is complete: send the rest of its arguments.
+    fn end_call(&mut self, d: &mut Delta) {
+        let index = self.calls.len() - 1;
+        if !self.calls[index].name_sent {
+            self.announce(d);
+        }
+        let json = args::dumps_fields(&self.typed_args(index, false));
+        let c = &mut self.calls[index];
+        let rest = json.strip_prefix(c.sent.as_str()).unwrap_or_default().to_string();
+        c.sent.push_str(&rest);
+        c.done = true;
+        if !rest.is_empty() {
+            push_args(d, index, &rest);
+        }
+    }
+
+    /// The calls so far, with their final arguments.
+    pub fn tool_calls(&self) -> Vec<ToolCall> {
+        self.calls.iter().map(|c| ToolCall { id: c.id.clone(), name: c.name.clone(), arguments: c.sent.clone() }).collect()
+    }
+
+    pub fn has_tool_calls(&self) -> bool {
+        !self.calls.is_empty()
+    }
+}
+
+fn push_args(d: &mut Delta, index: usize, more: &str) {
+    match d.calls.last_mut() {
+        Some(c) if c.index == index => c.arguments.push_str(more),
+        _ => d.calls.push(CallDelta { index, id: None, name: None, arguments: more.to_string() }),
+    }
+}
+
+/// Length of the longest tail of `s` that is a proper prefix of one of `terms`.
+fn partial_suffix(s: &str, terms: &[&str]) -> usize {
+    let mut best = 0;
+    for t in terms {
+        for k in (1..t.len()).rev() {
+            if k <= best {
+                break;
+            }
+            if s.ends_with(&t[..k]) {
+                best = k;
+                break;
+            }
+        }
+    }
+    best
+}
+
+/// The prefix of a partial arguments JSON object that no later text can change: everything up to the
+/// last top-level `:`, plus the unterminated content of a trailing string value whose key is a plain
+/// string in the schema (or any key when there is no schema).
+fn safe_prefix<'a>(json: &'a str, string_keys: Option<&[String]>) -> &'a str {
+    let b = json.as_bytes();
+    let (mut in_str, mut esc, mut depth) = (false, false, 0i32);
+    let (mut str_start, mut last_colon, mut pending, mut last_key) = (0usize, None, None::<&str>, None::<&str>);
+    for (i, &c) in b.iter().enumerate() {
+        if esc {
+            esc = false;
+            continue;
+        }
+        if in_str {
+            if c == b'\\' {
+                esc = true;
+            } else if c == b'"' {
+                in_str = false;
+                if depth == 1 {
+                    pending = Some(&json[str_start + 1..i]);
+                }
+            }
+            continue;
+        }
+        match c {
+            b'"' => {
+                in_str = true;
+                str_start = i;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth -= 1,
+            b':' if depth == 1 => {
+                last_colon = Some(i);
+                last_key = pending.take();
+            }
+            _ => {}
+        }
+    }
+    let Some(colon) = last_colon else { return "" };
+    let mut end = colon + 1;
+    while end < b.len() && matches!(b[end], b' ' | b'\t' | b'\n' | b'\r') {
+        end += 1;
+    }
+    if end >= b.len() || b[end] != b'"' {
+        return &json[..end];
+    }
+    if let (Some(keys), Some(k)) = (string_keys, last_key)
+        && !keys.iter().any(|x| x == k)
+    {
+        return &json[..end];
+    }
+    let mut esc = false;
+    for i in end + 1..b.len() {
+        if esc {
+            esc = false;
+        } else if b[i] == b'\\' {
+            esc = true;
+        } else if b[i] == b'"' {
+            return &json[..i];
+        }
+    }
+    json
+}
+
+/// The non-streaming result.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Parsed {
+    pub reasoning: Option<String>,
+    pub content: Option<String>,
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// Parses a complete output.
+pub fn parse_complete(opts: ParseOptions, text: &str) -> Parsed {
+    let mut p = OutputParser::new(opts);
+    let mut all = p.feed(text);
+    let end = p.finish();
+    all.reasoning.push_str(&end.reasoning);
+    all.content.push_str(&end.content);
+    let tool_calls = p.tool_calls();
+    let content = if tool_calls.is_empty() { all.content } else { all.content.trim().to_string() };
+    Parsed {
+        reasoning: (!all.reasoning.is_empty()).then_some(all.reasoning),
+        content: (!content.is_empty()).then_some(content),
+        tool_calls,
+    }
+}
