@@ -58,6 +58,21 @@ pub struct FrontArgs {
     /// Seconds admitted requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "SWITCHYARD_SHUTDOWN_GRACE")]
     pub shutdown_grace: u64,
+    /// Splits the model's thinking (`<|channel>thought ...<channel|>`) into `reasoning_content`.
+    #[arg(long, value_enum, env = "SWITCHYARD_REASONING_PARSER")]
+    pub reasoning_parser: Option<OutputFormat>,
+    /// Parses the model's tool calls (`<|tool_call>call:NAME{...}<tool_call|>`) into `tool_calls`.
+    #[arg(long, value_enum, env = "SWITCHYARD_TOOL_CALL_PARSER")]
+    pub tool_call_parser: Option<OutputFormat>,
+    /// Lets the model decide when to call tools (`tool_choice: "auto"`); needs --tool-call-parser.
+    #[arg(long, env = "SWITCHYARD_ENABLE_AUTO_TOOL_CHOICE")]
+    pub enable_auto_tool_choice: bool,
+}
+
+/// Output formats the parsers know (vLLM's parser names).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Gemma4,
 }
 
 /// The engine's flags (`serve` and attention workers).
@@ -189,6 +204,7 @@ pub fn front_state(
         defaults,
         bos_token_id: c.bos_token_id,
         max_body_bytes: 32 << 20,
+        parsers: parsers(args)?,
     };
     Ok(Arc::new(AppState {
         config,
@@ -201,6 +217,17 @@ pub fn front_state(
         shutting_down: AtomicBool::new(false),
         created: switchyard_router::server::now_secs(),
     }))
+}
+
+fn parsers(args: &FrontArgs) -> Result<switchyard_router::server::Parsers> {
+    if args.enable_auto_tool_choice && args.tool_call_parser.is_none() {
+        bail!("--enable-auto-tool-choice needs --tool-call-parser (gemma4)");
+    }
+    Ok(switchyard_router::server::Parsers {
+        reasoning: args.reasoning_parser.is_some(),
+        tool_calls: args.tool_call_parser.is_some(),
+        auto_tool_choice: args.enable_auto_tool_choice,
+    })
 }
 
 fn load_template(args: &FrontArgs, dir: &ModelDir) -> Result<Option<ChatTemplate>> {

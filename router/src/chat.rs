@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 
 use crate::choice::{TokenOut, Update};
 use crate::error::ApiError;
+use crate::gemma4::{self, OutputParser, ParseOptions};
 use crate::params::{self, Limits};
 use crate::protocol::ChatRequest;
 use crate::response::{self, ChoiceResult, ChunkHead, usage};
@@ -20,7 +21,11 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let jobs = match jobs(&state, &req, &prompt, n, top) {
+    let reading = match output_reading(&state, &req, &prompt) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let jobs = match jobs(&state, &req, &prompt, n, top, &reading) {
         Ok(j) => j,
         Err(e) => return e.into_response(),
     };
@@ -36,6 +41,8 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
         n,
         top,
         as_ids: req.common.return_tokens_as_token_ids,
+        parse: reading.parse,
+        required: matches!(reading.tool_choice, ToolChoice::Required),
     };
     if req.common.stream {
         stream(ctx, rx, req.common.stream_options.is_some_and(|o| o.include_usage))
@@ -66,14 +73,124 @@ fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
     Ok((req, prompt, n, top))
 }
 
-fn jobs(state: &SharedState, req: &ChatRequest, prompt: &[u32], n: usize, top: Option<usize>) -> Result<Vec<ChoiceJob>, ApiError> {
+/// `tool_choice`, checked against `tools` and the server's flags.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// Checks `tools` (each a function with a name) and resolves `tool_choice` as vLLM does: absent means
+/// `auto` when tools are given and the server lets the model choose, `none` otherwise.
+pub fn tool_choice(state: &AppState, req: &ChatRequest) -> Result<ToolChoice, ApiError> {
+    let tools = req.tools.as_deref().unwrap_or(&[]);
+    let mut names = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        let name = t.pointer("/function/name").and_then(Value::as_str);
+        match (t.get("type").and_then(Value::as_str), name) {
+            (Some("function"), Some(n)) if !n.is_empty() => names.push(n),
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("tools[{i}]"),
+                    "each tool must be `{\"type\": \"function\", \"function\": {\"name\": ...}}`",
+                ));
+            }
+        }
+    }
+    let parsers = state.config.parsers;
+    let choice = match &req.tool_choice {
+        None | Some(Value::Null) => {
+            if !tools.is_empty() && parsers.auto_tool_choice {
+                ToolChoice::Auto
+            } else {
+                ToolChoice::None
+            }
+        }
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("unknown tool_choice `{other}`; use none, auto, required or a function"),
+                ));
+            }
+        },
+        Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
+            Some(n) if v.get("type").and_then(Value::as_str) == Some("function") => ToolChoice::Named(n.to_string()),
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "a named tool_choice is `{\"type\": \"function\", \"function\": {\"name\": ...}}`",
+                ));
+            }
+        },
+    };
+    if choice != ToolChoice::None && tools.is_empty() {
+        return Err(ApiError::invalid("tool_choice", "`tool_choice` needs `tools`"));
+    }
+    if choice == ToolChoice::Auto && !(parsers.auto_tool_choice && parsers.tool_calls) {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set",
+        ));
+    }
+    if let ToolChoice::Named(n) = &choice
+        && !names.contains(&n.as_str())
+    {
+        return Err(ApiError::invalid("tool_choice", format!("tool_choice names `{n}`, which is not in `tools`")));
+    }
+    Ok(choice)
+}
+
+/// How a request's output is read back.
+pub struct Reading {
+    pub tool_choice: ToolChoice,
+    /// The parser's options, when any parser runs.
+    pub parse: Option<ParseOptions>,
+    /// Detokenize without special tokens (the parsers need their delimiters).
+    pub skip_special: bool,
+}
+
+fn output_reading(state: &AppState, req: &ChatRequest, prompt: &[u32]) -> Result<Reading, ApiError> {
+    let tool_choice = tool_choice(state, req)?;
+    let parsers = state.config.parsers;
+    // Required and named choices are forced into Gemma 4's native call syntax, so they are parsed
+    // whether or not the server parses tool calls in `auto` mode.
+    let tools = match tool_choice {
+        ToolChoice::None => false,
+        ToolChoice::Auto => parsers.tool_calls,
+        ToolChoice::Required | ToolChoice::Named(_) => true,
+    };
+    let reasoning = parsers.reasoning;
+    let skip_special = req.common.skip_special_tokens.unwrap_or(true) && !(tools || reasoning);
+    let parse = (tools || reasoning).then(|| ParseOptions {
+        reasoning,
+        tools,
+        tool_specs: req.tools.clone().unwrap_or_default(),
+        starts_in_reasoning: gemma4::prompt_ends_in_open_channel(prompt, |t| state.tokenizer.token_to_id(t)),
+    });
+    Ok(Reading { tool_choice, parse, skip_special })
+}
+
+fn jobs(
+    state: &SharedState,
+    req: &ChatRequest,
+    prompt: &[u32],
+    n: usize,
+    top: Option<usize>,
+    reading: &Reading,
+) -> Result<Vec<ChoiceJob>, ApiError> {
     let lim = Limits { vocab_size: state.config.vocab_size, max_model_len: state.config.max_model_len, defaults: &state.config.defaults };
     let mut p = params::sampling(&req.common, &lim)?;
     p.max_tokens = params::max_tokens(req.max_completion_tokens.or(req.max_tokens), None, prompt.len(), state.config.max_model_len)?;
     params::check_min_max(&p)?;
     p.logprobs = top;
     let stops = params::stop_strings(&req.common)?;
-    let skip_special = req.common.skip_special_tokens.unwrap_or(true);
+    let skip_special = reading.skip_special;
     Ok((0..n)
         .map(|i| {
             let mut p = p.clone();
@@ -195,6 +312,8 @@ struct Ctx {
     n: usize,
     top: Option<usize>,
     as_ids: bool,
+    parse: Option<ParseOptions>,
+    required: bool,
 }
 
 impl Ctx {
@@ -222,11 +341,31 @@ impl Ctx {
             .iter()
             .enumerate()
             .map(|(i, c)| {
+                let (message, reason) = match &self.parse {
+                    None => (json!({"role": "assistant", "content": c.text, "refusal": null, "tool_calls": []}), c.reason),
+                    Some(opts) => {
+                        let mut p = gemma4::parse_complete(opts.clone(), &c.text);
+                        if self.required {
+                            p.content.get_or_insert_default();
+                        }
+                        let calls: Vec<Value> = p
+                            .tool_calls
+                            .iter()
+                            .map(|t| json!({"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}))
+                            .collect();
+                        let reason = gemma4::finish_reason(c.reason, !calls.is_empty(), self.required, false);
+                        let m = json!({
+                            "role": "assistant", "content": p.content, "refusal": null, "tool_calls": calls,
+                            "reasoning": p.reasoning, "reasoning_content": p.reasoning,
+                        });
+                        (m, reason)
+                    }
+                };
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text, "refusal": null, "tool_calls": []},
+                    "message": message,
                     "logprobs": self.top.map(|_| self.logprobs(&c.tokens)),
-                    "finish_reason": c.reason,
+                    "finish_reason": reason,
                     "stop_reason": c.stop_reason,
                 })
             })
@@ -249,9 +388,60 @@ fn stream(ctx: Ctx, rx: tokio::sync::mpsc::UnboundedReceiver<Update>, include_us
     let roles = (0..ctx.n)
         .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
         .collect();
+    let mut parsers: Vec<Option<OutputParser>> = (0..ctx.n).map(|_| ctx.parse.clone().map(OutputParser::new)).collect();
     response::stream(rx, ctx.n, head, ctx.prompt_tokens, roles, move |p| {
-        let delta = if p.text.is_empty() { json!({}) } else { json!({"content": p.text}) };
-        let (reason, stop_reason) = response::finish_fields(p.finish.as_ref());
-        json!({"index": p.index, "delta": delta, "logprobs": ctx.top.map(|_| ctx.logprobs(&p.tokens)), "finish_reason": reason, "stop_reason": stop_reason})
+        let (delta, called) = match &mut parsers[p.index] {
+            None => (if p.text.is_empty() { json!({}) } else { json!({"content": p.text}) }, false),
+            Some(parser) => {
+                let mut d = parser.feed(&p.text);
+                if p.finish.is_some() {
+                    let end = parser.finish();
+                    d.reasoning.push_str(&end.reasoning);
+                    d.content.push_str(&end.content);
+                    d.calls.extend(end.calls);
+                }
+                (delta_json(&d), parser.has_tool_calls())
+            }
+        };
+        let (reason, stop_reason) = match &p.finish {
+            Some(f) => (json!(gemma4::finish_reason(f.reason, called, false, true)), f.stop_reason.clone()),
+            None => (Value::Null, Value::Null),
+        };
+        let logprobs = ctx.top.map(|_| ctx.logprobs(&p.tokens));
+        if delta.as_object().is_some_and(|d| d.is_empty()) && reason.is_null() && logprobs.is_none() {
+            return None;
+        }
+        Some(json!({"index": p.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop_reason}))
     })
+}
+
+/// A parsed delta in OpenAI's chunk shape (`reasoning` also as `reasoning_content`, as vLLM sends).
+fn delta_json(d: &gemma4::Delta) -> Value {
+    let mut m = Map::new();
+    if !d.reasoning.is_empty() {
+        m.insert("reasoning".into(), json!(d.reasoning));
+        m.insert("reasoning_content".into(), json!(d.reasoning));
+    }
+    if !d.content.is_empty() {
+        m.insert("content".into(), json!(d.content));
+    }
+    if !d.calls.is_empty() {
+        let calls: Vec<Value> = d
+            .calls
+            .iter()
+            .map(|c| {
+                let mut v = json!({"index": c.index, "function": {"arguments": c.arguments}});
+                if let Some(id) = &c.id {
+                    v["id"] = json!(id);
+                    v["type"] = json!("function");
+                }
+                if let Some(name) = &c.name {
+                    v["function"]["name"] = json!(name);
+                }
+                v
+            })
+            .collect();
+        m.insert("tool_calls".into(), Value::Array(calls));
+    }
+    Value::Object(m)
 }

@@ -209,6 +209,6 @@ fn stream(ctx: Ctx, rx: tokio::sync::mpsc::UnboundedReceiver<Update>, include_us
             ctx.logprobs_obj(echo, &p.tokens, &mut offsets[p.index])
         });
         let (reason, stop_reason) = response::finish_fields(p.finish.as_ref());
-        json!({"index": p.index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop_reason})
+        Some(json!({"index": p.index, "text": text, "logprobs": logprobs, "finish_reason": reason, "stop_reason": stop_reason}))
     })
 }

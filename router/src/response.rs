@@ -71,7 +71,7 @@ impl ChunkHead {
 }
 
 /// Streams a request's pieces as chunks: `prologue` choices first (chat's role chunks), then one chunk
-/// per piece with the choice `render` makes of it, then the usage chunk if asked for, then `[DONE]`.
+/// per piece with the choice `render` makes of it (none when it makes none), then the usage chunk if asked for, then `[DONE]`.
 /// An engine error ends the stream with an error event. When the client goes, the pieces' receiver is
 /// dropped, which cancels every choice.
 pub fn stream(
@@ -80,7 +80,7 @@ pub fn stream(
     head: ChunkHead,
     prompt_tokens: usize,
     prologue: Vec<Value>,
-    mut render: impl FnMut(Piece) -> Value + Send + 'static,
+    mut render: impl FnMut(Piece) -> Option<Value> + Send + 'static,
 ) -> Response {
     let (tx, resp) = sse();
     tokio::spawn(async move {
@@ -103,7 +103,9 @@ pub fn stream(
                 done += 1;
                 completion += f.completion_tokens;
             }
-            if !tx.send(&head.chunk(vec![render(piece)])) {
+            if let Some(choice) = render(piece)
+                && !tx.send(&head.chunk(vec![choice]))
+            {
                 return;
             }
         }

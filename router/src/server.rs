@@ -42,6 +42,19 @@ pub struct ServerConfig {
     pub bos_token_id: Option<u32>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Which output parsers run (`--reasoning-parser`, `--tool-call-parser`, `--enable-auto-tool-choice`).
+    pub parsers: Parsers,
+}
+
+/// The output parsers a server runs, as vLLM's flags choose them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Parsers {
+    /// `--reasoning-parser gemma4`.
+    pub reasoning: bool,
+    /// `--tool-call-parser gemma4`.
+    pub tool_calls: bool,
+    /// `--enable-auto-tool-choice`: `tool_choice: "auto"` is allowed (it needs the tool-call parser).
+    pub auto_tool_choice: bool,
 }
 
 pub struct AppState {

@@ -119,76 +119,76 @@ pub struct OutputParser {
     state: State,
     /// Text not yet classified (it may be the start of a delimiter).
     held: String,
-    /// Nothing has been fed yet (decides the stray `thought\n` rule).
+    /// Nothing has been fed yet (decides the missing-opener rule).
     first: bool,
     /// Reasoning seen so far, while the `thought\n` label may still be stripped.
     reasoning_head: Option<String>,
+    /// Trailing whitespace of the reasoning: sent only if more reasoning follows.
+    reasoning_ws: String,
+    /// Trailing whitespace of the content: dropped if a tool call follows.
+    content_ws: String,
+    /// Content bytes before the first tool call (non-streaming keeps only those).
+    content_before_call: Option<usize>,
+    content_len: usize,
     calls: Vec<Call>,
 }
 
 impl OutputParser {
     pub fn new(opts: ParseOptions) -> OutputParser {
-        let state = if opts.reasoning && opts.starts_in_reasoning { State::Reasoning } else { State::Content };
-        OutputParser { opts, state, held: String::new(), first: true, reasoning_head: Some(String::new()), calls: Vec::new() }
-    }
-
-    /// The delimiters that change state from `state`, with where they lead.
-    fn terminals(&self) -> &'static [&'static str] {
-        match (self.state, self.opts.reasoning, self.opts.tools) {
-            (State::Content, true, true) => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START, TOOL_CALL_END],
-            (State::Content, true, false) => &[CHANNEL_START, CHANNEL_END],
-            (State::Content, false, true) => &[TOOL_CALL_START, TOOL_CALL_END],
-            (State::Content, false, false) => &[],
-            (State::Reasoning, _, true) => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START],
-            (State::Reasoning, _, false) => &[CHANNEL_START, CHANNEL_END],
-            (State::Preamble, ..) => &[TOOL_CALL_END, "call:", ":"],
-            (State::Name, ..) => &["{", "(", TOOL_CALL_END],
-            (State::Args, ..) => &[TOOL_CALL_END],
+        let state = if opts.starts_in_reasoning { State::Reasoning } else { State::Content };
+        OutputParser {
+            opts,
+            state,
+            held: String::new(),
+            first: true,
+            reasoning_head: Some(String::new()),
+            reasoning_ws: String::new(),
+            content_ws: String::new(),
+            content_before_call: None,
+            content_len: 0,
+            calls: Vec::new(),
         }
     }
 
-    /// Feeds the next text delta.
+    /// The delimiters that change state from the current one.
+    fn terminals(&self) -> &'static [&'static str] {
+        match self.state {
+            State::Content => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START, TOOL_CALL_END],
+            State::Reasoning => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START],
+            State::Preamble => &[TOOL_CALL_END, "call:", ":"],
+            State::Name => &["{", "(", TOOL_CALL_END],
+            State::Args => &[TOOL_CALL_END],
+        }
+    }
+
+    /// Feeds the next text delta: one token's text when streaming, the whole output otherwise.
     pub fn feed(&mut self, text: &str) -> Delta {
         let mut d = Delta::default();
-        self.held.push_str(text);
-        if self.first {
-            if self.held.is_empty() {
-                return d;
+        if std::mem::take(&mut self.first) && self.opts.reasoning && self.state == State::Content {
+            // The first delta decides, as in vLLM: output that starts with the channel's `thought\n`
+            // label, or closes a channel it never opened, wrote the channel without its opener.
+            let opened = !text.contains(CHANNEL_START)
+                && (text.contains(CHANNEL_END) || text.starts_with(THOUGHT_PREFIX) || text == THOUGHT_PREFIX.trim_end());
+            if opened {
+                self.held.push_str(CHANNEL_START);
             }
-            // A stray `thought\n` (or a `<channel|>` with no opener) at the very start means the model
-            // wrote a channel without its opener: treat it as opened.
-            if self.opts.reasoning && self.state == State::Content && !self.held.starts_with(CHANNEL_START) {
-                if THOUGHT_PREFIX.starts_with(self.held.as_str()) && self.held.len() < THOUGHT_PREFIX.len() {
-                    return d; // undecided yet
-                }
-                if self.held.starts_with(THOUGHT_PREFIX) {
-                    self.held.insert_str(0, CHANNEL_START);
-                }
-            }
-            self.first = false;
         }
+        self.held.push_str(text);
         self.run(&mut d, false);
         d
     }
 
-    /// Ends the stream: held text is released and an unfinished tool call is closed.
+    /// Ends the output: held text is released and an unfinished tool call is closed.
     pub fn finish(&mut self) -> Delta {
         let mut d = Delta::default();
-        if self.first && !self.held.is_empty() {
-            // Only part of `thought\n` ever arrived: it is text.
-            self.first = false;
-        }
         self.run(&mut d, true);
-        if let Some(head) = self.reasoning_head.take()
-            && !head.is_empty()
-            && !THOUGHT_PREFIX.starts_with(head.as_str())
-        {
-            d.reasoning.push_str(&head);
+        match self.state {
+            State::Reasoning => self.end_reasoning(&mut d),
+            State::Name | State::Args | State::Preamble => self.end_call(&mut d),
+            State::Content => {}
         }
-        if matches!(self.state, State::Name | State::Args | State::Preamble) {
-            self.end_call(&mut d);
-            self.state = State::Content;
-        }
+        self.state = State::Content;
+        self.flush_content_ws(&mut d);
         d
     }
 
@@ -225,9 +225,8 @@ impl OutputParser {
                 for s in DROPPED_FROM_CONTENT {
                     t = t.replace(s, "");
                 }
-                d.content.push_str(&t);
+                self.content(d, &t);
             }
-            State::Reasoning if !self.opts.reasoning => d.content.push_str(t),
             State::Reasoning => self.reasoning(d, t),
             State::Preamble => {}
             State::Name => {
@@ -244,26 +243,62 @@ impl OutputParser {
         }
     }
 
-    /// Reasoning text, with the channel's `thought\n` label removed from its start.
-    fn reasoning(&mut self, d: &mut Delta, t: &str) {
-        let Some(head) = self.reasoning_head.as_mut() else {
-            d.reasoning.push_str(t);
-            return;
-        };
-        head.push_str(t);
-        if head.starts_with(THOUGHT_PREFIX) {
-            d.reasoning.push_str(&head[THOUGHT_PREFIX.len()..]);
-            self.reasoning_head = None;
-        } else if !THOUGHT_PREFIX.starts_with(head.as_str()) {
-            d.reasoning.push_str(head);
-            self.reasoning_head = None;
+    /// Content, holding back trailing whitespace (dropped if a tool call follows).
+    fn content(&mut self, d: &mut Delta, t: &str) {
+        self.content_ws.push_str(t);
+        let body = self.content_ws.trim_end().len();
+        if body > 0 {
+            let out: String = self.content_ws.drain(..body).collect();
+            self.content_len += out.len();
+            d.content.push_str(&out);
         }
+    }
+
+    fn flush_content_ws(&mut self, d: &mut Delta) {
+        let ws = std::mem::take(&mut self.content_ws);
+        self.content_len += ws.len();
+        d.content.push_str(&ws);
+    }
+
+    /// Reasoning text, without the channel's `thought\n` label and without trailing whitespace.
+    fn reasoning(&mut self, d: &mut Delta, t: &str) {
+        let t = match self.reasoning_head.as_mut() {
+            None => t.to_string(),
+            Some(head) => {
+                head.push_str(t);
+                if let Some(rest) = head.strip_prefix(THOUGHT_PREFIX) {
+                    let rest = rest.to_string();
+                    self.reasoning_head = None;
+                    rest
+                } else if !THOUGHT_PREFIX.starts_with(head.as_str()) {
+                    self.reasoning_head.take().unwrap_or_default()
+                } else {
+                    return; // may still be the label
+                }
+            }
+        };
+        self.reasoning_ws.push_str(&t);
+        let body = self.reasoning_ws.trim_end().len();
+        if body > 0 {
+            let out: String = self.reasoning_ws.drain(..body).collect();
+            if self.opts.reasoning {
+                d.reasoning.push_str(&out);
+            } else {
+                self.content(d, &out);
+            }
+        }
+    }
+
+    /// Reasoning ends: a held label (`thought` alone) and trailing whitespace are dropped.
+    fn end_reasoning(&mut self, _d: &mut Delta) {
+        self.reasoning_head = Some(String::new());
+        self.reasoning_ws.clear();
     }
 
     fn transition(&mut self, d: &mut Delta, term: &str) {
         self.state = match (self.state, term) {
             (State::Content, CHANNEL_START) => {
-                self.reasoning_head = Some(String::new());
+                self.flush_content_ws(d);
                 State::Reasoning
             }
             (State::Reasoning, CHANNEL_END) => {
@@ -271,7 +306,11 @@ impl OutputParser {
                 State::Content
             }
             (State::Content | State::Reasoning, TOOL_CALL_START) => {
-                self.end_reasoning(d);
+                if self.state == State::Reasoning {
+                    self.end_reasoning(d);
+                }
+                self.content_ws.clear();
+                self.content_before_call.get_or_insert(self.content_len);
                 self.calls.push(Call { id: tool_call_id(), ..Call::default() });
                 State::Preamble
             }
@@ -289,21 +328,15 @@ impl OutputParser {
         };
     }
 
-    fn end_reasoning(&mut self, d: &mut Delta) {
-        if let Some(head) = self.reasoning_head.take()
-            && !THOUGHT_PREFIX.starts_with(head.as_str())
-        {
-            d.reasoning.push_str(&head);
-        }
-    }
-
     /// The call's name is known: send it (with its id and empty arguments).
     fn announce(&mut self, d: &mut Delta) {
         let index = self.calls.len() - 1;
         let c = &mut self.calls[index];
         c.name = c.name.trim().to_string();
         c.name_sent = true;
-        d.calls.push(CallDelta { index, id: Some(c.id.clone()), name: Some(c.name.clone()), arguments: String::new() });
+        if self.opts.tools {
+            d.calls.push(CallDelta { index, id: Some(c.id.clone()), name: Some(c.name.clone()), arguments: String::new() });
+        }
     }
 
     fn properties(&self, name: &str) -> Option<&serde_json::Map<String, Value>> {
@@ -326,7 +359,7 @@ impl OutputParser {
     /// Streams the part of the arguments JSON that later text cannot change.
     fn stream_args(&mut self, d: &mut Delta) {
         let index = self.calls.len() - 1;
-        if self.calls[index].diverged {
+        if self.calls[index].diverged || !self.opts.tools {
             return;
         }
         let parsed = self.typed_args(index, true);
@@ -358,18 +391,21 @@ impl OutputParser {
         let rest = json.strip_prefix(c.sent.as_str()).unwrap_or_default().to_string();
         c.sent.push_str(&rest);
         c.done = true;
-        if !rest.is_empty() {
+        if !rest.is_empty() && self.opts.tools {
             push_args(d, index, &rest);
         }
     }
 
-    /// The calls so far, with their final arguments.
+    /// The calls so far, with their final arguments (none unless tool calls are parsed).
     pub fn tool_calls(&self) -> Vec<ToolCall> {
+        if !self.opts.tools {
+            return Vec::new();
+        }
         self.calls.iter().map(|c| ToolCall { id: c.id.clone(), name: c.name.clone(), arguments: c.sent.clone() }).collect()
     }
 
     pub fn has_tool_calls(&self) -> bool {
-        !self.calls.is_empty()
+        self.opts.tools && !self.calls.is_empty()
     }
 }
 
@@ -468,18 +504,49 @@ pub struct Parsed {
     pub tool_calls: Vec<ToolCall>,
 }
 
-/// Parses a complete output.
+/// Parses a complete output as vLLM's non-streaming path does: the prompt is not consulted, and
+/// with tool calls the content is the text before the first call, trimmed.
 pub fn parse_complete(opts: ParseOptions, text: &str) -> Parsed {
-    let mut p = OutputParser::new(opts);
+    let mut p = OutputParser::new(ParseOptions { starts_in_reasoning: false, ..opts });
     let mut all = p.feed(text);
     let end = p.finish();
     all.reasoning.push_str(&end.reasoning);
     all.content.push_str(&end.content);
     let tool_calls = p.tool_calls();
-    let content = if tool_calls.is_empty() { all.content } else { all.content.trim().to_string() };
+    let content = match p.content_before_call {
+        Some(n) if !tool_calls.is_empty() => all.content[..n.min(all.content.len())].trim().to_string(),
+        _ => all.content,
+    };
     Parsed {
         reasoning: (!all.reasoning.is_empty()).then_some(all.reasoning),
         content: (!content.is_empty()).then_some(content),
         tool_calls,
+    }
+}
+
+/// Whether a prompt ends inside an open `<|channel>` block (the continuation after a tool response,
+/// with thinking on), so that output starts as reasoning: scanning back, the opener comes before any
+/// closer, tool call or turn boundary. `id` looks a token up by its text.
+pub fn prompt_ends_in_open_channel(prompt: &[u32], id: impl Fn(&str) -> Option<u32>) -> bool {
+    let Some(open) = id(CHANNEL_START) else { return false };
+    let boundaries: Vec<u32> = [CHANNEL_END, TOOL_CALL_START, "<|turn>", "<|tool_response>"].iter().filter_map(|s| id(s)).collect();
+    for &t in prompt.iter().rev() {
+        if t == open {
+            return true;
+        }
+        if boundaries.contains(&t) {
+            return false;
+        }
+    }
+    false
+}
+
+/// The `finish_reason` vLLM reports. Non-streaming: any parsed call, and every `tool_choice:
+/// "required"` request, report `tool_calls`. Streaming: a call turns `stop` into `tool_calls`.
+pub fn finish_reason(raw: &'static str, called: bool, required: bool, streaming: bool) -> &'static str {
+    match (streaming, called, required, raw) {
+        (false, true, _, _) | (false, _, true, _) => "tool_calls",
+        (true, true, _, "stop") => "tool_calls",
+        _ => raw,
     }
 }
