@@ -127,6 +127,20 @@ pub fn eos_ids(dir: &ModelDir, config: &ModelConfig) -> Result<Vec<u32>> {
     Ok(from_gen.filter(|v: &Vec<u32>| !v.is_empty()).unwrap_or_else(|| config.eos_token_ids.clone()))
 }
 
+/// The structured-output compiler for a checkpoint: its `tokenizer.json` vocabulary, the model's
+/// vocabulary size, and the EOS ids that end a completed grammar. `None` without a tokenizer.json.
+pub fn grammar_env(dir: &ModelDir, config: &ModelConfig) -> Result<Option<switchyard_worker::engine::grammar::GrammarEnv>> {
+    let path = dir.file("tokenizer.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let eos = eos_ids(dir, config)?;
+    let env = switchyard_worker::engine::grammar::GrammarEnv::from_tokenizer_json(&text, config.vocab_size, &eos)
+        .map_err(|e| anyhow::anyhow!("building the structured-output vocabulary: {e}"))?;
+    Ok(Some(env))
+}
+
 fn generate(a: GenerateArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
     let prompt: Vec<u32> = match &a.prompt {

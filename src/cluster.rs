@@ -283,7 +283,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 Gemma4Model::load(c.clone(), &ckpt)?
             };
             let engine = Engine::start(Arc::new(model), ecfg).context("starting the engine")?;
-            Some(AttentionParts { engine, dispatch })
+            let grammar = crate::cli::grammar_env(&dir, &c)?;
+            Some(AttentionParts { engine, dispatch, grammar })
         } else {
             None
         };

@@ -213,6 +213,7 @@ pub fn front_state(
         tokenizer_literal: Arc::new(literal),
         special_strings,
         template,
+        grammar: crate::cli::grammar_env(dir, c)?,
         metrics,
         shutting_down: AtomicBool::new(false),
         created: switchyard_router::server::now_secs(),

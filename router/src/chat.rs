@@ -13,6 +13,7 @@ use crate::params::{self, Limits};
 use crate::protocol::ChatRequest;
 use crate::response::{self, ChoiceResult, ChunkHead, usage};
 use crate::server::{AppState, ChoiceJob, SharedState, now_secs, parse_generation, request_id, submit_all};
+use switchyard_worker::engine::grammar::GrammarRequest;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -25,10 +26,13 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let jobs = match jobs(&state, &req, &prompt, n, top, &reading) {
+    let mut jobs = match jobs(&state, &req, &prompt, n, top, &reading) {
         Ok(j) => j,
         Err(e) => return e.into_response(),
     };
+    if let Err(e) = crate::structured::attach(&state, &mut jobs).await {
+        return e.into_response();
+    }
     let rx = match submit_all(&state, jobs) {
         Ok(rx) => rx,
         Err(e) => return e.into_response(),
@@ -191,6 +195,7 @@ fn jobs(
     p.logprobs = top;
     let stops = params::stop_strings(&req.common)?;
     let skip_special = reading.skip_special;
+    p.grammar = grammar(state, req, prompt, reading)?;
     Ok((0..n)
         .map(|i| {
             let mut p = p.clone();
@@ -201,9 +206,31 @@ fn jobs(
                 stops: stops.clone(),
                 include_stop: req.common.include_stop_str_in_output,
                 skip_special,
+                constraint: None,
             }
         })
         .collect())
+}
+
+/// The request's structured output, or the grammar that forces a tool call. With the reasoning parser
+/// on and a prompt that leaves the model thinking, it starts after the reasoning channel closes.
+fn grammar(state: &AppState, req: &ChatRequest, prompt: &[u32], reading: &Reading) -> Result<Option<GrammarRequest>, ApiError> {
+    let asked = crate::structured::requested(req.common.response_format.as_ref(), req.common.structured_outputs.as_ref())?;
+    let tools = req.tools.as_deref().unwrap_or(&[]);
+    let forced = crate::structured::forced_call(state, &reading.tool_choice, tools, req.parallel_tool_calls.unwrap_or(true))?;
+    let spec = match (asked, forced) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("tool_choice", "a required or named tool_choice cannot be combined with a structured output"));
+        }
+        (a, f) => match a.or(f) {
+            Some(s) => s,
+            None => return Ok(None),
+        },
+    };
+    let id = |t: &str| state.tokenizer.token_to_id(t);
+    let thinking = state.config.parsers.reasoning && !gemma4::prompt_reasoning_ended(prompt, id);
+    let after_token = if thinking { id(gemma4::CHANNEL_END) } else { None };
+    Ok(Some(GrammarRequest { spec, after_token }))
 }
 
 /// Checks the messages and brings them into the form chat templates expect (tool-call arguments as

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use switchyard_worker::engine::TokenLogprob;
+use switchyard_worker::engine::grammar::GrammarRequest;
 
 use crate::choice::{TokenOut, Update};
 use crate::error::ApiError;
@@ -32,7 +33,10 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let Prepared { req, prompts, n, logprobs, jobs } = prepared;
+    let Prepared { req, prompts, n, logprobs, mut jobs } = prepared;
+    if let Err(e) = crate::structured::attach(&state, &mut jobs).await {
+        return e.into_response();
+    }
     let rx = match submit_all(&state, jobs) {
         Ok(rx) => rx,
         Err(e) => return e.into_response(),
@@ -70,7 +74,9 @@ fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
     let logprobs = params::logprobs("logprobs", req.logprobs)?;
     let prompts = tokenize_prompts(state, &req)?;
     let lim = Limits { vocab_size: state.config.vocab_size, max_model_len: state.config.max_model_len, defaults: &state.config.defaults };
-    let base = params::sampling(&req.common, &lim)?;
+    let mut base = params::sampling(&req.common, &lim)?;
+    base.grammar = crate::structured::requested(req.common.response_format.as_ref(), req.common.structured_outputs.as_ref())?
+        .map(|spec| GrammarRequest { spec, after_token: None });
     let stops = params::stop_strings(&req.common)?;
     let mut jobs = Vec::with_capacity(prompts.len() * n);
     for (ids, _) in &prompts {
@@ -89,6 +95,7 @@ fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
                 stops: stops.clone(),
                 include_stop: req.common.include_stop_str_in_output,
                 skip_special,
+                constraint: None,
             });
         }
     }

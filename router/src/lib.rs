@@ -15,4 +15,5 @@ pub mod remote;
 pub mod response;
 pub mod server;
 pub mod special_text;
+pub mod structured;
 pub mod tokenize;

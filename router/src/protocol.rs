@@ -67,6 +67,10 @@ pub struct CommonParams {
     #[serde(default)]
     pub return_tokens_as_token_ids: bool,
     pub skip_special_tokens: Option<bool>,
+    /// OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<Value>,
+    /// vLLM's `{"json" | "regex" | "choice" | "grammar" | "json_object": ...}`.
+    pub structured_outputs: Option<Value>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -96,6 +100,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    /// With `tool_choice: "required"`, whether several calls may be made (default true).
+    pub parallel_tool_calls: Option<bool>,
     #[serde(default = "yes")]
     pub add_generation_prompt: bool,
     #[serde(default)]

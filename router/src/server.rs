@@ -66,6 +66,8 @@ pub struct AppState {
     /// The text of every special added token.
     pub special_strings: Vec<String>,
     pub template: Option<ChatTemplate>,
+    /// Compiles structured-output grammars (checked here, so a bad one is a 400 before it is queued).
+    pub grammar: Option<switchyard_worker::engine::grammar::GrammarEnv>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub shutting_down: AtomicBool,
     pub created: u64,
@@ -120,6 +122,8 @@ pub struct ChoiceJob {
     pub stops: Vec<String>,
     pub include_stop: bool,
     pub skip_special: bool,
+    /// The compiled form of `params.grammar`.
+    pub constraint: Option<switchyard_worker::engine::grammar::Constraint>,
 }
 
 /// Submits every choice; their updates arrive, interleaved, on the returned receiver. If one fails
@@ -143,7 +147,12 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
     let (tx, rx) = unbounded_channel();
     for (index, j) in jobs.into_iter().enumerate() {
         let min_tokens = j.params.min_tokens;
-        let sub = state.engine.submit(EngineRequest { prompt: j.prompt.clone(), params: j.params, resume: Vec::new() })?;
+        let sub = state.engine.submit(EngineRequest {
+            prompt: j.prompt.clone(),
+            params: j.params,
+            resume: Vec::new(),
+            constraint: j.constraint,
+        })?;
         let spec =
             ChoiceSpec { index, prompt: j.prompt, min_tokens, stops: j.stops, include_stop: j.include_stop, skip_special: j.skip_special };
         tokio::spawn(run_choice(spec, sub, state.tokenizer.clone(), tx.clone()));

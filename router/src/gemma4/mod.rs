@@ -541,6 +541,23 @@ pub fn prompt_ends_in_open_channel(prompt: &[u32], id: impl Fn(&str) -> Option<u
     false
 }
 
+/// Whether the prompt has left the reasoning channel (so a structured-output grammar applies from the
+/// first output token), as vLLM's `is_reasoning_end` judges it: scanning back, a closer or a tool
+/// call comes before any opener or turn boundary.
+pub fn prompt_reasoning_ended(prompt: &[u32], id: impl Fn(&str) -> Option<u32>) -> bool {
+    let ended: Vec<u32> = [CHANNEL_END, TOOL_CALL_START].iter().filter_map(|s| id(s)).collect();
+    let open: Vec<u32> = [CHANNEL_START, "<|turn>", "<|tool_response>"].iter().filter_map(|s| id(s)).collect();
+    for &t in prompt.iter().rev() {
+        if ended.contains(&t) {
+            return true;
+        }
+        if open.contains(&t) {
+            return false;
+        }
+    }
+    false
+}
+
 /// The `finish_reason` vLLM reports. Non-streaming: any parsed call, and every `tool_choice:
 /// "required"` request, report `tool_calls`. Streaming: a call turns `stop` into `tool_calls`.
 pub fn finish_reason(raw: &'static str, called: bool, required: bool, streaming: bool) -> &'static str {

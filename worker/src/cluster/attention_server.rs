@@ -11,6 +11,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use super::convert::{event_to_wire, params_from_wire};
+use crate::engine::grammar::GrammarEnv;
 use crate::engine::{EngineError, EngineEvent, EngineHandle, EngineRequest};
 use switchyard_coordinator::PlacementPlan;
 
@@ -21,13 +22,23 @@ pub struct AttentionServer {
     active: watch::Receiver<Option<Arc<PlacementPlan>>>,
     /// The worker's readiness (the plan follower keeps it), reported to routers.
     ready: watch::Receiver<bool>,
+    /// Compiles structured-output grammars (absent when the checkpoint has no tokenizer.json).
+    grammar: Option<GrammarEnv>,
 }
 
 impl AttentionServer {
-    pub fn new(engine: EngineHandle, active: watch::Receiver<Option<Arc<PlacementPlan>>>, ready: watch::Receiver<bool>) -> AttentionServer {
-        AttentionServer { engine, active, ready }
+    pub fn new(
+        engine: EngineHandle,
+        active: watch::Receiver<Option<Arc<PlacementPlan>>>,
+        ready: watch::Receiver<bool>,
+        grammar: Option<GrammarEnv>,
+    ) -> AttentionServer {
+        AttentionServer { engine, active, ready, grammar }
     }
 }
+
+/// How long a grammar may take to compile before the request is refused.
+pub const GRAMMAR_COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn status(e: EngineError) -> Status {
     match e {
@@ -44,8 +55,23 @@ impl AttentionService for AttentionServer {
 
     async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
-        let params = params_from_wire(&r.params.unwrap_or_default());
-        let (id, mut events) = self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output }).map_err(status)?;
+        let params = params_from_wire(&r.params.unwrap_or_default()).map_err(Status::invalid_argument)?;
+        let constraint = match (&params.grammar, &self.grammar) {
+            (None, _) => None,
+            (Some(_), None) => return Err(Status::invalid_argument("this worker has no tokenizer.json: structured output is unavailable")),
+            (Some(g), Some(env)) => {
+                let (g, env) = (g.clone(), env.clone());
+                let compiled = tokio::time::timeout(GRAMMAR_COMPILE_TIMEOUT, tokio::task::spawn_blocking(move || env.compile(&g))).await;
+                match compiled {
+                    Ok(Ok(Ok(c))) => Some(c),
+                    Ok(Ok(Err(e))) => return Err(Status::invalid_argument(format!("structured output: {e}"))),
+                    Ok(Err(e)) => return Err(Status::internal(e.to_string())),
+                    Err(_) => return Err(Status::invalid_argument("structured output: the grammar took too long to compile")),
+                }
+            }
+        };
+        let (id, mut events) =
+            self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint }).map_err(status)?;
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         tokio::spawn(async move {

@@ -21,11 +21,16 @@ pub fn params_to_wire(p: &SamplingParams) -> v1::SamplingParams {
         stop_token_ids: p.stop_token_ids.clone(),
         logprobs: p.logprobs.map(|n| n as u32),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
+        grammar_json: p.grammar.as_ref().map(|g| serde_json::to_string(g).unwrap_or_default()),
     }
 }
 
-pub fn params_from_wire(p: &v1::SamplingParams) -> SamplingParams {
-    SamplingParams {
+pub fn params_from_wire(p: &v1::SamplingParams) -> Result<SamplingParams, String> {
+    let grammar = match &p.grammar_json {
+        Some(j) => Some(serde_json::from_str(j).map_err(|e| format!("grammar_json: {e}"))?),
+        None => None,
+    };
+    Ok(SamplingParams {
         temperature: p.temperature,
         top_p: p.top_p,
         top_k: p.top_k as usize,
@@ -41,7 +46,8 @@ pub fn params_from_wire(p: &v1::SamplingParams) -> SamplingParams {
         stop_token_ids: p.stop_token_ids.clone(),
         logprobs: p.logprobs.map(|n| n as usize),
         prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
-    }
+        grammar,
+    })
 }
 
 fn lp_to_wire(l: &TokenLogprob) -> v1::TokenLogprob {
@@ -117,7 +123,7 @@ mod tests {
             prompt_logprobs: Some(0),
             ..Default::default()
         };
-        assert_eq!(params_from_wire(&params_to_wire(&p)), p);
+        assert_eq!(params_from_wire(&params_to_wire(&p)).unwrap(), p);
         let lp = TokenLogprob { token: 4, logprob: -0.5, top: vec![(4, -0.5), (1, -2.0)] };
         for ev in [
             EngineEvent::Error("boom".into()),

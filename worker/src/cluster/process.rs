@@ -62,6 +62,8 @@ pub struct WorkerParts {
 pub struct AttentionParts {
     pub engine: EngineHandle,
     pub dispatch: Arc<ExpertDispatch>,
+    /// Compiles structured-output grammars.
+    pub grammar: Option<crate::engine::grammar::GrammarEnv>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,10 +114,14 @@ pub async fn run_worker(
                 .clone()
                 .map(|s| ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)),
         );
-    let router =
-        router.add_optional_service(parts.attention.as_ref().map(|a| {
-            AttentionServiceServer::new(AttentionServer::new(a.engine.clone(), parts.active.subscribe(), parts.ready.subscribe()))
-        }));
+    let router = router.add_optional_service(parts.attention.as_ref().map(|a| {
+        AttentionServiceServer::new(AttentionServer::new(
+            a.engine.clone(),
+            parts.active.subscribe(),
+            parts.ready.subscribe(),
+            a.grammar.clone(),
+        ))
+    }));
     eprintln!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
     // The server's own `tcp_nodelay` applies only to listeners it binds; ours is bound by the caller,
     // so set it per connection. (Without it, small replies wait out Nagle plus delayed ACK: ~40 ms a

@@ -90,7 +90,7 @@ impl EngineState {
             // sees its blocks freed.
             self.publish();
             for (seq, ev) in finished {
-                let _ = seq.events.send(EngineEvent::Token(ev));
+                let _ = seq.events.send(ev);
             }
         }
     }
@@ -104,6 +104,14 @@ impl EngineState {
                 let mut sampler = SamplerState::new(seed, &req.prompt);
                 for &t in &req.resume {
                     sampler.record(t);
+                }
+                let mut constraint = req.constraint;
+                if let Some(c) = constraint.as_mut()
+                    && let Err(e) = req.resume.iter().try_for_each(|&t| c.accept(t))
+                {
+                    let _ = events.send(EngineEvent::Error(format!("the resumed output does not match the grammar: {e}")));
+                    self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+                    return;
                 }
                 let mut tokens = req.prompt;
                 tokens.extend_from_slice(&req.resume);
@@ -125,6 +133,7 @@ impl EngineState {
                     min_tokens_held,
                     arrival: Instant::now(),
                     last_token_at: None,
+                    constraint,
                 });
             }
             Command::Abort(id) => self.remove_where(|s| s.id == id),
@@ -173,7 +182,7 @@ impl EngineState {
     }
 
     /// Runs one step; returns the sequences that finished, with their last event still to send.
-    fn step(&mut self, plan: &[Scheduled]) -> Vec<(Sequence, TokenEvent)> {
+    fn step(&mut self, plan: &[Scheduled]) -> Vec<(Sequence, EngineEvent)> {
         let running = &self.sched.running;
         let chunks: Vec<BatchChunk<'_>> = plan
             .iter()
@@ -235,12 +244,29 @@ impl EngineState {
 
     /// Samples and appends one token and reports it, unless it finishes the sequence: then the event is
     /// returned, to be sent once the sequence's blocks are free.
-    fn emit_token(&mut self, i: usize, logits: &[f32]) -> Option<TokenEvent> {
+    fn emit_token(&mut self, i: usize, logits: &[f32]) -> Option<EngineEvent> {
         let eos = &self.config.eos_token_ids;
         let seq = &mut self.sched.running[i];
         let generated = seq.generated();
         seq.sampler.at_output(generated);
+        let masked;
+        let logits = match seq.constraint.as_mut() {
+            None => logits,
+            Some(c) => {
+                let mut l = logits.to_vec();
+                if let Err(e) = c.mask(&mut l) {
+                    return Some(EngineEvent::Error(format!("structured output: {e}")));
+                }
+                masked = l;
+                &masked[..]
+            }
+        };
         let (token, logprob) = sample(logits, &seq.params, &mut seq.sampler, &seq.min_tokens_held, generated);
+        if let Some(c) = seq.constraint.as_mut()
+            && let Err(e) = c.accept(token)
+        {
+            return Some(EngineEvent::Error(format!("structured output: {e}")));
+        }
         seq.tokens.push(token);
         seq.sampler.record(token);
         let finish = if !seq.params.ignore_eos && eos.contains(&token) {
@@ -271,7 +297,7 @@ impl EngineState {
         }
         let event = TokenEvent { token, logprob, finish, prompt };
         if finish.is_some() {
-            return Some(event);
+            return Some(EngineEvent::Token(event));
         }
         // A closed receiver means the client left; the next step's sweep frees the sequence.
         let _ = seq.events.send(EngineEvent::Token(event));

@@ -7,6 +7,7 @@
 
 pub mod block_pool;
 mod engine_loop;
+pub mod grammar;
 pub mod paged_kv;
 pub mod sampling;
 pub mod scheduler;
@@ -48,6 +49,8 @@ pub struct EngineRequest {
     /// are prefilled after the prompt and count as output for `max_tokens`, `min_tokens`, penalties
     /// and the sampler's position; generation continues after them.
     pub resume: Vec<u32>,
+    /// The compiled form of `params.grammar`, when there is one (compiled off the engine thread).
+    pub constraint: Option<grammar::Constraint>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

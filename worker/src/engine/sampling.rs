@@ -38,6 +38,8 @@ pub struct SamplingParams {
     /// Report, for every prompt position after the first, its token's log-probability and this many
     /// alternatives (`echo` with `logprobs` on completions).
     pub prompt_logprobs: Option<usize>,
+    /// Structured output: what the output must match (compiled into the request's constraint).
+    pub grammar: Option<super::grammar::GrammarRequest>,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +60,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             logprobs: None,
             prompt_logprobs: None,
+            grammar: None,
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Sequence {
     pub min_tokens_held: Vec<u32>,
     pub arrival: Instant,
     pub last_token_at: Option<Instant>,
+    /// Structured output's grammar state.
+    pub constraint: Option<super::grammar::Constraint>,
 }
 
 impl Sequence {

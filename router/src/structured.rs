@@ -1,0 +1,182 @@
+//! Structured outputs: `response_format` (OpenAI) and `structured_outputs` (vLLM's extension: `json`,
+//! `regex`, `choice`, `grammar`, `json_object`) become a [`GrammarRequest`]; `tool_choice: "required"`
+//! or a named function becomes a grammar of Gemma 4's own call syntax, so the model must call.
+//!
+//! Grammars are compiled here, off the engine thread and under a deadline, so a schema or regex that
+//! cannot be compiled, or would take too long, is a 400 that costs other requests nothing.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_worker::engine::grammar::{GrammarRequest, GrammarSpec};
+
+use crate::chat::ToolChoice;
+use crate::error::ApiError;
+use crate::server::{AppState, ChoiceJob};
+
+/// The longest a request's grammar may take to compile.
+pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The grammar a request's `response_format` / `structured_outputs` asks for.
+pub fn requested(response_format: Option<&Value>, structured: Option<&Value>) -> Result<Option<GrammarSpec>, ApiError> {
+    let from_format = match response_format {
+        None | Some(Value::Null) => None,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(GrammarSpec::JsonObject),
+            Some("json_schema") => {
+                let schema = f.pointer("/json_schema/schema").or_else(|| f.pointer("/json_schema/json_schema"));
+                match schema {
+                    Some(s @ (Value::Object(_) | Value::Bool(_))) => Some(GrammarSpec::JsonSchema { schema: s.clone() }),
+                    _ => return Err(ApiError::invalid("response_format.json_schema.schema", "a JSON schema object is required")),
+                }
+            }
+            _ => return Err(ApiError::invalid("response_format.type", "use `text`, `json_object` or `json_schema`")),
+        },
+    };
+    let from_structured = match structured {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => {
+            let mut specs = Vec::new();
+            for (k, v) in o {
+                let spec = match (k.as_str(), v) {
+                    (_, Value::Null) => continue,
+                    ("json", Value::String(s)) => GrammarSpec::JsonSchema {
+                        schema: serde_json::from_str(s)
+                            .map_err(|e| ApiError::invalid("structured_outputs.json", format!("not a JSON schema: {e}")))?,
+                    },
+                    ("json", s @ (Value::Object(_) | Value::Bool(_))) => GrammarSpec::JsonSchema { schema: s.clone() },
+                    ("regex", Value::String(r)) => GrammarSpec::Regex { regex: r.clone() },
+                    ("choice", Value::Array(a)) => GrammarSpec::Choice {
+                        choices: a
+                            .iter()
+                            .map(|c| c.as_str().map(str::to_string))
+                            .collect::<Option<_>>()
+                            .ok_or_else(|| ApiError::invalid("structured_outputs.choice", "choices must be strings"))?,
+                    },
+                    ("grammar", Value::String(g)) => GrammarSpec::Lark { grammar: g.clone() },
+                    ("json_object", Value::Bool(true)) => GrammarSpec::JsonObject,
+                    ("json_object", Value::Bool(false)) => continue,
+                    ("disable_fallback" | "disable_any_whitespace" | "disable_additional_properties" | "whitespace_pattern", _) => continue,
+                    (k, _) => {
+                        return Err(ApiError::invalid(format!("structured_outputs.{k}"), "unsupported or mistyped structured output"));
+                    }
+                };
+                specs.push(spec);
+            }
+            if specs.len() > 1 {
+                return Err(ApiError::invalid("structured_outputs", "give only one of json, regex, choice, grammar, json_object"));
+            }
+            specs.pop()
+        }
+        Some(_) => return Err(ApiError::invalid("structured_outputs", "must be an object")),
+    };
+    let compact = structured.and_then(|s| s.get("disable_any_whitespace")).and_then(Value::as_bool).unwrap_or(false);
+    match (from_format, from_structured) {
+        (Some(_), Some(_)) => {
+            Err(ApiError::invalid("structured_outputs", "give either `response_format` or `structured_outputs`, not both"))
+        }
+        (a, b) => Ok(a.or(b).map(|s| if compact { without_free_whitespace(s) } else { s })),
+    }
+}
+
+/// `disable_any_whitespace`: JSON with no whitespace between tokens (llguidance's
+/// `whitespace_flexible: false`, as vLLM's guidance backend sets it).
+fn without_free_whitespace(spec: GrammarSpec) -> GrammarSpec {
+    let schema = match spec {
+        GrammarSpec::JsonObject => serde_json::json!({"type": "object"}),
+        GrammarSpec::JsonSchema { schema: Value::Bool(true) } => serde_json::json!({}),
+        GrammarSpec::JsonSchema { schema } => schema,
+        other => return other,
+    };
+    let mut schema = schema;
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance").or_insert(serde_json::json!({"whitespace_flexible": false}));
+    }
+    GrammarSpec::JsonSchema { schema }
+}
+
+/// Token ids of Gemma 4's call syntax, for grammars that force a call.
+struct CallTokens {
+    call_start: u32,
+    call_end: u32,
+    quote: u32,
+}
+
+fn call_tokens(state: &AppState) -> Option<CallTokens> {
+    let id = |s: &str| state.tokenizer.token_to_id(s);
+    Some(CallTokens { call_start: id("<|tool_call>")?, call_end: id("<tool_call|>")?, quote: id("<|\"|>")? })
+}
+
+/// `tool_choice: "required"` (any of the tools, one call or, with `parallel_tool_calls`, several) or
+/// a named function (exactly one call to it), as a Lark grammar of Gemma 4's call syntax:
+/// `<|tool_call>call:NAME{key:value,...}<tool_call|>` with `<|"|>`-quoted strings.
+pub fn forced_call(state: &AppState, choice: &ToolChoice, tools: &[Value], parallel: bool) -> Result<Option<GrammarSpec>, ApiError> {
+    let names: Vec<&str> = match choice {
+        ToolChoice::None | ToolChoice::Auto => return Ok(None),
+        ToolChoice::Named(n) => vec![n.as_str()],
+        ToolChoice::Required => tools.iter().filter_map(|t| t.pointer("/function/name").and_then(Value::as_str)).collect(),
+    };
+    let t = call_tokens(state).ok_or_else(|| ApiError::invalid("tool_choice", "this model's vocabulary has no tool-call tokens"))?;
+    let alternatives: Vec<String> = names.iter().map(|n| serde_json::to_string(n).unwrap_or_default()).collect();
+    let repeat = if parallel && matches!(choice, ToolChoice::Required) { "+" } else { "" };
+    let grammar = format!(
+        r#"start: call{repeat}
+call: <[{cs}]> "call:" name "{{" fields? "}}" <[{ce}]>
+name: {names}
+fields: field ("," field)*
+field: KEY ":" value
+value: string | object | array | SCALAR
+object: "{{" fields? "}}"
+array: "[" (value ("," value)*)? "]"
+string: <[{q}]> TEXT? <[{q}]>
+KEY: /[A-Za-z_][A-Za-z0-9_]*/
+SCALAR: /-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?|true|false|null/
+TEXT: /[^\x00]+/
+"#,
+        cs = t.call_start,
+        ce = t.call_end,
+        q = t.quote,
+        names = alternatives.join(" | "),
+    );
+    Ok(Some(GrammarSpec::Lark { grammar }))
+}
+
+/// Compiles each job's grammar (once per distinct grammar) under [`COMPILE_TIMEOUT`]; any failure is
+/// the request's 400.
+pub async fn attach(state: &AppState, jobs: &mut [ChoiceJob]) -> Result<(), ApiError> {
+    let mut compiled: Vec<(GrammarRequest, switchyard_worker::engine::grammar::Constraint)> = Vec::new();
+    for j in jobs.iter_mut() {
+        let Some(g) = j.params.grammar.clone() else { continue };
+        if let Some((_, c)) = compiled.iter().find(|(r, _)| *r == g) {
+            j.constraint = Some(c.clone());
+            continue;
+        }
+        let env = state.grammar.clone().ok_or_else(|| {
+            ApiError::invalid("response_format", "structured output needs the checkpoint's tokenizer.json, which this server does not have")
+        })?;
+        let req = g.clone();
+        let task = tokio::task::spawn_blocking(move || env.compile(&req));
+        let c = match tokio::time::timeout(COMPILE_TIMEOUT, task).await {
+            Ok(Ok(Ok(c))) => c,
+            Ok(Ok(Err(e))) => return Err(ApiError::invalid(param(&g), format!("the structured output could not be compiled: {e}"))),
+            Ok(Err(e)) => return Err(ApiError::internal(e)),
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    param(&g),
+                    format!("the structured output took longer than {}s to compile", COMPILE_TIMEOUT.as_secs()),
+                ));
+            }
+        };
+        j.constraint = Some(c.clone());
+        compiled.push((g, c));
+    }
+    Ok(())
+}
+
+fn param(g: &GrammarRequest) -> &'static str {
+    match g.spec {
+        GrammarSpec::JsonSchema { .. } | GrammarSpec::JsonObject => "response_format",
+        _ => "structured_outputs",
+    }
+}

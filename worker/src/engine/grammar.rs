@@ -1,0 +1,185 @@
+//! Constrained decoding: JSON schemas, regular expressions, choices and Lark grammars, compiled by
+//! llguidance (the engine behind vLLM's `guidance` backend) against the checkpoint's vocabulary.
+//!
+//! A request carries a [`GrammarRequest`] (plain data, so it crosses the wire to attention workers);
+//! [`GrammarEnv::compile`] turns it into a [`Constraint`], which masks each step's logits to the tokens
+//! the grammar allows and advances with every sampled token. Once the grammar is complete only the
+//! end-of-sequence tokens are allowed, so a constrained request ends as soon as its output is whole.
+//!
+//! Compilation is bounded: llguidance's own fuel limits cap the work a schema or regex may cost, and
+//! callers compile off the engine thread (the server refuses what fails with a 400).
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+
+/// What the output must match.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GrammarSpec {
+    /// A JSON value valid against this JSON schema.
+    JsonSchema {
+        schema: Value,
+    },
+    /// Any JSON object.
+    JsonObject,
+    Regex {
+        regex: String,
+    },
+    /// Exactly one of these strings.
+    Choice {
+        choices: Vec<String>,
+    },
+    /// A Lark grammar in llguidance's dialect (`<[ID]>` names a token by id).
+    Lark {
+        grammar: String,
+    },
+}
+
+/// A constraint as requested.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GrammarRequest {
+    pub spec: GrammarSpec,
+    /// The constraint starts after this token has been generated (the end of the reasoning channel,
+    /// when the prompt leaves the model thinking), as vLLM starts it after reasoning ends.
+    #[serde(default)]
+    pub after_token: Option<u32>,
+}
+
+impl GrammarRequest {
+    fn top_level(&self) -> TopLevelGrammar {
+        match &self.spec {
+            GrammarSpec::JsonSchema { schema } => TopLevelGrammar::from_json_schema(schema.clone()),
+            GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
+            GrammarSpec::Regex { regex } => TopLevelGrammar::from_regex(regex),
+            GrammarSpec::Choice { choices } => {
+                let alts: Vec<String> = choices.iter().map(|c| regex_escape(c)).collect();
+                TopLevelGrammar::from_regex(&format!("({})", alts.join("|")))
+            }
+            GrammarSpec::Lark { grammar } => TopLevelGrammar::from_lark(grammar.clone()),
+        }
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~\"/".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The vocabulary as llguidance sees it.
+struct Vocab {
+    trie: TokTrie,
+}
+
+impl TokenizerEnv for Vocab {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.trie.greedy_tokenize(s)
+    }
+}
+
+/// Compiles constraints for one checkpoint. Cheap to share.
+#[derive(Clone)]
+pub struct GrammarEnv {
+    factory: Arc<ParserFactory>,
+}
+
+impl GrammarEnv {
+    /// Reads the token bytes from `tokenizer.json`; `vocab_size` is the model's (the logits' width);
+    /// `eos` are the tokens that end generation (allowed once the grammar is complete).
+    pub fn from_tokenizer_json(text: &str, vocab_size: usize, eos: &[u32]) -> Result<GrammarEnv, String> {
+        let json: Value = serde_json::from_str(text).map_err(|e| format!("tokenizer.json: {e}"))?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| format!("tokenizer.json: {e}"))?;
+        if words.len() < vocab_size {
+            words.resize(vocab_size, Vec::new());
+        }
+        let first_eos = eos.first().copied().ok_or("no end-of-sequence token")?;
+        let trie = TokTrie::from(&TokRxInfo::new(words.len() as u32, first_eos), &words).with_eos_tokens(eos);
+        let env: TokEnv = Arc::new(Vocab { trie });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.quiet();
+        Ok(GrammarEnv { factory: Arc::new(factory) })
+    }
+
+    /// Compiles a constraint, or says why it cannot be.
+    pub fn compile(&self, req: &GrammarRequest) -> Result<Constraint, String> {
+        if let GrammarSpec::Choice { choices } = &req.spec
+            && choices.is_empty()
+        {
+            return Err("`choice` needs at least one string".into());
+        }
+        let parser = self.factory.create_parser(req.top_level()).map_err(|e| e.to_string())?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        Ok(Constraint { matcher, waiting_for: req.after_token })
+    }
+}
+
+/// One request's grammar state.
+pub struct Constraint {
+    matcher: Matcher,
+    waiting_for: Option<u32>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").field("waiting_for", &self.waiting_for).finish_non_exhaustive()
+    }
+}
+
+/// An independent copy in the same state (one per choice of an `n > 1` request).
+impl Clone for Constraint {
+    fn clone(&self) -> Constraint {
+        Constraint { matcher: self.matcher.deep_clone(), waiting_for: self.waiting_for }
+    }
+}
+
+impl Constraint {
+    /// Sets the logits of every token the grammar does not allow next to minus infinity.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        if self.waiting_for.is_some() {
+            return Ok(());
+        }
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+        for (i, v) in logits.iter_mut().enumerate() {
+            if !allowed.is_allowed(i as TokenId) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances past a generated token.
+    pub fn accept(&mut self, token: u32) -> Result<(), String> {
+        if let Some(t) = self.waiting_for {
+            if t == token {
+                self.waiting_for = None;
+            }
+            return Ok(());
+        }
+        if self.matcher.is_stopped() {
+            return Ok(()); // the end-of-sequence token that closes the output
+        }
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// Whether the grammar is complete (only end-of-sequence may follow).
+    pub fn is_complete(&mut self) -> bool {
+        self.waiting_for.is_none() && (self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false))
+    }
+}
