@@ -228,7 +228,9 @@ fn grammar(state: &AppState, req: &ChatRequest, prompt: &[u32], reading: &Readin
         },
     };
     let id = |t: &str| state.tokenizer.token_to_id(t);
-    let thinking = state.config.parsers.reasoning && !gemma4::prompt_reasoning_ended(prompt, id);
+    let enable_thinking =
+        req.chat_template_kwargs.as_ref().and_then(|k| k.get("enable_thinking")).and_then(Value::as_bool).unwrap_or(false);
+    let thinking = state.config.parsers.reasoning && !gemma4::prompt_reasoning_ended(prompt, enable_thinking, id);
     let after_token = if thinking { id(gemma4::CHANNEL_END) } else { None };
     Ok(Some(GrammarRequest { spec, after_token }))
 }

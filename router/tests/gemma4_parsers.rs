@@ -151,6 +151,9 @@ fn token_streams_equal_vllm() {
     let tok = Tokenizer::from_file(root().join("tests/fixtures/tiny-bf16/tokenizer.json")).unwrap();
     for (name, c, opts, _) in cases(&fx, &tok) {
         let prompt = ids(&c["prompt_token_ids"]);
+        // Where a structured-output grammar starts: vLLM's judgement of the prompt.
+        let ended = gemma4::prompt_reasoning_ended(&prompt, c["enable_thinking"].as_bool().unwrap(), |t| tok.token_to_id(t));
+        assert_eq!(Some(ended), c["prompt_is_reasoning_end"].as_bool(), "case {name}: reasoning ended in the prompt");
         let mut detok = IncrementalDetokenizer::new(&prompt, false);
         let mut deltas: Vec<String> = ids(&c["output_token_ids"]).into_iter().map(|t| detok.push(&tok, t)).collect();
         assert_eq!(deltas.concat(), c["output_text"].as_str().unwrap(), "case {name}: detokenized text");

@@ -542,20 +542,25 @@ pub fn prompt_ends_in_open_channel(prompt: &[u32], id: impl Fn(&str) -> Option<u
 }
 
 /// Whether the prompt has left the reasoning channel (so a structured-output grammar applies from the
-/// first output token), as vLLM's `is_reasoning_end` judges it: scanning back, a closer or a tool
-/// call comes before any opener or turn boundary.
-pub fn prompt_reasoning_ended(prompt: &[u32], id: impl Fn(&str) -> Option<u32>) -> bool {
+/// first output token), as vLLM's `is_reasoning_end` judges it. Scanning back: a closer or a tool
+/// call means ended, an opener means not; a turn or tool-response boundary means ended unless
+/// thinking is on (`enable_thinking`); a prompt with none of them has ended.
+pub fn prompt_reasoning_ended(prompt: &[u32], thinking: bool, id: impl Fn(&str) -> Option<u32>) -> bool {
     let ended: Vec<u32> = [CHANNEL_END, TOOL_CALL_START].iter().filter_map(|s| id(s)).collect();
-    let open: Vec<u32> = [CHANNEL_START, "<|turn>", "<|tool_response>"].iter().filter_map(|s| id(s)).collect();
+    let open = id(CHANNEL_START);
+    let boundary: Vec<u32> = ["<|turn>", "<|tool_response>"].iter().filter_map(|s| id(s)).collect();
     for &t in prompt.iter().rev() {
         if ended.contains(&t) {
             return true;
         }
-        if open.contains(&t) {
+        if Some(t) == open {
             return false;
         }
+        if boundary.contains(&t) {
+            return !thinking;
+        }
     }
-    false
+    true
 }
 
 /// The `finish_reason` vLLM reports. Non-streaming: any parsed call, and every `tool_choice:
