@@ -155,19 +155,10 @@ pub async fn attach(state: &AppState, jobs: &mut [ChoiceJob]) -> Result<(), ApiE
         let env = state.grammar.clone().ok_or_else(|| {
             ApiError::invalid("response_format", "structured output needs the checkpoint's tokenizer.json, which this server does not have")
         })?;
-        let req = g.clone();
-        let task = tokio::task::spawn_blocking(move || env.compile(&req));
-        let c = match tokio::time::timeout(COMPILE_TIMEOUT, task).await {
-            Ok(Ok(Ok(c))) => c,
-            Ok(Ok(Err(e))) => return Err(ApiError::invalid(param(&g), format!("the structured output could not be compiled: {e}"))),
-            Ok(Err(e)) => return Err(ApiError::internal(e)),
-            Err(_) => {
-                return Err(ApiError::invalid(
-                    param(&g),
-                    format!("the structured output took longer than {}s to compile", COMPILE_TIMEOUT.as_secs()),
-                ));
-            }
-        };
+        let c = env
+            .compile_off_thread(g.clone(), COMPILE_TIMEOUT)
+            .await
+            .map_err(|e| ApiError::invalid(param(&g), format!("the structured output could not be compiled: {e}")))?;
         j.constraint = Some(c.clone());
         compiled.push((g, c));
     }

@@ -59,16 +59,11 @@ impl AttentionService for AttentionServer {
         let constraint = match (&params.grammar, &self.grammar) {
             (None, _) => None,
             (Some(_), None) => return Err(Status::invalid_argument("this worker has no tokenizer.json: structured output is unavailable")),
-            (Some(g), Some(env)) => {
-                let (g, env) = (g.clone(), env.clone());
-                let compiled = tokio::time::timeout(GRAMMAR_COMPILE_TIMEOUT, tokio::task::spawn_blocking(move || env.compile(&g))).await;
-                match compiled {
-                    Ok(Ok(Ok(c))) => Some(c),
-                    Ok(Ok(Err(e))) => return Err(Status::invalid_argument(format!("structured output: {e}"))),
-                    Ok(Err(e)) => return Err(Status::internal(e.to_string())),
-                    Err(_) => return Err(Status::invalid_argument("structured output: the grammar took too long to compile")),
-                }
-            }
+            (Some(g), Some(env)) => Some(
+                env.compile_off_thread(g.clone(), GRAMMAR_COMPILE_TIMEOUT)
+                    .await
+                    .map_err(|e| Status::invalid_argument(format!("structured output: {e}")))?,
+            ),
         };
         let (id, mut events) =
             self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint }).map_err(status)?;

@@ -111,22 +111,73 @@ impl GrammarEnv {
         let env: TokEnv = Arc::new(Vocab { trie });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
+        // Errors name the problem, not the whole grammar and state (a client's grammar could fill logs).
+        factory.limits_mut().verbose_errors = false;
         Ok(GrammarEnv { factory: Arc::new(factory) })
     }
 
-    /// Compiles a constraint, or says why it cannot be.
+    /// Compiles a constraint, or says why it cannot be. Inputs past [`MAX_GRAMMAR_BYTES`] are
+    /// refused first: compilation recurses over the grammar's structure, so its size bounds the stack.
     pub fn compile(&self, req: &GrammarRequest) -> Result<Constraint, String> {
-        if let GrammarSpec::Choice { choices } = &req.spec
-            && choices.is_empty()
-        {
-            return Err("`choice` needs at least one string".into());
+        let size = match &req.spec {
+            GrammarSpec::JsonSchema { schema } => schema.to_string().len(),
+            GrammarSpec::JsonObject => 0,
+            GrammarSpec::Regex { regex } => regex.len(),
+            GrammarSpec::Choice { choices } if choices.is_empty() => return Err("`choice` needs at least one string".into()),
+            GrammarSpec::Choice { choices } => choices.iter().map(|c| c.len() + 1).sum(),
+            GrammarSpec::Lark { grammar } => grammar.len(),
+        };
+        if size > MAX_GRAMMAR_BYTES {
+            return Err(format!("the grammar is {size} bytes; at most {MAX_GRAMMAR_BYTES} are accepted"));
         }
-        let parser = self.factory.create_parser(req.top_level()).map_err(|e| e.to_string())?;
-        let matcher = Matcher::new(Ok(parser));
+        let parser = self.factory.create_parser(req.top_level()).map_err(|e| brief(&e.to_string()))?;
+        let mut matcher = Matcher::new(Ok(parser));
+        // The first mask is computed here, off the engine thread: a grammar too complex to step is
+        // refused now rather than failing its request later.
+        if let Err(e) = matcher.compute_mask() {
+            return Err(brief(&e.to_string()));
+        }
         if let Some(e) = matcher.get_error() {
-            return Err(e);
+            return Err(brief(&e));
         }
         Ok(Constraint { matcher, waiting_for: req.after_token })
+    }
+}
+
+/// An llguidance error without its appendices (backtraces, grammar dumps), at most 1000 bytes.
+fn brief(e: &str) -> String {
+    let e = e.split("\n<").next().unwrap_or(e).trim();
+    let mut end = e.len().min(1000);
+    while !e.is_char_boundary(end) {
+        end -= 1;
+    }
+    e[..end].to_string()
+}
+
+/// The largest schema, regex, choice list or grammar accepted, in bytes.
+pub const MAX_GRAMMAR_BYTES: usize = 1 << 20;
+
+/// Stack for compiling: deep grammars recurse deeply.
+const COMPILE_STACK: usize = 1 << 30;
+
+impl GrammarEnv {
+    /// [`GrammarEnv::compile`] on its own thread (with a stack sized for the deepest grammar
+    /// [`MAX_GRAMMAR_BYTES`] allows), giving up after `timeout`. Nothing else waits on it.
+    pub async fn compile_off_thread(&self, req: GrammarRequest, timeout: std::time::Duration) -> Result<Constraint, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let env = self.clone();
+        std::thread::Builder::new()
+            .name("grammar-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn(move || {
+                let _ = tx.send(env.compile(&req));
+            })
+            .map_err(|e| format!("starting the compiler thread: {e}"))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the grammar compiler failed".into()),
+            Err(_) => Err(format!("the grammar took longer than {}s to compile", timeout.as_secs())),
+        }
     }
 }
 
