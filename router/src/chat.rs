@@ -65,6 +65,7 @@ fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
     state.check_model(req.common.model.as_deref())?;
     let n = params::choices(req.common.n)?;
     let top = if req.logprobs { Some(params::logprobs("top_logprobs", req.top_logprobs)?.unwrap_or(0)) } else { None };
+    tool_choice(state, &req)?; // before rendering, so a malformed tool is named as such
     let prompt = render_and_tokenize(
         state,
         &req.messages,

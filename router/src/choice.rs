@@ -74,7 +74,7 @@ pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokeni
         generated += 1;
         // The stop token that ended generation is not part of the text (as in vLLM), which matters
         // when special tokens are kept for the output parsers.
-        let stopped_on_it = matches!(t.finish, Some(FinishReason::Stop(Some(id))) if id == t.token);
+        let stopped_on_it = matches!(t.finish, Some(FinishReason::Stop(_)));
         let delta = if stopped_on_it { String::new() } else { detok.push(&tokenizer, t.token) };
         let (text, hit) = stops.push(&delta, generated >= spec.min_tokens.max(1));
         let tokens = vec![TokenOut { id: t.token, logprob: t.logprob }];

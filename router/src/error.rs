@@ -69,6 +69,13 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "The server had an error while processing your request.")
     }
 
+    /// An engine's message for a request that ended without finishing: a structured-output grammar
+    /// that failed while decoding is the client's grammar's fault (400, with the reason); anything
+    /// else is ours (500, with details only in the log).
+    pub fn from_engine(message: String) -> ApiError {
+        if message.starts_with("structured output:") { Self::invalid("structured_outputs", message) } else { Self::internal(message) }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }

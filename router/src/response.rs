@@ -30,7 +30,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Update>, n: usize) -> Result<Vec<
     let mut done = 0;
     while done < n {
         let Some(u) = rx.recv().await else { return Err(ApiError::internal("choice tasks ended early")) };
-        let p = u.map_err(ApiError::internal)?;
+        let p = u.map_err(ApiError::from_engine)?;
         let c = &mut out[p.index];
         c.text.push_str(&p.text);
         c.tokens.extend(p.tokens);
@@ -95,7 +95,7 @@ pub fn stream(
             let piece = match u {
                 Ok(p) => p,
                 Err(message) => {
-                    tx.send(&ApiError::internal(message).body());
+                    tx.send(&ApiError::from_engine(message).body());
                     return;
                 }
             };

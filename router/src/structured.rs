@@ -110,34 +110,50 @@ fn call_tokens(state: &AppState) -> Option<CallTokens> {
 
 /// `tool_choice: "required"` (any of the tools, one call or, with `parallel_tool_calls`, several) or
 /// a named function (exactly one call to it), as a Lark grammar of Gemma 4's call syntax:
-/// `<|tool_call>call:NAME{key:value,...}<tool_call|>` with `<|"|>`-quoted strings.
+/// `<|tool_call>call:NAME{key:value,...}<tool_call|>`, keys from the tool's `properties` (any
+/// identifier when it lists none), strings quoted with `<|"|>`, nested objects and lists.
 pub fn forced_call(state: &AppState, choice: &ToolChoice, tools: &[Value], parallel: bool) -> Result<Option<GrammarSpec>, ApiError> {
-    let names: Vec<&str> = match choice {
+    let chosen: Vec<&Value> = match choice {
         ToolChoice::None | ToolChoice::Auto => return Ok(None),
-        ToolChoice::Named(n) => vec![n.as_str()],
-        ToolChoice::Required => tools.iter().filter_map(|t| t.pointer("/function/name").and_then(Value::as_str)).collect(),
+        ToolChoice::Named(n) => tools.iter().filter(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(n)).collect(),
+        ToolChoice::Required => tools.iter().collect(),
     };
     let t = call_tokens(state).ok_or_else(|| ApiError::invalid("tool_choice", "this model's vocabulary has no tool-call tokens"))?;
-    let alternatives: Vec<String> = names.iter().map(|n| serde_json::to_string(n).unwrap_or_default()).collect();
+    let lit = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut rules = Vec::new();
+    let mut alternatives = Vec::new();
+    for (i, tool) in chosen.iter().enumerate() {
+        let name = tool.pointer("/function/name").and_then(Value::as_str).unwrap_or_default();
+        let keys: Vec<String> = tool
+            .pointer("/function/parameters/properties")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().map(|k| lit(k)).collect())
+            .unwrap_or_default();
+        let key = if keys.is_empty() { "KEY".to_string() } else { format!("({})", keys.join(" | ")) };
+        rules.push(format!("tool{i}: {} \"{{\" (arg{i} (\",\" arg{i})*)? \"}}\"", lit(name)));
+        rules.push(format!("arg{i}: {key} \":\" value"));
+        alternatives.push(format!("tool{i}"));
+    }
     let repeat = if parallel && matches!(choice, ToolChoice::Required) { "+" } else { "" };
     let grammar = format!(
         r#"start: call{repeat}
-call: <[{cs}]> "call:" name "{{" fields? "}}" <[{ce}]>
-name: {names}
+call: <[{cs}]> "call:" ({tools}) <[{ce}]>
+{rules}
 fields: field ("," field)*
 field: KEY ":" value
 value: string | object | array | SCALAR
 object: "{{" fields? "}}"
 array: "[" (value ("," value)*)? "]"
 string: <[{q}]> TEXT? <[{q}]>
-KEY: /[A-Za-z_][A-Za-z0-9_]*/
-SCALAR: /-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?|true|false|null/
+KEY: /[A-Za-z_][A-Za-z0-9_]{{0,63}}/
+SCALAR: /-?[0-9]{{1,18}}(\.[0-9]{{1,18}})?([eE][-+]?[0-9]{{1,3}})?|true|false|null/
 TEXT: /[^\x00]+/
 "#,
         cs = t.call_start,
         ce = t.call_end,
         q = t.quote,
-        names = alternatives.join(" | "),
+        tools = alternatives.join(" | "),
+        rules = rules.join("\n"),
     );
     Ok(Some(GrammarSpec::Lark { grammar }))
 }
