@@ -3,6 +3,7 @@ three expert workers and a router, in each layout. Outputs must equal `switchyar
 transformers reference token for token, and survive the faults ARCHITECTURE.md promises to survive.
 """
 
+import json
 import re
 import signal
 import threading
@@ -63,6 +64,7 @@ def test_bf16_rows_on_the_wire_equal_serve_and_a_router_needs_no_etcd(etcd, logd
     c = Cluster(etcd, logdir, model="tiny-bf16", layout="dep", attention=2, experts=1)
     try:
         got = run_concurrently(Target(c), cases)
+        structured = structured_outputs(c)
         # A second router given the attention workers' addresses (`--workers`), no etcd at all.
         addrs = [a.wait_log(r"listening on (http://[\d.]+:\d+)").group(1) for a in c.attention]
         r2 = c.spawn("router-static", "router", "--host", "127.0.0.1", "--port", "0", "--served-model-name", c.model,
@@ -76,6 +78,29 @@ def test_bf16_rows_on_the_wire_equal_serve_and_a_router_needs_no_etcd(etcd, logd
     want = run_concurrently(bf16, cases)
     assert got == want
     assert static == want
+    assert structured == structured_outputs(bf16), "structured output differs between the cluster and serve"
+
+
+def structured_outputs(target):
+    """Seeded requests under each kind of structured output: the grammar travels to the attention
+    worker over gRPC and is compiled there, so the tokens must equal serve's."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "n"], "additionalProperties": False}
+    lark = 'start: <[100]> "thought\\nplan" <[101]> <[48]> "call:f{a:" <[52]> "b" <[52]> "}" <[49]>'
+    kinds = [{"json": schema, "disable_any_whitespace": True}, {"regex": "[a-z]{3,8}-[0-9]{2}"},
+             {"choice": ["alpha", "beta", "gamma"]}, {"grammar": lark}, {"json_object": True, "disable_any_whitespace": True}]
+    client = target.client()
+    out = []
+    for i, so in enumerate(kinds):
+        r = client.chat.completions.create(
+            model=target.model, messages=[{"role": "user", "content": f"structured {i}"}], max_tokens=60,
+            temperature=1.0, seed=i, logprobs=True, extra_body={"structured_outputs": so, "skip_special_tokens": False})
+        ch = r.choices[0]
+        out.append((ch.message.content, [t.token for t in ch.logprobs.content], ch.finish_reason))
+    assert out[3][0] == "<|channel>thought\nplan<channel|><|tool_call>call:f{a:<|\"|>b<|\"|>}<tool_call|>"
+    assert json.loads(out[0][0])["n"] in range(100)
+    return out
 
 
 # --- faults -------------------------------------------------------------------------------------
