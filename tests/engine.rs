@@ -231,3 +231,47 @@ fn a_resumed_request_continues_exactly_where_it_left_off() {
     let done = EngineRequest { constraint: None, resume: vec![1; 16], prompt, params: greedy(16) };
     assert!(engine.submit(done).is_err(), "nothing left to generate");
 }
+
+/// Structured output inside the engine: a grammar-constrained request produces exactly what the
+/// grammar allows, ends on EOS once it is complete even under `min_tokens`, resumes with its grammar
+/// state replayed, runs beside unconstrained requests without changing them, and a replay that breaks
+/// the grammar is an error that leaves nothing behind.
+#[test]
+fn grammar_constrained_requests_in_the_engine() {
+    use switchyard_worker::engine::grammar::{GrammarEnv, GrammarRequest, GrammarSpec};
+    let m = model();
+    let text = std::fs::read_to_string(common::fixtures().join("tiny-bf16").join("tokenizer.json")).unwrap();
+    let env = GrammarEnv::from_tokenizer_json(&text, m.config.vocab_size, &[1]).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(common::fixtures().join("tiny-bf16").join("tokenizer.json")).unwrap();
+    let engine = Engine::start(m.clone(), config(&m, 1024, 16, 8, 256)).unwrap();
+    let g = GrammarRequest { spec: GrammarSpec::Regex { regex: "[a-e]{3,6}!".into() }, after_token: None };
+    let prompt = prompts(3)[2].clone();
+    let params =
+        SamplingParams { temperature: 1.0, seed: Some(4), max_tokens: 40, min_tokens: 30, grammar: Some(g.clone()), ..Default::default() };
+    let submit = |resume: Vec<u32>, params: SamplingParams, constraint| {
+        engine.submit(EngineRequest { constraint: Some(constraint), resume, prompt: prompt.clone(), params }).unwrap().1
+    };
+    // Unconstrained neighbours, before and alongside.
+    let alone = run_all(&engine, &prompts(4), &greedy(12));
+    let rx = submit(vec![], params.clone(), env.compile(&g).unwrap());
+    let beside = run_all(&engine, &prompts(4), &greedy(12));
+    assert_eq!(alone, beside);
+    let (full, events) = collect(rx);
+    let body = &full[..full.len() - 1];
+    let s = tok.decode(body, false).unwrap();
+    assert!(s.len() >= 4 && s.len() <= 7 && s.ends_with('!') && s[..s.len() - 1].chars().all(|c| ('a'..='e').contains(&c)), "{s:?}");
+    match events.last() {
+        Some(EngineEvent::Token(t)) => {
+            assert_eq!((t.token, t.finish), (1, Some(FinishReason::Stop(None))), "ends on EOS despite min_tokens")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Replayed from the middle: the grammar consumes the replayed tokens and the rest is identical.
+    let (rest, _) = collect(submit(body[..2].to_vec(), params.clone(), env.compile(&g).unwrap()));
+    assert_eq!(rest, full[2..].to_vec());
+    // A replay the grammar cannot accept is refused, and the engine is left clean.
+    let bad = tok.encode("zzz", false).unwrap().get_ids().to_vec();
+    let mut rx = submit(bad, params, env.compile(&g).unwrap());
+    assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Error(_))));
+    assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
+}

@@ -72,9 +72,9 @@ pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokeni
             }
         };
         generated += 1;
-        // The stop token that ended generation is not part of the text (as in vLLM), which matters
-        // when special tokens are kept for the output parsers.
-        let stopped_on_it = matches!(t.finish, Some(FinishReason::Stop(_)));
+        // The stop token that ended generation is not part of the text unless
+        // `include_stop_str_in_output` (as in vLLM), which matters when special tokens are kept.
+        let stopped_on_it = matches!(t.finish, Some(FinishReason::Stop(_))) && !spec.include_stop;
         let delta = if stopped_on_it { String::new() } else { detok.push(&tokenizer, t.token) };
         let (text, hit) = stops.push(&delta, generated >= spec.min_tokens.max(1));
         let tokens = vec![TokenOut { id: t.token, logprob: t.logprob }];

@@ -5,17 +5,12 @@
 //! Grammars are compiled here, off the engine thread and under a deadline, so a schema or regex that
 //! cannot be compiled, or would take too long, is a 400 that costs other requests nothing.
 
-use std::time::Duration;
-
 use serde_json::Value;
-use switchyard_worker::engine::grammar::{GrammarRequest, GrammarSpec};
+use switchyard_worker::engine::grammar::{CompileError, GRAMMAR_COMPILE_TIMEOUT as COMPILE_TIMEOUT, GrammarRequest, GrammarSpec};
 
 use crate::chat::ToolChoice;
 use crate::error::ApiError;
 use crate::server::{AppState, ChoiceJob};
-
-/// The longest a request's grammar may take to compile.
-pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The grammar a request's `response_format` / `structured_outputs` asks for.
 pub fn requested(response_format: Option<&Value>, structured: Option<&Value>) -> Result<Option<GrammarSpec>, ApiError> {
@@ -171,10 +166,10 @@ pub async fn attach(state: &AppState, jobs: &mut [ChoiceJob]) -> Result<(), ApiE
         let env = state.grammar.clone().ok_or_else(|| {
             ApiError::invalid("response_format", "structured output needs the checkpoint's tokenizer.json, which this server does not have")
         })?;
-        let c = env
-            .compile_off_thread(g.clone(), COMPILE_TIMEOUT)
-            .await
-            .map_err(|e| ApiError::invalid(param(&g), format!("the structured output could not be compiled: {e}")))?;
+        let c = env.compile_off_thread(g.clone(), COMPILE_TIMEOUT).await.map_err(|e| match e {
+            CompileError::Busy => ApiError::overloaded("Too many structured outputs are being compiled; retry later."),
+            CompileError::Refused(e) => ApiError::invalid(param(&g), format!("the structured output could not be compiled: {e}")),
+        })?;
         j.constraint = Some(c.clone());
         compiled.push((g, c));
     }

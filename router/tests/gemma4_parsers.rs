@@ -2,8 +2,8 @@
 //! (`tests/fixtures/parsers/gemma4.json`, made by `tests/fixtures/make_parser_fixtures.py`, which runs
 //! vLLM's serving code on each output). Each case is checked non-streaming, streamed one token at a
 //! time through our detokenizer exactly as the server streams it, and streamed in arbitrary splits:
-//! the first token's text, then the rest cut at every byte (inside delimiters and `<|"|>` quotes
-//! too), and byte by byte.
+//! the first token's text, then the rest cut at every character (inside delimiters and `<|"|>`
+//! quotes too), and character by character.
 
 use serde_json::{Value, json};
 use switchyard_router::detokenize::IncrementalDetokenizer;
@@ -192,7 +192,7 @@ fn every_split_gives_the_same_stream() {
         let cuts: Vec<usize> = (0..=rest.len()).filter(|&i| rest.is_char_boundary(i)).collect();
         for &i in &cuts {
             let chunks = vec![first.clone(), rest[..i].to_string(), rest[i..].to_string()];
-            assert_eq!(stream(&chunks, raw_finish(&c)), want, "case {name}: split at byte {i} of {rest:?}");
+            assert_eq!(stream(&chunks, raw_finish(&c)), want, "case {name}: split at byte offset {i} of {rest:?}");
             splits += 1;
         }
         let mut singles = vec![first.clone()];

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod model;
 pub mod model_dir;
+pub mod vision;
 
 pub use checkpoint::{Checkpoint, Tensor};
 pub use config::{LayerKind, LayerSpec, ModelConfig};

@@ -204,6 +204,6 @@ fn a_constraint_can_wait_for_the_end_of_reasoning() {
     let mut logits = vec![0f32; 512];
     c.mask(&mut logits).unwrap();
     let allowed: Vec<u32> = (0..512u32).filter(|&i| logits[i as usize].is_finite()).collect();
-    let o = tok.token_to_id("o");
-    assert!(allowed.iter().all(|&t| tok.decode(&[t], false).unwrap().starts_with('o') || Some(t) == o), "{allowed:?}");
+    assert!(!allowed.is_empty());
+    assert!(allowed.iter().all(|&t| tok.decode(&[t], false).unwrap().starts_with('o')), "{allowed:?}");
 }

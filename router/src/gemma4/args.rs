@@ -51,14 +51,15 @@ fn strip_partial_delim(v: &str) -> &str {
 }
 
 /// Index just past the bracket that closes the one opened before `i` (depth 1), skipping `<|"|>`
-/// strings; `(end, closed)`.
+/// strings; `(end, closed)`. Works on bytes: the text may hold any UTF-8 between the brackets.
 fn match_bracket(s: &str, mut i: usize, open: u8, close: u8) -> (usize, bool) {
     let b = s.as_bytes();
+    let d = STRING_DELIM.as_bytes();
     let mut depth = 1;
     while i < b.len() && depth > 0 {
-        if s[i..].starts_with(STRING_DELIM) {
-            i += STRING_DELIM.len();
-            i = s[i..].find(STRING_DELIM).map_or(b.len(), |p| i + p + STRING_DELIM.len());
+        if b[i..].starts_with(d) {
+            i += d.len();
+            i = find_bytes(&b[i..], d).map_or(b.len(), |p| i + p + d.len());
             continue;
         }
         if b[i] == open {
@@ -71,9 +72,20 @@ fn match_bracket(s: &str, mut i: usize, open: u8, close: u8) -> (usize, bool) {
     (i, depth == 0)
 }
 
+fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Nesting deeper than this is kept as raw text (parsing recurses once per level).
+const MAX_DEPTH: usize = 64;
+
 /// Parses the inside of `{...}`. With `partial` (streaming), a trailing bare value that may still
 /// grow is left out, so its type cannot flip between deltas.
 pub fn parse_object(s: &str, partial: bool) -> Vec<(String, Arg)> {
+    object_at(s, partial, 0)
+}
+
+fn object_at(s: &str, partial: bool, depth: usize) -> Vec<(String, Arg)> {
     let mut out = Vec::new();
     if s.trim().is_empty() {
         return out;
@@ -111,7 +123,7 @@ pub fn parse_object(s: &str, partial: bool) -> Vec<(String, Arg)> {
             }
             break;
         }
-        if s[i..].starts_with(STRING_DELIM) {
+        if b[i..].starts_with(STRING_DELIM.as_bytes()) {
             i += STRING_DELIM.len();
             match s[i..].find(STRING_DELIM) {
                 None => {
@@ -128,14 +140,14 @@ pub fn parse_object(s: &str, partial: bool) -> Vec<(String, Arg)> {
             let start = i + 1;
             let (end, closed) = match_bracket(s, start, b'{', b'}');
             i = end;
-            let v = if closed { parse_object(&s[start..end - 1], false) } else { parse_object(&s[start..end], true) };
-            put(&mut out, key, Arg::Obj(v));
+            let inner = if closed { &s[start..end - 1] } else { &s[start..end] };
+            put(&mut out, key, nested(inner, !closed, depth, true));
         } else if b[i] == b'[' {
             let start = i + 1;
             let (end, closed) = match_bracket(s, start, b'[', b']');
             i = end;
-            let v = if closed { parse_list(&s[start..end - 1], false) } else { parse_list(&s[start..end], true) };
-            put(&mut out, key, Arg::List(v));
+            let inner = if closed { &s[start..end - 1] } else { &s[start..end] };
+            put(&mut out, key, nested(inner, !closed, depth, false));
         } else {
             let start = i;
             while i < n && !matches!(b[i], b',' | b'}' | b']') {
@@ -156,6 +168,10 @@ pub fn parse_object(s: &str, partial: bool) -> Vec<(String, Arg)> {
 
 /// Parses the inside of `[...]`.
 pub fn parse_list(s: &str, partial: bool) -> Vec<Arg> {
+    list_at(s, partial, 0)
+}
+
+fn list_at(s: &str, partial: bool, depth: usize) -> Vec<Arg> {
     let mut out = Vec::new();
     let b = s.as_bytes();
     let n = b.len();
@@ -167,7 +183,7 @@ pub fn parse_list(s: &str, partial: bool) -> Vec<Arg> {
         if i >= n {
             break;
         }
-        if s[i..].starts_with(STRING_DELIM) {
+        if b[i..].starts_with(STRING_DELIM.as_bytes()) {
             i += STRING_DELIM.len();
             match s[i..].find(STRING_DELIM) {
                 None => {
@@ -183,12 +199,12 @@ pub fn parse_list(s: &str, partial: bool) -> Vec<Arg> {
             let start = i + 1;
             let (end, closed) = match_bracket(s, start, b'{', b'}');
             i = end;
-            out.push(Arg::Obj(if closed { parse_object(&s[start..end - 1], false) } else { parse_object(&s[start..end], true) }));
+            out.push(nested(if closed { &s[start..end - 1] } else { &s[start..end] }, !closed, depth, true));
         } else if b[i] == b'[' {
             let start = i + 1;
             let (end, closed) = match_bracket(s, start, b'[', b']');
             i = end;
-            out.push(Arg::List(if closed { parse_list(&s[start..end - 1], false) } else { parse_list(&s[start..end], true) }));
+            out.push(nested(if closed { &s[start..end - 1] } else { &s[start..end] }, !closed, depth, false));
         } else {
             let start = i;
             while i < n && !matches!(b[i], b',' | b']') {
@@ -205,6 +221,14 @@ pub fn parse_list(s: &str, partial: bool) -> Vec<Arg> {
         }
     }
     out
+}
+
+/// A nested `{...}` (`object`) or `[...]`; past [`MAX_DEPTH`] its text is kept as a string.
+fn nested(inner: &str, partial: bool, depth: usize, object: bool) -> Arg {
+    if depth + 1 >= MAX_DEPTH {
+        return Arg::Str(inner.to_string());
+    }
+    if object { Arg::Obj(object_at(inner, partial, depth + 1)) } else { Arg::List(list_at(inner, partial, depth + 1)) }
 }
 
 /// The arguments text of one call (everything after `call:NAME{`, up to `<tool_call|>`) as parsed
@@ -515,6 +539,23 @@ mod tests {
         // Quoted keys, a repeated key, empty arguments.
         assert_eq!(parse_call_args(r#"<|"|>k<|"|>:1,k:2,j:3}"#, false), vec![("k".into(), s("2")), ("j".into(), s("3"))]);
         assert!(parse_call_args("}", false).is_empty());
+    }
+
+    #[test]
+    fn any_text_and_any_depth_parse_without_panicking() {
+        let a = parse_call_args("filters:{city:München,tags:[日本,é]},x:<|\"|>ü{<|\"|>}", false);
+        assert_eq!(dumps_fields(&a), r#"{"filters": {"city": "München", "tags": ["日本", "é"]}, "x": "ü{"}"#);
+        let deep = format!("a:{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        for partial in [false, true] {
+            let v = parse_object(&deep, partial);
+            let s = dumps_fields(&v);
+            assert!(s.starts_with(r#"{"a": [[["#) && s.len() < 300_000, "{}", &s[..40]);
+        }
+        // Every prefix of a messy call, streamed: never a panic.
+        let messy = "q:{ü:[<|\"|>a,b<|\"|>,{c:ö}],d:-1.5e3},r:<|\"|>日<|\"";
+        for (i, _) in messy.char_indices() {
+            let _ = dumps_fields(&parse_object(&messy[..i], true));
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const CHANNEL_END: &str = "<channel|>";
 pub const TOOL_CALL_START: &str = "<|tool_call>";
 pub const TOOL_CALL_END: &str = "<tool_call|>";
 const THOUGHT_PREFIX: &str = "thought\n";
+/// Arguments longer than this are not re-parsed per delta (each parse reads them whole).
+const MAX_STREAMED_ARGS: usize = 64 << 10;
 
 /// Special tokens that never belong in content, should the model write them.
 const DROPPED_FROM_CONTENT: [&str; 10] = [
@@ -103,7 +105,6 @@ struct Call {
     /// Streaming stopped because a later parse was not an extension of what was sent.
     diverged: bool,
     name_sent: bool,
-    done: bool,
 }
 
 /// `chatcmpl-tool-` ids, unique within the process.
@@ -183,7 +184,7 @@ impl OutputParser {
         let mut d = Delta::default();
         self.run(&mut d, true);
         match self.state {
-            State::Reasoning => self.end_reasoning(&mut d),
+            State::Reasoning => self.end_reasoning(),
             State::Name | State::Args | State::Preamble => self.end_call(&mut d),
             State::Content => {}
         }
@@ -238,7 +239,10 @@ impl OutputParser {
                 if let Some(c) = self.calls.last_mut() {
                     c.raw_args.push_str(t);
                 }
-                self.stream_args(d);
+                // As vLLM: a new fragment only when structure arrives (each parse reads the whole call).
+                if t.contains([',', ':', '{', '}', '[', ']', '<']) {
+                    self.stream_args(d);
+                }
             }
         }
     }
@@ -290,7 +294,7 @@ impl OutputParser {
     }
 
     /// Reasoning ends: a held label (`thought` alone) and trailing whitespace are dropped.
-    fn end_reasoning(&mut self, _d: &mut Delta) {
+    fn end_reasoning(&mut self) {
         self.reasoning_head = Some(String::new());
         self.reasoning_ws.clear();
     }
@@ -302,12 +306,12 @@ impl OutputParser {
                 State::Reasoning
             }
             (State::Reasoning, CHANNEL_END) => {
-                self.end_reasoning(d);
+                self.end_reasoning();
                 State::Content
             }
             (State::Content | State::Reasoning, TOOL_CALL_START) => {
                 if self.state == State::Reasoning {
-                    self.end_reasoning(d);
+                    self.end_reasoning();
                 }
                 self.content_ws.clear();
                 self.content_before_call.get_or_insert(self.content_len);
@@ -359,8 +363,8 @@ impl OutputParser {
     /// Streams the part of the arguments JSON that later text cannot change.
     fn stream_args(&mut self, d: &mut Delta) {
         let index = self.calls.len() - 1;
-        if self.calls[index].diverged || !self.opts.tools {
-            return;
+        if self.calls[index].diverged || !self.opts.tools || self.calls[index].raw_args.len() > MAX_STREAMED_ARGS {
+            return; // past the cap, the rest comes in one piece when the call ends
         }
         let parsed = self.typed_args(index, true);
         let json = args::dumps_fields(&parsed);
@@ -390,7 +394,6 @@ impl OutputParser {
         let c = &mut self.calls[index];
         let rest = json.strip_prefix(c.sent.as_str()).unwrap_or_default().to_string();
         c.sent.push_str(&rest);
-        c.done = true;
         if !rest.is_empty() && self.opts.tools {
             push_args(d, index, &rest);
         }

@@ -11,7 +11,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use super::convert::{event_to_wire, params_from_wire};
-use crate::engine::grammar::GrammarEnv;
+use crate::engine::grammar::{CompileError, GRAMMAR_COMPILE_TIMEOUT, GrammarEnv};
 use crate::engine::{EngineError, EngineEvent, EngineHandle, EngineRequest};
 use switchyard_coordinator::PlacementPlan;
 
@@ -37,9 +37,6 @@ impl AttentionServer {
     }
 }
 
-/// How long a grammar may take to compile before the request is refused.
-pub const GRAMMAR_COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 fn status(e: EngineError) -> Status {
     match e {
         EngineError::Stopped => Status::unavailable(e.to_string()),
@@ -59,11 +56,10 @@ impl AttentionService for AttentionServer {
         let constraint = match (&params.grammar, &self.grammar) {
             (None, _) => None,
             (Some(_), None) => return Err(Status::invalid_argument("this worker has no tokenizer.json: structured output is unavailable")),
-            (Some(g), Some(env)) => Some(
-                env.compile_off_thread(g.clone(), GRAMMAR_COMPILE_TIMEOUT)
-                    .await
-                    .map_err(|e| Status::invalid_argument(format!("structured output: {e}")))?,
-            ),
+            (Some(g), Some(env)) => Some(env.compile_off_thread(g.clone(), GRAMMAR_COMPILE_TIMEOUT).await.map_err(|e| match e {
+                CompileError::Busy => Status::resource_exhausted(e.to_string()),
+                CompileError::Refused(e) => Status::invalid_argument(format!("structured output: {e}")),
+            })?),
         };
         let (id, mut events) =
             self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint }).map_err(status)?;

@@ -109,8 +109,8 @@ impl EngineState {
                 if let Some(c) = constraint.as_mut()
                     && let Err(e) = req.resume.iter().try_for_each(|&t| c.accept(t))
                 {
-                    let _ = events.send(EngineEvent::Error(format!("the resumed output does not match the grammar: {e}")));
                     self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+                    let _ = events.send(EngineEvent::Error(format!("the resumed output does not match the grammar: {e}")));
                     return;
                 }
                 let mut tokens = req.prompt;
@@ -250,9 +250,11 @@ impl EngineState {
         let generated = seq.generated();
         seq.sampler.at_output(generated);
         let masked;
+        // Once a grammar is complete only EOS may follow: `min_tokens` must not hold it back.
+        let complete = seq.constraint.as_mut().is_some_and(|c| c.is_complete());
+        let generated_for_min = if complete { usize::MAX } else { generated };
         let logits = match seq.constraint.as_mut() {
-            None => logits,
-            Some(c) => {
+            Some(c) if !c.is_waiting() => {
                 let mut l = logits.to_vec();
                 if let Err(e) = c.mask(&mut l) {
                     return Some(EngineEvent::Error(format!("structured output: {e}")));
@@ -260,8 +262,9 @@ impl EngineState {
                 masked = l;
                 &masked[..]
             }
+            _ => logits,
         };
-        let (token, logprob) = sample(logits, &seq.params, &mut seq.sampler, &seq.min_tokens_held, generated);
+        let (token, logprob) = sample(logits, &seq.params, &mut seq.sampler, &seq.min_tokens_held, generated_for_min);
         if let Some(c) = seq.constraint.as_mut()
             && let Err(e) = c.accept(token)
         {

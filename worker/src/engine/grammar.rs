@@ -95,7 +95,31 @@ impl TokenizerEnv for Vocab {
 #[derive(Clone)]
 pub struct GrammarEnv {
     factory: Arc<ParserFactory>,
+    /// Compiles running at once (one per core): a flood of grammars waits here, not on the CPU.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Recently compiled grammars (agents resend the same tools and schemas every turn).
+    cache: Arc<std::sync::Mutex<std::collections::VecDeque<(GrammarRequest, Constraint)>>>,
 }
+
+/// Why a grammar was not compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompileError {
+    /// The grammar is invalid, too large, too complex or too slow: the client's to fix.
+    Refused(String),
+    /// Every compile slot stayed busy until the deadline: retry later.
+    Busy,
+}
+
+impl std::fmt::Display for CompileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompileError::Refused(e) => f.write_str(e),
+            CompileError::Busy => f.write_str("the grammar compiler is busy"),
+        }
+    }
+}
+
+const CACHED_GRAMMARS: usize = 32;
 
 impl GrammarEnv {
     /// Reads the token bytes from `tokenizer.json`; `vocab_size` is the model's (the logits' width);
@@ -113,7 +137,12 @@ impl GrammarEnv {
         factory.quiet();
         // Errors name the problem, not the whole grammar and state (a client's grammar could fill logs).
         factory.limits_mut().verbose_errors = false;
-        Ok(GrammarEnv { factory: Arc::new(factory) })
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(GrammarEnv {
+            factory: Arc::new(factory),
+            permits: Arc::new(tokio::sync::Semaphore::new(cores)),
+            cache: Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new())),
+        })
     }
 
     /// Compiles a constraint, or says why it cannot be. Inputs past [`MAX_GRAMMAR_BYTES`] are
@@ -154,6 +183,9 @@ fn brief(e: &str) -> String {
     e[..end].to_string()
 }
 
+/// The longest a request's grammar may take to compile (front end and attention workers alike).
+pub const GRAMMAR_COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The largest schema, regex, choice list or grammar accepted, in bytes.
 pub const MAX_GRAMMAR_BYTES: usize = 1 << 20;
 
@@ -162,22 +194,45 @@ const COMPILE_STACK: usize = 1 << 30;
 
 impl GrammarEnv {
     /// [`GrammarEnv::compile`] on its own thread (with a stack sized for the deepest grammar
-    /// [`MAX_GRAMMAR_BYTES`] allows), giving up after `timeout`. Nothing else waits on it.
-    pub async fn compile_off_thread(&self, req: GrammarRequest, timeout: std::time::Duration) -> Result<Constraint, String> {
+    /// [`MAX_GRAMMAR_BYTES`] allows), at most one per core at a time, giving up after `timeout`.
+    /// The engine never waits on it. A compile that outlives its deadline keeps its slot until it
+    /// ends, so abandoned compiles cannot pile up. Recent grammars come from a cache.
+    pub async fn compile_off_thread(&self, req: GrammarRequest, timeout: std::time::Duration) -> Result<Constraint, CompileError> {
+        if let Some(c) = self.cached(&req) {
+            return Ok(c);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let permit = match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => return Err(CompileError::Busy),
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let env = self.clone();
+        let job = req.clone();
         std::thread::Builder::new()
             .name("grammar-compile".into())
             .stack_size(COMPILE_STACK)
             .spawn(move || {
-                let _ = tx.send(env.compile(&req));
+                let _permit = permit;
+                let _ = tx.send(env.compile(&job));
             })
-            .map_err(|e| format!("starting the compiler thread: {e}"))?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("the grammar compiler failed".into()),
-            Err(_) => Err(format!("the grammar took longer than {}s to compile", timeout.as_secs())),
+            .map_err(|_| CompileError::Busy)?;
+        let c = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(r)) => r.map_err(CompileError::Refused)?,
+            Ok(Err(_)) => return Err(CompileError::Refused("the grammar compiler failed".into())),
+            Err(_) => return Err(CompileError::Refused(format!("the grammar took longer than {}s to compile", timeout.as_secs()))),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() == CACHED_GRAMMARS {
+            cache.pop_front();
         }
+        cache.push_back((req, c.clone()));
+        Ok(c)
+    }
+
+    fn cached(&self, req: &GrammarRequest) -> Option<Constraint> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.iter().find(|(r, _)| r == req).map(|(_, c)| c.clone())
     }
 }
 
@@ -227,6 +282,11 @@ impl Constraint {
             return Ok(()); // the end-of-sequence token that closes the output
         }
         self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// Whether the constraint has not started yet (it waits for the end of reasoning).
+    pub fn is_waiting(&self) -> bool {
+        self.waiting_for.is_some()
     }
 
     /// Whether the grammar is complete (only end-of-sequence may follow).

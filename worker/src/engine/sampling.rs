@@ -114,8 +114,11 @@ impl SamplerState {
 }
 
 /// The log-probability of `token` and the `n` most likely tokens, from precomputed log-probs.
+/// A token's log-probability and the top `n`. Minus infinity (a token a grammar masked out) is
+/// reported as -9999.0, as vLLM reports it, since JSON has no infinity.
 pub fn token_logprob(lp: &[f32], token: u32, n: usize) -> TokenLogprob {
-    TokenLogprob { token, logprob: lp[token as usize], top: top_n(lp, n) }
+    let finite = |v: f32| v.max(-9999.0);
+    TokenLogprob { token, logprob: finite(lp[token as usize]), top: top_n(lp, n).into_iter().map(|(t, v)| (t, finite(v))).collect() }
 }
 
 /// The `n` largest entries, descending, ties to the lower id.
