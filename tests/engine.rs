@@ -58,7 +58,7 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<u3
 fn run_all(engine: &EngineHandle, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Vec<u32>> {
     let rxs: Vec<_> = prompts
         .iter()
-        .map(|p| engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: p.clone(), params: params.clone() }).unwrap().1)
+        .map(|p| engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: p.clone(), params: params.clone() }).unwrap().1)
         .collect();
     rxs.into_iter().map(|rx| collect(rx).0).collect()
 }
@@ -91,7 +91,7 @@ fn repeated_prompt_hits_the_prefix_cache_with_identical_output() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
     let prompt: Vec<u32> = (0..50).map(|i| 3 + (i * 7 % 400)).collect();
-    let req = || EngineRequest { constraint: None, resume: vec![], prompt: prompt.clone(), params: greedy(12) };
+    let req = || EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: greedy(12) };
     let (first, ev1) = collect(engine.submit(req()).unwrap().1);
     let (second, ev2) = collect(engine.submit(req()).unwrap().1);
     assert_eq!(first, second);
@@ -140,7 +140,7 @@ fn prompt_logprobs_match_a_full_forward() {
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 5)).unwrap();
     let prompt: Vec<u32> = (0..23).map(|i| 2 + (i * 11 % 300)).collect();
     let params = SamplingParams { prompt_logprobs: Some(2), ..greedy(1) };
-    let (_, events) = collect(engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: prompt.clone(), params }).unwrap().1);
+    let (_, events) = collect(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params }).unwrap().1);
     let EngineEvent::Token(t) = &events[0] else { unreachable!() };
     let got = t.prompt.as_ref().unwrap().logprobs.as_ref().unwrap();
     assert_eq!(got.len(), prompt.len() - 1);
@@ -166,14 +166,14 @@ fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
     let first = free.iter().position(|&t| t == stop).unwrap();
     let params = SamplingParams { ignore_eos: false, stop_token_ids: vec![stop], ..greedy(10) };
     let (toks, ev) = collect(
-        engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() }).unwrap().1,
+        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() }).unwrap().1,
     );
     assert_eq!(toks, free[..=first].to_vec());
     let EngineEvent::Token(last) = ev.last().unwrap() else { unreachable!() };
     assert_eq!(last.finish, Some(FinishReason::Stop(Some(stop))));
     // min_tokens past the stop position keeps the stop id from being chosen until then.
     let params = SamplingParams { min_tokens: first + 2, ..params };
-    let (toks, _) = collect(engine.submit(EngineRequest { constraint: None, resume: vec![], prompt, params }).unwrap().1);
+    let (toks, _) = collect(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt, params }).unwrap().1);
     assert!(toks.len() > first + 1 && !toks[..first + 2].contains(&stop));
 }
 
@@ -182,13 +182,13 @@ fn a_dropped_receiver_frees_its_blocks() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
     let (_, mut rx) =
-        engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: prompts(5)[4].clone(), params: greedy(60) }).unwrap();
+        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompts(5)[4].clone(), params: greedy(60) }).unwrap();
     assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Token(_))));
     drop(rx);
     // The engine sweeps closed requests before every step. A second, short request is the sync
     // point: once it has finished, the dropped one must be gone too.
     let (toks, _) =
-        collect(engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: vec![2, 3], params: greedy(2) }).unwrap().1);
+        collect(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![2, 3], params: greedy(2) }).unwrap().1);
     assert_eq!(toks.len(), 2);
     assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
     assert_eq!(engine.stats().kv_usage(), 0.0);
@@ -198,13 +198,13 @@ fn a_dropped_receiver_frees_its_blocks() {
 fn requests_beyond_the_limits_are_refused() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
-    let long = EngineRequest { constraint: None, resume: vec![], prompt: vec![5; 100], params: greedy(40) };
+    let long = EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![5; 100], params: greedy(40) };
     assert!(matches!(
         engine.submit(long),
         Err(switchyard_worker::engine::EngineError::ContextTooLong { max: 128, requested: 140, prompt: 100 })
     ));
-    assert!(engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: vec![600], params: greedy(1) }).is_err());
-    assert!(engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: vec![], params: greedy(1) }).is_err());
+    assert!(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![600], params: greedy(1) }).is_err());
+    assert!(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![], params: greedy(1) }).is_err());
     assert!(Engine::start(m.clone(), config(&m, 8, 4, 8, 64)).is_err(), "8 blocks of 4 cannot hold 128 positions");
 }
 
@@ -219,16 +219,16 @@ fn a_resumed_request_continues_exactly_where_it_left_off() {
     let sampled = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(11), presence_penalty: 0.5, ..greedy(16) };
     for params in [greedy(16), sampled] {
         let (full, _) = collect(
-            engine.submit(EngineRequest { constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() }).unwrap().1,
+            engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() }).unwrap().1,
         );
         assert_eq!(full.len(), 16);
         for cut in [1, 7, 15] {
-            let req = EngineRequest { constraint: None, resume: full[..cut].to_vec(), prompt: prompt.clone(), params: params.clone() };
+            let req = EngineRequest { images: vec![], constraint: None, resume: full[..cut].to_vec(), prompt: prompt.clone(), params: params.clone() };
             let (rest, _) = collect(engine.submit(req).unwrap().1);
             assert_eq!(rest, full[cut..].to_vec(), "resumed after {cut} tokens (temperature {})", params.temperature);
         }
     }
-    let done = EngineRequest { constraint: None, resume: vec![1; 16], prompt, params: greedy(16) };
+    let done = EngineRequest { images: vec![], constraint: None, resume: vec![1; 16], prompt, params: greedy(16) };
     assert!(engine.submit(done).is_err(), "nothing left to generate");
 }
 
@@ -249,7 +249,7 @@ fn grammar_constrained_requests_in_the_engine() {
     let params =
         SamplingParams { temperature: 1.0, seed: Some(4), max_tokens: 40, min_tokens: 30, grammar: Some(g.clone()), ..Default::default() };
     let submit = |resume: Vec<u32>, params: SamplingParams, constraint| {
-        engine.submit(EngineRequest { constraint: Some(constraint), resume, prompt: prompt.clone(), params }).unwrap().1
+        engine.submit(EngineRequest { images: vec![], constraint: Some(constraint), resume, prompt: prompt.clone(), params }).unwrap().1
     };
     // Unconstrained neighbours, before and alongside.
     let alone = run_all(&engine, &prompts(4), &greedy(12));

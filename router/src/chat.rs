@@ -208,6 +208,7 @@ fn jobs(
                 include_stop: req.common.include_stop_str_in_output,
                 skip_special,
                 constraint: None,
+                images: Vec::new(),
             }
         })
         .collect())

@@ -96,6 +96,7 @@ fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
                 include_stop: req.common.include_stop_str_in_output,
                 skip_special,
                 constraint: None,
+                images: Vec::new(),
             });
         }
     }

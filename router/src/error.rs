@@ -99,6 +99,7 @@ impl From<switchyard_worker::engine::EngineError> for ApiError {
             E::EmptyPrompt => ApiError::invalid("prompt", e.to_string()),
             E::TokenOutOfVocab { .. } => ApiError::invalid("prompt", e.to_string()),
             E::Stopped => ApiError::overloaded("The server is shutting down."),
+            E::BadImage(_) => ApiError::invalid("messages", e.to_string()),
             E::CacheTooSmall { .. } | E::BadBlockSize(_) | E::ResumePastEnd { .. } => ApiError::internal(e),
         }
     }

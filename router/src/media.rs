@@ -10,7 +10,7 @@
 //!   the pixel cap before anything is decoded; truncated and empty images are refused.
 
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;

@@ -223,6 +223,7 @@ impl AttentionPool {
                 prompt: req.prompt.clone(),
                 params: Some(params_to_wire(&req.params)),
                 resume_output: sent.clone(),
+                images: req.images.iter().map(switchyard_worker::cluster::convert::image_to_wire).collect(),
             });
             if let Ok(v) = traceparent.parse() {
                 call.metadata_mut().insert(switchyard_proto::TRACEPARENT, v);

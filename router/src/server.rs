@@ -124,6 +124,8 @@ pub struct ChoiceJob {
     pub skip_special: bool,
     /// The compiled form of `params.grammar`.
     pub constraint: Option<switchyard_worker::engine::grammar::Constraint>,
+    /// The prompt's images (chat requests with `image_url` parts).
+    pub images: Vec<switchyard_worker::engine::ImageInput>,
 }
 
 /// Submits every choice; their updates arrive, interleaved, on the returned receiver. If one fails
@@ -152,6 +154,7 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
             params: j.params,
             resume: Vec::new(),
             constraint: j.constraint,
+            images: j.images,
         })?;
         let spec =
             ChoiceSpec { index, prompt: j.prompt, min_tokens, stops: j.stops, include_stop: j.include_stop, skip_special: j.skip_special };

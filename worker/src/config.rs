@@ -48,6 +48,11 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Image, audio and video placeholder ids: embedded as `pad_token_id` (as transformers does).
     pub placeholder_ids: Vec<u32>,
+    /// `image_token_id`, `boi_token_id`, `eoi_token_id`: an image's soft-token placeholder and the
+    /// tokens around its span.
+    pub image_token_id: Option<u32>,
+    pub boi_token_id: Option<u32>,
+    pub eoi_token_id: Option<u32>,
     pub layers: Vec<LayerSpec>,
     /// dtype named by the config (`dtype` / `torch_dtype`), if any.
     pub dtype: Option<String>,
@@ -146,7 +151,10 @@ impl ModelConfig {
         if eos.is_empty() {
             eos = ids(raw.eos_token_id.as_ref());
         }
-        Self::resolve(raw, placeholder_ids, eos)
+        let mut c = Self::resolve(raw, placeholder_ids, eos)?;
+        let id = |k: &str| root.get(k).and_then(Value::as_u64).map(|x| x as u32);
+        (c.image_token_id, c.boi_token_id, c.eoi_token_id) = (id("image_token_id"), id("boi_token_id"), id("eoi_token_id"));
+        Ok(c)
     }
 
     fn resolve(raw: RawText, placeholder_ids: Vec<u32>, eos_token_ids: Vec<u32>) -> Result<ModelConfig, LoadError> {
@@ -269,6 +277,9 @@ impl ModelConfig {
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
             placeholder_ids,
+            image_token_id: None,
+            boi_token_id: None,
+            eoi_token_id: None,
             layers,
             dtype: raw.dtype.or(raw.torch_dtype),
         })

@@ -53,6 +53,7 @@ impl AttentionService for AttentionServer {
     async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
         let params = params_from_wire(&r.params.unwrap_or_default()).map_err(Status::invalid_argument)?;
+        let images = r.images.into_iter().map(super::convert::image_from_wire).collect();
         let constraint = match (&params.grammar, &self.grammar) {
             (None, _) => None,
             (Some(_), None) => return Err(Status::invalid_argument("this worker has no tokenizer.json: structured output is unavailable")),
@@ -62,7 +63,7 @@ impl AttentionService for AttentionServer {
             })?),
         };
         let (id, mut events) =
-            self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint }).map_err(status)?;
+            self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint, images }).map_err(status)?;
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         tokio::spawn(async move {

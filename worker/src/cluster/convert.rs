@@ -50,6 +50,16 @@ pub fn params_from_wire(p: &v1::SamplingParams) -> Result<SamplingParams, String
     })
 }
 
+pub fn image_to_wire(im: &crate::engine::ImageInput) -> v1::Image {
+    v1::Image { start: im.start as u32, rows: im.patches.rows as u32, cols: im.patches.cols as u32, pixels: im.patches.pixels.clone() }
+}
+
+/// Sizes are checked when the request is submitted (`check_images`).
+pub fn image_from_wire(im: v1::Image) -> crate::engine::ImageInput {
+    let patches = crate::vision::preprocess::Patches { rows: im.rows as usize, cols: im.cols as usize, pixels: im.pixels };
+    crate::engine::ImageInput { start: im.start as usize, patches: std::sync::Arc::new(patches) }
+}
+
 fn lp_to_wire(l: &TokenLogprob) -> v1::TokenLogprob {
     v1::TokenLogprob {
         token: l.token,

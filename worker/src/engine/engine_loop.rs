@@ -98,7 +98,7 @@ impl EngineState {
     fn handle(&mut self, cmd: Command) {
         use rand_chacha::rand_core::RngCore;
         match cmd {
-            Command::Add(id, req, events) => {
+            Command::Add(id, req, events, images) => {
                 let seed = req.params.seed.unwrap_or_else(|| self.seeds.next_u64());
                 let prompt_len = req.prompt.len();
                 let mut sampler = SamplerState::new(seed, &req.prompt);
@@ -134,6 +134,7 @@ impl EngineState {
                     arrival: Instant::now(),
                     last_token_at: None,
                     constraint,
+                    images,
                 });
             }
             Command::Abort(id) => self.remove_where(|s| s.id == id),
@@ -192,6 +193,7 @@ impl EngineState {
                     tokens: &s.tokens[s.computed..s.computed + p.tokens],
                     start: s.computed,
                     logits: Self::logits_for(s, p.tokens),
+                    images: &s.images,
                 }
             })
             .collect();

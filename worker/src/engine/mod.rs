@@ -19,7 +19,8 @@ use std::sync::mpsc;
 
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::model::Gemma4Model;
+use crate::model::{Gemma4Model, ImageEmbeds};
+use crate::vision::tower::VisionTower;
 pub use sampling::{SamplingParams, TokenLogprob};
 
 pub type RequestId = u64;
@@ -51,6 +52,27 @@ pub struct EngineRequest {
     pub resume: Vec<u32>,
     /// The compiled form of `params.grammar`, when there is one (compiled off the engine thread).
     pub constraint: Option<grammar::Constraint>,
+    /// Images, in prompt order: each one's soft tokens are prompt placeholders that take the vision
+    /// tower's embeddings (encoded off the engine thread before the request is queued).
+    pub images: Vec<ImageInput>,
+}
+
+/// One image of a request: its patches, and the prompt position of its first soft token.
+#[derive(Clone, Debug)]
+pub struct ImageInput {
+    pub start: usize,
+    pub patches: Arc<crate::vision::preprocess::Patches>,
+}
+
+impl ImageInput {
+    /// A content hash (the encoded-image cache and prefix-cache keys).
+    pub fn hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (self.patches.rows, self.patches.cols).hash(&mut h);
+        self.patches.pixels.hash(&mut h);
+        h.finish()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +121,8 @@ pub enum EngineError {
     Stopped,
     #[error("{resumed} tokens to resume from, but max_tokens is {max_tokens}")]
     ResumePastEnd { resumed: usize, max_tokens: usize },
+    #[error("image input: {0}")]
+    BadImage(String),
 }
 
 /// Load figures the server reads without asking the engine thread.
@@ -126,21 +150,88 @@ impl EngineStats {
 }
 
 enum Command {
-    Add(RequestId, EngineRequest, tokio::sync::mpsc::UnboundedSender<EngineEvent>),
+    Add(RequestId, EngineRequest, tokio::sync::mpsc::UnboundedSender<EngineEvent>, Vec<ImageEmbeds>),
     Abort(RequestId),
 }
+
+/// A request waiting for its images to be encoded.
+struct VisionJob {
+    id: RequestId,
+    req: EngineRequest,
+    events: tokio::sync::mpsc::UnboundedSender<EngineEvent>,
+}
+
+/// Encodes images on one thread of its own, FIFO, then queues their requests; recent images come from
+/// a cache keyed by content.
+fn vision_thread(tower: Arc<VisionTower>, jobs: mpsc::Receiver<VisionJob>, engine: mpsc::Sender<Command>, stats: Arc<EngineStats>) {
+    let mut cache: std::collections::VecDeque<(u64, Arc<Vec<f32>>)> = std::collections::VecDeque::new();
+    for job in jobs {
+        if job.events.is_closed() {
+            stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
+        let mut embeds = Vec::with_capacity(job.req.images.len());
+        let mut failed = None;
+        for im in &job.req.images {
+            let hash = im.hash();
+            let rows = match cache.iter().find(|(h, _)| *h == hash) {
+                Some((_, r)) => r.clone(),
+                None => match tower.encode(&im.patches) {
+                    Ok(r) => {
+                        let r = Arc::new(r);
+                        if cache.len() == ENCODED_IMAGE_CACHE {
+                            cache.pop_front();
+                        }
+                        cache.push_back((hash, r.clone()));
+                        r
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
+            };
+            embeds.push(ImageEmbeds { start: im.start, len: im.patches.soft_tokens(), rows, hash });
+        }
+        if let Some(e) = failed {
+            stats.unfinished.fetch_sub(1, Ordering::Relaxed);
+            let _ = job.events.send(EngineEvent::Error(format!("image input: {e}")));
+            continue;
+        }
+        if engine.send(Command::Add(job.id, job.req, job.events, embeds)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Encoded images kept for reuse.
+const ENCODED_IMAGE_CACHE: usize = 64;
 
 /// Submits requests to a running engine. Cheap to clone; the engine stops when every handle is gone.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    /// The vision encoder's queue, when the model has a vision tower.
+    vision: Option<mpsc::Sender<VisionJob>>,
     stats: Arc<EngineStats>,
     next_id: Arc<AtomicU64>,
     vocab_size: usize,
     max_model_len: usize,
+    image_token: Option<u32>,
 }
 
 impl EngineHandle {
+    /// Gives the engine a vision tower: requests with images are encoded on a thread of its own first.
+    pub fn with_vision(mut self, tower: Arc<VisionTower>) -> EngineHandle {
+        let (tx, rx) = mpsc::channel();
+        let (engine, stats) = (self.tx.clone(), self.stats.clone());
+        let started = std::thread::Builder::new().name("switchyard-vision".into()).spawn(move || vision_thread(tower, rx, engine, stats));
+        if started.is_ok() {
+            self.vision = Some(tx);
+        }
+        self
+    }
+
     /// Queues a request; its events arrive on the returned receiver.
     pub fn submit(&self, req: EngineRequest) -> Result<(RequestId, UnboundedReceiver<EngineEvent>), EngineError> {
         self.validate(&req.prompt, &req.params)?;
@@ -150,10 +241,18 @@ impl EngineHandle {
         if req.resume.len() >= req.params.max_tokens {
             return Err(EngineError::ResumePastEnd { resumed: req.resume.len(), max_tokens: req.params.max_tokens });
         }
+        check_images(&req.prompt, &req.images, self.image_token)?;
+        if !req.images.is_empty() && self.vision.is_none() {
+            return Err(EngineError::BadImage("this model has no vision tower".into()));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded_channel();
         self.stats.unfinished.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Command::Add(id, req, tx)).is_err() {
+        let sent = match &self.vision {
+            Some(v) if !req.images.is_empty() => v.send(VisionJob { id, req, events: tx }).is_ok(),
+            _ => self.tx.send(Command::Add(id, req, tx, Vec::new())).is_ok(),
+        };
+        if !sent {
             self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
             return Err(EngineError::Stopped);
         }
@@ -181,6 +280,26 @@ impl EngineHandle {
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+}
+
+/// Images must be in prompt order, apart, each over exactly its soft-token count of image
+/// placeholders.
+pub fn check_images(prompt: &[u32], images: &[ImageInput], image_token: Option<u32>) -> Result<(), EngineError> {
+    let mut at = 0;
+    for (i, im) in images.iter().enumerate() {
+        let n = im.patches.soft_tokens();
+        if im.patches.pixels.len() != im.patches.len() * 3 * crate::vision::preprocess::PATCH * crate::vision::preprocess::PATCH {
+            return Err(EngineError::BadImage(format!("image {i}: pixel data does not match its {}x{} patch grid", im.patches.rows, im.patches.cols)));
+        }
+        if n == 0 || im.start < at || im.start + n > prompt.len() {
+            return Err(EngineError::BadImage(format!("image {i} does not fit the prompt at {}", im.start)));
+        }
+        if image_token.is_none_or(|t| prompt[im.start..im.start + n].iter().any(|&p| p != t)) {
+            return Err(EngineError::BadImage(format!("image {i}: its {n} positions are not all image placeholders")));
+        }
+        at = im.start + n;
+    }
+    Ok(())
 }
 
 /// A request's checks against the model's limits (the engine's, and a router's without an engine).
@@ -211,6 +330,8 @@ impl Engine {
             next_id: Arc::new(AtomicU64::new(0)),
             vocab_size: model.config.vocab_size,
             max_model_len: config.max_model_len,
+            image_token: model.config.image_token_id,
+            vision: None,
         };
         let state = engine_loop::EngineState::new(model, config, stats)?;
         std::thread::Builder::new().name("switchyard-engine".into()).spawn(move || state.run(rx)).map_err(|_| EngineError::Stopped)?;

@@ -63,14 +63,14 @@ impl Scheduler {
         let mut plan = Vec::new();
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let n = self.running[i].remaining().min(budget);
+            let n = self.running[i].chunk_len(self.running[i].remaining().min(budget));
             if n == 0 {
                 i += 1;
                 continue;
             }
             if self.grow_or_preempt(i, n) {
                 plan.push(Scheduled { seq: i, tokens: n });
-                budget -= n;
+                budget = budget.saturating_sub(n);
                 i += 1;
             }
         }
@@ -79,7 +79,11 @@ impl Scheduler {
             if seq.computed == 0 {
                 self.reuse_cached_prefix(&mut seq);
             }
-            let n = seq.remaining().min(budget);
+            let n = seq.chunk_len(seq.remaining().min(budget));
+            if n == 0 {
+                self.waiting.push_front(seq);
+                break;
+            }
             if !grow(&mut self.pools, self.limits.block_size, &mut seq.tables, seq.computed + n) {
                 self.free_blocks(&mut seq);
                 seq.computed = 0;
@@ -90,7 +94,7 @@ impl Scheduler {
             }
             plan.push(Scheduled { seq: self.running.len(), tokens: n });
             self.running.push(seq);
-            budget -= n;
+            budget = budget.saturating_sub(n);
         }
         plan
     }
@@ -147,7 +151,7 @@ impl Scheduler {
         let mut hashes = Vec::with_capacity(max_blocks);
         let mut parent = 0;
         for b in 0..max_blocks {
-            parent = block_hash(parent, &seq.tokens[b * bs..(b + 1) * bs]);
+            parent = block_hash(parent ^ seq.block_salt(b, bs), &seq.tokens[b * bs..(b + 1) * bs]);
             hashes.push(parent);
         }
         self.prefix_queries += seq.tokens.len() as u64;
@@ -193,7 +197,7 @@ impl Scheduler {
         seq.computed += n;
         while (seq.hashes.len() + 1) * bs <= seq.computed {
             let b = seq.hashes.len();
-            let h = block_hash(seq.hashes.last().copied().unwrap_or(0), &seq.tokens[b * bs..(b + 1) * bs]);
+            let h = block_hash(seq.hashes.last().copied().unwrap_or(0) ^ seq.block_salt(b, bs), &seq.tokens[b * bs..(b + 1) * bs]);
             seq.hashes.push(h);
             if self.limits.prefix_caching {
                 for g in [Group::Sliding, Group::Global] {

@@ -33,6 +33,8 @@ pub struct Sequence {
     pub last_token_at: Option<Instant>,
     /// Structured output's grammar state.
     pub constraint: Option<super::grammar::Constraint>,
+    /// Encoded images, in prompt order.
+    pub images: Vec<crate::model::ImageEmbeds>,
 }
 
 impl Sequence {
@@ -43,5 +45,23 @@ impl Sequence {
 
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// `n` positions from `computed`, adjusted so that no image's soft tokens are split between steps:
+    /// stop before an image that would be cut, or take a started one whole.
+    pub fn chunk_len(&self, n: usize) -> usize {
+        let end = self.computed + n;
+        match self.images.iter().find(|im| im.start < end && end < im.end()) {
+            Some(im) if im.start > self.computed => im.start - self.computed,
+            Some(im) => im.end() - self.computed,
+            None => n,
+        }
+    }
+
+    /// What keys block `b` in the prefix cache besides its tokens: the images it holds part of (image
+    /// placeholders are the same ids whatever the picture).
+    pub fn block_salt(&self, b: usize, block_size: usize) -> u64 {
+        let (lo, hi) = (b * block_size, (b + 1) * block_size);
+        self.images.iter().filter(|im| im.start < hi && im.end() > lo).fold(0, |s, im| s.rotate_left(5) ^ im.hash)
     }
 }

@@ -92,8 +92,9 @@ impl Attention {
             let (r, head) = (task / nq, task % nq);
             let info = rows[r];
             let view = kv.view(info.chunk, self.layer);
-            let to = info.pos + 1;
-            let from = to.saturating_sub(window);
+            // Sliding layers: causal, or within the row's own image; either way `kv > pos - window`.
+            let from = (info.pos + 1).saturating_sub(window);
+            let to = if window == usize::MAX { info.pos + 1 } else { info.sees_to };
             let kvh = head / group;
             let qh = &q[task * hd..(task + 1) * hd];
             let mut scores = Vec::with_capacity(to - from);

@@ -45,6 +45,27 @@ pub struct BatchChunk<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
     pub logits: LogitsFor,
+    /// The sequence's images (any of them; those the chunk does not touch are ignored). A chunk never
+    /// splits one: an image's soft tokens are computed together.
+    pub images: &'a [ImageEmbeds],
+}
+
+/// An image's soft-token embeddings and where they sit in the sequence.
+#[derive(Clone, Debug)]
+pub struct ImageEmbeds {
+    /// Position of the first soft token.
+    pub start: usize,
+    /// `[len, hidden]`, rounded to the model's dtype.
+    pub rows: Arc<Vec<f32>>,
+    pub len: usize,
+    /// Content hash (prefix-cache blocks holding this image's tokens are keyed by it too).
+    pub hash: u64,
+}
+
+impl ImageEmbeds {
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +83,9 @@ pub enum ForwardError {
 pub(crate) struct RowInfo {
     pub chunk: usize,
     pub pos: usize,
+    /// Keys this row may see on sliding layers end here (exclusive): `pos + 1`, or for an image's
+    /// soft token the end of its image (transformers' bidirectional image blocks, sliding layers only).
+    pub sees_to: usize,
 }
 
 pub struct Gemma4Model {
@@ -105,7 +129,7 @@ impl Gemma4Model {
     /// Returns, per chunk, the logits of the rows it asked for (`[rows, vocab]` flattened).
     pub fn forward(&self, chunks: &mut [ForwardChunk<'_>]) -> Result<Vec<Vec<f32>>, ForwardError> {
         let batch: Vec<BatchChunk<'_>> =
-            chunks.iter().map(|c| BatchChunk { tokens: c.tokens, start: c.cache.len(), logits: c.logits }).collect();
+            chunks.iter().map(|c| BatchChunk { tokens: c.tokens, start: c.cache.len(), logits: c.logits, images: &[] }).collect();
         let mut caches: Vec<&mut SeqCache> = chunks.iter_mut().map(|c| &mut *c.cache).collect();
         let out = self.forward_batch(&batch, &mut SeqCaches(&mut caches))?;
         for (cache, ch) in caches.iter_mut().zip(&batch) {
@@ -145,17 +169,27 @@ impl Gemma4Model {
         let mut ids = Vec::new();
         for (c, ch) in chunks.iter().enumerate() {
             for (i, &t) in ch.tokens.iter().enumerate() {
-                rows.push(RowInfo { chunk: c, pos: ch.start + i });
+                let pos = ch.start + i;
+                let sees_to = ch.images.iter().find(|im| (im.start..im.end()).contains(&pos)).map_or(pos + 1, |im| im.end());
+                rows.push(RowInfo { chunk: c, pos, sees_to });
                 ids.push(t);
             }
         }
         let mut x = self.embedding.forward(&ids, &self.config);
+        // Image soft tokens take the vision tower's embeddings instead of the placeholder's.
+        let h = self.config.hidden_size;
+        for (r, info) in rows.iter().enumerate() {
+            let ch = &chunks[info.chunk];
+            if let Some(im) = ch.images.iter().find(|im| (im.start..im.end()).contains(&info.pos)) {
+                let k = info.pos - im.start;
+                x[r * h..(r + 1) * h].copy_from_slice(&im.rows[k * h..(k + 1) * h]);
+            }
+        }
         for layer in &self.layers {
             x = layer.forward(x, &rows, kv, self.experts.as_ref(), &self.config, self.dtype)?;
         }
         // The rows that need logits, in chunk order, through the head in one batch (one pass over its
         // weights however many sequences ask), then split back per chunk.
-        let h = self.config.hidden_size;
         let mut selected = Vec::with_capacity(chunks.len());
         let mut row0 = 0;
         for ch in chunks {
