@@ -58,7 +58,12 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<u3
 fn run_all(engine: &EngineHandle, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Vec<u32>> {
     let rxs: Vec<_> = prompts
         .iter()
-        .map(|p| engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: p.clone(), params: params.clone() }).unwrap().1)
+        .map(|p| {
+            engine
+                .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: p.clone(), params: params.clone() })
+                .unwrap()
+                .1
+        })
         .collect();
     rxs.into_iter().map(|rx| collect(rx).0).collect()
 }
@@ -140,7 +145,9 @@ fn prompt_logprobs_match_a_full_forward() {
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 5)).unwrap();
     let prompt: Vec<u32> = (0..23).map(|i| 2 + (i * 11 % 300)).collect();
     let params = SamplingParams { prompt_logprobs: Some(2), ..greedy(1) };
-    let (_, events) = collect(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params }).unwrap().1);
+    let (_, events) = collect(
+        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params }).unwrap().1,
+    );
     let EngineEvent::Token(t) = &events[0] else { unreachable!() };
     let got = t.prompt.as_ref().unwrap().logprobs.as_ref().unwrap();
     assert_eq!(got.len(), prompt.len() - 1);
@@ -166,7 +173,10 @@ fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
     let first = free.iter().position(|&t| t == stop).unwrap();
     let params = SamplingParams { ignore_eos: false, stop_token_ids: vec![stop], ..greedy(10) };
     let (toks, ev) = collect(
-        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() }).unwrap().1,
+        engine
+            .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() })
+            .unwrap()
+            .1,
     );
     assert_eq!(toks, free[..=first].to_vec());
     let EngineEvent::Token(last) = ev.last().unwrap() else { unreachable!() };
@@ -181,14 +191,16 @@ fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
 fn a_dropped_receiver_frees_its_blocks() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
-    let (_, mut rx) =
-        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompts(5)[4].clone(), params: greedy(60) }).unwrap();
+    let (_, mut rx) = engine
+        .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompts(5)[4].clone(), params: greedy(60) })
+        .unwrap();
     assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Token(_))));
     drop(rx);
     // The engine sweeps closed requests before every step. A second, short request is the sync
     // point: once it has finished, the dropped one must be gone too.
-    let (toks, _) =
-        collect(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![2, 3], params: greedy(2) }).unwrap().1);
+    let (toks, _) = collect(
+        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![2, 3], params: greedy(2) }).unwrap().1,
+    );
     assert_eq!(toks.len(), 2);
     assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
     assert_eq!(engine.stats().kv_usage(), 0.0);
@@ -203,7 +215,9 @@ fn requests_beyond_the_limits_are_refused() {
         engine.submit(long),
         Err(switchyard_worker::engine::EngineError::ContextTooLong { max: 128, requested: 140, prompt: 100 })
     ));
-    assert!(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![600], params: greedy(1) }).is_err());
+    assert!(
+        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![600], params: greedy(1) }).is_err()
+    );
     assert!(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![], params: greedy(1) }).is_err());
     assert!(Engine::start(m.clone(), config(&m, 8, 4, 8, 64)).is_err(), "8 blocks of 4 cannot hold 128 positions");
 }
@@ -219,11 +233,20 @@ fn a_resumed_request_continues_exactly_where_it_left_off() {
     let sampled = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(11), presence_penalty: 0.5, ..greedy(16) };
     for params in [greedy(16), sampled] {
         let (full, _) = collect(
-            engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() }).unwrap().1,
+            engine
+                .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() })
+                .unwrap()
+                .1,
         );
         assert_eq!(full.len(), 16);
         for cut in [1, 7, 15] {
-            let req = EngineRequest { images: vec![], constraint: None, resume: full[..cut].to_vec(), prompt: prompt.clone(), params: params.clone() };
+            let req = EngineRequest {
+                images: vec![],
+                constraint: None,
+                resume: full[..cut].to_vec(),
+                prompt: prompt.clone(),
+                params: params.clone(),
+            };
             let (rest, _) = collect(engine.submit(req).unwrap().1);
             assert_eq!(rest, full[cut..].to_vec(), "resumed after {cut} tokens (temperature {})", params.temperature);
         }

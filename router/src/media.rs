@@ -188,7 +188,11 @@ fn fetch_http(policy: &MediaPolicy, mut url: url::Url, param: &str) -> Result<Ve
         let mut body = Vec::new();
         let read = resp.into_reader().take(policy.max_bytes as u64 + 1).read_to_end(&mut body);
         if let Err(e) = read {
-            let msg = if Instant::now() >= deadline { "fetching the image took too long".to_string() } else { format!("reading the image failed: {e}") };
+            let msg = if Instant::now() >= deadline {
+                "fetching the image took too long".to_string()
+            } else {
+                format!("reading the image failed: {e}")
+            };
             return Err(refuse(param, msg));
         }
         if body.len() > policy.max_bytes {
@@ -200,7 +204,8 @@ fn fetch_http(policy: &MediaPolicy, mut url: url::Url, param: &str) -> Result<Ve
 }
 
 /// Decodes an image (PNG, JPEG, WebP, GIF's first frame) to RGB, refusing it from its header alone when
-/// it is larger than `max_pixels`. Alpha is dropped, as PIL's `convert("RGB")` drops it.
+/// it is larger than `max_pixels`. An image with transparency is composited over white, as
+/// transformers' `convert_to_rgb` does it (Pillow's integer `alpha_composite`).
 pub fn decode(bytes: &[u8], max_pixels: u64, param: &str) -> Result<RgbImage, ApiError> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
@@ -215,14 +220,41 @@ pub fn decode(bytes: &[u8], max_pixels: u64, param: &str) -> Result<RgbImage, Ap
     if w as u64 * h as u64 > max_pixels {
         return Err(refuse(param, format!("the image is {w}x{h}; at most {max_pixels} pixels are accepted")));
     }
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| refuse(param, e.to_string()))?;
+    let mut reader =
+        image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| refuse(param, e.to_string()))?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(w);
     limits.max_image_height = Some(h);
     limits.max_alloc = Some(max_pixels * 16 + (64 << 20));
     reader.limits(limits);
     let img = reader.decode().map_err(|e| refuse(param, format!("could not decode the image: {e}")))?;
-    Ok(img.to_rgb8())
+    if !img.color().has_alpha() {
+        return Ok(img.to_rgb8());
+    }
+    let rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        o.0 = over_white(p.0);
+    }
+    Ok(out)
+}
+
+/// Pillow's `alpha_composite` of one pixel over opaque white (AlphaComposite.c, 7 bits of precision).
+fn over_white([r, g, b, a]: [u8; 4]) -> [u8; 3] {
+    if a == 0 {
+        return [255; 3];
+    }
+    const P: u32 = 7;
+    let a = a as u32;
+    let outa255 = a * 255 + 255 * (255 - a);
+    let coef1 = a * 255 * 255 * (1 << P) / outa255;
+    let coef2 = 255 * (1 << P) - coef1;
+    let mix = |c: u8| {
+        let t = c as u32 * coef1 + 255 * coef2 + (0x80 << P);
+        ((((t >> 8) + t) >> 8) >> P) as u8
+    };
+    [mix(r), mix(g), mix(b)]
 }
 
 #[cfg(test)]
@@ -232,9 +264,25 @@ mod tests {
     #[test]
     fn private_and_embedded_private_addresses_are_refused() {
         for bad in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "255.255.255.255",
-            "224.0.0.1", "::1", "::", "fe80::1", "fc00::1", "fd12::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1",
-            "64:ff9b::a9fe:a9fe", "2002:7f00:1::",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fc00::1",
+            "fd12::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
         ] {
             assert!(!is_public(bad.parse().unwrap()), "{bad} passed");
         }
@@ -246,7 +294,14 @@ mod tests {
     #[test]
     fn every_spelling_of_an_address_is_normalised_before_the_check() {
         let p = MediaPolicy::default();
-        for url in ["http://2130706433/x.png", "http://0x7f000001/", "http://0177.0.0.1/", "http://127.1/", "http://[::ffff:7f00:1]/", "http://169.254.169.254/latest"] {
+        for url in [
+            "http://2130706433/x.png",
+            "http://0x7f000001/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://[::ffff:7f00:1]/",
+            "http://169.254.169.254/latest",
+        ] {
             let u = url::Url::parse(url).unwrap();
             let err = checked_addresses(&p, &u, "image_url").unwrap_err();
             assert!(err.message.contains("not a public address"), "{url}: {}", err.message);

@@ -289,7 +289,10 @@ pub fn check_images(prompt: &[u32], images: &[ImageInput], image_token: Option<u
     for (i, im) in images.iter().enumerate() {
         let n = im.patches.soft_tokens();
         if im.patches.pixels.len() != im.patches.len() * 3 * crate::vision::preprocess::PATCH * crate::vision::preprocess::PATCH {
-            return Err(EngineError::BadImage(format!("image {i}: pixel data does not match its {}x{} patch grid", im.patches.rows, im.patches.cols)));
+            return Err(EngineError::BadImage(format!(
+                "image {i}: pixel data does not match its {}x{} patch grid",
+                im.patches.rows, im.patches.cols
+            )));
         }
         if n == 0 || im.start < at || im.start + n > prompt.len() {
             return Err(EngineError::BadImage(format!("image {i} does not fit the prompt at {}", im.start)));

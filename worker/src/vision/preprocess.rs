@@ -1,6 +1,7 @@
 //! Gemma 4's image preprocessing, as transformers' `Gemma4ImageProcessor` (torchvision backend) does it:
 //! an aspect-preserving resize to the largest grid of 48-pixel cells (3x3 pooled 16-pixel patches) that
-//! the soft-token budget allows (bicubic, antialiased, on 8-bit pixels rounded back to 8 bits), then
+//! the soft-token budget allows (ATen's 8-bit antialiased bicubic: int16 weights, exact integer
+//! passes; not PIL's, not a float resize), then
 //! 16x16 patches in row-major order, each flattened as (dy, dx, channel), with (column, row) positions.
 //!
 //! Pixels stay 8-bit: the model's input is `pixel / 255`, which the vision tower computes itself, so a
@@ -67,9 +68,9 @@ pub fn target_size(height: usize, width: usize, max_soft_tokens: usize) -> Resul
     Ok((th, tw))
 }
 
-/// The bicubic (a = -0.5) filter of PyTorch's antialiased interpolation.
-fn cubic(x: f32) -> f32 {
-    let a = -0.5f32;
+/// Keys' cubic with a = -0.5, as ATen's antialiased filter computes it (f64).
+fn cubic(x: f64) -> f64 {
+    let a = -0.5;
     let x = x.abs();
     if x < 1.0 {
         ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
@@ -80,69 +81,80 @@ fn cubic(x: f32) -> f32 {
     }
 }
 
-/// Per output index: the first input index and the normalised weights (PyTorch's
-/// `_compute_indices_min_size_weights_aa`, in f32 as it computes them for f32 images).
-fn aa_weights(input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
-    let scale = input as f32 / output as f32;
-    let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
-    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
-    (0..output)
-        .map(|i| {
-            let center = scale * (i as f32 + 0.5);
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
-            let mut w: Vec<f32> = (xmin..xmax).map(|j| cubic((j as f32 - center + 0.5) * invscale)).collect();
-            let total: f32 = w.iter().fold(0.0, |t, &x| t + x);
-            if total != 0.0 {
-                w.iter_mut().for_each(|x| *x /= total);
-            }
-            (xmin, w)
-        })
-        .collect()
+/// One axis of ATen's uint8 antialiased bicubic resize: per output index the first input index and
+/// int16 weights, with the axis' fixed-point precision (`_compute_index_ranges_int16_weights`).
+struct AxisWeights {
+    taps: Vec<(usize, Vec<i32>)>,
+    precision: u32,
 }
 
-/// Resizes an RGB image (`h x w x 3` bytes) as `torchvision.transforms.v2.functional.resize(uint8,
-/// bicubic, antialias=True)` does: to f32, a horizontal pass, then a vertical one, rounded (half to
-/// even) and clamped back to bytes. Returns planar channels.
-fn resize_planar(rgb: &[u8], h: usize, w: usize, th: usize, tw: usize) -> [Vec<u8>; 3] {
-    let wx = aa_weights(w, tw);
-    let wy = aa_weights(h, th);
-    std::array::from_fn(|c| {
-        let plane: Vec<f32> = (0..h * w).map(|i| rgb[i * 3 + c] as f32).collect();
-        // Horizontal pass (skipped when the width is unchanged, as PyTorch skips it).
-        let horiz: Vec<f32> = if tw == w {
-            plane
-        } else {
-            let mut out = vec![0f32; h * tw];
-            for y in 0..h {
-                let row = &plane[y * w..(y + 1) * w];
-                for (x, (x0, ws)) in wx.iter().enumerate() {
-                    let mut t = row[*x0] * ws[0];
-                    for (j, &k) in ws.iter().enumerate().skip(1) {
-                        t += row[x0 + j] * k;
-                    }
-                    out[y * tw + x] = t;
-                }
+fn axis_weights(input: usize, output: usize) -> AxisWeights {
+    let scale = input as f64 / output as f64;
+    let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
+    let kmax = support.ceil() as usize * 2 + 1;
+    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    let mut wt_max = 0f64;
+    let float: Vec<(usize, Vec<f64>)> = (0..output)
+        .map(|i| {
+            let center = scale * (i as f64 + 0.5);
+            let lo = ((center - support + 0.5) as i64).max(0);
+            let n = (((center + support + 0.5) as i64).min(input as i64) - lo).clamp(0, kmax as i64) as usize;
+            let mut w: Vec<f64> = (0..n).map(|j| cubic((j as f64 + lo as f64 - center + 0.5) * invscale)).collect();
+            let total = w.iter().fold(0f64, |t, &x| t + x);
+            if total != 0.0 {
+                w.iter_mut().for_each(|x| *x /= total);
+                wt_max = w.iter().fold(wt_max, |m, &x| m.max(x));
             }
-            out
-        };
-        let vert: Vec<f32> = if th == h {
-            horiz
-        } else {
-            let mut out = vec![0f32; th * tw];
-            for (y, (y0, ws)) in wy.iter().enumerate() {
-                for x in 0..tw {
-                    let mut t = horiz[y0 * tw + x] * ws[0];
-                    for (j, &k) in ws.iter().enumerate().skip(1) {
-                        t += horiz[(y0 + j) * tw + x] * k;
-                    }
-                    out[y * tw + x] = t;
+            (lo as usize, w)
+        })
+        .collect();
+    let mut precision = 0u32;
+    while precision < 22 && ((0.5 + wt_max * (1u64 << (precision + 1)) as f64) as i64) < (1 << 15) {
+        precision += 1;
+    }
+    let unit = (1u64 << precision) as f64;
+    let taps = float
+        .into_iter()
+        .map(|(lo, w)| {
+            let q = w.iter().map(|&x| {
+                let v = x * unit;
+                (if v < 0.0 { (v - 0.5).trunc() } else { (v + 0.5).trunc() }) as i32
+            });
+            (lo, q.collect())
+        })
+        .collect();
+    AxisWeights { taps, precision }
+}
+
+/// One pass over an interleaved RGB image (`rows x cols x 3`), along columns (`horizontal`) or rows:
+/// `clamp((2^(p-1) + sum in * w) >> p, 0, 255)`, in exact integers as ATen computes it.
+fn resample(img: &[u8], rows: usize, cols: usize, out_len: usize, horizontal: bool) -> Vec<u8> {
+    let input = if horizontal { cols } else { rows };
+    let AxisWeights { taps, precision } = axis_weights(input, out_len);
+    let round = 1i64 << (precision - 1);
+    let (orows, ocols) = if horizontal { (rows, out_len) } else { (out_len, cols) };
+    let mut out = vec![0u8; orows * ocols * 3];
+    for r in 0..orows {
+        for c in 0..ocols {
+            let (lo, w) = &taps[if horizontal { c } else { r }];
+            for ch in 0..3 {
+                let mut acc = round;
+                for (j, &k) in w.iter().enumerate() {
+                    let (sr, sc) = if horizontal { (r, lo + j) } else { (lo + j, c) };
+                    acc += img[(sr * cols + sc) * 3 + ch] as i64 * k as i64;
                 }
+                out[(r * ocols + c) * 3 + ch] = (acc >> precision).clamp(0, 255) as u8;
             }
-            out
-        };
-        vert.into_iter().map(|v| v.round_ties_even().clamp(0.0, 255.0) as u8).collect()
-    })
+        }
+    }
+    out
+}
+
+/// `torchvision.transforms.v2.functional.resize(uint8, bicubic, antialias=True)` on CPU: a horizontal
+/// pass into 8 bits, then a vertical one (each skipped when that side keeps its size).
+pub fn resize(rgb: &[u8], h: usize, w: usize, th: usize, tw: usize) -> Vec<u8> {
+    let horiz = if tw != w { resample(rgb, h, w, tw, true) } else { rgb.to_vec() };
+    if th != h { resample(&horiz, h, tw, th, false) } else { horiz }
 }
 
 /// Resizes and patchifies an RGB image (`height x width x 3` bytes, row-major).
@@ -154,19 +166,15 @@ pub fn preprocess(rgb: &[u8], height: usize, width: usize, max_soft_tokens: usiz
         return Err(format!("expected a {height}x{width} RGB image"));
     }
     let (th, tw) = target_size(height, width, max_soft_tokens)?;
-    let planes = if (th, tw) == (height, width) {
-        std::array::from_fn(|c| (0..height * width).map(|i| rgb[i * 3 + c]).collect())
-    } else {
-        resize_planar(rgb, height, width, th, tw)
-    };
+    let img = resize(rgb, height, width, th, tw);
     let (rows, cols) = (th / PATCH, tw / PATCH);
     let mut pixels = Vec::with_capacity(th * tw * 3);
     for pr in 0..rows {
         for pc in 0..cols {
             for dy in 0..PATCH {
                 for dx in 0..PATCH {
-                    let at = (pr * PATCH + dy) * tw + pc * PATCH + dx;
-                    pixels.extend(planes.iter().map(|p| p[at]));
+                    let at = ((pr * PATCH + dy) * tw + pc * PATCH + dx) * 3;
+                    pixels.extend_from_slice(&img[at..at + 3]);
                 }
             }
         }

@@ -167,6 +167,13 @@ impl VisionTower {
     /// The soft-token embeddings of one image: `[soft_tokens, text_hidden]`, row-major over the pooled
     /// grid.
     pub fn encode(&self, img: &Patches) -> Result<Vec<f32>, String> {
+        Ok(self.stages(img)?.pop().unwrap_or_default())
+    }
+
+    /// Every stage's output, for checking against transformers: patch embeddings, encoder output,
+    /// pooled and scaled, standardised, projected.
+    pub fn stages(&self, img: &Patches) -> Result<Vec<Vec<f32>>, String> {
+        let mut stages = Vec::new();
         let c = &self.config;
         let (n, h, dt) = (img.len(), c.hidden_size, self.dt);
         if img.cols > c.position_embedding_size || img.rows > c.position_embedding_size {
@@ -183,6 +190,7 @@ impl VisionTower {
                 *v = dt.round(*v + dt.round(a + b));
             }
         }
+        stages.push(x.clone());
         // 2-D RoPE tables per patch: x angles for the first half of each head, y for the second.
         let half = self.rope.inv_freq.len();
         let cs: Vec<[Vec<f32>; 4]> = (0..n)
@@ -206,6 +214,7 @@ impl VisionTower {
             ops::rms_norm_chunks(&mut f, h, Some(&l.post_ff_norm), c.rms_norm_eps, dt);
             ops::add_assign(&mut x, &f, dt);
         }
+        stages.push(x.clone());
         // Pool 3x3 blocks in f32 (row-major over the pooled grid), scale by sqrt(hidden), standardise.
         let (pr, pc) = (img.rows / POOL, img.cols / POOL);
         let root = (h as f32).sqrt();
@@ -218,21 +227,25 @@ impl VisionTower {
                 *d += v / (POOL * POOL) as f32;
             }
         }
+        pooled.iter_mut().for_each(|v| *v *= root);
+        stages.push(pooled.clone());
         for row in pooled.chunks_exact_mut(h) {
             for (j, v) in row.iter_mut().enumerate() {
-                let mut s = *v * root;
+                let mut s = *v;
                 if c.standardize {
                     s = (s - self.std_bias[j]) * self.std_scale[j];
                 }
                 *v = dt.round(s);
             }
         }
+        stages.push(pooled.clone());
         // The multimodal embedder: RMSNorm without scale, then the projection to the text width.
         ops::rms_norm_chunks(&mut pooled, h, None, c.rms_norm_eps, dt);
         let soft = pr * pc;
         let mut out = vec![0f32; soft * self.text_hidden];
         linear(&pooled, soft, self.projection.weight(), &mut out, dt);
-        Ok(out)
+        stages.push(out);
+        Ok(stages)
     }
 
     fn attention(&self, l: &Layer, a: &[f32], n: usize, cs: &[[Vec<f32>; 4]], half: usize) -> Vec<f32> {
