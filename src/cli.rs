@@ -1,6 +1,8 @@
 //! Command-line interface: one clap-derived struct per subcommand, every flag also readable from an
 //! environment variable, flag names as in `vllm serve` where the meaning is the same.
 
+use std::sync::Arc;
+use switchyard_worker::vision::tower::{VisionConfig, VisionTower};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -100,14 +102,31 @@ pub fn run(cli: Cli) -> ExitCode {
 pub struct Loaded {
     pub dir: ModelDir,
     pub model: Gemma4Model,
+    /// The vision tower, when the checkpoint has one.
+    pub vision: Option<Arc<VisionTower>>,
 }
 
 pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
     let dir = ModelDir::resolve(&args.model)?;
     let config = ModelConfig::from_file(&dir.file("config.json"))?;
     let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("loading weights from {}", dir.path.display()))?;
+    let vision = vision_tower(&dir, &config, &ckpt)?;
     let model = Gemma4Model::load(config, &ckpt)?;
-    Ok(Loaded { dir, model })
+    Ok(Loaded { dir, model, vision })
+}
+
+/// `vision_config` of a checkpoint's config.json, if it has one.
+pub fn vision_config(dir: &ModelDir) -> Result<Option<VisionConfig>> {
+    let path = dir.file("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(VisionConfig::from_config_json(&json)?)
+}
+
+/// The checkpoint's vision tower (its weights are loaded only where the engine runs).
+pub fn vision_tower(dir: &ModelDir, config: &ModelConfig, ckpt: &Checkpoint) -> Result<Option<Arc<VisionTower>>> {
+    let Some(vc) = vision_config(dir)? else { return Ok(None) };
+    Ok(Some(Arc::new(VisionTower::load(ckpt, vc, config.hidden_size).context("loading the vision tower")?)))
 }
 
 /// EOS ids: `generation_config.json` if it names any, else config.json's.

@@ -282,7 +282,10 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             } else {
                 Gemma4Model::load(c.clone(), &ckpt)?
             };
-            let engine = Engine::start(Arc::new(model), ecfg).context("starting the engine")?;
+            let mut engine = Engine::start(Arc::new(model), ecfg).context("starting the engine")?;
+            if let Some(v) = crate::cli::vision_tower(&dir, &c, &ckpt)? {
+                engine = engine.with_vision(v);
+            }
             let grammar = crate::cli::grammar_env(&dir, &c)?;
             Some(AttentionParts { engine, dispatch, grammar })
         } else {

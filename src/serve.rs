@@ -67,6 +67,21 @@ pub struct FrontArgs {
     /// Lets the model decide when to call tools (`tool_choice: "auto"`); needs --tool-call-parser.
     #[arg(long, env = "SWITCHYARD_ENABLE_AUTO_TOOL_CHOICE")]
     pub enable_auto_tool_choice: bool,
+    /// Most images per prompt: `image=N` or vLLM's JSON form `{"image": N}`.
+    #[arg(long, default_value = "image=8", env = "SWITCHYARD_LIMIT_MM_PER_PROMPT")]
+    pub limit_mm_per_prompt: String,
+    /// Default image processing, as JSON: `{"max_soft_tokens": 70|140|280|560|1120}` (default: the model's).
+    #[arg(long, env = "SWITCHYARD_MM_PROCESSOR_KWARGS")]
+    pub mm_processor_kwargs: Option<String>,
+    /// Hosts image URLs may be fetched from; when given, the only ones, and they may be private addresses.
+    #[arg(long, value_delimiter = ',', env = "SWITCHYARD_ALLOWED_MEDIA_DOMAINS")]
+    pub allowed_media_domains: Vec<String>,
+    /// Largest image accepted (fetched body or data: URL), in bytes.
+    #[arg(long, default_value_t = 20 << 20, env = "SWITCHYARD_MEDIA_MAX_BYTES")]
+    pub media_max_bytes: usize,
+    /// Seconds an image fetch may take, redirects included.
+    #[arg(long, default_value_t = 10, env = "SWITCHYARD_MEDIA_FETCH_TIMEOUT")]
+    pub media_fetch_timeout: u64,
 }
 
 /// Output formats the parsers know (vLLM's parser names).
@@ -125,7 +140,10 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
     let name = args.front.served_model_name.first().cloned().unwrap_or_else(|| args.model.model.clone());
     let engine_config = engine_config(&args.engine, max_model_len, c, name, stop_ids(&loaded)?)?;
     let model = Arc::new(loaded.model);
-    let engine = Engine::start(model.clone(), engine_config).context("starting the engine")?;
+    let mut engine = Engine::start(model.clone(), engine_config).context("starting the engine")?;
+    if let Some(v) = loaded.vision.clone() {
+        engine = engine.with_vision(v);
+    }
     let max_pending = args.front.max_pending_requests.unwrap_or(4 * args.engine.max_num_seqs);
     front_state(&args.front, &args.model.model, &loaded.dir, &model.config, max_model_len, Arc::new(engine), max_pending, metrics)
 }
@@ -205,6 +223,7 @@ pub fn front_state(
         bos_token_id: c.bos_token_id,
         max_body_bytes: 32 << 20,
         parsers: parsers(args)?,
+        vision: vision_front(args, dir, c)?,
     };
     Ok(Arc::new(AppState {
         config,
@@ -218,6 +237,55 @@ pub fn front_state(
         shutting_down: AtomicBool::new(false),
         created: switchyard_router::server::now_secs(),
     }))
+}
+
+fn vision_front(args: &FrontArgs, dir: &ModelDir, c: &ModelConfig) -> Result<Option<switchyard_router::server::VisionFront>> {
+    let Some(vc) = crate::cli::vision_config(dir)? else { return Ok(None) };
+    let (Some(image_token), Some(boi_token), Some(eoi_token)) = (c.image_token_id, c.boi_token_id, c.eoi_token_id) else {
+        bail!("config.json has a vision_config but not image_token_id, boi_token_id and eoi_token_id");
+    };
+    let max_images = parse_image_limit(&args.limit_mm_per_prompt)?;
+    let default_budget = match &args.mm_processor_kwargs {
+        None => vc.default_soft_tokens,
+        Some(j) => {
+            let v: serde_json::Value = serde_json::from_str(j).context("--mm-processor-kwargs is not JSON")?;
+            match v.get("max_soft_tokens").or_else(|| v.pointer("/images_kwargs/max_soft_tokens")) {
+                Some(n) => n.as_u64().context("--mm-processor-kwargs: max_soft_tokens must be a number")? as usize,
+                None => vc.default_soft_tokens,
+            }
+        }
+    };
+    if !switchyard_worker::vision::preprocess::SOFT_TOKEN_BUDGETS.contains(&default_budget) {
+        bail!("max_soft_tokens must be one of 70, 140, 280, 560, 1120 (got {default_budget})");
+    }
+    let media = switchyard_router::media::MediaPolicy {
+        allowed_domains: args.allowed_media_domains.iter().filter(|d| !d.is_empty()).cloned().collect(),
+        max_bytes: args.media_max_bytes,
+        timeout: std::time::Duration::from_secs(args.media_fetch_timeout),
+        ..Default::default()
+    };
+    Ok(Some(switchyard_router::server::VisionFront {
+        image_token,
+        boi_token,
+        eoi_token,
+        default_budget,
+        max_grid_side: vc.position_embedding_size,
+        max_images,
+        media,
+    }))
+}
+
+/// `image=N` or `{"image": N}`.
+fn parse_image_limit(s: &str) -> Result<usize> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(s) {
+        return v.get("image").and_then(serde_json::Value::as_u64).map(|n| n as usize).context("--limit-mm-per-prompt: no image count");
+    }
+    for part in s.split(',') {
+        if let Some(n) = part.trim().strip_prefix("image=") {
+            return n.parse().context("--limit-mm-per-prompt: image=N");
+        }
+    }
+    bail!("--limit-mm-per-prompt: expected image=N or {{\"image\": N}}")
 }
 
 fn parsers(args: &FrontArgs) -> Result<switchyard_router::server::Parsers> {

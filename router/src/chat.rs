@@ -8,7 +8,12 @@ use serde_json::{Map, Value, json};
 
 use crate::choice::{TokenOut, Update};
 use crate::error::ApiError;
+use std::sync::Arc;
+
 use crate::gemma4::{self, OutputParser, ParseOptions};
+use crate::media;
+use switchyard_worker::engine::ImageInput;
+use switchyard_worker::vision::preprocess;
 use crate::params::{self, Limits};
 use crate::protocol::ChatRequest;
 use crate::response::{self, ChoiceResult, ChunkHead, usage};
@@ -22,6 +27,10 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    let (prompt, images) = match attach_images(&state, &req, prompt).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     let reading = match output_reading(&state, &req, &prompt) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -30,6 +39,9 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
         Ok(j) => j,
         Err(e) => return e.into_response(),
     };
+    for j in &mut jobs {
+        j.images = images.clone();
+    }
     if let Err(e) = crate::structured::attach(&state, &mut jobs).await {
         return e.into_response();
     }
@@ -266,11 +278,9 @@ fn normalize_message(i: usize, m: &Value) -> Result<Value, ApiError> {
             for (j, p) in parts.iter().enumerate() {
                 match p.get("type").and_then(Value::as_str) {
                     Some("text") if p.get("text").is_some_and(Value::is_string) => {}
-                    Some("image_url" | "image" | "input_image") => {
-                        return Err(ApiError::invalid(
-                            format!("messages[{i}].content[{j}]"),
-                            "image input is not supported by this server yet",
-                        ));
+                    Some("image_url") if image_url(p).is_some() => {}
+                    Some("image_url") => {
+                        return Err(ApiError::invalid(format!("messages[{i}].content[{j}].image_url"), "`image_url.url` is required"));
                     }
                     _ => return Err(ApiError::invalid(format!("messages[{i}].content[{j}]"), "unsupported content part")),
                 }
@@ -290,6 +300,93 @@ fn normalize_message(i: usize, m: &Value) -> Result<Value, ApiError> {
         }
     }
     Ok(Value::Object(out))
+}
+
+/// The URL of an `image_url` content part (`{"image_url": {"url": ...}}`, or the bare string form).
+fn image_url(part: &Value) -> Option<&str> {
+    match part.get("image_url") {
+        Some(Value::String(s)) => Some(s),
+        Some(v) => v.get("url").and_then(Value::as_str),
+        None => None,
+    }
+}
+
+/// Every image of a conversation in the order the template writes its `<|image|>`, with the field
+/// that names it.
+fn image_parts(messages: &[Value]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(Value::Array(parts)) = m.get("content") {
+            for (j, p) in parts.iter().enumerate() {
+                if p.get("type").and_then(Value::as_str) == Some("image_url")
+                    && let Some(u) = image_url(p)
+                {
+                    out.push((format!("messages[{i}].content[{j}].image_url"), u.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Fetches, decodes and preprocesses the conversation's images, and expands each `<|image|>` the
+/// template wrote into `<|image>`, one placeholder per soft token, `<image|>` (as transformers'
+/// processor does). Returns the new prompt and the images at their positions.
+async fn attach_images(state: &AppState, req: &ChatRequest, prompt: Vec<u32>) -> Result<(Vec<u32>, Vec<ImageInput>), ApiError> {
+    let parts = image_parts(&req.messages);
+    if parts.is_empty() {
+        return Ok((prompt, Vec::new()));
+    }
+    let v = state.config.vision.as_ref().ok_or_else(|| ApiError::invalid(parts[0].0.clone(), "this model does not take images"))?;
+    if parts.len() > v.max_images {
+        return Err(ApiError::invalid("messages", format!("{} images in one prompt; at most {} (--limit-mm-per-prompt)", parts.len(), v.max_images)));
+    }
+    let kw = req.mm_processor_kwargs.as_ref();
+    let budget = match kw.and_then(|k| k.get("max_soft_tokens").or_else(|| k.pointer("/images_kwargs/max_soft_tokens"))) {
+        None => v.default_budget,
+        Some(n) => match n.as_u64().map(|n| n as usize) {
+            Some(n) if preprocess::SOFT_TOKEN_BUDGETS.contains(&n) => n,
+            _ => return Err(ApiError::invalid("mm_processor_kwargs.max_soft_tokens", "Unsupported max_soft_tokens value: use 70, 140, 280, 560 or 1120")),
+        },
+    };
+    let mut patches = Vec::with_capacity(parts.len());
+    for (param, url) in &parts {
+        let bytes = media::fetch(&v.media, url, param).await?;
+        let (max_pixels, param, side) = (v.media.max_pixels, param.clone(), v.max_grid_side);
+        let p = tokio::task::spawn_blocking(move || {
+            let rgb = media::decode(&bytes, max_pixels, &param)?;
+            let (w, h) = rgb.dimensions();
+            let p = preprocess::preprocess(rgb.as_raw(), h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param.clone(), e))?;
+            if p.rows > side || p.cols > side {
+                return Err(ApiError::invalid(param, format!("a {w}x{h} image needs a {}x{} patch grid at {budget} soft tokens; the model allows {side} per side", p.rows, p.cols)));
+            }
+            Ok(p)
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        patches.push(p);
+    }
+    let found = prompt.iter().filter(|&&t| t == v.image_token).count();
+    if found != patches.len() {
+        return Err(ApiError::invalid("messages", format!("the chat template wrote {found} image placeholders for {} images", patches.len())));
+    }
+    let soft: usize = patches.iter().map(|p| p.soft_tokens() + 2).sum();
+    let mut out = Vec::with_capacity(prompt.len() + soft);
+    let mut images = Vec::with_capacity(patches.len());
+    let mut next = patches.into_iter();
+    for t in prompt {
+        if t != v.image_token {
+            out.push(t);
+            continue;
+        }
+        let p = next.next().expect("counted above");
+        out.push(v.boi_token);
+        let start = out.len();
+        out.extend(std::iter::repeat_n(v.image_token, p.soft_tokens()));
+        out.push(v.eoi_token);
+        images.push(ImageInput { start, patches: Arc::new(p) });
+    }
+    Ok((out, images))
 }
 
 /// Renders the conversation with the checkpoint's template and tokenizes it.

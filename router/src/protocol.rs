@@ -109,6 +109,8 @@ pub struct ChatRequest {
     #[serde(default)]
     pub add_special_tokens: bool,
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// vLLM's per-request image processing: `{"max_soft_tokens": N}` (or under `images_kwargs`).
+    pub mm_processor_kwargs: Option<Value>,
     /// Parsed separately (see [`parse_request`]) so errors name the field.
     #[serde(skip)]
     pub common: CommonParams,

@@ -44,6 +44,24 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Which output parsers run (`--reasoning-parser`, `--tool-call-parser`, `--enable-auto-tool-choice`).
     pub parsers: Parsers,
+    /// Image input, when the model has a vision tower.
+    pub vision: Option<VisionFront>,
+}
+
+/// What the front end needs for image input.
+#[derive(Clone, Debug)]
+pub struct VisionFront {
+    /// `<|image|>` (each soft token's placeholder), `<|image>` and `<image|>` (around an image's span).
+    pub image_token: u32,
+    pub boi_token: u32,
+    pub eoi_token: u32,
+    /// `max_soft_tokens` when the request does not say (`--mm-processor-kwargs`, else the model's).
+    pub default_budget: usize,
+    /// The patch grid's largest side the vision tower's position table allows.
+    pub max_grid_side: usize,
+    /// `--limit-mm-per-prompt`.
+    pub max_images: usize,
+    pub media: crate::media::MediaPolicy,
 }
 
 /// The output parsers a server runs, as vLLM's flags choose them.
