@@ -1,9 +1,9 @@
 //! Command-line interface: one clap-derived struct per subcommand, every flag also readable from an
 //! environment variable, flag names as in `vllm serve` where the meaning is the same.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use switchyard_worker::vision::tower::{VisionConfig, VisionTower};
-use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};

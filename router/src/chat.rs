@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use crate::gemma4::{self, OutputParser, ParseOptions};
 use crate::media;
-use switchyard_worker::engine::ImageInput;
-use switchyard_worker::vision::preprocess;
 use crate::params::{self, Limits};
 use crate::protocol::ChatRequest;
 use crate::response::{self, ChoiceResult, ChunkHead, usage};
 use crate::server::{AppState, ChoiceJob, SharedState, now_secs, parse_generation, request_id, submit_all};
+use switchyard_worker::engine::ImageInput;
 use switchyard_worker::engine::grammar::GrammarRequest;
+use switchyard_worker::vision::preprocess;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -339,14 +339,22 @@ async fn attach_images(state: &AppState, req: &ChatRequest, prompt: Vec<u32>) ->
     }
     let v = state.config.vision.as_ref().ok_or_else(|| ApiError::invalid(parts[0].0.clone(), "this model does not take images"))?;
     if parts.len() > v.max_images {
-        return Err(ApiError::invalid("messages", format!("{} images in one prompt; at most {} (--limit-mm-per-prompt)", parts.len(), v.max_images)));
+        return Err(ApiError::invalid(
+            "messages",
+            format!("{} images in one prompt; at most {} (--limit-mm-per-prompt)", parts.len(), v.max_images),
+        ));
     }
     let kw = req.mm_processor_kwargs.as_ref();
     let budget = match kw.and_then(|k| k.get("max_soft_tokens").or_else(|| k.pointer("/images_kwargs/max_soft_tokens"))) {
         None => v.default_budget,
         Some(n) => match n.as_u64().map(|n| n as usize) {
             Some(n) if preprocess::SOFT_TOKEN_BUDGETS.contains(&n) => n,
-            _ => return Err(ApiError::invalid("mm_processor_kwargs.max_soft_tokens", "Unsupported max_soft_tokens value: use 70, 140, 280, 560 or 1120")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "mm_processor_kwargs.max_soft_tokens",
+                    "Unsupported max_soft_tokens value: use 70, 140, 280, 560 or 1120",
+                ));
+            }
         },
     };
     let mut patches = Vec::with_capacity(parts.len());
@@ -356,9 +364,16 @@ async fn attach_images(state: &AppState, req: &ChatRequest, prompt: Vec<u32>) ->
         let p = tokio::task::spawn_blocking(move || {
             let rgb = media::decode(&bytes, max_pixels, &param)?;
             let (w, h) = rgb.dimensions();
-            let p = preprocess::preprocess(rgb.as_raw(), h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param.clone(), e))?;
+            let p =
+                preprocess::preprocess(rgb.as_raw(), h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param.clone(), e))?;
             if p.rows > side || p.cols > side {
-                return Err(ApiError::invalid(param, format!("a {w}x{h} image needs a {}x{} patch grid at {budget} soft tokens; the model allows {side} per side", p.rows, p.cols)));
+                return Err(ApiError::invalid(
+                    param,
+                    format!(
+                        "a {w}x{h} image needs a {}x{} patch grid at {budget} soft tokens; the model allows {side} per side",
+                        p.rows, p.cols
+                    ),
+                ));
             }
             Ok(p)
         })
@@ -368,7 +383,10 @@ async fn attach_images(state: &AppState, req: &ChatRequest, prompt: Vec<u32>) ->
     }
     let found = prompt.iter().filter(|&&t| t == v.image_token).count();
     if found != patches.len() {
-        return Err(ApiError::invalid("messages", format!("the chat template wrote {found} image placeholders for {} images", patches.len())));
+        return Err(ApiError::invalid(
+            "messages",
+            format!("the chat template wrote {found} image placeholders for {} images", patches.len()),
+        ));
     }
     let soft: usize = patches.iter().map(|p| p.soft_tokens() + 2).sum();
     let mut out = Vec::with_capacity(prompt.len() + soft);
