@@ -65,6 +65,7 @@ def test_bf16_rows_on_the_wire_equal_serve_and_a_router_needs_no_etcd(etcd, logd
     try:
         got = run_concurrently(Target(c), cases)
         structured = structured_outputs(c)
+        with_images = image_outputs(c)
         # A second router given the attention workers' addresses (`--workers`), no etcd at all.
         addrs = [a.wait_log(r"listening on (http://[\d.]+:\d+)").group(1) for a in c.attention]
         r2 = c.spawn("router-static", "router", "--host", "127.0.0.1", "--port", "0", "--served-model-name", c.model,
@@ -79,6 +80,22 @@ def test_bf16_rows_on_the_wire_equal_serve_and_a_router_needs_no_etcd(etcd, logd
     assert got == want
     assert static == want
     assert structured == structured_outputs(bf16), "structured output differs between the cluster and serve"
+    assert with_images == image_outputs(bf16), "image input differs between the cluster and serve"
+
+
+def image_outputs(target):
+    """Greedy chats with one and two images: the router preprocesses them, the attention worker runs
+    the vision tower, so the tokens must equal serve's."""
+    from test_vision import data_url
+    client = target.client()
+    out = []
+    for names, budget in [(["square"], 70), (["rgba", "anim"], 140)]:
+        parts = [{"type": "image_url", "image_url": {"url": data_url(n)}} for n in names] + [{"type": "text", "text": "What is this?"}]
+        r = client.chat.completions.create(model=target.model, messages=[{"role": "user", "content": parts}], max_tokens=12,
+                                           temperature=0, logprobs=True,
+                                           extra_body={"mm_processor_kwargs": {"max_soft_tokens": budget}, "ignore_eos": True})
+        out.append(([t.token for t in r.choices[0].logprobs.content], r.usage.prompt_tokens))
+    return out
 
 
 def structured_outputs(target):
