@@ -364,6 +364,15 @@ async fn attach_images(state: &AppState, req: &ChatRequest, prompt: Vec<u32>) ->
         let p = tokio::task::spawn_blocking(move || {
             let rgb = media::decode(&bytes, max_pixels, &param)?;
             let (w, h) = rgb.dimensions();
+            // The grid is known before resizing: refuse what the position table cannot hold first.
+            let (th, tw) = preprocess::target_size(h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param.clone(), e))?;
+            if th / preprocess::PATCH > side || tw / preprocess::PATCH > side {
+                let (gr, gc) = (th / preprocess::PATCH, tw / preprocess::PATCH);
+                return Err(ApiError::invalid(
+                    param,
+                    format!("a {w}x{h} image needs a {gr}x{gc} patch grid at {budget} soft tokens; the model allows {side} per side"),
+                ));
+            }
             let p =
                 preprocess::preprocess(rgb.as_raw(), h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param.clone(), e))?;
             if p.rows > side || p.cols > side {

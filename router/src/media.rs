@@ -203,6 +203,9 @@ fn fetch_http(policy: &MediaPolicy, mut url: url::Url, param: &str) -> Result<Ve
     Err(refuse(param, format!("more than {} redirects", policy.max_redirects)))
 }
 
+/// The longest side accepted (a 1 x 67M-pixel strip would otherwise pass the pixel cap).
+pub const MAX_SIDE: u32 = 16384;
+
 /// Decodes an image (PNG, JPEG, WebP, GIF's first frame) to RGB, refusing it from its header alone when
 /// it is larger than `max_pixels`. An image with transparency is composited over white, as
 /// transformers' `convert_to_rgb` does it (Pillow's integer `alpha_composite`).
@@ -217,7 +220,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64, param: &str) -> Result<RgbImage, Ap
     if w == 0 || h == 0 {
         return Err(refuse(param, "the image is empty"));
     }
-    if w as u64 * h as u64 > max_pixels {
+    if w.max(h) > MAX_SIDE || w as u64 * h as u64 > max_pixels {
         return Err(refuse(param, format!("the image is {w}x{h}; at most {max_pixels} pixels are accepted")));
     }
     let mut reader =

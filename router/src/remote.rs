@@ -57,7 +57,9 @@ impl Endpoint {
         Ok(Endpoint {
             id,
             addr,
-            client: AttentionServiceClient::new(channel),
+            client: AttentionServiceClient::new(channel)
+                .max_encoding_message_size(switchyard_worker::cluster::process::MAX_GENERATE_REQUEST)
+                .max_decoding_message_size(switchyard_worker::cluster::process::MAX_GENERATE_REQUEST),
             outstanding: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
             breaker: Mutex::new(Breaker { failures: 0, open_until: None }),

@@ -76,6 +76,10 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
+/// The largest `Generate` request: image patches travel in it (one image at 1120 soft tokens is
+/// 7.7 MB), so tonic's 4 MiB default would refuse ordinary image requests.
+pub const MAX_GENERATE_REQUEST: usize = 256 << 20;
+
 /// Registers, follows plans, reports load and serves gRPC until `shutdown` resolves.
 pub async fn run_worker(
     cfg: WorkerConfig,
@@ -121,6 +125,7 @@ pub async fn run_worker(
             parts.ready.subscribe(),
             a.grammar.clone(),
         ))
+        .max_decoding_message_size(MAX_GENERATE_REQUEST)
     }));
     eprintln!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
     // The server's own `tcp_nodelay` applies only to listeners it binds; ours is bound by the caller,

@@ -176,7 +176,9 @@ fn vision_thread(tower: Arc<VisionTower>, jobs: mpsc::Receiver<VisionJob>, engin
             let hash = im.hash();
             let rows = match cache.iter().find(|(h, _)| *h == hash) {
                 Some((_, r)) => r.clone(),
-                None => match tower.encode(&im.patches) {
+                None => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tower.encode(&im.patches)))
+                    .unwrap_or_else(|_| Err("the vision tower failed on this image".into()))
+                {
                     Ok(r) => {
                         let r = Arc::new(r);
                         if cache.len() == ENCODED_IMAGE_CACHE {
@@ -288,7 +290,12 @@ pub fn check_images(prompt: &[u32], images: &[ImageInput], image_token: Option<u
     let mut at = 0;
     for (i, im) in images.iter().enumerate() {
         let n = im.patches.soft_tokens();
-        if im.patches.pixels.len() != im.patches.len() * 3 * crate::vision::preprocess::PATCH * crate::vision::preprocess::PATCH {
+        let (r, c) = (im.patches.rows, im.patches.cols);
+        if r == 0 || c == 0 || r % 3 != 0 || c % 3 != 0 {
+            return Err(EngineError::BadImage(format!("image {i}: a {r}x{c} patch grid is not made of 3x3 blocks")));
+        }
+        let bytes = r.checked_mul(c).and_then(|x| x.checked_mul(3 * crate::vision::preprocess::PATCH * crate::vision::preprocess::PATCH));
+        if bytes != Some(im.patches.pixels.len()) {
             return Err(EngineError::BadImage(format!(
                 "image {i}: pixel data does not match its {}x{} patch grid",
                 im.patches.rows, im.patches.cols
