@@ -47,6 +47,17 @@ fn patches(name: &str, budget: usize) -> preprocess::Patches {
     preprocess::preprocess(&pixels, h as usize, w as usize, budget).unwrap()
 }
 
+/// A float32 tensor of processor.safetensors.
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+/// The largest elementwise difference, after checking the shapes agree.
+fn max_difference(ours: &[f32], want: &[f32], what: &str) -> f32 {
+    assert_eq!(ours.len(), want.len(), "{what}");
+    ours.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+}
+
 #[test]
 fn vision_tower_equals_transformers() {
     let l = load();
@@ -55,16 +66,7 @@ fn vision_tower_equals_transformers() {
     let mut worst = 0f32;
     for name in ["square", "rgba", "tall", "wide", "anim", "strip"] {
         let ours = l.tower.encode(&patches(name, 70)).unwrap();
-        let want: Vec<f32> = st
-            .tensor(&format!("{name}_70_embeds"))
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        assert_eq!(ours.len(), want.len(), "{name}");
-        let d = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        worst = worst.max(d);
+        worst = worst.max(max_difference(&ours, &f32s(&st, &format!("{name}_70_embeds")), name));
     }
     // f32 throughout; the sums run in a different order than PyTorch's.
     assert!(worst < 1e-4, "max |embedding difference| {worst}");
@@ -78,15 +80,7 @@ fn vision_tower_stages_equal_transformers() {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let stages = l.tower.stages(&patches("rgba", 70)).unwrap();
     for (stage, name) in stages.iter().zip(["patch_embeds", "encoder_out", "pooled", "vision_out", "embeds"]) {
-        let want: Vec<f32> = st
-            .tensor(&format!("rgba_70_{name}"))
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        assert_eq!(stage.len(), want.len(), "{name}");
-        let d = stage.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = max_difference(stage, &f32s(&st, &format!("rgba_70_{name}")), name);
         assert!(d < 1e-4, "rgba at 70, {name}: max |difference| {d}");
     }
 }
