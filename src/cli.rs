@@ -148,14 +148,14 @@ pub fn eos_ids(dir: &ModelDir, config: &ModelConfig) -> Result<Vec<u32>> {
 
 /// The structured-output compiler for a checkpoint: its `tokenizer.json` vocabulary, the model's
 /// vocabulary size, and the EOS ids that end a completed grammar. `None` without a tokenizer.json.
-pub fn grammar_env(dir: &ModelDir, config: &ModelConfig) -> Result<Option<switchyard_worker::engine::grammar::GrammarEnv>> {
+pub fn grammar_env(dir: &ModelDir, config: &ModelConfig) -> Result<Option<switchyard_grammar::GrammarEnv>> {
     let path = dir.file("tokenizer.json");
     if !path.exists() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let eos = eos_ids(dir, config)?;
-    let env = switchyard_worker::engine::grammar::GrammarEnv::from_tokenizer_json(&text, config.vocab_size, &eos)
+    let env = switchyard_grammar::GrammarEnv::from_tokenizer_json(&text, config.vocab_size, &eos)
         .map_err(|e| anyhow::anyhow!("building the structured-output vocabulary: {e}"))?;
     Ok(Some(env))
 }
@@ -165,7 +165,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let prompt: Vec<u32> = match &a.prompt {
         Some(text) => {
             let tok = loaded.dir.tokenizer()?;
-            switchyard_worker::model_dir::encode_text(&tok, text, true, loaded.model.config.bos_token_id)
+            switchyard_router::tokenize::encode_text(&tok, text, true, loaded.model.config.bos_token_id)
                 .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
         }
         None => a.prompt_ids.clone(),

@@ -9,7 +9,7 @@ use clap::Args;
 use switchyard_coordinator::coordinator::{CoordinatorConfig, run as run_coordinator};
 use switchyard_coordinator::{Discovery, EtcdDiscovery, ExpertShape, Layout, Role};
 use switchyard_kernels::DType;
-use switchyard_router::remote::{AttentionPool, Policy};
+use switchyard_router::attention_pool::{AttentionPool, Policy};
 use switchyard_worker::cluster::dispatch::{DispatchConfig, ExpertDispatch, SharedDispatch};
 use switchyard_worker::cluster::expert_server::ExpertServer;
 use switchyard_worker::cluster::expert_store::ExpertStore;
@@ -324,7 +324,7 @@ pub fn router(args: RouterArgs) -> Result<()> {
         }
         tokio::spawn(pool.clone().health_checks(Duration::from_millis(args.health_interval_ms.max(50))));
         let max_pending = args.front.max_pending_requests.unwrap_or(1024);
-        let state = front_state(&args.front, &args.model.model, &dir, &c, max_len, Arc::new(pool), max_pending, metrics)?;
+        let state = front_state(&args.front, &args.model.model, &dir, &c, max_len, pool, max_pending, metrics)?;
         serve_http(&args.front, state).await
     })
 }

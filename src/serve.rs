@@ -13,7 +13,7 @@ use switchyard_router::params::SamplingDefaults;
 use switchyard_router::server::{AppState, ServerConfig, app};
 use switchyard_worker::engine::{Engine, EngineConfig, paged_kv};
 
-use switchyard_router::backend::GenerationBackend;
+use switchyard_engine_api::GenerationBackend;
 use switchyard_worker::{ModelConfig, ModelDir};
 
 use crate::cli::{Loaded, ModelArgs, load_model, stop_ids};
@@ -255,7 +255,7 @@ fn vision_front(args: &FrontArgs, dir: &ModelDir, c: &ModelConfig) -> Result<Opt
             }
         }
     };
-    if !switchyard_worker::vision::preprocess::SOFT_TOKEN_BUDGETS.contains(&default_budget) {
+    if !switchyard_engine_api::image::SOFT_TOKEN_BUDGETS.contains(&default_budget) {
         bail!("max_soft_tokens must be one of 70, 140, 280, 560, 1120 (got {default_budget})");
     }
     let media = switchyard_router::media::MediaPolicy {

@@ -261,7 +261,8 @@ fn a_resumed_request_continues_exactly_where_it_left_off() {
 /// the grammar is an error that leaves nothing behind.
 #[test]
 fn grammar_constrained_requests_in_the_engine() {
-    use switchyard_worker::engine::grammar::{GrammarEnv, GrammarRequest, GrammarSpec};
+    use switchyard_engine_api::{ErrorClass, GrammarRequest, GrammarSpec, TokenConstraint};
+    use switchyard_grammar::GrammarEnv;
     let m = model();
     let text = std::fs::read_to_string(common::fixtures().join("tiny-bf16").join("tokenizer.json")).unwrap();
     let env = GrammarEnv::from_tokenizer_json(&text, m.config.vocab_size, &[1]).unwrap();
@@ -271,8 +272,9 @@ fn grammar_constrained_requests_in_the_engine() {
     let prompt = prompts(3)[2].clone();
     let params =
         SamplingParams { temperature: 1.0, seed: Some(4), max_tokens: 40, min_tokens: 30, grammar: Some(g.clone()), ..Default::default() };
-    let submit = |resume: Vec<u32>, params: SamplingParams, constraint| {
-        engine.submit(EngineRequest { images: vec![], constraint: Some(constraint), resume, prompt: prompt.clone(), params }).unwrap().1
+    let submit = |resume: Vec<u32>, params: SamplingParams, constraint: switchyard_grammar::Constraint| {
+        let constraint = Some(Box::new(constraint) as Box<dyn TokenConstraint>);
+        engine.submit(EngineRequest { images: vec![], constraint, resume, prompt: prompt.clone(), params }).unwrap().1
     };
     // Unconstrained neighbours, before and alongside.
     let alone = run_all(&engine, &prompts(4), &greedy(12));
@@ -295,6 +297,9 @@ fn grammar_constrained_requests_in_the_engine() {
     // A replay the grammar cannot accept is refused, and the engine is left clean.
     let bad = tok.encode("zzz", false).unwrap().get_ids().to_vec();
     let mut rx = submit(bad, params, env.compile(&g).unwrap());
-    assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Error(_))));
+    match rx.blocking_recv() {
+        Some(EngineEvent::Error(f)) => assert_eq!(f.class, ErrorClass::Grammar, "a grammar failure is the client's: {f:?}"),
+        other => panic!("a broken replay was not refused: {other:?}"),
+    }
     assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
 }

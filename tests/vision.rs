@@ -9,8 +9,8 @@ use std::sync::Arc;
 use safetensors::SafeTensors;
 use serde_json::Value;
 use switchyard_router::media;
+use switchyard_router::preprocess;
 use switchyard_worker::engine::{Engine, EngineConfig, EngineEvent, EngineRequest, ImageInput, SamplingParams, paged_kv};
-use switchyard_worker::vision::preprocess;
 use switchyard_worker::vision::tower::{VisionConfig, VisionTower};
 use switchyard_worker::{Checkpoint, Gemma4Model, ModelConfig};
 

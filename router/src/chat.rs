@@ -13,12 +13,12 @@ use std::sync::Arc;
 use crate::gemma4::{self, OutputParser, ParseOptions};
 use crate::media;
 use crate::params::{self, Limits};
+use crate::preprocess;
 use crate::protocol::ChatRequest;
 use crate::response::{self, ChoiceResult, ChunkHead, usage};
 use crate::server::{AppState, ChoiceJob, SharedState, now_secs, parse_generation, request_id, submit_all};
-use switchyard_worker::engine::ImageInput;
-use switchyard_worker::engine::grammar::GrammarRequest;
-use switchyard_worker::vision::preprocess;
+use switchyard_engine_api::GrammarRequest;
+use switchyard_engine_api::ImageInput;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 

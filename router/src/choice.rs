@@ -10,9 +10,9 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use switchyard_worker::engine::{EngineEvent, FinishReason, PromptInfo, TokenLogprob};
+use switchyard_engine_api::{EngineEvent, EngineFailure, ErrorClass, FinishReason, PromptInfo, TokenLogprob};
 
-use crate::backend::Submission;
+use switchyard_engine_api::Submission;
 
 use crate::detokenize::{IncrementalDetokenizer, StopStrings};
 
@@ -54,7 +54,7 @@ pub struct Finish {
 }
 
 /// A piece, or the engine's message for a choice that ended without finishing (logged, not shown).
-pub type Update = Result<Piece, String>;
+pub type Update = Result<Piece, EngineFailure>;
 
 /// Forwards a choice's engine events as [`Update`]s until it finishes or the reader goes away.
 pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokenizer>, out: UnboundedSender<Update>) {
@@ -66,8 +66,8 @@ pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokeni
     while let Some(ev) = events.recv().await {
         let t = match ev {
             EngineEvent::Token(t) => t,
-            EngineEvent::Error(message) => {
-                let _ = out.send(Err(message));
+            EngineEvent::Error(failure) => {
+                let _ = out.send(Err(failure));
                 return;
             }
         };
@@ -101,5 +101,5 @@ pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokeni
             return;
         }
     }
-    let _ = out.send(Err("the request was cancelled".into()));
+    let _ = out.send(Err(EngineFailure::new(ErrorClass::Internal, "the engine ended the request without a finish")));
 }

@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use switchyard_worker::engine::TokenLogprob;
-use switchyard_worker::engine::grammar::GrammarRequest;
+use switchyard_engine_api::GrammarRequest;
+use switchyard_engine_api::TokenLogprob;
 
 use crate::choice::{TokenOut, Update};
 use crate::error::ApiError;

@@ -5,12 +5,31 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use switchyard_engine_api::{EngineError, EngineFailure, ErrorClass};
+
+/// OpenAI's error `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiErrorKind {
+    InvalidRequest,
+    Authentication,
+    Server,
+}
+
+impl ApiErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiErrorKind::InvalidRequest => "invalid_request_error",
+            ApiErrorKind::Authentication => "authentication_error",
+            ApiErrorKind::Server => "server_error",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
-    pub kind: &'static str,
+    pub kind: ApiErrorKind,
     pub param: Option<String>,
     pub code: Option<&'static str>,
     /// Seconds for a `Retry-After` header (overload responses).
@@ -18,13 +37,13 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+    fn new(status: StatusCode, kind: ApiErrorKind, message: impl Into<String>) -> ApiError {
         ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
     }
 
     /// 400 `invalid_request_error`, naming the offending field.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
-        ApiError { param: Some(param.into()), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+        ApiError { param: Some(param.into()), ..Self::new(StatusCode::BAD_REQUEST, ApiErrorKind::InvalidRequest, message) }
     }
 
     pub fn context_length(message: impl Into<String>) -> ApiError {
@@ -35,23 +54,23 @@ impl ApiError {
         ApiError {
             param: Some("model".into()),
             code: Some("model_not_found"),
-            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model `{model}` does not exist."))
+            ..Self::new(StatusCode::NOT_FOUND, ApiErrorKind::InvalidRequest, format!("The model `{model}` does not exist."))
         }
     }
 
     pub fn unauthorized() -> ApiError {
         ApiError {
             code: Some("invalid_api_key"),
-            ..Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "Incorrect or missing API key.")
+            ..Self::new(StatusCode::UNAUTHORIZED, ApiErrorKind::Authentication, "Incorrect or missing API key.")
         }
     }
 
     pub fn not_found(path: &str) -> ApiError {
-        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("Unknown route: {path}"))
+        Self::new(StatusCode::NOT_FOUND, ApiErrorKind::InvalidRequest, format!("Unknown route: {path}"))
     }
 
     pub fn method_not_allowed() -> ApiError {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "Method not allowed for this route.")
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, ApiErrorKind::InvalidRequest, "Method not allowed for this route.")
     }
 
     /// 503 with `Retry-After`: the queue is full or the server is shutting down.
@@ -59,25 +78,31 @@ impl ApiError {
         ApiError {
             retry_after: Some(1),
             code: Some("server_overloaded"),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, ApiErrorKind::Server, message)
         }
     }
 
     /// 500; `detail` is logged, never sent.
     pub fn internal(detail: impl std::fmt::Display) -> ApiError {
         eprintln!("internal error: {detail}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "The server had an error while processing your request.")
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Server, "The server had an error while processing your request.")
     }
 
-    /// An engine's message for a request that ended without finishing: a structured-output grammar
-    /// that failed while decoding is the client's grammar's fault (400, with the reason); anything
-    /// else is ours (500, with details only in the log).
-    pub fn from_engine(message: String) -> ApiError {
-        if message.starts_with("structured output:") { Self::invalid("structured_outputs", message) } else { Self::internal(message) }
+    /// A request that ended without finishing, answered by the class its engine gave it: client
+    /// errors with their message, anything else a 500 with details only in the log.
+    pub fn from_failure(f: EngineFailure) -> ApiError {
+        match f.class {
+            ErrorClass::Grammar => Self::invalid("structured_outputs", f.message),
+            ErrorClass::Image => Self::invalid("messages", f.message),
+            ErrorClass::ContextLength => Self::context_length(f.message),
+            ErrorClass::InvalidRequest => Self::invalid("prompt", f.message),
+            ErrorClass::Overloaded => Self::overloaded(f.message),
+            ErrorClass::Internal => Self::internal(f.message),
+        }
     }
 
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        json!({"error": {"message": self.message, "type": self.kind.as_str(), "param": self.param, "code": self.code}})
     }
 }
 
@@ -91,16 +116,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<switchyard_worker::engine::EngineError> for ApiError {
-    fn from(e: switchyard_worker::engine::EngineError) -> ApiError {
-        use switchyard_worker::engine::EngineError as E;
-        match &e {
-            E::ContextTooLong { .. } => ApiError::context_length(e.to_string()),
-            E::EmptyPrompt => ApiError::invalid("prompt", e.to_string()),
-            E::TokenOutOfVocab { .. } => ApiError::invalid("prompt", e.to_string()),
-            E::Stopped => ApiError::overloaded("The server is shutting down."),
-            E::BadImage(_) => ApiError::invalid("messages", e.to_string()),
-            E::CacheTooSmall { .. } | E::BadBlockSize(_) | E::ResumePastEnd { .. } => ApiError::internal(e),
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        match e {
+            EngineError::Stopped => ApiError::overloaded("The server is shutting down."),
+            e => ApiError::from_failure(e.into()),
         }
     }
 }

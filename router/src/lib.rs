@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP front end: API, chat template, tokenizer, parsers and load balancing.
 
-pub mod backend;
+pub mod attention_pool;
 pub mod chat;
 pub mod chat_template;
 pub mod choice;
@@ -11,8 +11,8 @@ pub mod gemma4;
 pub mod media;
 pub mod metrics;
 pub mod params;
+pub mod preprocess;
 pub mod protocol;
-pub mod remote;
 pub mod response;
 pub mod server;
 pub mod special_text;

@@ -1,7 +1,7 @@
 //! Request fields → engine [`SamplingParams`], with range checks that name the field, and the
 //! checkpoint's `generation_config.json` supplying whatever the request leaves unset (as vLLM does).
 
-use switchyard_worker::engine::SamplingParams;
+use switchyard_engine_api::SamplingParams;
 
 use crate::error::ApiError;
 use crate::protocol::CommonParams;

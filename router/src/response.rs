@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use switchyard_worker::engine::PromptInfo;
+use switchyard_engine_api::PromptInfo;
 
 use crate::choice::{Finish, Piece, TokenOut, Update};
 use crate::error::ApiError;
@@ -30,7 +30,7 @@ pub async fn collect(mut rx: UnboundedReceiver<Update>, n: usize) -> Result<Vec<
     let mut done = 0;
     while done < n {
         let Some(u) = rx.recv().await else { return Err(ApiError::internal("choice tasks ended early")) };
-        let p = u.map_err(ApiError::from_engine)?;
+        let p = u.map_err(ApiError::from_failure)?;
         let c = &mut out[p.index];
         c.text.push_str(&p.text);
         c.tokens.extend(p.tokens);
@@ -94,8 +94,8 @@ pub fn stream(
             let Some(u) = rx.recv().await else { return };
             let piece = match u {
                 Ok(p) => p,
-                Err(message) => {
-                    tx.send(&ApiError::from_engine(message).body());
+                Err(failure) => {
+                    tx.send(&ApiError::from_failure(failure).body());
                     return;
                 }
             };

@@ -20,9 +20,9 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use switchyard_worker::engine::{EngineRequest, SamplingParams};
+use switchyard_engine_api::{EngineRequest, SamplingParams};
 
-use crate::backend::GenerationBackend;
+use switchyard_engine_api::GenerationBackend;
 
 use crate::chat_template::ChatTemplate;
 use crate::choice::{ChoiceSpec, Update, run_choice};
@@ -85,7 +85,7 @@ pub struct AppState {
     pub special_strings: Vec<String>,
     pub template: Option<ChatTemplate>,
     /// Compiles structured-output grammars (checked here, so a bad one is a 400 before it is queued).
-    pub grammar: Option<switchyard_worker::engine::grammar::GrammarEnv>,
+    pub grammar: Option<switchyard_grammar::GrammarEnv>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub shutting_down: AtomicBool,
     pub created: u64,
@@ -119,8 +119,7 @@ impl AppState {
 
     /// Text prompt → ids, with BOS first as transformers' tokenizer gives it.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
-        switchyard_worker::model_dir::encode_text(&self.tokenizer, text, add_special_tokens, self.config.bos_token_id)
-            .map_err(ApiError::internal)
+        crate::tokenize::encode_text(&self.tokenizer, text, add_special_tokens, self.config.bos_token_id).map_err(ApiError::internal)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
@@ -141,9 +140,9 @@ pub struct ChoiceJob {
     pub include_stop: bool,
     pub skip_special: bool,
     /// The compiled form of `params.grammar`.
-    pub constraint: Option<switchyard_worker::engine::grammar::Constraint>,
+    pub constraint: Option<switchyard_grammar::Constraint>,
     /// The prompt's images (chat requests with `image_url` parts).
-    pub images: Vec<switchyard_worker::engine::ImageInput>,
+    pub images: Vec<switchyard_engine_api::ImageInput>,
 }
 
 /// Submits every choice; their updates arrive, interleaved, on the returned receiver. If one fails
@@ -171,7 +170,7 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
             prompt: j.prompt.clone(),
             params: j.params,
             resume: Vec::new(),
-            constraint: j.constraint,
+            constraint: j.constraint.map(|c| Box::new(c) as Box<dyn switchyard_engine_api::TokenConstraint>),
             images: j.images,
         })?;
         let spec =

@@ -6,7 +6,8 @@
 //! cannot be compiled, or would take too long, is a 400 that costs other requests nothing.
 
 use serde_json::Value;
-use switchyard_worker::engine::grammar::{CompileError, GRAMMAR_COMPILE_TIMEOUT as COMPILE_TIMEOUT, GrammarRequest, GrammarSpec};
+use switchyard_engine_api::{GrammarRequest, GrammarSpec};
+use switchyard_grammar::{CompileError, GRAMMAR_COMPILE_TIMEOUT as COMPILE_TIMEOUT};
 
 use crate::chat::ToolChoice;
 use crate::error::ApiError;
@@ -156,7 +157,7 @@ TEXT: /[^\x00]+/
 /// Compiles each job's grammar (once per distinct grammar) under [`COMPILE_TIMEOUT`]; any failure is
 /// the request's 400.
 pub async fn attach(state: &AppState, jobs: &mut [ChoiceJob]) -> Result<(), ApiError> {
-    let mut compiled: Vec<(GrammarRequest, switchyard_worker::engine::grammar::Constraint)> = Vec::new();
+    let mut compiled: Vec<(GrammarRequest, switchyard_grammar::Constraint)> = Vec::new();
     for j in jobs.iter_mut() {
         let Some(g) = j.params.grammar.clone() else { continue };
         if let Some((_, c)) = compiled.iter().find(|(r, _)| *r == g) {

@@ -66,3 +66,21 @@ pub async fn detokenize(State(state): State<SharedState>, body: Bytes) -> Respon
         Err(e) => e.into_response(),
     }
 }
+
+/// Text → ids as transformers' tokenizer gives them: with `add_special_tokens`, a BOS first (Gemma's
+/// `add_bos_token`), added here if `tokenizer.json`'s post-processor does not.
+pub fn encode_text(
+    tok: &tokenizers::Tokenizer,
+    text: &str,
+    add_special_tokens: bool,
+    bos: Option<u32>,
+) -> Result<Vec<u32>, tokenizers::Error> {
+    let mut ids = tok.encode(text, add_special_tokens)?.get_ids().to_vec();
+    if add_special_tokens
+        && let Some(bos) = bos
+        && ids.first() != Some(&bos)
+    {
+        ids.insert(0, bos);
+    }
+    Ok(ids)
+}

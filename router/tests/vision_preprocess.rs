@@ -7,7 +7,7 @@
 use safetensors::SafeTensors;
 use serde_json::Value;
 use switchyard_router::media;
-use switchyard_worker::vision::preprocess::{self, Patches};
+use switchyard_router::preprocess::{self, Patches};
 
 fn dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision")

@@ -172,6 +172,7 @@ fn load_file(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<(), LoadE
     let file = File::open(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
     // SAFETY: the checkpoint is treated as read-only for the life of the process; a file truncated under
     // us is outside the contract (as for every mmap-based loader).
+    #[allow(unsafe_code)]
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|source| LoadError::Io { path: path.into(), source })?);
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
     let data_start = 8 + header_len;

@@ -113,21 +113,3 @@ fn download(id: &str) -> Result<ModelDir, LoadError> {
     let _ = SIDE_FILES;
     Err(LoadError::Download { id: id.into(), reason: "this build has no hub support (cargo feature `hub`)".into() })
 }
-
-/// Text → ids as transformers' tokenizer gives them: with `add_special_tokens`, a BOS first (Gemma's
-/// `add_bos_token`), added here if `tokenizer.json`'s post-processor does not.
-pub fn encode_text(
-    tok: &tokenizers::Tokenizer,
-    text: &str,
-    add_special_tokens: bool,
-    bos: Option<u32>,
-) -> Result<Vec<u32>, tokenizers::Error> {
-    let mut ids = tok.encode(text, add_special_tokens)?.get_ids().to_vec();
-    if add_special_tokens
-        && let Some(bos) = bos
-        && ids.first() != Some(&bos)
-    {
-        ids.insert(0, bos);
-    }
-    Ok(ids)
-}

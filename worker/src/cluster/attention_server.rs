@@ -10,10 +10,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use super::convert::{event_to_wire, params_from_wire};
-use crate::engine::grammar::{CompileError, GRAMMAR_COMPILE_TIMEOUT, GrammarEnv};
-use crate::engine::{EngineError, EngineEvent, EngineHandle, EngineRequest};
+use crate::engine::{EngineError, EngineEvent, EngineHandle, EngineRequest, SamplingParams};
 use switchyard_coordinator::PlacementPlan;
+use switchyard_engine_api::TokenConstraint;
+use switchyard_grammar::{CompileError, GRAMMAR_COMPILE_TIMEOUT, GrammarEnv};
 
 #[derive(Clone)]
 pub struct AttentionServer {
@@ -37,14 +37,40 @@ impl AttentionServer {
     }
 }
 
-fn status(e: EngineError) -> Status {
-    match e {
-        EngineError::Stopped => Status::unavailable(e.to_string()),
-        _ => Status::invalid_argument(e.to_string()),
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> + Send>>;
+
+/// Why a request was not admitted.
+enum Refusal {
+    Engine(EngineError),
+    /// Every grammar compile slot stayed busy: another worker may have one free.
+    CompilerBusy,
+}
+
+impl From<EngineError> for Refusal {
+    fn from(e: EngineError) -> Refusal {
+        Refusal::Engine(e)
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> + Send>>;
+impl AttentionServer {
+    /// Decodes, compiles and submits a request; a refusal says whose fault it is.
+    async fn admit(&self, r: v1::GenerateRequest) -> Result<(u64, tokio::sync::mpsc::UnboundedReceiver<EngineEvent>), Refusal> {
+        let params = SamplingParams::try_from(&r.params.unwrap_or_default()).map_err(|e| EngineError::Grammar(e.to_string()))?;
+        let images = r.images.into_iter().map(Into::into).collect();
+        let constraint: Option<Box<dyn TokenConstraint>> = match (&params.grammar, &self.grammar) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(EngineError::Grammar("this worker has no tokenizer.json: structured output is unavailable".into()).into());
+            }
+            (Some(g), Some(env)) => match env.compile_off_thread(g.clone(), GRAMMAR_COMPILE_TIMEOUT).await {
+                Ok(c) => Some(Box::new(c)),
+                Err(CompileError::Busy) => return Err(Refusal::CompilerBusy),
+                Err(CompileError::Refused(e)) => return Err(EngineError::Grammar(e).into()),
+            },
+        };
+        Ok(self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint, images })?)
+    }
+}
 
 #[tonic::async_trait]
 impl AttentionService for AttentionServer {
@@ -52,24 +78,24 @@ impl AttentionService for AttentionServer {
 
     async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
-        let params = params_from_wire(&r.params.unwrap_or_default()).map_err(Status::invalid_argument)?;
-        let images = r.images.into_iter().map(super::convert::image_from_wire).collect();
-        let constraint = match (&params.grammar, &self.grammar) {
-            (None, _) => None,
-            (Some(_), None) => return Err(Status::invalid_argument("this worker has no tokenizer.json: structured output is unavailable")),
-            (Some(g), Some(env)) => Some(env.compile_off_thread(g.clone(), GRAMMAR_COMPILE_TIMEOUT).await.map_err(|e| match e {
-                CompileError::Busy => Status::resource_exhausted(e.to_string()),
-                CompileError::Refused(e) => Status::invalid_argument(format!("structured output: {e}")),
-            })?),
+        let (id, mut events) = match self.admit(r).await {
+            Ok(admitted) => admitted,
+            // Transient: the router tries another worker.
+            Err(Refusal::Engine(EngineError::Stopped)) => return Err(Status::unavailable(EngineError::Stopped.to_string())),
+            Err(Refusal::CompilerBusy) => return Err(Status::resource_exhausted(CompileError::Busy.to_string())),
+            // A refused request is one error event with its class, so the router answers it as the
+            // worker classed it (and does not retry it elsewhere).
+            Err(Refusal::Engine(e)) => {
+                let ev = v1::GenerateEvent::from(&EngineEvent::Error(e.into()));
+                return Ok(Response::new(Box::pin(tokio_stream::once(Ok(ev)))));
+            }
         };
-        let (id, mut events) =
-            self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint, images }).map_err(status)?;
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
-                let last = matches!(&ev, EngineEvent::Error(_)) || matches!(&ev, EngineEvent::Token(t) if t.finish.is_some());
-                if tx.send(Ok(event_to_wire(&ev))).await.is_err() {
+                let last = ev.is_last();
+                if tx.send(Ok(v1::GenerateEvent::from(&ev))).await.is_err() {
                     engine.abort(id);
                     return;
                 }

@@ -5,7 +5,6 @@
 //! its own slices in process. [`process::run_worker`] wires a process together.
 
 pub mod attention_server;
-pub mod convert;
 pub mod dispatch;
 pub mod expert_server;
 pub mod expert_store;

@@ -63,7 +63,7 @@ pub struct AttentionParts {
     pub engine: EngineHandle,
     pub dispatch: Arc<ExpertDispatch>,
     /// Compiles structured-output grammars.
-    pub grammar: Option<crate::engine::grammar::GrammarEnv>,
+    pub grammar: Option<switchyard_grammar::GrammarEnv>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +75,6 @@ pub enum WorkerError {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
-
-/// The largest `Generate` request: image patches travel in it (one image at 1120 soft tokens is
-/// 7.7 MB), so tonic's 4 MiB default would refuse ordinary image requests.
-pub const MAX_GENERATE_REQUEST: usize = 256 << 20;
 
 /// Registers, follows plans, reports load and serves gRPC until `shutdown` resolves.
 pub async fn run_worker(
@@ -125,7 +121,7 @@ pub async fn run_worker(
             parts.ready.subscribe(),
             a.grammar.clone(),
         ))
-        .max_decoding_message_size(MAX_GENERATE_REQUEST)
+        .max_decoding_message_size(switchyard_proto::MAX_GENERATE_REQUEST)
     }));
     eprintln!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
     // The server's own `tcp_nodelay` applies only to listeners it binds; ours is bound by the caller,

@@ -13,7 +13,9 @@ use super::paged_kv::{self, KvStorage};
 use super::sampling::{SamplerState, sample, token_logprob};
 use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
 use super::sequence::Sequence;
-use super::{Command, EngineConfig, EngineError, EngineEvent, EngineStats, FinishReason, PromptInfo, TokenEvent};
+use super::{
+    Command, EngineConfig, EngineError, EngineEvent, EngineFailure, EngineStats, ErrorClass, FinishReason, PromptInfo, TokenEvent,
+};
 use crate::model::{BatchChunk, Gemma4Model, LogitsFor};
 
 pub(super) struct EngineState {
@@ -110,7 +112,9 @@ impl EngineState {
                     && let Err(e) = req.resume.iter().try_for_each(|&t| c.accept(t))
                 {
                     self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
-                    let _ = events.send(EngineEvent::Error(format!("the resumed output does not match the grammar: {e}")));
+                    let _ = events.send(EngineEvent::Error(
+                        EngineError::Grammar(format!("the resumed output does not match the grammar: {e}")).into(),
+                    ));
                     return;
                 }
                 let mut tokens = req.prompt;
@@ -167,7 +171,8 @@ impl EngineState {
         if self.sched.running.is_empty()
             && let Some(seq) = self.sched.waiting.pop_front()
         {
-            let _ = seq.events.send(EngineEvent::Error("the request does not fit in the KV cache".into()));
+            let _ =
+                seq.events.send(EngineEvent::Error(EngineFailure::new(ErrorClass::Internal, "the request does not fit in the KV cache")));
             self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -259,7 +264,7 @@ impl EngineState {
             Some(c) if !c.is_waiting() => {
                 let mut l = logits.to_vec();
                 if let Err(e) = c.mask(&mut l) {
-                    return Some(EngineEvent::Error(format!("structured output: {e}")));
+                    return Some(EngineEvent::Error(EngineError::Grammar(e.0).into()));
                 }
                 masked = l;
                 &masked[..]
@@ -270,7 +275,7 @@ impl EngineState {
         if let Some(c) = seq.constraint.as_mut()
             && let Err(e) = c.accept(token)
         {
-            return Some(EngineEvent::Error(format!("structured output: {e}")));
+            return Some(EngineEvent::Error(EngineError::Grammar(e.0).into()));
         }
         seq.tokens.push(token);
         seq.sampler.record(token);
@@ -314,7 +319,7 @@ impl EngineState {
         idx.sort_unstable();
         for i in idx.into_iter().rev() {
             let seq = self.sched.finish(i);
-            let _ = seq.events.send(EngineEvent::Error(message.to_string()));
+            let _ = seq.events.send(EngineEvent::Error(EngineFailure::new(ErrorClass::Internal, message)));
             self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
         }
     }

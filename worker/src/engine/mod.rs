@@ -5,9 +5,9 @@
 //! carrying a finish reason, or one `Error`. Dropping the receiver cancels the request: the engine
 //! notices at its next step (well within a second) and frees the request's blocks.
 
+mod backend;
 pub mod block_pool;
 mod engine_loop;
-pub mod grammar;
 pub mod paged_kv;
 pub mod sampling;
 pub mod scheduler;
@@ -21,7 +21,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::model::{Gemma4Model, ImageEmbeds};
 use crate::vision::tower::VisionTower;
-pub use sampling::{SamplingParams, TokenLogprob};
+pub use switchyard_engine_api::{
+    EngineError, EngineEvent, EngineFailure, EngineRequest, ErrorClass, FinishReason, ImageInput, PromptInfo, SamplingParams, TokenEvent,
+    TokenLogprob, check_images, validate_request,
+};
 
 pub type RequestId = u64;
 
@@ -40,89 +43,6 @@ pub struct EngineConfig {
     pub eos_token_ids: Vec<u32>,
     /// The `model_name` label on metrics.
     pub model_name: String,
-}
-
-#[derive(Clone, Debug)]
-pub struct EngineRequest {
-    pub prompt: Vec<u32>,
-    pub params: SamplingParams,
-    /// Output tokens already produced for this request elsewhere (a replay after a worker died): they
-    /// are prefilled after the prompt and count as output for `max_tokens`, `min_tokens`, penalties
-    /// and the sampler's position; generation continues after them.
-    pub resume: Vec<u32>,
-    /// The compiled form of `params.grammar`, when there is one (compiled off the engine thread).
-    pub constraint: Option<grammar::Constraint>,
-    /// Images, in prompt order: each one's soft tokens are prompt placeholders that take the vision
-    /// tower's embeddings (encoded off the engine thread before the request is queued).
-    pub images: Vec<ImageInput>,
-}
-
-/// One image of a request: its patches, and the prompt position of its first soft token.
-#[derive(Clone, Debug)]
-pub struct ImageInput {
-    pub start: usize,
-    pub patches: Arc<crate::vision::preprocess::Patches>,
-}
-
-impl ImageInput {
-    /// A content hash (the encoded-image cache and prefix-cache keys).
-    pub fn hash(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        (self.patches.rows, self.patches.cols).hash(&mut h);
-        self.patches.pixels.hash(&mut h);
-        h.finish()
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An EOS token (`None`) or one of the request's stop token ids.
-    Stop(Option<u32>),
-    Length,
-}
-
-/// Facts about the prompt, sent with the first token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PromptInfo {
-    pub cached_tokens: usize,
-    /// For prompt positions 1.. when the request asked for them.
-    pub logprobs: Option<Vec<TokenLogprob>>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenEvent {
-    pub token: u32,
-    pub logprob: Option<TokenLogprob>,
-    pub finish: Option<FinishReason>,
-    pub prompt: Option<PromptInfo>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum EngineEvent {
-    Token(TokenEvent),
-    /// The request ended without a normal finish; the message is safe to show to the client.
-    Error(String),
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum EngineError {
-    #[error("the prompt is empty")]
-    EmptyPrompt,
-    #[error("token id {id} is out of the vocabulary (size {vocab})")]
-    TokenOutOfVocab { id: u32, vocab: usize },
-    #[error("this model's maximum context length is {max} tokens, but {requested} were requested ({prompt} in the prompt)")]
-    ContextTooLong { max: usize, requested: usize, prompt: usize },
-    #[error("the KV cache ({blocks} blocks of {block_size}) cannot hold one sequence of max_model_len {max_model_len}")]
-    CacheTooSmall { blocks: usize, block_size: usize, max_model_len: usize },
-    #[error("the block size must be a power of two, got {0}")]
-    BadBlockSize(usize),
-    #[error("the engine has stopped")]
-    Stopped,
-    #[error("{resumed} tokens to resume from, but max_tokens is {max_tokens}")]
-    ResumePastEnd { resumed: usize, max_tokens: usize },
-    #[error("image input: {0}")]
-    BadImage(String),
 }
 
 /// Load figures the server reads without asking the engine thread.
@@ -197,7 +117,7 @@ fn vision_thread(tower: Arc<VisionTower>, jobs: mpsc::Receiver<VisionJob>, engin
         }
         if let Some(e) = failed {
             stats.unfinished.fetch_sub(1, Ordering::Relaxed);
-            let _ = job.events.send(EngineEvent::Error(format!("image input: {e}")));
+            let _ = job.events.send(EngineEvent::Error(EngineError::BadImage(e).into()));
             continue;
         }
         if engine.send(Command::Add(job.id, job.req, job.events, embeds)).is_err() {
@@ -282,49 +202,6 @@ impl EngineHandle {
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
-}
-
-/// Images must be in prompt order, apart, each over exactly its soft-token count of image
-/// placeholders.
-pub fn check_images(prompt: &[u32], images: &[ImageInput], image_token: Option<u32>) -> Result<(), EngineError> {
-    let mut at = 0;
-    for (i, im) in images.iter().enumerate() {
-        let n = im.patches.soft_tokens();
-        let (r, c) = (im.patches.rows, im.patches.cols);
-        if r == 0 || c == 0 || r % 3 != 0 || c % 3 != 0 {
-            return Err(EngineError::BadImage(format!("image {i}: a {r}x{c} patch grid is not made of 3x3 blocks")));
-        }
-        let bytes = r.checked_mul(c).and_then(|x| x.checked_mul(3 * crate::vision::preprocess::PATCH * crate::vision::preprocess::PATCH));
-        if bytes != Some(im.patches.pixels.len()) {
-            return Err(EngineError::BadImage(format!(
-                "image {i}: pixel data does not match its {}x{} patch grid",
-                im.patches.rows, im.patches.cols
-            )));
-        }
-        if n == 0 || im.start < at || im.start + n > prompt.len() {
-            return Err(EngineError::BadImage(format!("image {i} does not fit the prompt at {}", im.start)));
-        }
-        if image_token.is_none_or(|t| prompt[im.start..im.start + n].iter().any(|&p| p != t)) {
-            return Err(EngineError::BadImage(format!("image {i}: its {n} positions are not all image placeholders")));
-        }
-        at = im.start + n;
-    }
-    Ok(())
-}
-
-/// A request's checks against the model's limits (the engine's, and a router's without an engine).
-pub fn validate_request(prompt: &[u32], params: &SamplingParams, vocab_size: usize, max_model_len: usize) -> Result<(), EngineError> {
-    if prompt.is_empty() {
-        return Err(EngineError::EmptyPrompt);
-    }
-    if let Some(&id) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
-        return Err(EngineError::TokenOutOfVocab { id, vocab: vocab_size });
-    }
-    let requested = prompt.len() + params.max_tokens;
-    if requested > max_model_len {
-        return Err(EngineError::ContextTooLong { max: max_model_len, requested, prompt: prompt.len() });
-    }
-    Ok(())
 }
 
 pub struct Engine;

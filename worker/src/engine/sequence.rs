@@ -6,8 +6,9 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::block_pool::BlockId;
-use super::sampling::{SamplerState, SamplingParams, TokenLogprob};
+use super::sampling::SamplerState;
 use super::{EngineEvent, RequestId};
+use switchyard_engine_api::{SamplingParams, TokenConstraint, TokenLogprob};
 
 pub struct Sequence {
     pub id: RequestId,
@@ -32,7 +33,7 @@ pub struct Sequence {
     pub arrival: Instant,
     pub last_token_at: Option<Instant>,
     /// Structured output's grammar state.
-    pub constraint: Option<super::grammar::Constraint>,
+    pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Encoded images, in prompt order.
     pub images: Vec<crate::model::ImageEmbeds>,
 }

@@ -1,4 +1,4 @@
-//! Gemma 4's vision path: image preprocessing (here) and the vision tower.
+//! Gemma 4's vision tower. Image preprocessing (decode, resize, patchify) is the front end's; the
+//! engine takes patches (`switchyard_engine_api::Patches`).
 
-pub mod preprocess;
 pub mod tower;

@@ -14,9 +14,10 @@
 use serde_json::Value;
 use switchyard_kernels::{DType, LinearJob, attention::attend, linear, linear_many, ops};
 
-use super::preprocess::{PATCH, POOL, Patches};
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::error::LoadError;
+use switchyard_engine_api::Patches;
+use switchyard_engine_api::image::{PATCH, POOL};
 
 /// `vision_config` of config.json.
 #[derive(Clone, Debug)]

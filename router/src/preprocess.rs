@@ -7,40 +7,8 @@
 //! Pixels stay 8-bit: the model's input is `pixel / 255`, which the vision tower computes itself, so a
 //! request's patches travel as bytes.
 
-/// Budgets transformers accepts (`max_soft_tokens`).
-pub const SOFT_TOKEN_BUDGETS: [usize; 5] = [70, 140, 280, 560, 1120];
-pub const PATCH: usize = 16;
-pub const POOL: usize = 3;
-
-/// An image after preprocessing.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Patches {
-    /// Patch grid, in patches.
-    pub rows: usize,
-    pub cols: usize,
-    /// `rows * cols` patches of `16 * 16 * 3` bytes, (dy, dx, c) order.
-    pub pixels: Vec<u8>,
-}
-
-impl Patches {
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Soft tokens after 3x3 pooling.
-    pub fn soft_tokens(&self) -> usize {
-        self.len() / (POOL * POOL)
-    }
-
-    /// `(x, y)` = (column, row) of patch `i`.
-    pub fn position(&self, i: usize) -> (usize, usize) {
-        (i % self.cols, i / self.cols)
-    }
-}
+pub use switchyard_engine_api::Patches;
+pub use switchyard_engine_api::image::{PATCH, POOL, SOFT_TOKEN_BUDGETS};
 
 /// `get_aspect_ratio_preserving_size`: the resized (height, width), multiples of 48 whose patch count
 /// fits `max_soft_tokens * 9`.

@@ -1,9 +1,10 @@
 //! Constrained decoding: JSON schemas, regular expressions, choices and Lark grammars, compiled by
 //! llguidance (the engine behind vLLM's `guidance` backend) against the checkpoint's vocabulary.
 //!
-//! A request carries a [`GrammarRequest`] (plain data, so it crosses the wire to attention workers);
-//! [`GrammarEnv::compile`] turns it into a [`Constraint`], which masks each step's logits to the tokens
-//! the grammar allows and advances with every sampled token. Once the grammar is complete only the
+//! A request carries a [`GrammarRequest`] (plain data from `switchyard-engine-api`, so it crosses the
+//! wire to attention workers); [`GrammarEnv::compile`] turns it into a [`Constraint`], the engine's
+//! [`TokenConstraint`], which masks each step's logits to the tokens the grammar allows and advances
+//! with every sampled token. Once the grammar is complete only the
 //! end-of-sequence tokens are allowed, so a constrained request ends as soon as its output is whole.
 //!
 //! Compilation is bounded: llguidance's own fuel limits cap the work a schema or regex may cost, and
@@ -13,55 +14,20 @@ use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use switchyard_engine_api::{ConstraintError, GrammarRequest, GrammarSpec, TokenConstraint};
 use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
-/// What the output must match.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum GrammarSpec {
-    /// A JSON value valid against this JSON schema.
-    JsonSchema {
-        schema: Value,
-    },
-    /// Any JSON object.
-    JsonObject,
-    Regex {
-        regex: String,
-    },
-    /// Exactly one of these strings.
-    Choice {
-        choices: Vec<String>,
-    },
-    /// A Lark grammar in llguidance's dialect (`<[ID]>` names a token by id).
-    Lark {
-        grammar: String,
-    },
-}
-
-/// A constraint as requested.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GrammarRequest {
-    pub spec: GrammarSpec,
-    /// The constraint starts after this token has been generated (the end of the reasoning channel,
-    /// when the prompt leaves the model thinking), as vLLM starts it after reasoning ends.
-    #[serde(default)]
-    pub after_token: Option<u32>,
-}
-
-impl GrammarRequest {
-    fn top_level(&self) -> TopLevelGrammar {
-        match &self.spec {
-            GrammarSpec::JsonSchema { schema } => TopLevelGrammar::from_json_schema(schema.clone()),
-            GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
-            GrammarSpec::Regex { regex } => TopLevelGrammar::from_regex(regex),
-            GrammarSpec::Choice { choices } => {
-                let alts: Vec<String> = choices.iter().map(|c| regex_escape(c)).collect();
-                TopLevelGrammar::from_regex(&format!("({})", alts.join("|")))
-            }
-            GrammarSpec::Lark { grammar } => TopLevelGrammar::from_lark(grammar.clone()),
+fn top_level(req: &GrammarRequest) -> TopLevelGrammar {
+    match &req.spec {
+        GrammarSpec::JsonSchema { schema } => TopLevelGrammar::from_json_schema(schema.clone()),
+        GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
+        GrammarSpec::Regex { regex } => TopLevelGrammar::from_regex(regex),
+        GrammarSpec::Choice { choices } => {
+            let alts: Vec<String> = choices.iter().map(|c| regex_escape(c)).collect();
+            TopLevelGrammar::from_regex(&format!("({})", alts.join("|")))
         }
+        GrammarSpec::Lark { grammar } => TopLevelGrammar::from_lark(grammar.clone()),
     }
 }
 
@@ -102,38 +68,36 @@ pub struct GrammarEnv {
 }
 
 /// Why a grammar was not compiled.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CompileError {
     /// The grammar is invalid, too large, too complex or too slow: the client's to fix.
+    #[error("{0}")]
     Refused(String),
     /// Every compile slot stayed busy until the deadline: retry later.
+    #[error("the grammar compiler is busy")]
     Busy,
 }
 
-impl std::fmt::Display for CompileError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CompileError::Refused(e) => f.write_str(e),
-            CompileError::Busy => f.write_str("the grammar compiler is busy"),
-        }
-    }
-}
+/// The checkpoint's vocabulary could not be read for the grammar compiler.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("tokenizer.json: {0}")]
+pub struct VocabError(String);
 
 const CACHED_GRAMMARS: usize = 32;
 
 impl GrammarEnv {
     /// Reads the token bytes from `tokenizer.json`; `vocab_size` is the model's (the logits' width);
     /// `eos` are the tokens that end generation (allowed once the grammar is complete).
-    pub fn from_tokenizer_json(text: &str, vocab_size: usize, eos: &[u32]) -> Result<GrammarEnv, String> {
-        let json: Value = serde_json::from_str(text).map_err(|e| format!("tokenizer.json: {e}"))?;
-        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| format!("tokenizer.json: {e}"))?;
+    pub fn from_tokenizer_json(text: &str, vocab_size: usize, eos: &[u32]) -> Result<GrammarEnv, VocabError> {
+        let json: Value = serde_json::from_str(text).map_err(|e| VocabError(e.to_string()))?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| VocabError(e.to_string()))?;
         if words.len() < vocab_size {
             words.resize(vocab_size, Vec::new());
         }
-        let first_eos = eos.first().copied().ok_or("no end-of-sequence token")?;
+        let first_eos = eos.first().copied().ok_or_else(|| VocabError("no end-of-sequence token".into()))?;
         let trie = TokTrie::from(&TokRxInfo::new(words.len() as u32, first_eos), &words).with_eos_tokens(eos);
         let env: TokEnv = Arc::new(Vocab { trie });
-        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| VocabError(e.to_string()))?;
         factory.quiet();
         // Errors name the problem, not the whole grammar and state (a client's grammar could fill logs).
         factory.limits_mut().verbose_errors = false;
@@ -147,19 +111,21 @@ impl GrammarEnv {
 
     /// Compiles a constraint, or says why it cannot be. Inputs past [`MAX_GRAMMAR_BYTES`] are
     /// refused first: compilation recurses over the grammar's structure, so its size bounds the stack.
-    pub fn compile(&self, req: &GrammarRequest) -> Result<Constraint, String> {
+    pub fn compile(&self, req: &GrammarRequest) -> Result<Constraint, CompileError> {
         let size = match &req.spec {
             GrammarSpec::JsonSchema { schema } => schema.to_string().len(),
             GrammarSpec::JsonObject => 0,
             GrammarSpec::Regex { regex } => regex.len(),
-            GrammarSpec::Choice { choices } if choices.is_empty() => return Err("`choice` needs at least one string".into()),
+            GrammarSpec::Choice { choices } if choices.is_empty() => {
+                return Err(CompileError::Refused("`choice` needs at least one string".into()));
+            }
             GrammarSpec::Choice { choices } => choices.iter().map(|c| c.len() + 1).sum(),
             GrammarSpec::Lark { grammar } => grammar.len(),
         };
         if size > MAX_GRAMMAR_BYTES {
-            return Err(format!("the grammar is {size} bytes; at most {MAX_GRAMMAR_BYTES} are accepted"));
+            return Err(CompileError::Refused(format!("the grammar is {size} bytes; at most {MAX_GRAMMAR_BYTES} are accepted")));
         }
-        let parser = self.factory.create_parser(req.top_level()).map_err(|e| brief(&e.to_string()))?;
+        let parser = self.factory.create_parser(top_level(req)).map_err(|e| brief(&e.to_string()))?;
         let mut matcher = Matcher::new(Ok(parser));
         // The first mask is computed here, off the engine thread: a grammar too complex to step is
         // refused now rather than failing its request later.
@@ -174,13 +140,13 @@ impl GrammarEnv {
 }
 
 /// An llguidance error without its appendices (backtraces, grammar dumps), at most 1000 bytes.
-fn brief(e: &str) -> String {
+fn brief(e: &str) -> CompileError {
     let e = e.split("\n<").next().unwrap_or(e).trim();
     let mut end = e.len().min(1000);
     while !e.is_char_boundary(end) {
         end -= 1;
     }
-    e[..end].to_string()
+    CompileError::Refused(e[..end].to_string())
 }
 
 /// The longest a request's grammar may take to compile (front end and attention workers alike).
@@ -218,7 +184,7 @@ impl GrammarEnv {
             })
             .map_err(|_| CompileError::Busy)?;
         let c = match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(r)) => r.map_err(CompileError::Refused)?,
+            Ok(Ok(r)) => r?,
             Ok(Err(_)) => return Err(CompileError::Refused("the grammar compiler failed".into())),
             Err(_) => return Err(CompileError::Refused(format!("the grammar took longer than {}s to compile", timeout.as_secs()))),
         };
@@ -255,13 +221,12 @@ impl Clone for Constraint {
     }
 }
 
-impl Constraint {
-    /// Sets the logits of every token the grammar does not allow next to minus infinity.
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+impl TokenConstraint for Constraint {
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
         if self.waiting_for.is_some() {
             return Ok(());
         }
-        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| ConstraintError(e.to_string()))?;
         for (i, v) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(i as TokenId) {
                 *v = f32::NEG_INFINITY;
@@ -270,8 +235,7 @@ impl Constraint {
         Ok(())
     }
 
-    /// Advances past a generated token.
-    pub fn accept(&mut self, token: u32) -> Result<(), String> {
+    fn accept(&mut self, token: u32) -> Result<(), ConstraintError> {
         if let Some(t) = self.waiting_for {
             if t == token {
                 self.waiting_for = None;
@@ -281,16 +245,18 @@ impl Constraint {
         if self.matcher.is_stopped() {
             return Ok(()); // the end-of-sequence token that closes the output
         }
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        self.matcher.consume_token(token).map_err(|e| ConstraintError(e.to_string()))
     }
 
-    /// Whether the constraint has not started yet (it waits for the end of reasoning).
-    pub fn is_waiting(&self) -> bool {
+    fn is_waiting(&self) -> bool {
         self.waiting_for.is_some()
     }
 
-    /// Whether the grammar is complete (only end-of-sequence may follow).
-    pub fn is_complete(&mut self) -> bool {
+    fn is_complete(&mut self) -> bool {
         self.waiting_for.is_none() && (self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false))
+    }
+
+    fn boxed_clone(&self) -> Box<dyn TokenConstraint> {
+        Box::new(self.clone())
     }
 }

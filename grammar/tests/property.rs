@@ -6,7 +6,8 @@
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use serde_json::{Map, Value, json};
-use switchyard_worker::engine::grammar::{GrammarEnv, GrammarRequest, GrammarSpec};
+use switchyard_engine_api::{GrammarRequest, GrammarSpec, TokenConstraint};
+use switchyard_grammar::GrammarEnv;
 
 const EOS: [u32; 3] = [1, 106, 50];
 

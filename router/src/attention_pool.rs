@@ -10,16 +10,15 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use switchyard_engine_api::{EngineError, EngineEvent, EngineFailure, EngineRequest, ErrorClass, SamplingParams, validate_request};
 use switchyard_proto::v1::{self, attention_service_client::AttentionServiceClient};
-use switchyard_worker::cluster::convert::{event_from_wire, params_to_wire};
-use switchyard_worker::engine::{EngineError, EngineEvent, EngineRequest, SamplingParams, validate_request};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tonic::transport::Channel;
 
-use crate::backend::{GenerationBackend, Submission};
+use switchyard_engine_api::{GenerationBackend, Submission};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
@@ -58,8 +57,8 @@ impl Endpoint {
             id,
             addr,
             client: AttentionServiceClient::new(channel)
-                .max_encoding_message_size(switchyard_worker::cluster::process::MAX_GENERATE_REQUEST)
-                .max_decoding_message_size(switchyard_worker::cluster::process::MAX_GENERATE_REQUEST),
+                .max_encoding_message_size(switchyard_proto::MAX_GENERATE_REQUEST)
+                .max_decoding_message_size(switchyard_proto::MAX_GENERATE_REQUEST),
             outstanding: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
             breaker: Mutex::new(Breaker { failures: 0, open_until: None }),
@@ -86,6 +85,8 @@ impl Endpoint {
 }
 
 pub struct AttentionPool {
+    /// The pool itself, for the request tasks it spawns.
+    me: Weak<AttentionPool>,
     endpoints: RwLock<Vec<Arc<Endpoint>>>,
     policy: Policy,
     unfinished: Arc<AtomicUsize>,
@@ -112,7 +113,8 @@ impl Drop for Count {
 
 impl AttentionPool {
     pub fn new(policy: Policy, vocab_size: usize, max_model_len: usize) -> Arc<AttentionPool> {
-        Arc::new(AttentionPool {
+        Arc::new_cyclic(|me| AttentionPool {
+            me: me.clone(),
             endpoints: RwLock::new(Vec::new()),
             policy,
             unfinished: Arc::new(AtomicUsize::new(0)),
@@ -207,7 +209,7 @@ impl AttentionPool {
         loop {
             let Some(ep) = self.pick(&req.prompt, &tried) else {
                 if started.elapsed() > NO_WORKER_WAIT {
-                    let _ = tx.send(EngineEvent::Error("no attention worker is available".into()));
+                    let _ = tx.send(EngineEvent::Error(EngineFailure::new(ErrorClass::Overloaded, "no attention worker is available")));
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -223,17 +225,19 @@ impl AttentionPool {
             let mut call = tonic::Request::new(v1::GenerateRequest {
                 request_id: request_id.clone(),
                 prompt: req.prompt.clone(),
-                params: Some(params_to_wire(&req.params)),
+                params: Some((&req.params).into()),
                 resume_output: sent.clone(),
-                images: req.images.iter().map(switchyard_worker::cluster::convert::image_to_wire).collect(),
+                images: req.images.iter().map(Into::into).collect(),
             });
             if let Ok(v) = traceparent.parse() {
                 call.metadata_mut().insert(switchyard_proto::TRACEPARENT, v);
             }
             let mut stream = match ep.client.clone().generate(call).await {
                 Ok(r) => r.into_inner(),
+                // Older workers refuse requests with a status, classed by its message.
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    let _ = tx.send(EngineEvent::Error(s.message().to_string()));
+                    let legacy = v1::GenerateEvent { error: s.message().to_string(), ..Default::default() };
+                    let _ = tx.send(EngineEvent::from(&legacy));
                     return;
                 }
                 Err(_) => {
@@ -245,7 +249,7 @@ impl AttentionPool {
             loop {
                 match stream.message().await {
                     Ok(Some(ev)) => {
-                        let mut ev = event_from_wire(&ev);
+                        let mut ev = EngineEvent::from(&ev);
                         if let EngineEvent::Token(t) = &mut ev {
                             ep.succeeded();
                             if !sent.is_empty() {
@@ -254,7 +258,7 @@ impl AttentionPool {
                             }
                             sent.push(t.token);
                         }
-                        let last = matches!(&ev, EngineEvent::Error(_)) || matches!(&ev, EngineEvent::Token(t) if t.finish.is_some());
+                        let last = ev.is_last();
                         if tx.send(ev).is_err() || last {
                             return;
                         }
@@ -281,7 +285,7 @@ fn traceparent(request_id: &str) -> String {
     format!("00-{a:016x}{:016x}-{b:016x}-01", a.rotate_left(29) ^ b)
 }
 
-impl GenerationBackend for Arc<AttentionPool> {
+impl GenerationBackend for AttentionPool {
     fn unfinished(&self) -> usize {
         self.unfinished.load(Ordering::Relaxed)
     }
@@ -295,7 +299,8 @@ impl GenerationBackend for Arc<AttentionPool> {
         let (tx, events) = unbounded_channel();
         // Moved into the task: an abort before it first runs still releases the count.
         let count = Count::enter(&self.unfinished);
-        let task = tokio::spawn(self.clone().drive(req, tx, count));
+        let pool = self.me.upgrade().ok_or(EngineError::Stopped)?;
+        let task = tokio::spawn(pool.drive(req, tx, count));
         let abort = task.abort_handle();
         Ok(Submission { events, cancel: Box::new(move || abort.abort()) })
     }
