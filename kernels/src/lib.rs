@@ -11,6 +11,7 @@
 
 pub mod attention;
 pub mod dtype;
+pub mod isa;
 pub mod linear;
 pub mod ops;
 pub mod pool;
@@ -18,4 +19,5 @@ pub mod simd;
 pub mod topk;
 
 pub use dtype::DType;
+pub use isa::{Isa, isa};
 pub use linear::{LinearJob, Weight, linear, linear_many};

@@ -1,18 +1,24 @@
 //! `y = x · Wᵀ` for checkpoint-layout weights (`W` is `[rows = out features, cols = in features]`,
 //! row-major, in its checkpoint dtype, usually straight from a memory map).
 //!
-//! Paths, chosen at run time:
-//! - bf16 weights with bf16 activations on a CPU with AVX512-BF16: `vdpbf16ps` over weight panels
-//!   repacked to pair-interleaved layout, accumulating each output over k-pairs in order, which is the
-//!   order of oneDNN's bf16 GEMM behind PyTorch's `linear` (so outputs round exactly as transformers');
-//! - any weight dtype with AVX-512F: weights widened to f32 in registers, f32 FMA;
-//! - otherwise a portable loop with the same 16-lane blocking.
+//! Paths, chosen once per process ([`crate::isa`]):
+//! - bf16 weights with bf16 activations: each output is summed over k-pairs in order from k = 0, the
+//!   order of `vdpbf16ps` and of oneDNN's bf16 GEMM behind PyTorch's `linear` (so outputs round
+//!   exactly as transformers'). With AVX512-BF16 that is `vdpbf16ps` itself over weight panels repacked
+//!   to pair-interleaved layout; with AVX2 + FMA (and on AVX-512 CPUs without BF16) the same panels
+//!   feed an emulation of it, eight outputs in the lanes of a 256-bit register, the odd element of each
+//!   pair then the even one as two exact-product FMAs; elsewhere the same order one output at a time.
+//!   All of them give the same bits.
+//! - other weight dtypes: weights widened to f32 in registers, f32 FMA over 16 lanes (one 512-bit or
+//!   two 256-bit registers, the same lanes and the same reduction tree); the portable loop has the same
+//!   16-lane blocking without FMA.
 //!
 //! Batch invariance: every output element is one accumulator walked over `k` in the same chunk order
 //! and reduced by the same horizontal sum, whatever the tile shape, the batch size or the thread.
 //! Weight rows are split across threads; rows of `x` are never split.
 
 use crate::dtype::{DType, f32_to_bf16_bits};
+use crate::isa::{Isa, isa};
 use crate::pool;
 
 /// A borrowed 2-D weight in checkpoint layout: `rows` output features of `cols` inputs each.
@@ -71,7 +77,13 @@ pub fn linear(x: &[f32], m: usize, w: Weight<'_>, out: &mut [f32], act: DType) {
 /// Runs several independent products in one parallel region (e.g. q/k/v, or one product per expert),
 /// rounding outputs to the activation dtype `act`. Inputs must already be representable in `act`.
 pub fn linear_many(jobs: &mut [LinearJob<'_>], act: DType) {
-    let kernel = Kernel::select();
+    linear_many_on(isa(), jobs, act);
+}
+
+/// [`linear_many`] on a given path (one the CPU supports): tests compare every path a machine has.
+#[doc(hidden)]
+pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
+    assert!(kernel.is_supported(), "the {kernel} kernels need CPU features this machine lacks");
     let packed: Vec<Packed> = jobs.iter().map(|j| pack(j, act, kernel)).collect();
     // Split each job's weight rows into blocks; a task is (job, block).
     let mut tasks = Vec::new();
@@ -96,9 +108,14 @@ pub fn linear_many(jobs: &mut [LinearJob<'_>], act: DType) {
     pool::parallel_for(tasks.len(), &run);
 }
 
-/// Whether bf16 weights use the pair-interleaved kernel on this CPU (and so benefit from [`pack_panels`]).
+/// Whether bf16 weights use the pair-interleaved panels on this path (and so benefit from [`pack_panels`]).
 pub fn bf16_panels_supported() -> bool {
-    Kernel::select() == Kernel::Avx512Bf16
+    isa() != Isa::Portable
+}
+
+/// Whether a product takes the pair-order bf16 kernels (rather than the f32 FMA tiles).
+fn pair_order(w: DType, act: DType) -> bool {
+    w == DType::BF16 && act == DType::BF16
 }
 
 /// Length in u32 of the panels of a `rows x cols` bf16 weight.
@@ -108,18 +125,26 @@ pub fn panel_len(rows: usize, cols: usize) -> usize {
 
 /// Repacks a bf16 weight into panels of 32 rows, `[rows/32][cols/2][32]` bf16 pairs: the layout the
 /// bf16 kernel multiplies, so that decode streams each panel once, sequentially. Same bytes as the
-/// weight (bf16 stays bf16). Returns `None` where the pair kernel is not used (no AVX512-BF16, or not bf16).
+/// weight (bf16 stays bf16; subnormals become zero, as `vdpbf16ps` reads them). Returns `None` where
+/// no kernel uses panels (the portable path, or not bf16).
 pub fn pack_panels(w: &Weight<'_>) -> Option<Vec<u32>> {
     if w.dtype != DType::BF16 || !bf16_panels_supported() {
         return None;
     }
     let k2 = w.cols.div_ceil(2);
     let mut out = vec![0u32; panel_len(w.rows, w.cols)];
-    #[cfg(target_arch = "x86_64")]
+    let vnni = isa() == Isa::Avx512Bf16;
     pool::for_each_chunk_mut_above(&mut out, k2 * 32, 0, &|g, panel| {
         let c = g * 32;
-        // SAFETY: the CPU has AVX512-BF16 (checked above); each task fills its own group's panel.
-        unsafe { pack_panel(w, c, (w.rows - c).min(32), panel) };
+        let nc = (w.rows - c).min(32);
+        #[cfg(target_arch = "x86_64")]
+        if vnni {
+            // SAFETY: the path is avx512bf16, so the CPU has AVX-512F/BW; each task fills its own panel.
+            unsafe { pack_panel(w, c, nc, panel) };
+            return;
+        }
+        let _ = vnni;
+        pack_panel_scalar(w, c, nc, panel);
     });
     Some(out)
 }
@@ -141,41 +166,16 @@ fn block_rows(m: usize, n: usize) -> usize {
     target.min(by_threads).div_ceil(32) * 32
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kernel {
-    Avx512Bf16,
-    Avx512,
-    Portable,
-}
-
-impl Kernel {
-    fn select() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::env::var_os("SWITCHYARD_PORTABLE_KERNELS").is_some() {
-                return Kernel::Portable;
-            }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-                if is_x86_feature_detected!("avx512bf16") {
-                    return Kernel::Avx512Bf16;
-                }
-                return Kernel::Avx512;
-            }
-        }
-        Kernel::Portable
-    }
-}
-
 /// Activations in the layout a kernel wants: bf16 bits or f32, `k` padded with zeros to a multiple of 32.
 enum Packed {
     Bf16 { data: Vec<u16>, stride: usize },
     F32 { data: Vec<f32>, stride: usize },
 }
 
-fn pack(j: &LinearJob<'_>, act: DType, kernel: Kernel) -> Packed {
+fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
     let k = j.w.cols;
     let stride = k.div_ceil(32) * 32;
-    if kernel == Kernel::Avx512Bf16 && j.w.dtype == DType::BF16 && act == DType::BF16 {
+    if kernel == Isa::Avx512Bf16 && pair_order(j.w.dtype, act) {
         let mut data = vec![0u16; j.m * stride];
         for r in 0..j.m {
             for (d, s) in data[r * stride..r * stride + k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
@@ -185,8 +185,13 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Kernel) -> Packed {
         Packed::Bf16 { data, stride }
     } else {
         let mut data = vec![0f32; j.m * stride];
+        let daz = pair_order(j.w.dtype, act);
         for r in 0..j.m {
-            data[r * stride..r * stride + k].copy_from_slice(&j.x[r * k..(r + 1) * k]);
+            let row = &mut data[r * stride..r * stride + k];
+            row.copy_from_slice(&j.x[r * k..(r + 1) * k]);
+            if daz {
+                row.iter_mut().for_each(|v| *v = flush_subnormal(*v));
+            }
         }
         Packed::F32 { data, stride }
     }
@@ -194,14 +199,14 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Kernel) -> Packed {
 
 /// Computes output columns `[n0, n1)` for all `m` rows.
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_block(kernel: Kernel, p: &Packed, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, ostride: usize, act: DType) {
+unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, ostride: usize, act: DType) {
     const MR: usize = 4;
     // FMA kernels (f32/f16 weights): small batches stream one weight row at a time (one sequential
     // stream per thread); larger batches reuse each weight load across two rows.
     let nr_max = if m < 8 { 1 } else { 2 };
     let mut r0 = 0;
     #[cfg(target_arch = "x86_64")]
-    if let (Kernel::Avx512Bf16, Packed::Bf16 { data, stride }) = (kernel, p) {
+    if let (Isa::Avx512Bf16, Packed::Bf16 { data, stride }) = (kernel, p) {
         unsafe { block_vnni(data, *stride, m, w, n0, n1, out, ostride) };
         for r in 0..m {
             let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * ostride + n0), n1 - n0) };
@@ -209,8 +214,29 @@ unsafe fn run_block(kernel: Kernel, p: &Packed, m: usize, w: &Weight<'_>, n0: us
         }
         return;
     }
+    if let (true, Packed::F32 { data, stride }) = (pair_order(w.dtype, act), p) {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => unsafe { block_pairs_avx2(data, *stride, m, w, n0, n1, out, ostride) },
+            _ => {
+                for r in 0..m {
+                    let x = &data[r * stride..r * stride + w.cols];
+                    for c in n0..n1 {
+                        let wb = &w.bytes[c * w.cols * 2..(c + 1) * w.cols * 2];
+                        unsafe { *out.add(r * ostride + c) = dot_pairs_portable(x, wb) };
+                    }
+                }
+            }
+        }
+        for r in 0..m {
+            let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * ostride + n0), n1 - n0) };
+            act.round_slice(row);
+        }
+        return;
+    }
     while r0 < m {
-        let mr = (m - r0).min(MR);
+        // 256-bit tiles keep two registers per 16-lane accumulator: at most 2 x 2 of them fit.
+        let mr = (m - r0).min(if kernel == Isa::Avx2 { 2 } else { MR });
         let mut c0 = n0;
         while c0 < n1 {
             let nr = (n1 - c0).min(nr_max);
@@ -245,13 +271,13 @@ macro_rules! dispatch_tile {
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(kernel: Kernel, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0: usize, nr: usize, out: *mut f32, ostride: usize) {
+unsafe fn tile(kernel: Isa, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0: usize, nr: usize, out: *mut f32, ostride: usize) {
     let k = w.cols;
     let wrow = |c: usize| unsafe { w.bytes.as_ptr().add((c0 + c) * k * w.dtype.size()) };
     let wp: [*const u8; 4] = [wrow(0), wrow(1.min(nr - 1)), wrow(2.min(nr - 1)), wrow(3.min(nr - 1))];
     match (kernel, p) {
         #[cfg(target_arch = "x86_64")]
-        (Kernel::Avx512Bf16 | Kernel::Avx512, Packed::F32 { data, stride }) => unsafe {
+        (Isa::Avx512Bf16 | Isa::Avx512, Packed::F32 { data, stride }) => unsafe {
             let x = data.as_ptr().add(r0 * stride);
             match w.dtype {
                 DType::BF16 => {
@@ -259,6 +285,17 @@ unsafe fn tile(kernel: Kernel, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>,
                 }
                 DType::F16 => dispatch_tile!(tile_fma_f16, mr, nr, x, *stride, wp, k, out, ostride),
                 DType::F32 => dispatch_tile!(tile_fma_f32, mr, nr, x, *stride, wp, k, out, ostride),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Packed::F32 { data, stride }) => unsafe {
+            let x = data.as_ptr().add(r0 * stride);
+            match w.dtype {
+                DType::BF16 => {
+                    dispatch_tile!(tile_fma8_bf16, mr, nr, x, *stride, wp, k, out, ostride)
+                }
+                DType::F16 => dispatch_tile!(tile_fma8_f16, mr, nr, x, *stride, wp, k, out, ostride),
+                DType::F32 => dispatch_tile!(tile_fma8_f32, mr, nr, x, *stride, wp, k, out, ostride),
             }
         },
         (_, Packed::F32 { data, stride }) => {
@@ -649,6 +686,263 @@ fma_tile!(tile_fma_f32, 4, load_f32);
 fma_tile!(tile_fma_bf16, 2, load_bf16);
 fma_tile!(tile_fma_f16, 2, load_f16);
 
+/// Zero for subnormal values: `vdpbf16ps` reads its inputs with denormals-are-zero, and the kernels
+/// that emulate it do the same to theirs (activations when packed, weights when repacked to panels).
+#[inline(always)]
+fn flush_subnormal(v: f32) -> f32 {
+    if v != 0.0 && v.abs() < f32::MIN_POSITIVE { 0.0 } else { v }
+}
+
+/// The bf16 bits of weight element `i` of a row, subnormals flushed (zero past the row's end).
+#[inline(always)]
+fn bf16_at(row: &[u8], i: usize) -> u16 {
+    if 2 * i + 1 >= row.len() {
+        return 0;
+    }
+    let b = u16::from_le_bytes([row[2 * i], row[2 * i + 1]]);
+    if b & 0x7f80 == 0 { 0 } else { b }
+}
+
+#[inline(always)]
+fn bf16_bits_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// One output of a bf16 x bf16 product in `vdpbf16ps` order, one scalar at a time: over k-pairs from
+/// k = 0, the odd element's product then the even one's, each added with one rounding (a product of two
+/// bf16 values is exact in f32). `x` is flushed already; `w` is the weight row's bytes.
+fn dot_pairs_portable(x: &[f32], w: &[u8]) -> f32 {
+    let k = x.len();
+    let mut acc = 0f32;
+    for p in 0..k.div_ceil(2) {
+        let x1 = if 2 * p + 1 < k { x[2 * p + 1] } else { 0.0 };
+        acc += x1 * bf16_bits_to_f32(bf16_at(w, 2 * p + 1));
+        acc += x[2 * p] * bf16_bits_to_f32(bf16_at(w, 2 * p));
+    }
+    acc
+}
+
+/// Rows `c .. c + nc` of `w` into `panel[i * 32 + j]` = pair i of row c + j (low half the even element,
+/// high half the odd one; zeros past `nc` and past k; subnormals flushed). Any CPU.
+fn pack_panel_scalar(w: &Weight<'_>, c: usize, nc: usize, panel: &mut [u32]) {
+    let k2 = w.cols.div_ceil(2);
+    let rb = w.cols * 2;
+    panel[..k2 * 32].fill(0);
+    for j in 0..nc {
+        let row = &w.bytes[(c + j) * rb..(c + j + 1) * rb];
+        for i in 0..k2 {
+            panel[i * 32 + j] = bf16_at(row, 2 * i) as u32 | (bf16_at(row, 2 * i + 1) as u32) << 16;
+        }
+    }
+}
+
+/// bf16 x bf16 on AVX2 + FMA in `vdpbf16ps` order (see [`pair_panel_avx2`]), over the prepacked panels
+/// when the weight has them, else over panels repacked per 32-row group into thread-local scratch.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, os: usize) {
+    let k2 = w.cols.div_ceil(2);
+    PANEL.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let mut c = n0;
+        while c < n1 {
+            let nc = (n1 - c).min(32);
+            let panel: &[u32] = match w.panels {
+                Some(panels) => {
+                    debug_assert_eq!(c % 32, 0);
+                    &panels[(c / 32) * k2 * 32..(c / 32 + 1) * k2 * 32]
+                }
+                None => {
+                    if scratch.len() < k2 * 32 {
+                        scratch.resize(k2 * 32, 0);
+                    }
+                    pack_panel_scalar(w, c, nc, &mut scratch[..k2 * 32]);
+                    &scratch[..k2 * 32]
+                }
+            };
+            let o = unsafe { out.add(c) };
+            let xp = x.as_ptr();
+            // SAFETY (all calls below): `panel` holds k2 * 32 pairs; x rows are `xs >= 2 * k2` floats
+            // apart, zero-padded; outputs `o + r * os + j` for j < nc are this task's columns.
+            unsafe {
+                match m {
+                    1 => pair_panel_avx2::<1, 4>(xp, xs, panel.as_ptr(), k2, o, os, nc),
+                    2 => pair_panel_avx2::<2, 4>(xp, xs, panel.as_ptr(), k2, o, os, nc),
+                    _ => {
+                        let mut r0 = 0;
+                        while r0 < m {
+                            let mr = (m - r0).min(4);
+                            let xr = xp.add(r0 * xs);
+                            let or = o.add(r0 * os);
+                            for h in 0..2 {
+                                let hc = nc.saturating_sub(16 * h).min(16);
+                                if hc == 0 {
+                                    continue;
+                                }
+                                let (ph, oh) = (panel.as_ptr().add(16 * h), or.add(16 * h));
+                                match mr {
+                                    1 => pair_panel_avx2::<1, 2>(xr, xs, ph, k2, oh, os, hc),
+                                    2 => pair_panel_avx2::<2, 2>(xr, xs, ph, k2, oh, os, hc),
+                                    3 => pair_panel_avx2::<3, 2>(xr, xs, ph, k2, oh, os, hc),
+                                    _ => pair_panel_avx2::<4, 2>(xr, xs, ph, k2, oh, os, hc),
+                                }
+                            }
+                            r0 += mr;
+                        }
+                    }
+                }
+            }
+            c += nc;
+        }
+    });
+}
+
+/// `MR` rows of x against `8 * NV` consecutive outputs of a panel (`panel` points at the first of
+/// them; panel rows are 32 pairs apart). Lane j of accumulator v holds output `8v + j`; for each
+/// k-pair it adds the odd element's product, then the even one's, with FMA: both products are exact
+/// (bf16 x bf16), so each FMA is one rounded add, exactly `vdpbf16ps`'s two steps.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_panel_avx2<const MR: usize, const NV: usize>(
+    x: *const f32,
+    xs: usize,
+    panel: *const u32,
+    k2: usize,
+    out: *mut f32,
+    os: usize,
+    nc: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+    let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    for i in 0..k2 {
+        let mut wo = [_mm256_setzero_ps(); NV];
+        let mut we = [_mm256_setzero_ps(); NV];
+        for v in 0..NV {
+            // SAFETY: pair i, outputs 8v .. 8v + 8 of this panel are inside it (see the caller).
+            let pairs = unsafe { _mm256_loadu_si256(panel.add(i * 32 + 8 * v) as *const __m256i) };
+            wo[v] = _mm256_castsi256_ps(_mm256_and_si256(pairs, hi));
+            we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: element 2i + 1 of row r is inside its zero-padded stride.
+            let (xo, xe) = unsafe { (_mm256_set1_ps(*x.add(r * xs + 2 * i + 1)), _mm256_set1_ps(*x.add(r * xs + 2 * i))) };
+            for v in 0..NV {
+                a[v] = _mm256_fmadd_ps(xo, wo[v], a[v]);
+                a[v] = _mm256_fmadd_ps(xe, we[v], a[v]);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for (v, lanes) in a.iter().enumerate() {
+            let n = nc.saturating_sub(8 * v).min(8);
+            if n == 8 {
+                // SAFETY: outputs 8v .. 8v + 8 of row r are within this task's columns.
+                unsafe { _mm256_storeu_ps(out.add(r * os + 8 * v), *lanes) };
+            } else if n > 0 {
+                let mut tmp = [0f32; 8];
+                // SAFETY: `tmp` holds 8 floats; the first n go to this task's columns.
+                unsafe {
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), *lanes);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(r * os + 8 * v), n);
+                }
+            }
+        }
+    }
+}
+
+/// The 16-lane FMA tiles of [`fma_tile`] on AVX2: each 16-lane accumulator is two 256-bit halves
+/// (lanes 0-7 and 8-15), fed the same products in the same order, and reduced by the same tree
+/// ([`reduce16`]: upper eight onto lower eight, then four, two, one), so results equal the 512-bit
+/// tiles bit for bit.
+macro_rules! fma8_tile {
+    ($name:ident, $esize:expr, $load:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const MR: usize, const NR: usize>(x: *const f32, xs: usize, w: [*const u8; 4], k: usize, out: *mut f32, os: usize) {
+            let load: unsafe fn(*const u8, usize) -> __m256 = $load;
+            let mut acc = [[[_mm256_setzero_ps(); 2]; NR]; MR];
+            let chunks = k.div_ceil(16);
+            for kc in 0..chunks {
+                let mut wv = [[_mm256_setzero_ps(); 2]; NR];
+                for c in 0..NR {
+                    for h in 0..2 {
+                        let start = kc * 16 + 8 * h;
+                        let n = k.saturating_sub(start).min(8);
+                        // SAFETY: the first n elements from `start` are inside the weight row.
+                        wv[c][h] = unsafe { load(w[c].add(start * $esize), n) };
+                    }
+                }
+                for r in 0..MR {
+                    for h in 0..2 {
+                        // SAFETY: x rows are zero-padded to a multiple of 32 elements.
+                        let xv = unsafe { _mm256_loadu_ps(x.add(r * xs + kc * 16 + 8 * h)) };
+                        for c in 0..NR {
+                            acc[r][c][h] = _mm256_fmadd_ps(xv, wv[c][h], acc[r][c][h]);
+                        }
+                    }
+                }
+            }
+            for r in 0..MR {
+                for c in 0..NR {
+                    let mut lanes = [0f32; 16];
+                    // SAFETY: `lanes` holds 16 floats.
+                    unsafe {
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c][0]);
+                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[r][c][1]);
+                        *out.add(r * os + c) = reduce16(&lanes);
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// Up to 8 consecutive elements (zeros after `n`) widened to f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn load8_f32(p: *const u8, n: usize) -> __m256 {
+    if n == 8 {
+        return unsafe { _mm256_loadu_ps(p as *const f32) };
+    }
+    let mut t = [0f32; 8];
+    // SAFETY: the caller guarantees n elements at p.
+    unsafe { std::ptr::copy_nonoverlapping(p as *const f32, t.as_mut_ptr(), n) };
+    unsafe { _mm256_loadu_ps(t.as_ptr()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn load8_halves(p: *const u8, n: usize) -> __m128i {
+    if n == 8 {
+        return unsafe { _mm_loadu_si128(p as *const __m128i) };
+    }
+    let mut t = [0u16; 8];
+    // SAFETY: the caller guarantees n 16-bit elements at p.
+    unsafe { std::ptr::copy_nonoverlapping(p as *const u16, t.as_mut_ptr(), n) };
+    unsafe { _mm_loadu_si128(t.as_ptr() as *const __m128i) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn load8_bf16(p: *const u8, n: usize) -> __m256 {
+    let h = unsafe { load8_halves(p, n) };
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn load8_f16(p: *const u8, n: usize) -> __m256 {
+    let h = unsafe { load8_halves(p, n) };
+    _mm256_cvtph_ps(h)
+}
+
+fma8_tile!(tile_fma8_f32, 4, load8_f32);
+fma8_tile!(tile_fma8_bf16, 2, load8_bf16);
+fma8_tile!(tile_fma8_f16, 2, load8_f16);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,27 +963,27 @@ mod tests {
             .collect()
     }
 
-    fn check(dt: DType, act: DType, m: usize, n: usize, k: usize) {
+    fn check(isa: Isa, dt: DType, act: DType, m: usize, n: usize, k: usize) {
         let mut s = 7u64 + (m * 131 + n * 7 + k) as u64;
         let wv: Vec<f32> = (0..n * k).map(|_| dt.round(lcg(&mut s))).collect();
         let x: Vec<f32> = (0..m * k).map(|_| act.round(lcg(&mut s))).collect();
         let wb = weight_bytes(&wv, dt);
         let w = Weight::new(dt, &wb, n, k);
         let mut out = vec![0f32; m * n];
-        linear(&x, m, w, &mut out, act);
+        linear_many_on(isa, &mut [LinearJob { x: &x, m, w, out: &mut out }], act);
         for r in 0..m {
             for c in 0..n {
                 let exact: f64 = (0..k).map(|i| x[r * k + i] as f64 * wv[c * k + i] as f64).sum();
                 let got = out[r * n + c] as f64;
                 let tol = if act == DType::F32 { 1e-4 } else { 1e-2 * exact.abs().max(0.1) };
-                assert!((got - exact).abs() <= tol, "{dt:?}/{act:?} m={m} n={n} k={k} [{r},{c}]: {got} vs {exact}");
+                assert!((got - exact).abs() <= tol, "{isa} {dt:?}/{act:?} m={m} n={n} k={k} [{r},{c}]: {got} vs {exact}");
             }
         }
         // Batch invariance: every row alone gives bit-identical output.
         for r in 0..m {
             let mut one = vec![0f32; n];
-            linear(&x[r * k..(r + 1) * k], 1, w, &mut one, act);
-            assert_eq!(&one[..], &out[r * n..(r + 1) * n], "row {r} depends on the batch ({dt:?}, m={m})");
+            linear_many_on(isa, &mut [LinearJob { x: &x[r * k..(r + 1) * k], m: 1, w, out: &mut one }], act);
+            assert_eq!(&one[..], &out[r * n..(r + 1) * n], "{isa}: row {r} depends on the batch ({dt:?}, m={m})");
         }
     }
 
@@ -697,7 +991,9 @@ mod tests {
     fn matches_f64_and_is_batch_invariant() {
         for &(dt, act) in &[(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F16), (DType::BF16, DType::F32)] {
             for &(m, n, k) in &[(1, 1, 1), (1, 37, 45), (3, 9, 64), (5, 70, 100), (9, 33, 31), (16, 64, 256)] {
-                check(dt, act, m, n, k);
+                for isa in Isa::supported() {
+                    check(isa, dt, act, m, n, k);
+                }
             }
         }
     }
@@ -705,7 +1001,7 @@ mod tests {
     #[test]
     fn prepacked_panels_give_identical_results() {
         if !bf16_panels_supported() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            eprintln!("skipped: the portable path uses no panels");
             return;
         }
         for &(m, n, k) in &[(1usize, 40usize, 45usize), (3, 64, 96), (9, 70, 100), (16, 33, 31)] {
@@ -726,22 +1022,84 @@ mod tests {
     /// `w = [2^24, 0, 1, 0, -2^24, 0, 1, 0]` and `x = 1`, that order gives 1 (2^24 + 1 rounds back to
     /// 2^24), while the exact sum, or any order that adds the two 1s together, gives 2. torch 2.15's
     /// `linear` on bf16 returns 1.0 for this input at M = 1 and at M = 8.
+    ///
+    /// Within a pair the odd element goes first: for `w = [-2^25, 0, 1, 2^25]` and `x = 1`, adding 2^25
+    /// before 1 gives 1, adding 1 first gives 0 (-2^25 + 1 rounds back to -2^25). The odd-first order is
+    /// `vdpbf16ps`'s (Intel SDM); with it the tiny bf16 checkpoint matches transformers' batched forward
+    /// to 1e-6 in log-probability on the emulating paths too (tests/model_reference.rs).
     #[test]
     fn bf16_outputs_sum_pairs_in_order() {
-        if !bf16_panels_supported() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
-            return;
+        let cases: [(&[f32], f32); 2] =
+            [(&[16777216.0, 0.0, 1.0, 0.0, -16777216.0, 0.0, 1.0, 0.0], 1.0), (&[-33554432.0, 0.0, 1.0, 33554432.0], 1.0)];
+        for (wv, want) in cases {
+            let k = wv.len();
+            let wb = weight_bytes(wv, DType::BF16);
+            let w = Weight::new(DType::BF16, &wb, 1, k);
+            for isa in Isa::supported() {
+                for m in [1usize, 8] {
+                    let x = vec![1.0f32; k * m];
+                    let panels = if isa == Isa::Portable { None } else { Some(packed(isa, &w)) };
+                    for w in [w, w.with_panels(panels.as_deref())] {
+                        let mut out = vec![0f32; m];
+                        linear_many_on(isa, &mut [LinearJob { x: &x, m, w, out: &mut out }], DType::BF16);
+                        assert!(out.iter().all(|&v| v == want), "{isa} m={m} w={wv:?}: {out:?}");
+                    }
+                }
+            }
         }
-        let wv = [16777216.0f32, 0.0, 1.0, 0.0, -16777216.0, 0.0, 1.0, 0.0];
-        let wb = weight_bytes(&wv, DType::BF16);
-        let w = Weight::new(DType::BF16, &wb, 1, 8);
-        let panels = pack_panels(&w).unwrap();
-        for m in [1usize, 8] {
-            let x = vec![1.0f32; 8 * m];
-            for w in [w, w.with_panels(Some(&panels))] {
-                let mut out = vec![0f32; m];
-                linear(&x, m, w, &mut out, DType::BF16);
-                assert!(out.iter().all(|&v| v == 1.0), "m={m}: {out:?}");
+    }
+
+    /// Panels as the given path packs them.
+    fn packed(isa: Isa, w: &Weight<'_>) -> Vec<u32> {
+        let k2 = w.cols.div_ceil(2);
+        let mut out = vec![0u32; panel_len(w.rows, w.cols)];
+        for (g, panel) in out.chunks_mut(k2 * 32).enumerate() {
+            let (c, nc) = (g * 32, (w.rows - g * 32).min(32));
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512Bf16 {
+                unsafe { pack_panel(w, c, nc, panel) };
+                continue;
+            }
+            let _ = isa;
+            pack_panel_scalar(w, c, nc, panel);
+        }
+        out
+    }
+
+    /// Every path the CPU has gives the same bits as the portable one for bf16 x bf16 (with and without
+    /// prepacked panels, at every batch size, odd k, subnormal inputs); f32 and f16 weights give the
+    /// same bits on every FMA path.
+    #[test]
+    fn every_path_gives_the_same_bits() {
+        let mut s = 11u64;
+        for &(m, n, k) in &[(1usize, 40usize, 45usize), (2, 64, 96), (3, 70, 100), (5, 33, 31), (16, 96, 130), (1, 256, 1024)] {
+            let mut wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
+            let mut x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s))).collect();
+            wv[3] = f32::from_bits(0x0001_0000); // subnormal weight and activation: read as zero
+            x[1] = -f32::from_bits(0x0002_0000);
+            let run = |isa: Isa, dt: DType, act: DType, panels: bool| {
+                let wb = weight_bytes(&wv, dt);
+                let w = Weight::new(dt, &wb, n, k);
+                let p = (panels && dt == DType::BF16 && isa != Isa::Portable).then(|| packed(isa, &w));
+                let mut out = vec![0f32; m * n];
+                let xa: Vec<f32> = x.iter().map(|&v| act.round(v)).collect();
+                linear_many_on(isa, &mut [LinearJob { x: &xa, m, w: w.with_panels(p.as_deref()), out: &mut out }], act);
+                out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            let want = run(Isa::Portable, DType::BF16, DType::BF16, false);
+            for isa in Isa::supported() {
+                for panels in [false, true] {
+                    assert_eq!(run(isa, DType::BF16, DType::BF16, panels), want, "{isa} panels={panels} m={m} n={n} k={k}");
+                }
+            }
+            let fma: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Portable).collect();
+            for (dt, act) in [(DType::F32, DType::F32), (DType::F16, DType::F16), (DType::BF16, DType::F32)] {
+                if let Some(&first) = fma.first() {
+                    let want = run(first, dt, act, false);
+                    for &isa in &fma {
+                        assert_eq!(run(isa, dt, act, false), want, "{isa} {dt:?}/{act:?} m={m} n={n} k={k}");
+                    }
+                }
             }
         }
     }

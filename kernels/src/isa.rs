@@ -1,0 +1,153 @@
+//! Which instruction-set path the kernels take, chosen once per process.
+//!
+//! | path | needs | bf16 x bf16 products | other products, elementwise passes |
+//! |---|---|---|---|
+//! | `avx512bf16` | AVX-512F/BW + AVX512-BF16 | `vdpbf16ps` | 512-bit FMA, loops vectorised for AVX-512 |
+//! | `avx512` | AVX-512F/BW | the pair-order kernel on AVX2 + FMA | 512-bit FMA, loops vectorised for AVX-512 |
+//! | `avx2` | AVX2 + FMA + F16C (x86-64-v3) | the pair-order kernel on AVX2 + FMA | 256-bit FMA in the 16-lane order of the 512-bit kernels, loops vectorised for AVX2 |
+//! | `portable` | nothing | the pair-order sum, one scalar at a time | scalar, 16 lanes, no FMA |
+//!
+//! The best path the CPU supports is taken unless `SWITCHYARD_KERNELS` names another (one the CPU
+//! supports: a test or a benchmark runs every path a machine has this way). The variable is read once,
+//! the first time a kernel runs or [`select`] is called; binaries call [`select`] at start and print
+//! the result, so a bad value fails there, with the paths this CPU offers.
+//!
+//! Numerics: bf16 weights with bf16 activations give bit-identical results on every path (each output
+//! is summed over k-pairs in order, as `vdpbf16ps` and oneDNN's bf16 GEMM do). Elementwise passes give
+//! the same results on every path (no contraction to FMA, lane-wise rounding). f32 and f16 weights give
+//! the same results on `avx512bf16`, `avx512` and `avx2` (FMA over the same 16 lanes, the same
+//! reduction tree); `portable` rounds each product before adding it.
+
+use std::sync::OnceLock;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    Avx512,
+    Avx512Bf16,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == s.trim().to_ascii_lowercase())
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let v3 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Isa::Portable => true,
+                Isa::Avx2 => v3,
+                Isa::Avx512 => v3 && has!("avx512f") && has!("avx512bw"),
+                Isa::Avx512Bf16 => v3 && has!("avx512f") && has!("avx512bw") && has!("avx512bf16"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+
+    /// Every path this CPU supports, slowest first.
+    pub fn supported() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
+    }
+
+    /// The best path this CPU supports.
+    pub fn best() -> Isa {
+        Isa::supported().into_iter().next_back().unwrap_or(Isa::Portable)
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+static CHOSEN: OnceLock<Result<Isa, String>> = OnceLock::new();
+
+fn choose() -> Result<Isa, String> {
+    let requested = match std::env::var("SWITCHYARD_KERNELS") {
+        Ok(v) if !v.is_empty() => Some(v),
+        // The older spelling of `SWITCHYARD_KERNELS=portable`.
+        _ if std::env::var_os("SWITCHYARD_PORTABLE_KERNELS").is_some() => Some("portable".to_string()),
+        _ => None,
+    };
+    let Some(v) = requested else { return Ok(Isa::best()) };
+    let offered = Isa::supported().iter().map(|i| i.name()).collect::<Vec<_>>().join(", ");
+    match Isa::parse(&v) {
+        Some(i) if i.is_supported() => Ok(i),
+        Some(i) => Err(format!("SWITCHYARD_KERNELS={i}: this CPU does not support that path (it offers: {offered})")),
+        None => Err(format!(
+            "SWITCHYARD_KERNELS={v}: not a kernel path (one of portable, avx2, avx512, avx512bf16; this CPU offers: {offered})"
+        )),
+    }
+}
+
+/// The path chosen for this process, or why `SWITCHYARD_KERNELS` cannot be honoured.
+pub fn select() -> Result<Isa, String> {
+    CHOSEN.get_or_init(choose).clone()
+}
+
+/// The path the kernels run. An unusable `SWITCHYARD_KERNELS` (which [`select`] reports) falls back to
+/// the best supported path.
+#[inline]
+pub fn isa() -> Isa {
+    match CHOSEN.get_or_init(choose) {
+        Ok(i) => *i,
+        Err(_) => Isa::best(),
+    }
+}
+
+/// The CPU features the paths depend on that this CPU has, for logs and benchmark reports.
+pub fn cpu_features() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let all = [
+            ("avx2", has!("avx2")),
+            ("fma", has!("fma")),
+            ("f16c", has!("f16c")),
+            ("avx512f", has!("avx512f")),
+            ("avx512bw", has!("avx512bw")),
+            ("avx512bf16", has!("avx512bf16")),
+        ];
+        all.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect::<Vec<_>>().join(" ")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        String::from(std::env::consts::ARCH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_portable_is_always_there() {
+        for i in Isa::ALL {
+            assert_eq!(Isa::parse(i.name()), Some(i));
+        }
+        assert_eq!(Isa::parse("AVX2"), Some(Isa::Avx2));
+        assert_eq!(Isa::parse("sse"), None);
+        assert_eq!(Isa::supported()[0], Isa::Portable);
+        assert!(Isa::best().is_supported());
+    }
+}
