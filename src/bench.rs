@@ -36,7 +36,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let m = &loaded.model;
     let c = &m.config;
     let threads = switchyard_kernels::pool::global().threads();
+    let per_token = weight_bytes_per_decode_token(&loaded.dir.path, c)?;
+    let bandwidth = read_bandwidth();
+    let path = switchyard_kernels::isa();
+    let features = switchyard_kernels::isa::cpu_features();
     if !a.json {
+        println!(
+            "kernels {path} (CPU features: {features}); memory read bandwidth with {threads} threads {:.1} GB/s; \
+             {:.0} MB of weights read per batch-1 decode token, so at most {:.1} tok/s",
+            bandwidth / 1e9,
+            per_token as f64 / 1e6,
+            bandwidth / per_token as f64
+        );
         println!(
             "model {} ({}; {} layers, hidden {}, vocab {}), {} threads, prompt {} tokens, {} decode steps",
             loaded.dir.path.display(),
@@ -83,17 +94,61 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
         let ms_step = decode_s * 1e3 / a.decode_steps as f64;
+        // The batch-1 bound: every weight byte a token needs, read once at the measured bandwidth.
+        let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token as f64));
         if a.json {
             println!(
                 "{}",
                 serde_json::json!({"batch": b, "prompt_len": a.prompt_len, "decode_steps": a.decode_steps, "threads": threads,
+                    "kernels": path.name(), "cpu_features": features, "read_bandwidth_bytes_per_s": bandwidth,
+                    "weight_bytes_per_decode_token": per_token, "decode_fraction_of_bandwidth_bound": of_bound,
                     "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step})
             );
         } else {
-            println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}");
+            let bound = of_bound.map_or(String::new(), |f| format!("  ({:.0}% of the bandwidth bound)", f * 100.0));
+            println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}{bound}");
         }
     }
     Ok(())
+}
+
+/// Bytes of weights one batch-1 decode token reads: every text-model tensor once (the tied embedding
+/// in full, as the lm_head), except the experts, of which each layer reads `top_k` of `num_experts`.
+fn weight_bytes_per_decode_token(dir: &std::path::Path, c: &switchyard_worker::ModelConfig) -> Result<u64> {
+    let ckpt = switchyard_worker::Checkpoint::open(dir)?;
+    let prefix = ckpt.text_prefix();
+    let mut total = 0f64;
+    for name in ckpt.names().filter(|n| n.starts_with(prefix) && !n.contains("vision")) {
+        let Some(t) = ckpt.get(name) else { continue };
+        let bytes = t.bytes().len() as f64;
+        total += match c.moe {
+            Some(moe) if name.contains(".experts.") => bytes * moe.top_k as f64 / moe.num_experts as f64,
+            _ => bytes,
+        };
+    }
+    Ok(total as u64)
+}
+
+/// The machine's memory read bandwidth with the kernels' threads: the best of three passes over a
+/// 512 MiB buffer (far past any cache), each thread summing its own contiguous share.
+fn read_bandwidth() -> f64 {
+    const WORDS: usize = (512 << 20) / 8;
+    let buf: Vec<u64> = (0..WORDS as u64).collect();
+    let pool = switchyard_kernels::pool::global();
+    let parts = pool.threads().max(1) * 4;
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        pool.parallel_for(parts, &|i| {
+            let chunk = &buf[i * WORDS / parts..(i + 1) * WORDS / parts];
+            let s = switchyard_kernels::simd::vectorized(|| chunk.iter().fold(0u64, |a, &v| a.wrapping_add(v)));
+            sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.max((WORDS * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
+    best
 }
 
 /// A deterministic pseudo-random prompt (BOS first), avoiding special and placeholder ids.

@@ -107,12 +107,21 @@ pub struct Loaded {
 }
 
 pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
+    kernel_path()?;
     let dir = ModelDir::resolve(&args.model)?;
     let config = ModelConfig::from_file(&dir.file("config.json"))?;
     let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("loading weights from {}", dir.path.display()))?;
     let vision = vision_tower(&dir, &config, &ckpt)?;
     let model = Gemma4Model::load(config, &ckpt)?;
     Ok(Loaded { dir, model, vision })
+}
+
+/// Chooses the CPU kernels' path for this process (`SWITCHYARD_KERNELS`, else the best the CPU has)
+/// and says which, before any weight is touched; a path the CPU lacks is an error here.
+pub fn kernel_path() -> Result<switchyard_kernels::Isa> {
+    let isa = switchyard_kernels::isa::select().map_err(anyhow::Error::msg)?;
+    eprintln!("switchyard: CPU kernels: {isa} (CPU features: {})", switchyard_kernels::isa::cpu_features());
+    Ok(isa)
 }
 
 /// `vision_config` of a checkpoint's config.json, if it has one.

@@ -187,6 +187,7 @@ async fn serve_metrics(port: Option<u16>, ready: watch::Receiver<bool>) -> Resul
 
 /// The checkpoint's compute dtype (the dtype of its embedding) and the bytes of one expert slice.
 fn checkpoint_facts(dir: &ModelDir, c: &ModelConfig) -> Result<(Checkpoint, DType, u64)> {
+    crate::cli::kernel_path()?;
     let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("opening {}", dir.path.display()))?;
     let name = format!("{}embed_tokens.weight", ckpt.text_prefix());
     let dt = ckpt.get(&name).with_context(|| format!("the checkpoint has no {name}"))?.dtype;

@@ -3,6 +3,8 @@ use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
 fn main() {
+    let isa = switchyard_kernels::isa::select().unwrap_or_else(|e| panic!("{e}"));
+    println!("kernel path {isa} (SWITCHYARD_KERNELS to choose); CPU features: {}", switchyard_kernels::isa::cpu_features());
     for (n, k, ms) in
         [(4096usize, 1024usize, &[1usize, 2, 16, 256][..]), (1024, 1024, &[256][..]), (1024, 512, &[256][..]), (131072, 1024, &[1, 16][..])]
     {
@@ -16,7 +18,7 @@ fn shape(n: usize, k: usize, ms: &[usize], packed: bool) {
     let plain = Weight::new(DType::BF16, &wb, n, k);
     let panels = if packed { switchyard_kernels::linear::pack_panels(&plain) } else { None };
     if packed && panels.is_none() {
-        return; // no AVX512-BF16 here
+        return; // the portable path uses no panels
     }
     let w = plain.with_panels(panels.as_deref());
     let label = if packed { "packed" } else { "plain " };

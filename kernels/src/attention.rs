@@ -20,11 +20,15 @@ pub fn attend<'a>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    // Not `simd::vectorized`: LLVM does not inline that closure (it captures the two key/value
+    // accessors) into the wide function, so the body would stay scalar.
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F. Not `simd::avx512`: LLVM does not inline this closure (it
-        // captures the two key/value accessors) into the AVX-512 function, so the body would stay scalar.
-        return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) };
+    match crate::isa() {
+        // SAFETY: the chosen path guarantees the CPU has AVX-512F.
+        crate::Isa::Avx512 | crate::Isa::Avx512Bf16 => return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) },
+        // SAFETY: the chosen path guarantees the CPU has AVX2.
+        crate::Isa::Avx2 => return unsafe { attend_avx2(q, n, key, value, scale, dt, scores, out) },
+        crate::Isa::Portable => {}
     }
     attend_body(q, n, key, value, scale, dt, scores, out)
 }
@@ -34,6 +38,23 @@ pub fn attend<'a>(
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx512<'a>(
+    q: &[f32],
+    n: usize,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    dt: DType,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_body(q, n, key, value, scale, dt, scores, out)
+}
+
+/// [`attend_body`] compiled with AVX2 (same numbers; see `simd`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_avx2<'a>(
     q: &[f32],
     n: usize,
     key: impl Fn(usize) -> &'a [f32],

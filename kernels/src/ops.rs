@@ -183,7 +183,7 @@ pub fn gelu_mul(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 
 /// [`gelu_mul`] on one row, inline (for callers that are already inside a parallel region).
 pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
-    crate::simd::avx512(|| gelu_gate_up_body(gate, up, dt, out))
+    crate::simd::vectorized(|| gelu_gate_up_body(gate, up, dt, out))
 }
 
 #[inline(always)]
@@ -199,7 +199,7 @@ fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 /// Final-logit soft-capping in place: `round(round(tanh(round(l / cap))) * cap)`, as transformers
 /// computes `tanh(logits / cap) * cap` in the compute dtype.
 pub fn softcap(logits: &mut [f32], cap: f32, dt: DType) {
-    crate::simd::avx512(|| softcap_body(logits, cap, dt))
+    crate::simd::vectorized(|| softcap_body(logits, cap, dt))
 }
 
 #[inline(always)]

@@ -1,17 +1,28 @@
-//! Plain Rust loops compiled for AVX-512 where the CPU has it.
+//! Plain Rust loops compiled for the widest vectors the chosen kernel path has.
 //!
-//! [`avx512`] runs a closure inside a function built with AVX-512F/DQ enabled, so loops the closure
-//! inlines (`#[inline(always)]` bodies) are vectorised with 512-bit registers; elsewhere the closure
-//! runs as it is. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA,
-//! and lane-wise f32/f64 arithmetic rounds the same at any vector width.
+//! [`vectorized`] runs a closure inside a function built with AVX-512F/DQ (paths `avx512`,
+//! `avx512bf16`) or AVX2 (path `avx2`) enabled, so loops the closure inlines (`#[inline(always)]`
+//! bodies) are vectorised with 512- or 256-bit registers; on the portable path the closure runs as it
+//! is. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise
+//! f32/f64 arithmetic rounds the same at any vector width.
 
-/// Runs `f`, vectorised for AVX-512 when the CPU has AVX-512F and DQ.
+use crate::isa::{Isa, isa};
+
+/// Runs `f`, vectorised for the chosen path.
 #[inline(always)]
-pub fn avx512<R>(f: impl FnOnce() -> R) -> R {
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { run_avx512(f) };
+    match isa() {
+        Isa::Avx512 | Isa::Avx512Bf16 if std::arch::is_x86_feature_detected!("avx512dq") => {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { run_avx512(f) };
+        }
+        // AVX2 is part of every path past portable (the AVX-512 ones require it too).
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
+            // SAFETY: as above.
+            return unsafe { run_avx2(f) };
+        }
+        Isa::Portable => {}
     }
     f()
 }
@@ -19,5 +30,11 @@ pub fn avx512<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
 unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
