@@ -96,3 +96,10 @@ fn batch_of_8_equals_each_alone_bf16() {
 fn batch_of_8_equals_each_alone_f32() {
     batch_equals_alone("tiny-f32");
 }
+
+/// Every test above, again on every other kernel path this CPU has.
+#[test]
+fn every_kernel_path_is_exact() {
+    let ran = common::rerun_on_other_kernel_paths("every_kernel_path_is_exact");
+    eprintln!("also ran on: {ran:?} (this process: {})", switchyard_kernels::isa());
+}

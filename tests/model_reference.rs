@@ -90,10 +90,13 @@ fn f32_checkpoint_matches_transformers() {
     assert!(r.vs_uncached.diff <= 1e-3, "tiny-f32: {} > 1e-3 at {}", r.vs_uncached.diff, r.vs_uncached.at);
 }
 
+/// Every kernel path sums bf16 products in oneDNN's order (`vdpbf16ps`, or its emulation), so the
+/// batched forward is reproduced to float noise in the log-softmax (9.5e-7 measured on the avx2 and
+/// portable paths) and every greedy token is equal.
 #[test]
 fn bf16_checkpoint_matches_transformers() {
-    let r = run("tiny-bf16", 0.1);
-    assert!(r.vs_uncached.diff <= 5e-2, "tiny-bf16: {} > 5e-2 at {}", r.vs_uncached.diff, r.vs_uncached.at);
+    let r = run("tiny-bf16", -1.0);
+    assert!(r.vs_uncached.diff <= 1e-4, "tiny-bf16: {} > 1e-4 at {}", r.vs_uncached.diff, r.vs_uncached.at);
 }
 
 #[test]
@@ -119,4 +122,12 @@ fn reference_covers_the_hard_cases() {
     let peaked = r.cases.iter().flat_map(|k| &k.steps).filter(|s| s.margin > 0.1).count();
     let total: usize = r.cases.iter().map(|k| k.steps.len()).sum();
     assert!(peaked * 10 >= total * 8, "logits not peaked enough: {peaked}/{total} steps with margin > 0.1");
+}
+
+/// Every test above, again on every other kernel path this CPU has (portable, avx2, avx512, avx512bf16):
+/// each is held to the same bounds.
+#[test]
+fn every_kernel_path_matches_transformers() {
+    let ran = common::rerun_on_other_kernel_paths("every_kernel_path_matches_transformers");
+    eprintln!("also ran on: {ran:?} (this process: {})", switchyard_kernels::isa());
 }

@@ -50,3 +50,31 @@ pub fn reference(name: &str) -> Reference {
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/make_fixtures.py)", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// Runs every other test of this test binary again on each CPU kernel path the machine supports
+/// besides the one this process uses (`SWITCHYARD_KERNELS`, read once per process, so each path gets a
+/// process of its own), and fails if any of them fails. Returns the paths it ran.
+#[allow(dead_code)]
+pub fn rerun_on_other_kernel_paths(this_test: &str) -> Vec<switchyard_kernels::Isa> {
+    const CHILD: &str = "SWITCHYARD_TEST_KERNEL_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return Vec::new();
+    }
+    let current = switchyard_kernels::isa();
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut ran = Vec::new();
+    for path in switchyard_kernels::Isa::supported().into_iter().filter(|&p| p != current) {
+        let out = std::process::Command::new(&exe)
+            .args(["--skip", this_test, "--test-threads", "1"])
+            .env("SWITCHYARD_KERNELS", path.name())
+            .env(CHILD, "1")
+            .output()
+            .expect("running the test binary again");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "on the {path} kernels:\n{text}");
+        assert!(text.contains("test result: ok"), "on the {path} kernels nothing ran:\n{text}");
+        eprintln!("{path} kernels: {}", text.lines().find(|l| l.starts_with("test result")).unwrap_or(""));
+        ran.push(path);
+    }
+    ran
+}
