@@ -7,8 +7,9 @@
 #
 # Environment (all optional):
 #   SWITCHYARD_BIN   switchyard binary, server and benchmark client   [target/release/switchyard]
-#   VLLM_VENV        venv with vLLM CPU 0.32 (/work/shared/tools/setup-vllm-cpu.sh)   [/work/venvs/vllm]
-#   LLAMA_SERVER     llama.cpp server binary   [/work/venvs/llama/build/bin/llama-server]
+#   VLLM_VENV        venv with vLLM CPU 0.32 (docs/benchmarks.md says how to make one)   [.venv-vllm]
+#   LLAMA_SERVER     llama.cpp server binary (docs/benchmarks.md: built for AVX2 only)   [.venv-llama/build/bin/llama-server]
+#   SWITCHYARD_KERNELS  Switchyard's CPU kernel path (portable, avx2, avx512, avx512bf16)   [the best this CPU has]
 #   GGUF             GGUF of the same checkpoint for llama-server (llama.cpp is skipped without it)
 #   SERVERS          which servers, in order   ["switchyard vllm llama"]
 #   CONCURRENCIES    ["1 16"]; at concurrency 1 NUM_PROMPTS_C1 [8] prompts, otherwise PROMPTS_PER_SLOT [4] per slot
@@ -25,8 +26,8 @@ MODEL_DIR=${1:?usage: $0 MODEL_DIR}
 cd "$(dirname "$0")/.." || exit 1
 
 SWITCHYARD_BIN=${SWITCHYARD_BIN:-target/release/switchyard}
-VLLM_VENV=${VLLM_VENV:-/work/venvs/vllm}
-LLAMA_SERVER=${LLAMA_SERVER:-/work/venvs/llama/build/bin/llama-server}
+VLLM_VENV=${VLLM_VENV:-.venv-vllm}
+LLAMA_SERVER=${LLAMA_SERVER:-.venv-llama/build/bin/llama-server}
 GGUF=${GGUF:-}
 SERVERS=${SERVERS:-switchyard vllm llama}
 CONCURRENCIES=${CONCURRENCIES:-1 16}
@@ -150,7 +151,7 @@ for server in $SERVERS; do
       ;;
     vllm)
       if [[ ! -x $VLLM_VENV/bin/python ]]; then
-        echo "skipped: vllm (no $VLLM_VENV/bin/python; see /work/shared/tools/setup-vllm-cpu.sh)"
+        echo "skipped: vllm (no $VLLM_VENV/bin/python; see docs/benchmarks.md)"
         continue
       fi
       run_server vllm env VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-1}" \
@@ -178,6 +179,9 @@ done
 
 echo
 echo "Side by side: $INPUT_LEN-token random prompts, $OUTPUT_LEN output tokens, greedy, ignore_eos, seed $SEED"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; x86 features:" \
+  "$(grep -m1 -o -w -E 'avx2|fma|f16c|avx512f|avx512bw|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "Switchyard kernels: $(grep -m1 -o 'CPU kernels: .*' "$OUT_DIR/switchyard.server.log" 2>/dev/null || echo unknown)"
 python3 - "$OUT_DIR" "$SERVERS" "$CONCURRENCIES" <<'EOF'
 import json, os, sys
 
