@@ -12,7 +12,7 @@ cargo test --workspace
 cargo build --bin switchyard
 
 venv=${SWITCHYARD_TEST_VENV:-.venv-test}
-if ! "$venv/bin/python" -c "import openai, pytest, httpx, yaml, helm_python, kubernetes_validate, jsonschema" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import openai, pytest, httpx, yaml, helm_python, kubernetes_validate, jsonschema, grpc, opentelemetry.proto" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --no-cache-dir --disable-pip-version-check -r tests/python/requirements.txt
 fi

@@ -14,6 +14,8 @@ use switchyard_worker::{Checkpoint, Gemma4Model, GenerateOptions, ModelConfig, M
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub telemetry: switchyard_telemetry::TelemetryArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,6 +81,23 @@ pub struct GenerateArgs {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    let service = match &cli.command {
+        Command::Generate(_) => "switchyard-generate",
+        Command::Serve(_) => "switchyard-serve",
+        Command::Download(_) => "switchyard-download",
+        Command::Coordinator(_) => "switchyard-coordinator",
+        Command::Worker(_) => "switchyard-worker",
+        Command::Router(_) => "switchyard-router",
+        Command::Bench(_) => "switchyard-bench",
+    };
+    // Kept to the end: dropping it flushes the spans not yet exported.
+    let _telemetry = match switchyard_telemetry::init(service, &cli.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Serve(a) => crate::serve::run(a),
@@ -120,7 +139,7 @@ pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
 /// and says which, before any weight is touched; a path the CPU lacks is an error here.
 pub fn kernel_path() -> Result<switchyard_kernels::Isa> {
     let isa = switchyard_kernels::isa::select().map_err(anyhow::Error::msg)?;
-    eprintln!("switchyard: CPU kernels: {isa} (CPU features: {})", switchyard_kernels::isa::cpu_features());
+    tracing::info!("CPU kernels: {isa} (CPU features: {})", switchyard_kernels::isa::cpu_features());
     Ok(isa)
 }
 

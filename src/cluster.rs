@@ -220,13 +220,16 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let _ = switchyard_router::metrics::handle();
         serve_metrics(args.cluster.metrics_port, watch::channel(true).1).await?;
         let d = args.cluster.discovery().await?;
-        eprintln!(
+        tracing::info!(
             "switchyard coordinator {}: {:?} layout, {} replicas, cluster `{}`",
-            cfg.id, cfg.layout, cfg.replicas, args.cluster.cluster
+            cfg.id,
+            cfg.layout,
+            cfg.replicas,
+            args.cluster.cluster
         );
         tokio::select! {
             r = run_coordinator(d, cfg) => r.context("coordinator")?,
-            _ = terminate_signal() => eprintln!("switchyard coordinator: shutting down"),
+            _ = terminate_signal() => tracing::info!("switchyard coordinator: shutting down"),
         }
         Ok(())
     })

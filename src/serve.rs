@@ -314,11 +314,11 @@ pub async fn serve_http(args: &FrontArgs, state: Arc<AppState>) -> Result<()> {
     let addr: SocketAddr =
         format!("{}:{}", args.host, args.port).parse().with_context(|| format!("bad --host/--port {}:{}", args.host, args.port))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    eprintln!("switchyard: serving {} on http://{}", state.model_name(), listener.local_addr()?);
+    tracing::info!("switchyard: serving {} on http://{}", state.model_name(), listener.local_addr()?);
     let stopping = state.clone();
     let shutdown = async move {
         terminate_signal().await;
-        eprintln!("switchyard: shutting down; finishing admitted requests");
+        tracing::info!("switchyard: shutting down; finishing admitted requests");
         stopping.shutting_down.store(true, Ordering::Relaxed);
     };
     let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown);
@@ -331,7 +331,7 @@ pub async fn serve_http(args: &FrontArgs, state: Arc<AppState>) -> Result<()> {
     };
     tokio::select! {
         r = server => r.context("serving")?,
-        _ = watchdog => eprintln!("switchyard: grace period over; exiting"),
+        _ = watchdog => tracing::warn!("switchyard: grace period over; exiting"),
     }
     Ok(())
 }

@@ -60,7 +60,14 @@ fn run_all(engine: &EngineHandle, prompts: &[Vec<u32>], params: &SamplingParams)
         .iter()
         .map(|p| {
             engine
-                .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: p.clone(), params: params.clone() })
+                .submit(EngineRequest {
+                    images: vec![],
+                    constraint: None,
+                    resume: vec![],
+                    traceparent: None,
+                    prompt: p.clone(),
+                    params: params.clone(),
+                })
                 .unwrap()
                 .1
         })
@@ -96,7 +103,14 @@ fn repeated_prompt_hits_the_prefix_cache_with_identical_output() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
     let prompt: Vec<u32> = (0..50).map(|i| 3 + (i * 7 % 400)).collect();
-    let req = || EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: greedy(12) };
+    let req = || EngineRequest {
+        images: vec![],
+        constraint: None,
+        resume: vec![],
+        traceparent: None,
+        prompt: prompt.clone(),
+        params: greedy(12),
+    };
     let (first, ev1) = collect(engine.submit(req()).unwrap().1);
     let (second, ev2) = collect(engine.submit(req()).unwrap().1);
     assert_eq!(first, second);
@@ -146,7 +160,10 @@ fn prompt_logprobs_match_a_full_forward() {
     let prompt: Vec<u32> = (0..23).map(|i| 2 + (i * 11 % 300)).collect();
     let params = SamplingParams { prompt_logprobs: Some(2), ..greedy(1) };
     let (_, events) = collect(
-        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params }).unwrap().1,
+        engine
+            .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], traceparent: None, prompt: prompt.clone(), params })
+            .unwrap()
+            .1,
     );
     let EngineEvent::Token(t) = &events[0] else { unreachable!() };
     let got = t.prompt.as_ref().unwrap().logprobs.as_ref().unwrap();
@@ -174,7 +191,14 @@ fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
     let params = SamplingParams { ignore_eos: false, stop_token_ids: vec![stop], ..greedy(10) };
     let (toks, ev) = collect(
         engine
-            .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() })
+            .submit(EngineRequest {
+                images: vec![],
+                constraint: None,
+                resume: vec![],
+                traceparent: None,
+                prompt: prompt.clone(),
+                params: params.clone(),
+            })
             .unwrap()
             .1,
     );
@@ -183,7 +207,9 @@ fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
     assert_eq!(last.finish, Some(FinishReason::Stop(Some(stop))));
     // min_tokens past the stop position keeps the stop id from being chosen until then.
     let params = SamplingParams { min_tokens: first + 2, ..params };
-    let (toks, _) = collect(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt, params }).unwrap().1);
+    let (toks, _) = collect(
+        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], traceparent: None, prompt, params }).unwrap().1,
+    );
     assert!(toks.len() > first + 1 && !toks[..first + 2].contains(&stop));
 }
 
@@ -192,14 +218,31 @@ fn a_dropped_receiver_frees_its_blocks() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
     let (_, mut rx) = engine
-        .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompts(5)[4].clone(), params: greedy(60) })
+        .submit(EngineRequest {
+            images: vec![],
+            constraint: None,
+            resume: vec![],
+            traceparent: None,
+            prompt: prompts(5)[4].clone(),
+            params: greedy(60),
+        })
         .unwrap();
     assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Token(_))));
     drop(rx);
     // The engine sweeps closed requests before every step. A second, short request is the sync
     // point: once it has finished, the dropped one must be gone too.
     let (toks, _) = collect(
-        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![2, 3], params: greedy(2) }).unwrap().1,
+        engine
+            .submit(EngineRequest {
+                images: vec![],
+                constraint: None,
+                resume: vec![],
+                traceparent: None,
+                prompt: vec![2, 3],
+                params: greedy(2),
+            })
+            .unwrap()
+            .1,
     );
     assert_eq!(toks.len(), 2);
     assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
@@ -210,15 +253,36 @@ fn a_dropped_receiver_frees_its_blocks() {
 fn requests_beyond_the_limits_are_refused() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
-    let long = EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![5; 100], params: greedy(40) };
+    let long =
+        EngineRequest { images: vec![], constraint: None, resume: vec![], traceparent: None, prompt: vec![5; 100], params: greedy(40) };
     assert!(matches!(
         engine.submit(long),
         Err(switchyard_worker::engine::EngineError::ContextTooLong { max: 128, requested: 140, prompt: 100 })
     ));
     assert!(
-        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![600], params: greedy(1) }).is_err()
+        engine
+            .submit(EngineRequest {
+                images: vec![],
+                constraint: None,
+                resume: vec![],
+                traceparent: None,
+                prompt: vec![600],
+                params: greedy(1)
+            })
+            .is_err()
     );
-    assert!(engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: vec![], params: greedy(1) }).is_err());
+    assert!(
+        engine
+            .submit(EngineRequest {
+                images: vec![],
+                constraint: None,
+                resume: vec![],
+                traceparent: None,
+                prompt: vec![],
+                params: greedy(1)
+            })
+            .is_err()
+    );
     assert!(Engine::start(m.clone(), config(&m, 8, 4, 8, 64)).is_err(), "8 blocks of 4 cannot hold 128 positions");
 }
 
@@ -234,7 +298,14 @@ fn a_resumed_request_continues_exactly_where_it_left_off() {
     for params in [greedy(16), sampled] {
         let (full, _) = collect(
             engine
-                .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], prompt: prompt.clone(), params: params.clone() })
+                .submit(EngineRequest {
+                    images: vec![],
+                    constraint: None,
+                    resume: vec![],
+                    traceparent: None,
+                    prompt: prompt.clone(),
+                    params: params.clone(),
+                })
                 .unwrap()
                 .1,
         );
@@ -246,12 +317,13 @@ fn a_resumed_request_continues_exactly_where_it_left_off() {
                 resume: full[..cut].to_vec(),
                 prompt: prompt.clone(),
                 params: params.clone(),
+                traceparent: None,
             };
             let (rest, _) = collect(engine.submit(req).unwrap().1);
             assert_eq!(rest, full[cut..].to_vec(), "resumed after {cut} tokens (temperature {})", params.temperature);
         }
     }
-    let done = EngineRequest { images: vec![], constraint: None, resume: vec![1; 16], prompt, params: greedy(16) };
+    let done = EngineRequest { images: vec![], constraint: None, traceparent: None, resume: vec![1; 16], prompt, params: greedy(16) };
     assert!(engine.submit(done).is_err(), "nothing left to generate");
 }
 
@@ -274,7 +346,7 @@ fn grammar_constrained_requests_in_the_engine() {
         SamplingParams { temperature: 1.0, seed: Some(4), max_tokens: 40, min_tokens: 30, grammar: Some(g.clone()), ..Default::default() };
     let submit = |resume: Vec<u32>, params: SamplingParams, constraint: switchyard_grammar::Constraint| {
         let constraint = Some(Box::new(constraint) as Box<dyn TokenConstraint>);
-        engine.submit(EngineRequest { images: vec![], constraint, resume, prompt: prompt.clone(), params }).unwrap().1
+        engine.submit(EngineRequest { images: vec![], constraint, resume, traceparent: None, prompt: prompt.clone(), params }).unwrap().1
     };
     // Unconstrained neighbours, before and alongside.
     let alone = run_all(&engine, &prompts(4), &greedy(12));

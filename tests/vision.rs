@@ -121,7 +121,7 @@ fn generations_with_images_equal_transformers() {
         assert_eq!(starts.len(), names.len(), "{}", case["name"]);
         let images = names.iter().zip(&starts).map(|(n, &start)| ImageInput { start, patches: Arc::new(patches(n, budget)) }).collect();
         let params = SamplingParams { temperature: 0.0, max_tokens: 16, ignore_eos: true, logprobs: Some(5), ..Default::default() };
-        let (_, rx) = engine.submit(EngineRequest { prompt, params, resume: vec![], constraint: None, images }).unwrap();
+        let (_, rx) = engine.submit(EngineRequest { prompt, params, resume: vec![], constraint: None, images, traceparent: None }).unwrap();
         runs.push(rx);
     }
     let mut worst = 0f32;

@@ -33,11 +33,11 @@ pub struct CoordinatorConfig {
 pub async fn run(d: Arc<dyn Discovery>, cfg: CoordinatorConfig) -> Result<(), DiscoveryError> {
     loop {
         let leadership = d.campaign(&cfg.id).await?;
-        eprintln!("switchyard coordinator {}: elected leader", cfg.id);
+        tracing::info!("switchyard coordinator {}: elected leader", cfg.id);
         metrics::gauge!("switchyard_coordinator_is_leader").set(1.0);
         lead(d.as_ref(), &cfg, &leadership).await;
         metrics::gauge!("switchyard_coordinator_is_leader").set(0.0);
-        eprintln!("switchyard coordinator {}: lost the leadership; campaigning again", cfg.id);
+        tracing::info!("switchyard coordinator {}: lost the leadership; campaigning again", cfg.id);
     }
 }
 
@@ -120,7 +120,7 @@ async fn lead(d: &dyn Discovery, cfg: &CoordinatorConfig, leadership: &Leadershi
                 let by_load = current.as_ref().is_some_and(|c| c.addresses == p.addresses);
                 match d.publish_plan(leadership, &p).await {
                     Ok(()) => {
-                        eprintln!(
+                        tracing::info!(
                             "switchyard coordinator {}: published plan v{} ({:?}, {} expert workers, imbalance {:.3}{})",
                             cfg.id,
                             p.version,
@@ -147,13 +147,13 @@ async fn lead(d: &dyn Discovery, cfg: &CoordinatorConfig, leadership: &Leadershi
                     }
                     Err(DiscoveryError::NotLeader) => return,
                     Err(e) => {
-                        eprintln!("switchyard coordinator {}: publishing plan v{}: {e}; retrying", cfg.id, p.version);
+                        tracing::warn!("switchyard coordinator {}: publishing plan v{}: {e}; retrying", cfg.id, p.version);
                         tokio::time::sleep(Duration::from_millis(250)).await;
                         continue;
                     }
                 }
             }
-            Some(Err(e)) => eprintln!("switchyard coordinator {}: cannot place the experts: {e}", cfg.id),
+            Some(Err(e)) => tracing::warn!("switchyard coordinator {}: cannot place the experts: {e}", cfg.id),
             None => {}
         }
         tokio::select! {

@@ -119,7 +119,7 @@ fn apply(m: &Mirror, prefix: &str, key: &str, value: Option<&[u8]>) {
             Some(Ok(info)) => {
                 m.workers.send_if_modified(|w| w.insert(id.to_string(), info.clone()).as_ref() != Some(&info));
             }
-            Some(Err(e)) => eprintln!("switchyard: ignoring bad worker record {key}: {e}"),
+            Some(Err(e)) => tracing::warn!("switchyard: ignoring bad worker record {key}: {e}"),
             None => {
                 m.workers.send_if_modified(|w| w.remove(id).is_some());
             }
@@ -130,7 +130,7 @@ fn apply(m: &Mirror, prefix: &str, key: &str, value: Option<&[u8]>) {
                     l.insert(id.to_string(), load);
                 });
             }
-            Some(Err(e)) => eprintln!("switchyard: ignoring bad stats record {key}: {e}"),
+            Some(Err(e)) => tracing::warn!("switchyard: ignoring bad stats record {key}: {e}"),
             None => {
                 m.load.send_if_modified(|l| l.remove(id).is_some());
             }
@@ -145,7 +145,7 @@ fn apply(m: &Mirror, prefix: &str, key: &str, value: Option<&[u8]>) {
                     true
                 });
             }
-            Some(Err(e)) => eprintln!("switchyard: ignoring bad plan record: {e}"),
+            Some(Err(e)) => tracing::warn!("switchyard: ignoring bad plan record: {e}"),
             // A deleted plan keeps the last one: workers serve on the last plan they saw.
             None => {}
         },

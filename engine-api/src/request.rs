@@ -16,6 +16,9 @@ pub struct EngineRequest {
     /// Images, in prompt order: each one's soft tokens are prompt placeholders that take the vision
     /// tower's embeddings (encoded off the engine thread before the request is queued).
     pub images: Vec<ImageInput>,
+    /// The W3C `traceparent` of the span this request runs under (the front end's request span), so
+    /// the engine's spans join the request's trace. `None` when traces are not exported.
+    pub traceparent: Option<String>,
 }
 
 /// A request's checks against the model's limits (the engine's, and a router's without an engine).

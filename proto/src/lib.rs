@@ -14,6 +14,3 @@ pub mod v1 {
 /// The largest `Generate` request: image patches travel in it (one image at 1120 soft tokens is
 /// 7.7 MB), so tonic's 4 MiB default would refuse ordinary image requests.
 pub const MAX_GENERATE_REQUEST: usize = 256 << 20;
-
-/// The W3C trace-context header carried in gRPC metadata from router to attention to expert workers.
-pub const TRACEPARENT: &str = "traceparent";

@@ -133,7 +133,7 @@ impl AttentionPool {
                 Some(e) => next.push(e.clone()),
                 None => match Endpoint::new(id.clone(), addr.clone()) {
                     Ok(e) => next.push(Arc::new(e)),
-                    Err(m) => eprintln!("switchyard router: {m}"),
+                    Err(m) => tracing::warn!("switchyard router: {m}"),
                 },
             }
         }
@@ -201,7 +201,6 @@ impl AttentionPool {
 
     async fn drive(self: Arc<Self>, req: EngineRequest, tx: UnboundedSender<EngineEvent>, _count: Count) {
         let request_id = format!("{:016x}", self.counter.fetch_add(1, Ordering::Relaxed) ^ 0x5bd1_e995_u64.rotate_left(17));
-        let traceparent = traceparent(&request_id);
         let mut sent: Vec<u32> = Vec::new();
         let mut tried: Vec<String> = Vec::new();
         let started = Instant::now();
@@ -219,9 +218,15 @@ impl AttentionPool {
             if attempts > 1 {
                 let kind = if sent.is_empty() { "retry" } else { "replay" };
                 metrics::counter!("switchyard_router_retries_total", "kind" => kind).increment(1);
-                eprintln!("switchyard router: {kind} of request {request_id} on {} after {} tokens", ep.id, sent.len());
+                tracing::info!("switchyard router: {kind} of request {request_id} on {} after {} tokens", ep.id, sent.len());
             }
             let _out = Count::enter(&ep.outstanding);
+            // One span per attempt, a child of the request's span: its context goes to the worker.
+            let attempt = tracing::info_span!("router.attempt", worker = %ep.id, attempt = attempts, resumed = sent.len());
+            if let Some(p) = &req.traceparent {
+                switchyard_telemetry::adopt(&attempt, p);
+            }
+            let traceparent = switchyard_telemetry::traceparent(&attempt);
             let mut call = tonic::Request::new(v1::GenerateRequest {
                 request_id: request_id.clone(),
                 prompt: req.prompt.clone(),
@@ -229,8 +234,8 @@ impl AttentionPool {
                 resume_output: sent.clone(),
                 images: req.images.iter().map(Into::into).collect(),
             });
-            if let Ok(v) = traceparent.parse() {
-                call.metadata_mut().insert(switchyard_proto::TRACEPARENT, v);
+            if let Some(v) = traceparent.and_then(|t| t.parse().ok()) {
+                call.metadata_mut().insert(switchyard_telemetry::TRACEPARENT, v);
             }
             let mut stream = match ep.client.clone().generate(call).await {
                 Ok(r) => r.into_inner(),
@@ -273,16 +278,6 @@ impl AttentionPool {
             }
         }
     }
-}
-
-/// A W3C `traceparent` for a request (trace id from the request id, sampled).
-fn traceparent(request_id: &str) -> String {
-    let mut h = DefaultHasher::new();
-    request_id.hash(&mut h);
-    let a = h.finish();
-    "span".hash(&mut h);
-    let b = h.finish();
-    format!("00-{a:016x}{:016x}-{b:016x}-01", a.rotate_left(29) ^ b)
 }
 
 impl GenerationBackend for AttentionPool {

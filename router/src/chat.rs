@@ -3,8 +3,10 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use tracing::Instrument;
 
 use crate::choice::{TokenOut, Update};
 use crate::error::ApiError;
@@ -22,7 +24,13 @@ use switchyard_engine_api::ImageInput;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
-pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
+pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, body: Bytes) -> Response {
+    let id = request_id("chatcmpl");
+    let span = crate::server::request_span("chat.completions", &id, &headers);
+    handle_in_span(state, body, id).instrument(span).await
+}
+
+async fn handle_in_span(state: SharedState, body: Bytes, id: String) -> Response {
     let (req, prompt, n, top) = match prepare(&state, &body) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -51,7 +59,7 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
     };
     let ctx = Ctx {
         state,
-        id: request_id("chatcmpl"),
+        id,
         created: now_secs(),
         prompt_tokens: prompt.len(),
         n,

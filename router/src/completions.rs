@@ -3,8 +3,10 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
+use tracing::Instrument;
 
 use switchyard_engine_api::GrammarRequest;
 use switchyard_engine_api::TokenLogprob;
@@ -28,7 +30,13 @@ struct Prepared {
     jobs: Vec<ChoiceJob>,
 }
 
-pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
+pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, body: Bytes) -> Response {
+    let id = request_id("cmpl");
+    let span = crate::server::request_span("completions", &id, &headers);
+    handle_in_span(state, body, id).instrument(span).await
+}
+
+async fn handle_in_span(state: SharedState, body: Bytes, id: String) -> Response {
     let prepared = match prepare(&state, &body) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -41,16 +49,7 @@ pub async fn handle(State(state): State<SharedState>, body: Bytes) -> Response {
         Ok(rx) => rx,
         Err(e) => return e.into_response(),
     };
-    let ctx = Ctx {
-        state,
-        id: request_id("cmpl"),
-        created: now_secs(),
-        prompts,
-        n,
-        logprobs,
-        echo: req.echo,
-        as_ids: req.common.return_tokens_as_token_ids,
-    };
+    let ctx = Ctx { state, id, created: now_secs(), prompts, n, logprobs, echo: req.echo, as_ids: req.common.return_tokens_as_token_ids };
     if req.common.stream {
         stream(ctx, rx, req.common.stream_options.is_some_and(|o| o.include_usage))
     } else {

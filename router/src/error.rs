@@ -34,11 +34,17 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds for a `Retry-After` header (overload responses).
     pub retry_after: Option<u32>,
+    /// What went wrong inside, for the log only (5xx): never sent to the client.
+    pub detail: Option<String>,
 }
+
+/// A 5xx response's inside story, carried to the logging middleware as a response extension.
+#[derive(Clone, Debug)]
+pub struct ServerErrorDetail(pub String);
 
 impl ApiError {
     fn new(status: StatusCode, kind: ApiErrorKind, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None, detail: None }
     }
 
     /// 400 `invalid_request_error`, naming the offending field.
@@ -82,10 +88,20 @@ impl ApiError {
         }
     }
 
-    /// 500; `detail` is logged, never sent.
+    /// 500; `detail` is logged (by the server's error-logging middleware, or where a stream ends
+    /// with it), never sent.
     pub fn internal(detail: impl std::fmt::Display) -> ApiError {
-        eprintln!("internal error: {detail}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Server, "The server had an error while processing your request.")
+        ApiError {
+            detail: Some(detail.to_string()),
+            ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, ApiErrorKind::Server, "The server had an error while processing your request.")
+        }
+    }
+
+    /// Logs a server-side error (5xx) with its detail; client errors are not logged.
+    pub fn log_if_server_error(&self, path: &str) {
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), path, detail = self.detail.as_deref().unwrap_or(""), "{}", self.message);
+        }
     }
 
     /// A request that ended without finishing, answered by the class its engine gave it: client
@@ -111,6 +127,9 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if let Some(d) = self.detail {
+            resp.extensions_mut().insert(ServerErrorDetail(d));
         }
         resp
     }

@@ -95,7 +95,10 @@ pub fn stream(
             let piece = match u {
                 Ok(p) => p,
                 Err(failure) => {
-                    tx.send(&ApiError::from_failure(failure).body());
+                    // Mid-stream: the status line has gone out, so this is the error's only log.
+                    let e = ApiError::from_failure(failure);
+                    e.log_if_server_error("(stream)");
+                    tx.send(&e.body());
                     return;
                 }
             };

@@ -172,6 +172,7 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
             resume: Vec::new(),
             constraint: j.constraint.map(|c| Box::new(c) as Box<dyn switchyard_engine_api::TokenConstraint>),
             images: j.images,
+            traceparent: switchyard_telemetry::traceparent(&tracing::Span::current()),
         })?;
         let spec =
             ChoiceSpec { index, prompt: j.prompt, min_tokens, stops: j.stops, include_stop: j.include_stop, skip_special: j.skip_special };
@@ -185,6 +186,16 @@ pub fn now_secs() -> u64 {
 }
 
 /// A random-looking request id with the given prefix.
+/// The span of one API request, named by its client-visible id, and a child of the client's span
+/// when the request carries a W3C `traceparent` header.
+pub fn request_span(endpoint: &'static str, id: &str, headers: &axum::http::HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!("request", otel.name = endpoint, request_id = %id);
+    if let Some(parent) = headers.get(switchyard_telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()) {
+        switchyard_telemetry::adopt(&span, parent);
+    }
+    span
+}
+
 pub fn request_id(prefix: &str) -> String {
     use std::sync::atomic::AtomicU64;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -208,7 +219,19 @@ pub fn app(state: SharedState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn(log_server_errors))
         .with_state(state)
+}
+
+/// The one place HTTP 5xx responses are logged, with the detail their `ApiError` kept from the client.
+async fn log_server_errors(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    if resp.status().is_server_error() {
+        let detail = resp.extensions().get::<crate::error::ServerErrorDetail>().map_or("", |d| d.0.as_str());
+        tracing::error!(status = resp.status().as_u16(), path, detail, "server error");
+    }
+    resp
 }
 
 async fn fallback(req: Request) -> ApiError {

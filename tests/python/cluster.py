@@ -120,7 +120,8 @@ class Cluster:
     counter = 0
 
     def __init__(self, etcd: Etcd, logdir: Path, model="tiny-f32", layout="afd", replicas=1, attention=2, experts=3,
-                 coordinators=1, lease_ttl=2, max_model_len=512, attention_args=(), coordinator_args=()):
+                 coordinators=1, lease_ttl=2, max_model_len=512, attention_args=(), coordinator_args=(), common_args=(),
+                 env=None):
         Cluster.counter += 1
         self.name = f"t{Cluster.counter}-{layout}-r{replicas}"
         self.logdir = logdir / self.name
@@ -130,7 +131,8 @@ class Cluster:
         self.lease_ttl = lease_ttl
         self.model_dir = str(FIXTURES / model)
         self.common = ["--model", self.model_dir, "--etcd", etcd.url, "--cluster", self.name,
-                       "--lease-ttl", str(lease_ttl)]
+                       "--lease-ttl", str(lease_ttl), *common_args]
+        self.env = {**ENV, **(env or {})}
         self.engine = ["--max-model-len", str(max_model_len), "--max-num-seqs", "64",
                        "--kv-cache-memory", str(64 << 20)]
         self.procs = []
@@ -149,7 +151,7 @@ class Cluster:
         self.wait_ready()
 
     def spawn(self, name, *args):
-        p = Proc(name, [str(BIN), args[0], *self.common, *args[1:]], self.logdir)
+        p = Proc(name, [str(BIN), args[0], *self.common, *args[1:]], self.logdir, env=self.env)
         self.procs.append(p)
         return p
 

@@ -191,6 +191,7 @@ fn malformed_frames_get_an_error_reply_and_the_stream_keeps_working() {
             pair_row: vec![0],
             pair_expert: vec![1],
             pair_weight: vec![0.25],
+            traceparent: String::new(),
         };
         let cases = [
             (v1::LayerRequest { id: 2, pair_expert: vec![99], ..good.clone() }, v1::DispatchError::DispatchBadFrame),

@@ -9,6 +9,7 @@ use switchyard_proto::v1::{self, attention_service_server::AttentionService};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::engine::{EngineError, EngineEvent, EngineHandle, EngineRequest, SamplingParams};
 use switchyard_coordinator::PlacementPlan;
@@ -68,7 +69,8 @@ impl AttentionServer {
                 Err(CompileError::Refused(e)) => return Err(EngineError::Grammar(e).into()),
             },
         };
-        Ok(self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint, images })?)
+        let traceparent = switchyard_telemetry::traceparent(&tracing::Span::current());
+        Ok(self.engine.submit(EngineRequest { prompt: r.prompt, params, resume: r.resume_output, constraint, images, traceparent })?)
     }
 }
 
@@ -77,8 +79,13 @@ impl AttentionService for AttentionServer {
     type GenerateStream = EventStream;
 
     async fn generate(&self, request: Request<v1::GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        let parent = request.metadata().get(switchyard_telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let r = request.into_inner();
-        let (id, mut events) = match self.admit(r).await {
+        let span = tracing::info_span!("attention.generate", request_id = %r.request_id, prompt_tokens = r.prompt.len(), resumed = r.resume_output.len());
+        if let Some(p) = &parent {
+            switchyard_telemetry::adopt(&span, p);
+        }
+        let (id, mut events) = match self.admit(r).instrument(span).await {
             Ok(admitted) => admitted,
             // Transient: the router tries another worker.
             Err(Refusal::Engine(EngineError::Stopped)) => return Err(Status::unavailable(EngineError::Stopped.to_string())),

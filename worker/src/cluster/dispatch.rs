@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use switchyard_coordinator::{ExpertLoad, PlacementPlan};
 use switchyard_kernels::DType;
@@ -241,6 +242,7 @@ impl ExpertDispatch {
             pair_row,
             pair_expert: pairs.iter().map(|&p| ids[p]).collect(),
             pair_weight: pairs.iter().map(|&p| weights[p]).collect(),
+            traceparent: String::new(),
         }
     }
 
@@ -314,8 +316,12 @@ impl ExpertDispatch {
                     continue;
                 }
                 let addr = plan.addresses.get(&s.worker).cloned().unwrap_or_default();
-                let req = self.frame(&plan, layer, rows, ids, weights, &s.pairs);
-                let task = self.rt.spawn(self.clone().remote(s.worker.clone(), addr, req, s.pairs.len() * h));
+                let mut req = self.frame(&plan, layer, rows, ids, weights, &s.pairs);
+                // A child of the engine step's span (current on this thread); the frame carries it on.
+                let span = tracing::info_span!("dispatch", worker = %s.worker, layer, pairs = s.pairs.len());
+                req.traceparent = switchyard_telemetry::traceparent(&span).unwrap_or_default();
+                let call = self.clone().remote(s.worker.clone(), addr, req, s.pairs.len() * h).instrument(span);
+                let task = self.rt.spawn(call);
                 calls.push((s, task));
             }
             if let (Some(s), Some(store)) = (local, &self.local) {
@@ -335,7 +341,7 @@ impl ExpertDispatch {
                         scatter(&mut contrib, &s.pairs, &c, h);
                     }
                     Err(reason) => {
-                        eprintln!("switchyard: layer {layer}: expert worker {} failed ({reason}); retrying on other replicas", s.worker);
+                        tracing::warn!("layer {layer}: expert worker {} failed ({reason}); retrying on other replicas", s.worker);
                         metrics::counter!("switchyard_dispatch_failures_total").increment(1);
                         let mut down = self.down.lock().unwrap();
                         let failures = down.get(&s.worker).map_or(0, |d| d.1) + 1;

@@ -20,6 +20,8 @@ use super::wire::{self, FrameShape, LayerFrame};
 
 struct Job {
     frame: LayerFrame,
+    /// The sender's dispatch span (W3C traceparent; empty when traces are not exported).
+    traceparent: String,
     reply: oneshot::Sender<Result<Vec<u8>, String>>,
 }
 
@@ -60,8 +62,9 @@ impl ExpertServer {
     }
 
     /// Checks one request and queues it; the response comes back through `out`.
-    fn handle(&self, req: v1::LayerRequest, out: mpsc::Sender<Result<v1::LayerResponse, Status>>) {
+    fn handle(&self, mut req: v1::LayerRequest, out: mpsc::Sender<Result<v1::LayerResponse, Status>>) {
         let id = req.id;
+        let traceparent = std::mem::take(&mut req.traceparent);
         let frame = match wire::check_request(&req, &self.shape) {
             Ok(f) => f,
             Err(m) => {
@@ -82,7 +85,7 @@ impl ExpertServer {
         }
         let (reply, rx) = oneshot::channel();
         let layer = frame.layer;
-        if self.jobs.send(Job { frame, reply }).is_err() {
+        if self.jobs.send(Job { frame, traceparent, reply }).is_err() {
             let _ = out.try_send(Err(Status::unavailable("the expert thread has stopped")));
             return;
         }
@@ -114,6 +117,16 @@ fn compute_loop(store: Arc<ExpertStore>, rx: std_mpsc::Receiver<Job>) {
 }
 
 fn run_layer(store: &ExpertStore, layer: usize, jobs: Vec<Job>) {
+    // One span per batch: a child of the first frame's dispatch span, linked to the others'.
+    let batch = tracing::info_span!("expert.batch", layer, frames = jobs.len());
+    let mut parents = jobs.iter().map(|j| j.traceparent.as_str()).filter(|t| !t.is_empty());
+    if let Some(first) = parents.next() {
+        switchyard_telemetry::adopt(&batch, first);
+    }
+    for other in parents.take(16) {
+        switchyard_telemetry::link(&batch, other);
+    }
+    let _in_batch = batch.enter();
     let h = store.hidden;
     let dt = store.dtype;
     // Concatenate the frames: rows end to end, pair rows offset into the joint buffer.

@@ -123,7 +123,7 @@ pub async fn run_worker(
         ))
         .max_decoding_message_size(switchyard_proto::MAX_GENERATE_REQUEST)
     }));
-    eprintln!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
+    tracing::info!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
     // The server's own `tcp_nodelay` applies only to listeners it binds; ours is bound by the caller,
     // so set it per connection. (Without it, small replies wait out Nagle plus delayed ACK: ~40 ms a
     // layer.)
@@ -147,7 +147,7 @@ pub async fn run_worker(
     };
     let drain = async move {
         shutdown.await;
-        eprintln!("switchyard worker {}: shutting down: withdrawing from the cluster, draining (at most {grace:?})", cfg.id);
+        tracing::info!("switchyard worker {}: shutting down: withdrawing from the cluster, draining (at most {grace:?})", cfg.id);
         // Dropping the registration revokes the lease: the coordinator re-plans without this worker.
         follower.abort();
         let _ = stop_tx.send(());
@@ -155,7 +155,7 @@ pub async fn run_worker(
             .await
             .is_err()
         {
-            eprintln!("switchyard worker {}: grace period over; exiting", cfg.id);
+            tracing::warn!("switchyard worker {}: grace period over; exiting", cfg.id);
         }
     };
     tokio::select! {
@@ -181,7 +181,7 @@ async fn drained(me: &str, d: &dyn Discovery, attention: Option<&AttentionParts>
                 || plan.is_some_and(|p| !p.addresses.contains_key(me) && attention_workers.all(|w| w.active_plan >= p.version))
         };
         if requests_done && experts_released {
-            eprintln!("switchyard worker {me}: drained");
+            tracing::info!("switchyard worker {me}: drained");
             return;
         }
         tokio::select! {
@@ -199,7 +199,7 @@ async fn report_load(d: Arc<dyn Discovery>, id: String, dispatch: Arc<ExpertDisp
         if load.total() > 0.0
             && let Err(e) = d.report_load(&id, &load).await
         {
-            eprintln!("switchyard worker {id}: reporting load: {e}");
+            tracing::warn!("switchyard worker {id}: reporting load: {e}");
         }
     }
 }
@@ -256,7 +256,7 @@ async fn follow_plans(
                     tx.send_replace(Some(p.clone()));
                     unreported = Some(p.version);
                     metrics::gauge!("switchyard_plan_version").set(p.version as f64);
-                    eprintln!("switchyard worker {}: steps now run on plan v{}", info.id, p.version);
+                    tracing::info!("switchyard worker {}: steps now run on plan v{}", info.id, p.version);
                 }
             }
         }
@@ -291,8 +291,8 @@ async fn load_slices(store: &Arc<ExpertStore>, want: BTreeSet<(usize, usize)>) {
             metrics::gauge!("switchyard_expert_bytes").set(bytes as f64);
             metrics::gauge!("switchyard_expert_slices").set(n as f64);
         }
-        Ok(Err(e)) => eprintln!("switchyard worker: loading expert slices: {e}"),
-        Err(e) => eprintln!("switchyard worker: loading expert slices: {e}"),
+        Ok(Err(e)) => tracing::warn!("switchyard worker: loading expert slices: {e}"),
+        Err(e) => tracing::warn!("switchyard worker: loading expert slices: {e}"),
     }
 }
 

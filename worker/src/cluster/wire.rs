@@ -127,6 +127,7 @@ mod tests {
             pair_row: vec![0, 1],
             pair_expert: vec![3, 0],
             pair_weight: vec![0.5, 0.25],
+            traceparent: String::new(),
         }
     }
 

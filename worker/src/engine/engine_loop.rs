@@ -9,6 +9,9 @@ use metrics::{counter, gauge, histogram};
 use switchyard_kernels::ops::log_softmax;
 
 use super::block_pool::BlockPool;
+
+/// Links from a step's span to the requests it serves beyond the first (its parent).
+const MAX_STEP_LINKS: usize = 16;
 use super::paged_kv::{self, KvStorage};
 use super::sampling::{SamplerState, sample, token_logprob};
 use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
@@ -122,6 +125,10 @@ impl EngineState {
                 let eos = if req.params.ignore_eos { &[][..] } else { &self.config.eos_token_ids[..] };
                 let min_tokens_held = eos.iter().chain(&req.params.stop_token_ids).copied().collect();
                 counter!("vllm:prompt_tokens_total", "model_name" => self.config.model_name.clone()).increment(prompt_len as u64);
+                let queued = tracing::info_span!("engine.queue", prompt_tokens = prompt_len);
+                if let Some(t) = &req.traceparent {
+                    switchyard_telemetry::adopt(&queued, t);
+                }
                 self.sched.waiting.push_back(Sequence {
                     id,
                     sampler,
@@ -139,6 +146,8 @@ impl EngineState {
                     last_token_at: None,
                     constraint,
                     images,
+                    trace: req.traceparent,
+                    phase: Some(queued),
                 });
             }
             Command::Abort(id) => self.remove_where(|s| s.id == id),
@@ -189,6 +198,8 @@ impl EngineState {
 
     /// Runs one step; returns the sequences that finished, with their last event still to send.
     fn step(&mut self, plan: &[Scheduled]) -> Vec<(Sequence, EngineEvent)> {
+        let step_span = self.trace_step(plan);
+        let _in_step = step_span.enter();
         let running = &self.sched.running;
         let chunks: Vec<BatchChunk<'_>> = plan
             .iter()
@@ -234,6 +245,32 @@ impl EngineState {
             self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
         }
         done
+    }
+
+    /// The step's span: a child of the first scheduled request's trace, linked to the others' (a
+    /// batch serves many traces). A request that starts computing leaves its queue span for a
+    /// prefill span, which ends with its first token.
+    fn trace_step(&mut self, plan: &[Scheduled]) -> tracing::Span {
+        let tokens: usize = plan.iter().map(|p| p.tokens).sum();
+        let span = tracing::info_span!("engine.step", seqs = plan.len(), tokens);
+        for (i, p) in plan.iter().enumerate() {
+            let seq = &mut self.sched.running[p.seq];
+            if let Some(t) = &seq.trace {
+                if i == 0 {
+                    switchyard_telemetry::adopt(&span, t);
+                } else if i < MAX_STEP_LINKS {
+                    switchyard_telemetry::link(&span, t);
+                }
+            }
+            if seq.last_token_at.is_none() && seq.phase.as_ref().is_some_and(|s| s.metadata().is_some_and(|m| m.name() == "engine.queue")) {
+                let prefill = tracing::info_span!("engine.prefill", prompt_tokens = seq.prompt_len, cached_tokens = seq.cached_tokens);
+                if let Some(t) = &seq.trace {
+                    switchyard_telemetry::adopt(&prefill, t);
+                }
+                seq.phase = Some(prefill);
+            }
+        }
+        span
     }
 
     fn collect_prompt_logprobs(&mut self, p: &Scheduled, rows: &[f32]) {
@@ -299,6 +336,7 @@ impl EngineState {
             logprobs: seq.params.prompt_logprobs.map(|_| std::mem::take(&mut seq.prompt_logprobs)),
         });
         seq.last_token_at = Some(now);
+        seq.phase = None; // the first token ends the prefill span
         counter!("vllm:generation_tokens_total", "model_name" => label.clone()).increment(1);
         if let Some(f) = finish {
             histogram!("vllm:e2e_request_latency_seconds", "model_name" => label.clone()).record((now - seq.arrival).as_secs_f64());

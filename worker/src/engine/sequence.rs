@@ -36,6 +36,10 @@ pub struct Sequence {
     pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Encoded images, in prompt order.
     pub images: Vec<crate::model::ImageEmbeds>,
+    /// The request's W3C `traceparent` (its front end's span), for the engine's spans.
+    pub trace: Option<String>,
+    /// The span of the phase the request is in until its first token: queued, then prefilling.
+    pub phase: Option<tracing::Span>,
 }
 
 impl Sequence {
