@@ -9,6 +9,8 @@
 //!   element is computed by the same instruction sequence (same reduction order) whatever the batch size,
 //!   the tiling or the thread that runs it. Cluster layouts can therefore be compared for bit equality.
 
+#![allow(unsafe_code)] // SIMD intrinsics and the fork-join pool; every block says why it is sound.
+
 pub mod attention;
 pub mod dtype;
 pub mod isa;

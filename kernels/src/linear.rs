@@ -151,7 +151,9 @@ pub fn pack_panels(w: &Weight<'_>) -> Option<Vec<u32>> {
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: the pointer addresses an output buffer that outlives the parallel region; tasks write disjoint columns.
 unsafe impl Send for SendPtr {}
+// SAFETY: as above: shared between tasks that write disjoint columns only.
 unsafe impl Sync for SendPtr {}
 
 fn block_rows(m: usize, n: usize) -> usize {
@@ -207,8 +209,10 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
     let mut r0 = 0;
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Avx512Bf16, Packed::Bf16 { data, stride }) = (kernel, p) {
+        // SAFETY: the path is avx512bf16, so the CPU has the features `block_vnni` is compiled for; columns [n0, n1) are this task's.
         unsafe { block_vnni(data, *stride, m, w, n0, n1, out, ostride) };
         for r in 0..m {
+            // SAFETY: rows of `out` are `ostride` apart and this task owns columns [n0, n1) of each of the m rows.
             let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * ostride + n0), n1 - n0) };
             act.round_slice(row);
         }
@@ -217,18 +221,21 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
     if let (true, Packed::F32 { data, stride }) = (pair_order(w.dtype, act), p) {
         match kernel {
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: the path guarantees AVX2 + FMA; columns [n0, n1) of the m output rows are this task's.
             Isa::Avx2 | Isa::Avx512 => unsafe { block_pairs_avx2(data, *stride, m, w, n0, n1, out, ostride) },
             _ => {
                 for r in 0..m {
                     let x = &data[r * stride..r * stride + w.cols];
                     for c in n0..n1 {
                         let wb = &w.bytes[c * w.cols * 2..(c + 1) * w.cols * 2];
+                        // SAFETY: (r, c) is inside the m x ostride output and c is one of this task's columns.
                         unsafe { *out.add(r * ostride + c) = dot_pairs_portable(x, wb) };
                     }
                 }
             }
         }
         for r in 0..m {
+            // SAFETY: rows of `out` are `ostride` apart and this task owns columns [n0, n1) of each of the m rows.
             let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * ostride + n0), n1 - n0) };
             act.round_slice(row);
         }
@@ -240,10 +247,13 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
         let mut c0 = n0;
         while c0 < n1 {
             let nr = (n1 - c0).min(nr_max);
+            // SAFETY: r0 < m and c0 < n1 <= ostride: inside the output.
             let o = unsafe { out.add(r0 * ostride + c0) };
+            // SAFETY: the tile covers mr rows from r0 and nr columns from c0, all inside this task's block.
             unsafe { tile(kernel, p, r0, mr, w, c0, nr, o, ostride) };
             for r in 0..mr {
                 for c in 0..nr {
+                    // SAFETY: r < mr and c < nr: inside the tile just written.
                     let v = unsafe { &mut *o.add(r * ostride + c) };
                     *v = act.round(*v);
                 }
@@ -270,13 +280,15 @@ macro_rules! dispatch_tile {
     };
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // tiles index rows and columns alike
 unsafe fn tile(kernel: Isa, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0: usize, nr: usize, out: *mut f32, ostride: usize) {
     let k = w.cols;
+    // SAFETY: c0 + c < w.rows, so the row start is inside the weight's bytes.
     let wrow = |c: usize| unsafe { w.bytes.as_ptr().add((c0 + c) * k * w.dtype.size()) };
     let wp: [*const u8; 4] = [wrow(0), wrow(1.min(nr - 1)), wrow(2.min(nr - 1)), wrow(3.min(nr - 1))];
     match (kernel, p) {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path guarantees AVX-512F/BW and F16C; x rows are zero-padded to `stride`, weight rows hold k elements, the tile is inside the output.
         (Isa::Avx512Bf16 | Isa::Avx512, Packed::F32 { data, stride }) => unsafe {
             let x = data.as_ptr().add(r0 * stride);
             match w.dtype {
@@ -288,6 +300,7 @@ unsafe fn tile(kernel: Isa, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0
             }
         },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path guarantees AVX2, FMA and F16C; x rows are zero-padded to `stride`, weight rows hold k elements, the tile is inside the output.
         (Isa::Avx2, Packed::F32 { data, stride }) => unsafe {
             let x = data.as_ptr().add(r0 * stride);
             match w.dtype {
@@ -302,7 +315,9 @@ unsafe fn tile(kernel: Isa, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0
             for r in 0..mr {
                 let x = &data[(r0 + r) * stride..(r0 + r) * stride + k];
                 for c in 0..nr {
+                    // SAFETY: `wp[c]` starts a weight row of k elements.
                     let wb = unsafe { std::slice::from_raw_parts(wp[c], k * w.dtype.size()) };
+                    // SAFETY: (r, c) is inside the tile.
                     unsafe { *out.add(r * ostride + c) = dot_portable(x, wb, w.dtype) };
                 }
             }
@@ -379,13 +394,16 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                 if m <= 2 {
                     // Few rows: one or two dependent chains per panel would leave the dot-product unit
                     // waiting on latency, so take several panels at once (same per-output order).
+                    // SAFETY: prepacked panels from column c hold k2 * 32 pairs per 32 columns; the output columns from c are this task's.
                     let done = unsafe { few_rows_panels(x.as_ptr(), xs, m, &panels[(c / 32) * k2 * 32..], k2, out.add(c), os, n1 - c) };
                     c += done;
                     continue;
                 }
                 &panels[(c / 32) * k2 * 32..(c / 32 + 1) * k2 * 32]
             } else if m <= 4 {
+                // SAFETY: c < n1: inside the output row.
                 let o = unsafe { out.add(c) };
+                // SAFETY: x rows are zero-padded to `xs`; the weight rows c .. c + nc exist; the outputs are this task's.
                 unsafe {
                     match m {
                         1 => stream_dot::<1>(x.as_ptr(), xs, w, c, nc, o, os),
@@ -397,6 +415,7 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                 c += nc;
                 continue;
             } else {
+                // SAFETY: the CPU has AVX-512F/BW (this is the avx512bf16 path); the scratch panel holds k2 * 32 pairs.
                 unsafe { pack_panel(w, c, nc, &mut panel[..k2 * 32]) };
                 packed_here = &panel[..k2 * 32];
                 packed_here
@@ -404,8 +423,11 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
             let mut r0 = 0;
             while r0 < m {
                 let mr = (m - r0).min(4);
+                // SAFETY: r0 < m: inside x.
                 let xr = unsafe { x.as_ptr().add(r0 * xs) };
+                // SAFETY: r0 < m and c < n1: inside the output.
                 let o = unsafe { out.add(r0 * os + c) };
+                // SAFETY: the panel holds k2 * 32 pairs, x rows from r0 exist and are padded, the outputs are this task's.
                 unsafe {
                     match mr {
                         1 => panel_dot::<1>(xr, xs, pg, k2, o, os, nc),
@@ -467,9 +489,11 @@ unsafe fn load_pairs_t(w: &Weight<'_>, c: usize, nc: usize, i0: usize) -> [__m51
     let mask: __mmask32 = if left >= 32 { u32::MAX } else { (1u32 << left) - 1 };
     let mut v = [_mm512_setzero_si512(); 16];
     for (j, vj) in v.iter_mut().enumerate().take(nc.min(16)) {
+        // SAFETY: row c + j < w.rows and pairs from i0 are inside it (the mask stops at the row's end).
         let p = unsafe { w.bytes.as_ptr().add((c + j) * rb + 4 * i0) };
         // 32 rows stream side by side, more than hardware prefetchers track.
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(256) as *const i8);
+        // SAFETY: the mask covers only elements inside the row.
         *vj = unsafe { _mm512_maskz_loadu_epi16(mask, p as *const i16) };
     }
     transpose16(&v)
@@ -484,7 +508,9 @@ unsafe fn pair_chunks(w: &Weight<'_>, c: usize, nc: usize, mut f: impl FnMut(usi
     let k2 = w.cols.div_ceil(2);
     let mut i0 = 0;
     while i0 < k2 {
+        // SAFETY: rows c .. c + nc exist; loads are masked to the row's end.
         let ta = unsafe { load_pairs_t(w, c, nc, i0) };
+        // SAFETY: rows c + 16 .. c + nc exist when nc > 16.
         let tb = if nc > 16 { unsafe { load_pairs_t(w, c + 16, nc - 16, i0) } } else { [_mm512_setzero_si512(); 16] };
         f(i0, (k2 - i0).min(16), &ta, &tb);
         i0 += 16;
@@ -498,6 +524,7 @@ unsafe fn pair_chunks(w: &Weight<'_>, c: usize, nc: usize, mut f: impl FnMut(usi
 #[allow(clippy::too_many_arguments)]
 unsafe fn stream_dot<const MR: usize>(x: *const u16, xs: usize, w: &Weight<'_>, c: usize, nc: usize, out: *mut f32, os: usize) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // SAFETY: x rows are zero-padded, weight rows c .. c + nc exist, the outputs are the caller's.
     unsafe {
         pair_chunks(w, c, nc, |i0, steps, ta, tb| {
             for p in 0..steps {
@@ -505,6 +532,7 @@ unsafe fn stream_dot<const MR: usize>(x: *const u16, xs: usize, w: &Weight<'_>, 
             }
         })
     };
+    // SAFETY: the caller owns nc columns of MR output rows from `out`.
     unsafe { store_acc(&acc, out, os, nc) };
 }
 
@@ -515,6 +543,7 @@ unsafe fn stream_dot<const MR: usize>(x: *const u16, xs: usize, w: &Weight<'_>, 
 #[inline]
 unsafe fn pair_step<const MR: usize>(acc: &mut [[__m512; 2]; MR], x: *const u16, xs: usize, i: usize, w0: __m512i, w1: __m512i) {
     for (r, a) in acc.iter_mut().enumerate() {
+        // SAFETY: pair i of each of the MR rows lies inside its zero-padded stride.
         let pair = unsafe { std::ptr::read_unaligned(x.add(r * xs + 2 * i) as *const i32) };
         let xb = _mm512_set1_epi32(pair);
         a[0] = _mm512_dpbf16_ps(a[0], bh(xb), bh(w0));
@@ -535,6 +564,7 @@ unsafe fn store_acc<const MR: usize>(acc: &[[__m512; 2]; MR], out: *mut f32, os:
         0
     };
     for (r, a) in acc.iter().enumerate() {
+        // SAFETY: masked stores write only the first nc columns of each row, which the caller owns.
         unsafe {
             _mm512_mask_storeu_ps(out.add(r * os), m0, a[0]);
             _mm512_mask_storeu_ps(out.add(r * os + 16), m1, a[1]);
@@ -547,6 +577,7 @@ unsafe fn store_acc<const MR: usize>(acc: &[[__m512; 2]; MR], out: *mut f32, os:
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_panel(w: &Weight<'_>, c: usize, nc: usize, panel: &mut [u32]) {
     let out = panel.as_mut_ptr();
+    // SAFETY: the panel holds k2 * 32 pairs; pair_chunks stays inside rows c .. c + nc.
     unsafe {
         pair_chunks(w, c, nc, |i0, steps, ta, tb| {
             for p in 0..steps {
@@ -564,10 +595,14 @@ unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let p = panel.as_ptr();
     for i in 0..k2 {
+        // SAFETY: pair i < k2 of the panel: 32 u32 from i * 32.
         let w0 = unsafe { _mm512_loadu_si512(p.add(i * 32) as *const _) };
+        // SAFETY: as above, the second half of the same 32.
         let w1 = unsafe { _mm512_loadu_si512(p.add(i * 32 + 16) as *const _) };
+        // SAFETY: x rows are zero-padded to a multiple of 32 elements.
         unsafe { pair_step(&mut acc, x, xs, i, w0, w1) };
     }
+    // SAFETY: the caller owns nc columns of MR output rows.
     unsafe { store_acc(&acc, out, os, nc) };
 }
 
@@ -578,6 +613,7 @@ unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2
 #[allow(clippy::too_many_arguments)]
 unsafe fn few_rows_panels(x: *const u16, xs: usize, m: usize, panels: &[u32], k2: usize, out: *mut f32, os: usize, cols: usize) -> usize {
     let np = cols.div_ceil(32).min(if m == 1 { 4 } else { 2 });
+    // SAFETY: the caller passes np consecutive panels and owns their output columns.
     unsafe {
         match (m, np) {
             (1, 1) => panels_dot::<1, 1>(x, xs, panels, k2, out, os, cols),
@@ -610,12 +646,16 @@ unsafe fn panels_dot<const MR: usize, const NP: usize>(
     let p = panels.as_ptr();
     for i in 0..k2 {
         for (q, a) in acc.iter_mut().enumerate() {
+            // SAFETY: panel q < NP holds k2 * 32 pairs, pair i < k2.
             let w0 = unsafe { _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32) as *const _) };
+            // SAFETY: as above, the second half of the same 32.
             let w1 = unsafe { _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32 + 16) as *const _) };
+            // SAFETY: x rows are zero-padded to a multiple of 32 elements.
             unsafe { pair_step(a, x, xs, i, w0, w1) };
         }
     }
     for (q, a) in acc.iter().enumerate() {
+        // SAFETY: the caller owns `cols` output columns from `out`, panel q covers 32 of them.
         unsafe { store_acc(a, out.add(q * 32), os, cols.saturating_sub(q * 32).min(32)) };
     }
 }
@@ -633,9 +673,11 @@ macro_rules! fma_tile {
             for kc in 0..full {
                 let mut wv = [_mm512_setzero_ps(); NR];
                 for c in 0..NR {
+                    // SAFETY: chunk kc of k/16 full chunks lies inside each weight row.
                     wv[c] = unsafe { load(w[c].add(kc * 16 * $esize), 0xFFFF) };
                 }
                 for r in 0..MR {
+                    // SAFETY: x rows are zero-padded to `xs`, a multiple of 32.
                     let xv = unsafe { _mm512_loadu_ps(x.add(r * xs + kc * 16)) };
                     for c in 0..NR {
                         acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
@@ -646,9 +688,11 @@ macro_rules! fma_tile {
                 let mask: __mmask16 = (1u16 << rem) - 1;
                 let mut wv = [_mm512_setzero_ps(); NR];
                 for c in 0..NR {
+                    // SAFETY: the mask covers the `rem` elements left in each weight row.
                     wv[c] = unsafe { load(w[c].add(full * 16 * $esize), mask) };
                 }
                 for r in 0..MR {
+                    // SAFETY: x rows are zero-padded, so the last chunk is readable whole.
                     let xv = unsafe { _mm512_loadu_ps(x.add(r * xs + full * 16)) };
                     for c in 0..NR {
                         acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
@@ -657,6 +701,7 @@ macro_rules! fma_tile {
             }
             for r in 0..MR {
                 for c in 0..NR {
+                    // SAFETY: (r, c) is inside the caller's tile.
                     unsafe { *out.add(r * os + c) = _mm512_reduce_add_ps(acc[r][c]) };
                 }
             }
@@ -667,17 +712,20 @@ macro_rules! fma_tile {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn load_f32(p: *const u8, m: __mmask16) -> __m512 {
+    // SAFETY: the mask covers only elements the caller says exist.
     unsafe { _mm512_maskz_loadu_ps(m, p as *const f32) }
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn load_bf16(p: *const u8, m: __mmask16) -> __m512 {
+    // SAFETY: as above, 16-bit elements.
     let h = unsafe { _mm256_maskz_loadu_epi16(m, p as *const i16) };
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
 }
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
 unsafe fn load_f16(p: *const u8, m: __mmask16) -> __m512 {
+    // SAFETY: as above, 16-bit elements.
     let h = unsafe { _mm256_maskz_loadu_epi16(m, p as *const i16) };
     _mm512_cvtph_ps(h)
 }
@@ -761,9 +809,10 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
                     &scratch[..k2 * 32]
                 }
             };
+            // SAFETY: c < n1: inside the output row.
             let o = unsafe { out.add(c) };
             let xp = x.as_ptr();
-            // SAFETY (all calls below): `panel` holds k2 * 32 pairs; x rows are `xs >= 2 * k2` floats
+            // SAFETY: (all calls below) `panel` holds k2 * 32 pairs; x rows are `xs >= 2 * k2` floats
             // apart, zero-padded; outputs `o + r * os + j` for j < nc are this task's columns.
             unsafe {
                 match m {
@@ -905,11 +954,13 @@ macro_rules! fma8_tile {
 #[target_feature(enable = "avx2")]
 unsafe fn load8_f32(p: *const u8, n: usize) -> __m256 {
     if n == 8 {
+        // SAFETY: the caller guarantees 8 floats at p.
         return unsafe { _mm256_loadu_ps(p as *const f32) };
     }
     let mut t = [0f32; 8];
     // SAFETY: the caller guarantees n elements at p.
     unsafe { std::ptr::copy_nonoverlapping(p as *const f32, t.as_mut_ptr(), n) };
+    // SAFETY: `t` holds 8 floats.
     unsafe { _mm256_loadu_ps(t.as_ptr()) }
 }
 
@@ -917,17 +968,20 @@ unsafe fn load8_f32(p: *const u8, n: usize) -> __m256 {
 #[target_feature(enable = "avx2")]
 unsafe fn load8_halves(p: *const u8, n: usize) -> __m128i {
     if n == 8 {
+        // SAFETY: the caller guarantees 8 16-bit elements at p.
         return unsafe { _mm_loadu_si128(p as *const __m128i) };
     }
     let mut t = [0u16; 8];
     // SAFETY: the caller guarantees n 16-bit elements at p.
     unsafe { std::ptr::copy_nonoverlapping(p as *const u16, t.as_mut_ptr(), n) };
+    // SAFETY: `t` holds 8 16-bit elements.
     unsafe { _mm_loadu_si128(t.as_ptr() as *const __m128i) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn load8_bf16(p: *const u8, n: usize) -> __m256 {
+    // SAFETY: the caller guarantees n 16-bit elements at p.
     let h = unsafe { load8_halves(p, n) };
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
 }
@@ -935,6 +989,7 @@ unsafe fn load8_bf16(p: *const u8, n: usize) -> __m256 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn load8_f16(p: *const u8, n: usize) -> __m256 {
+    // SAFETY: the caller guarantees n 16-bit elements at p.
     let h = unsafe { load8_halves(p, n) };
     _mm256_cvtph_ps(h)
 }
@@ -1057,6 +1112,7 @@ mod tests {
             let (c, nc) = (g * 32, (w.rows - g * 32).min(32));
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512Bf16 {
+                // SAFETY: the CPU has AVX-512F/BW on the avx512bf16 path this test packs for.
                 unsafe { pack_panel(w, c, nc, panel) };
                 continue;
             }

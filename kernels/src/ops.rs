@@ -27,6 +27,7 @@ pub fn rms_norm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, dt: DType, out:
 /// Sum of a contiguous f32 row in exactly PyTorch's CPU order (`SumKernel.cpp` as dispatched on this
 /// kind of CPU, the AVX2 kernels: 8-lane vectors, 4-way ILP, 4-level cascade, then the scalar tail, then
 /// the lanes in order). Verified bit-exact against torch 2.15 for row lengths 8 to 2816.
+#[allow(clippy::needless_range_loop)] // indexed as PyTorch's kernel is, lane by lane and level by level
 pub fn torch_sum(x: &[f32]) -> f32 {
     const L: usize = 8;
     const ILP: usize = 4;

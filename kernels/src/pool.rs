@@ -22,7 +22,9 @@ struct Region {
     task: *const Task<'static>,
     n: usize,
 }
+// SAFETY: a region is shared only while its tasks run; its closure is `Sync` and outlives them.
 unsafe impl Send for Region {}
+// SAFETY: as above.
 unsafe impl Sync for Region {}
 
 struct Shared {
@@ -138,7 +140,7 @@ fn worker_loop(s: &Shared) {
                 break;
             }
             spins += 1;
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                 let g = s.sleep_lock.lock().unwrap();
                 s.sleepers.fetch_add(1, Ordering::AcqRel);
                 if s.epoch.load(Ordering::Acquire) == seen {

@@ -234,7 +234,7 @@ impl ModelConfig {
                 }
                 None => {}
             }
-            if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+            if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
                 return Err(err(format!(
                     "layer {i}: {} attention heads are not a multiple of {num_kv_heads} KV heads",
                     raw.num_attention_heads

@@ -140,7 +140,8 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_refused_with_a_reason() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut v1::LayerRequest)>)> = vec![
+        type Break = Box<dyn Fn(&mut v1::LayerRequest)>;
+        let cases: Vec<(&str, Break)> = vec![
             ("layer", Box::new(|r| r.layer = 2)),
             ("hidden", Box::new(|r| r.hidden = 4)),
             ("dtype", Box::new(|r| r.dtype = v1::DType::DtypeF32 as i32)),

@@ -70,7 +70,7 @@ impl EngineStats {
 }
 
 enum Command {
-    Add(RequestId, EngineRequest, tokio::sync::mpsc::UnboundedSender<EngineEvent>, Vec<ImageEmbeds>),
+    Add(RequestId, Box<EngineRequest>, tokio::sync::mpsc::UnboundedSender<EngineEvent>, Vec<ImageEmbeds>),
     Abort(RequestId),
 }
 
@@ -120,7 +120,7 @@ fn vision_thread(tower: Arc<VisionTower>, jobs: mpsc::Receiver<VisionJob>, engin
             let _ = job.events.send(EngineEvent::Error(EngineError::BadImage(e).into()));
             continue;
         }
-        if engine.send(Command::Add(job.id, job.req, job.events, embeds)).is_err() {
+        if engine.send(Command::Add(job.id, Box::new(job.req), job.events, embeds)).is_err() {
             return;
         }
     }
@@ -172,7 +172,7 @@ impl EngineHandle {
         self.stats.unfinished.fetch_add(1, Ordering::Relaxed);
         let sent = match &self.vision {
             Some(v) if !req.images.is_empty() => v.send(VisionJob { id, req, events: tx }).is_ok(),
-            _ => self.tx.send(Command::Add(id, req, tx, Vec::new())).is_ok(),
+            _ => self.tx.send(Command::Add(id, Box::new(req), tx, Vec::new())).is_ok(),
         };
         if !sent {
             self.stats.unfinished.fetch_sub(1, Ordering::Relaxed);
