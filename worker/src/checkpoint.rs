@@ -54,7 +54,7 @@ impl Tensor {
     /// same with SIMD needs the weight pair-interleaved across rows. Transposing on the fly works (and is
     /// what runs without this) but costs shuffles on every decode step; the copy is made once at load, in
     /// the same dtype, so decode streams it at memory speed. A no-op where the pair kernel is not used
-    /// (f32/f16 checkpoints, CPUs without AVX512-BF16) or when `SWITCHYARD_PACK_WEIGHTS=0`.
+    /// (f32/f16 checkpoints, the portable kernel path) or when `SWITCHYARD_PACK_WEIGHTS=0`.
     pub fn packed(self) -> Tensor {
         if !packing_enabled() {
             return self;
@@ -86,9 +86,10 @@ impl std::fmt::Debug for Tensor {
 }
 
 /// Whether linear weights get the bf16 kernel's repacked copy ([`Tensor::packed`]);
-/// `SWITCHYARD_PACK_WEIGHTS=0` turns it off.
+/// `SWITCHYARD_PACK_WEIGHTS=0` turns it off. Read once per process.
 pub fn packing_enabled() -> bool {
-    !std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0")
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| !std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0"))
 }
 
 /// All tensors of a checkpoint directory, by name.
