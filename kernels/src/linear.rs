@@ -821,21 +821,14 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
                     _ => {
                         let mut r0 = 0;
                         while r0 < m {
-                            let mr = (m - r0).min(4);
+                            let mr = (m - r0).min(3);
                             let xr = xp.add(r0 * xs);
                             let or = o.add(r0 * os);
-                            for h in 0..2 {
-                                let hc = nc.saturating_sub(16 * h).min(16);
-                                if hc == 0 {
-                                    continue;
-                                }
-                                let (ph, oh) = (panel.as_ptr().add(16 * h), or.add(16 * h));
-                                match mr {
-                                    1 => pair_panel_avx2::<1, 2>(xr, xs, ph, k2, oh, os, hc),
-                                    2 => pair_panel_avx2::<2, 2>(xr, xs, ph, k2, oh, os, hc),
-                                    3 => pair_panel_avx2::<3, 2>(xr, xs, ph, k2, oh, os, hc),
-                                    _ => pair_panel_avx2::<4, 2>(xr, xs, ph, k2, oh, os, hc),
-                                }
+                            let pp = panel.as_ptr();
+                            match mr {
+                                1 => pair_panel_avx2::<1, 4>(xr, xs, pp, k2, or, os, nc),
+                                2 => pair_panel_avx2::<2, 4>(xr, xs, pp, k2, or, os, nc),
+                                _ => pair_panel_avx2::<3, 4>(xr, xs, pp, k2, or, os, nc),
                             }
                             r0 += mr;
                         }

@@ -79,6 +79,15 @@ impl ApiError {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, ApiErrorKind::InvalidRequest, "Method not allowed for this route.")
     }
 
+    /// 413: the body is past the server's limit.
+    pub fn body_too_large(limit: usize) -> ApiError {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ApiErrorKind::InvalidRequest,
+            format!("The request body is larger than this server's limit of {limit} bytes."),
+        )
+    }
+
     /// 503 with `Retry-After`: the queue is full or the server is shutting down.
     pub fn overloaded(message: impl Into<String>) -> ApiError {
         ApiError {

@@ -98,38 +98,46 @@ pub fn max_tokens(v: Option<i64>, default_max: Option<usize>, prompt_len: usize,
 /// the caller, which knows the endpoint's conventions).
 pub fn sampling(c: &CommonParams, lim: &Limits<'_>) -> Result<SamplingParams, ApiError> {
     let d = lim.defaults;
-    let mut p = SamplingParams::default();
-    p.temperature = range("temperature", c.temperature.or(d.temperature).unwrap_or(1.0), 0.0, 100.0)? as f32;
-    p.top_p = range("top_p", c.top_p.or(d.top_p).unwrap_or(1.0), 1e-9, 1.0)? as f32;
-    p.top_k = match c.top_k.or(d.top_k).unwrap_or(0) {
+    let temperature = range("temperature", c.temperature.or(d.temperature).unwrap_or(1.0), 0.0, 100.0)? as f32;
+    let top_p = range("top_p", c.top_p.or(d.top_p).unwrap_or(1.0), 1e-9, 1.0)? as f32;
+    let top_k = match c.top_k.or(d.top_k).unwrap_or(0) {
         -1 | 0 => 0,
         k if k > 0 => k as usize,
         k => return Err(ApiError::invalid("top_k", format!("`top_k` must be -1 (disabled) or positive, got {k}"))),
     };
-    p.min_p = range("min_p", c.min_p.or(d.min_p).unwrap_or(0.0), 0.0, 1.0)? as f32;
-    p.presence_penalty = range("presence_penalty", c.presence_penalty.unwrap_or(0.0), -2.0, 2.0)? as f32;
-    p.frequency_penalty = range("frequency_penalty", c.frequency_penalty.unwrap_or(0.0), -2.0, 2.0)? as f32;
-    p.repetition_penalty = range("repetition_penalty", c.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0), 1e-6, 100.0)? as f32;
-    p.seed = c.seed.map(|s| s as u64);
-    p.ignore_eos = c.ignore_eos;
-    if let Some(bias) = &c.logit_bias {
-        for (k, v) in bias {
-            let id = k.parse::<i64>().map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias key `{k}` is not a token id")))?;
-            let id = token_id("logit_bias", id, lim.vocab_size)?;
-            p.logit_bias.push((id, range("logit_bias", *v, -100.0, 100.0)? as f32));
-        }
-        p.logit_bias.sort_by_key(|b| b.0);
+    let min_p = range("min_p", c.min_p.or(d.min_p).unwrap_or(0.0), 0.0, 1.0)? as f32;
+    let presence_penalty = range("presence_penalty", c.presence_penalty.unwrap_or(0.0), -2.0, 2.0)? as f32;
+    let frequency_penalty = range("frequency_penalty", c.frequency_penalty.unwrap_or(0.0), -2.0, 2.0)? as f32;
+    let repetition_penalty = range("repetition_penalty", c.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0), 1e-6, 100.0)? as f32;
+    let mut logit_bias = Vec::new();
+    for (k, v) in c.logit_bias.iter().flatten() {
+        let id = k.parse::<i64>().map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias key `{k}` is not a token id")))?;
+        let id = token_id("logit_bias", id, lim.vocab_size)?;
+        logit_bias.push((id, range("logit_bias", *v, -100.0, 100.0)? as f32));
     }
-    for &id in c.stop_token_ids.iter().flatten() {
-        p.stop_token_ids.push(token_id("stop_token_ids", id, lim.vocab_size)?);
-    }
-    if let Some(m) = c.min_tokens {
-        if m < 0 {
-            return Err(ApiError::invalid("min_tokens", format!("`min_tokens` must be non-negative, got {m}")));
-        }
-        p.min_tokens = m as usize;
-    }
-    Ok(p)
+    logit_bias.sort_by_key(|b| b.0);
+    let stop_token_ids =
+        c.stop_token_ids.iter().flatten().map(|&id| token_id("stop_token_ids", id, lim.vocab_size)).collect::<Result<_, _>>()?;
+    let min_tokens = match c.min_tokens {
+        Some(m) if m < 0 => return Err(ApiError::invalid("min_tokens", format!("`min_tokens` must be non-negative, got {m}"))),
+        Some(m) => m as usize,
+        None => 0,
+    };
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        seed: c.seed.map(|s| s as u64),
+        presence_penalty,
+        frequency_penalty,
+        repetition_penalty,
+        logit_bias,
+        min_tokens,
+        ignore_eos: c.ignore_eos,
+        stop_token_ids,
+        ..SamplingParams::default()
+    })
 }
 
 /// Stop strings, checked.

@@ -1,11 +1,13 @@
 //! Turning a request's [`Update`]s into what the client receives: a finished list of choices, or a
-//! server-sent-event stream that ends with `data: [DONE]`.
+//! server-sent-event stream of chunks that ends with `data: [DONE]`. The parts both endpoints share:
+//! [`Usage`], the chunk envelope, and the stream itself.
 
 use std::convert::Infallible;
 
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use switchyard_engine_api::PromptInfo;
@@ -43,9 +45,23 @@ pub async fn collect(mut rx: UnboundedReceiver<Update>, n: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// `finish_reason` and `stop_reason` of a piece (null while the choice is still going).
-pub fn finish_fields(f: Option<&Finish>) -> (Value, Value) {
-    f.map_or((Value::Null, Value::Null), |f| (json!(f.reason), f.stop_reason.clone()))
+/// `finish_reason` and `stop_reason` of a piece (both null while the choice is still going).
+pub fn finish_fields(f: Option<&Finish>) -> (Option<&'static str>, Value) {
+    f.map_or((None, Value::Null), |f| (Some(f.reason), f.stop_reason.clone()))
+}
+
+/// Token counts: a body's `usage`, and a stream's last chunk with `include_usage`.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
 }
 
 /// What every chunk of one streamed response repeats.
@@ -60,27 +76,43 @@ pub struct ChunkHead {
     pub include_usage: bool,
 }
 
+/// One streamed chunk, whose choices `C` are the endpoint's.
+#[derive(Serialize)]
+pub struct Chunk<'a, C> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<C>,
+    /// Absent without `include_usage`; with it, `null` on every chunk but the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
 impl ChunkHead {
-    fn chunk(&self, choices: Vec<Value>) -> Value {
-        let mut v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices});
-        if self.include_usage {
-            v["usage"] = Value::Null;
+    fn chunk<C>(&self, choices: Vec<C>) -> Chunk<'_, C> {
+        Chunk {
+            id: &self.id,
+            object: self.object,
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage: self.include_usage.then_some(None),
         }
-        v
     }
 }
 
 /// Streams a request's pieces as chunks: `prologue` choices first (chat's role chunks), then one chunk
-/// per piece with the choice `render` makes of it (none when it makes none), then the usage chunk if asked for, then `[DONE]`.
-/// An engine error ends the stream with an error event. When the client goes, the pieces' receiver is
-/// dropped, which cancels every choice.
-pub fn stream(
+/// per piece with the choice `render` makes of it (none when it makes none), then the usage chunk if
+/// asked for, then `[DONE]`. An engine error ends the stream with an error event. When the client
+/// goes, the pieces' receiver is dropped, which cancels every choice.
+pub fn stream<C: Serialize + Send + 'static>(
     mut rx: UnboundedReceiver<Update>,
     choices: usize,
     head: ChunkHead,
     prompt_tokens: usize,
-    prologue: Vec<Value>,
-    mut render: impl FnMut(Piece) -> Option<Value> + Send + 'static,
+    prologue: Vec<C>,
+    mut render: impl FnMut(Piece) -> Option<C> + Send + 'static,
 ) -> Response {
     let (tx, resp) = sse();
     tokio::spawn(async move {
@@ -113,26 +145,27 @@ pub fn stream(
             }
         }
         if head.include_usage {
-            let mut v = head.chunk(Vec::new());
-            v["usage"] = usage(prompt_tokens, completion);
-            tx.send(&v);
+            let last = Chunk { usage: Some(Some(Usage::new(prompt_tokens, completion))), ..head.chunk::<C>(Vec::new()) };
+            tx.send(&last);
         }
     });
     resp
 }
 
-pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
-}
-
 /// The sending half of an SSE response (an error mid-stream is sent as its OpenAI error body, as vLLM
-/// does): JSON payloads become `data:` events; dropping it sends
-/// `[DONE]`. `send` fails once the client has gone.
+/// does): JSON payloads become `data:` events; dropping it sends `[DONE]`. `send` fails once the
+/// client has gone.
 struct SseSender(UnboundedSender<Event>);
 
 impl SseSender {
-    fn send(&self, v: &Value) -> bool {
-        self.0.send(Event::default().data(v.to_string())).is_ok()
+    fn send(&self, v: &impl Serialize) -> bool {
+        match serde_json::to_string(v) {
+            Ok(data) => self.0.send(Event::default().data(data)).is_ok(),
+            Err(e) => {
+                tracing::error!("serializing a stream event: {e}");
+                false
+            }
+        }
     }
 }
 

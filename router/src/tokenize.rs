@@ -2,69 +2,70 @@
 //! with the template (`add_generation_prompt`, `tools`, `chat_template_kwargs`), to token ids; and ids
 //! back to text.
 
-use axum::body::Bytes;
+use axum::Json;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::params;
 use crate::protocol::{DetokenizeRequest, TokenizeRequest};
-use crate::server::{SharedState, parse_body};
+use crate::server::{RawBody, SharedState, parse_body};
 
-pub async fn tokenize(State(state): State<SharedState>, body: Bytes) -> Response {
-    let run = || -> Result<serde_json::Value, ApiError> {
-        let req: TokenizeRequest = parse_body(&state, &body)?;
-        let (model, ids, strs) = match req {
-            TokenizeRequest::Chat {
-                model,
-                messages,
-                add_generation_prompt,
-                continue_final_message,
-                add_special_tokens,
-                tools,
-                chat_template_kwargs,
-                return_token_strs,
-            } => {
-                let ids = crate::chat::render_and_tokenize(
-                    &state,
-                    &messages,
-                    tools.as_deref(),
-                    add_generation_prompt,
-                    continue_final_message,
-                    chat_template_kwargs.as_ref(),
-                    add_special_tokens,
-                )?;
-                (model, ids, return_token_strs)
-            }
-            TokenizeRequest::Completion { model, prompt, add_special_tokens, return_token_strs } => {
-                (model, state.encode(&prompt, add_special_tokens)?, return_token_strs)
-            }
-        };
-        state.check_model(model.as_deref())?;
-        let mut out = json!({"count": ids.len(), "max_model_len": state.config.max_model_len, "tokens": ids});
-        if strs {
-            out["token_strs"] = ids.iter().map(|&i| state.token_str(i, false)).collect();
-        }
-        Ok(out)
-    };
-    match run() {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+/// `POST /tokenize`'s answer.
+#[derive(Serialize)]
+pub struct Tokenized {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+    /// Each token's text, with `return_token_strs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_strs: Option<Vec<String>>,
 }
 
-pub async fn detokenize(State(state): State<SharedState>, body: Bytes) -> Response {
-    let run = || -> Result<serde_json::Value, ApiError> {
-        let req: DetokenizeRequest = parse_body(&state, &body)?;
-        state.check_model(req.model.as_deref())?;
-        let ids = params::prompt_ids(&req.tokens, state.config.vocab_size).map_err(|e| ApiError { param: Some("tokens".into()), ..e })?;
-        Ok(json!({"prompt": state.decode(&ids, false)}))
+/// `POST /detokenize`'s answer.
+#[derive(Serialize)]
+pub struct Detokenized {
+    pub prompt: String,
+}
+
+pub async fn tokenize(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Json<Tokenized>, ApiError> {
+    let req: TokenizeRequest = parse_body(&state, &body)?;
+    let (model, tokens, strs) = match req {
+        TokenizeRequest::Chat {
+            model,
+            messages,
+            add_generation_prompt,
+            continue_final_message,
+            add_special_tokens,
+            tools,
+            chat_template_kwargs,
+            return_token_strs,
+        } => {
+            let ids = crate::chat::render_and_tokenize(
+                &state,
+                &messages,
+                tools.as_deref(),
+                add_generation_prompt,
+                continue_final_message,
+                chat_template_kwargs.as_ref(),
+                add_special_tokens,
+            )?;
+            (model, ids, return_token_strs)
+        }
+        TokenizeRequest::Completion { model, prompt, add_special_tokens, return_token_strs } => {
+            (model, state.encode(&prompt, add_special_tokens)?, return_token_strs)
+        }
     };
-    match run() {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    state.check_model(model.as_deref())?;
+    let token_strs = strs.then(|| tokens.iter().map(|&i| state.token_str(i, false)).collect());
+    Ok(Json(Tokenized { count: tokens.len(), max_model_len: state.config.max_model_len, tokens, token_strs }))
+}
+
+pub async fn detokenize(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Json<Detokenized>, ApiError> {
+    let req: DetokenizeRequest = parse_body(&state, &body)?;
+    state.check_model(req.model.as_deref())?;
+    let ids = params::prompt_ids(&req.tokens, state.config.vocab_size).map_err(|e| ApiError { param: Some("tokens".into()), ..e })?;
+    Ok(Json(Detokenized { prompt: state.decode(&ids, false) }))
 }
 
 /// Text → ids as transformers' tokenizer gives them: with `add_special_tokens`, a BOS first (Gemma's
