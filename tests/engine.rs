@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use switchyard_worker::engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, FinishReason, SamplingParams, paged_kv};
+use switchyard_worker::engine::{Engine, EngineConfig, EngineEvent, EngineHandle, EngineRequest, FinishReason, SamplingParams};
 use switchyard_worker::{ForwardChunk, Gemma4Model, GenerateOptions, LogitsFor, greedy_generate};
 
 fn model() -> Arc<Gemma4Model> {
@@ -19,18 +19,12 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
 }
 
 fn config(model: &Gemma4Model, blocks: usize, block_size: usize, max_num_seqs: usize, max_batched: usize) -> EngineConfig {
-    let [s, g] = paged_kv::block_bytes(&model.config.layers, block_size);
-    EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens: max_batched,
-        max_model_len: 128,
-        block_size,
-        kv_cache_bytes: blocks * (s + g),
-        prefix_caching: true,
-        seed: 0,
-        eos_token_ids: vec![1],
-        model_name: "tiny".into(),
-    }
+    common::engine_config(model, blocks, block_size, max_num_seqs, max_batched, 128)
+}
+
+/// A plain request: no images, no grammar, nothing to resume.
+fn request(prompt: Vec<u32>, params: SamplingParams) -> EngineRequest {
+    EngineRequest { prompt, params, resume: vec![], constraint: None, images: vec![], traceparent: None }
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {
@@ -56,22 +50,7 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<u3
 }
 
 fn run_all(engine: &EngineHandle, prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Vec<u32>> {
-    let rxs: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            engine
-                .submit(EngineRequest {
-                    images: vec![],
-                    constraint: None,
-                    resume: vec![],
-                    traceparent: None,
-                    prompt: p.clone(),
-                    params: params.clone(),
-                })
-                .unwrap()
-                .1
-        })
-        .collect();
+    let rxs: Vec<_> = prompts.iter().map(|p| engine.submit(request(p.clone(), params.clone())).unwrap().1).collect();
     rxs.into_iter().map(|rx| collect(rx).0).collect()
 }
 
@@ -103,14 +82,7 @@ fn repeated_prompt_hits_the_prefix_cache_with_identical_output() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
     let prompt: Vec<u32> = (0..50).map(|i| 3 + (i * 7 % 400)).collect();
-    let req = || EngineRequest {
-        images: vec![],
-        constraint: None,
-        resume: vec![],
-        traceparent: None,
-        prompt: prompt.clone(),
-        params: greedy(12),
-    };
+    let req = || request(prompt.clone(), greedy(12));
     let (first, ev1) = collect(engine.submit(req()).unwrap().1);
     let (second, ev2) = collect(engine.submit(req()).unwrap().1);
     assert_eq!(first, second);
@@ -159,12 +131,7 @@ fn prompt_logprobs_match_a_full_forward() {
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 5)).unwrap();
     let prompt: Vec<u32> = (0..23).map(|i| 2 + (i * 11 % 300)).collect();
     let params = SamplingParams { prompt_logprobs: Some(2), ..greedy(1) };
-    let (_, events) = collect(
-        engine
-            .submit(EngineRequest { images: vec![], constraint: None, resume: vec![], traceparent: None, prompt: prompt.clone(), params })
-            .unwrap()
-            .1,
-    );
+    let (_, events) = collect(engine.submit(request(prompt.clone(), params)).unwrap().1);
     let EngineEvent::Token(t) = &events[0] else { unreachable!() };
     let got = t.prompt.as_ref().unwrap().logprobs.as_ref().unwrap();
     assert_eq!(got.len(), prompt.len() - 1);
@@ -189,27 +156,13 @@ fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
     let stop = free[3];
     let first = free.iter().position(|&t| t == stop).unwrap();
     let params = SamplingParams { ignore_eos: false, stop_token_ids: vec![stop], ..greedy(10) };
-    let (toks, ev) = collect(
-        engine
-            .submit(EngineRequest {
-                images: vec![],
-                constraint: None,
-                resume: vec![],
-                traceparent: None,
-                prompt: prompt.clone(),
-                params: params.clone(),
-            })
-            .unwrap()
-            .1,
-    );
+    let (toks, ev) = collect(engine.submit(request(prompt.clone(), params.clone())).unwrap().1);
     assert_eq!(toks, free[..=first].to_vec());
     let EngineEvent::Token(last) = ev.last().unwrap() else { unreachable!() };
     assert_eq!(last.finish, Some(FinishReason::Stop(Some(stop))));
     // min_tokens past the stop position keeps the stop id from being chosen until then.
     let params = SamplingParams { min_tokens: first + 2, ..params };
-    let (toks, _) = collect(
-        engine.submit(EngineRequest { images: vec![], constraint: None, resume: vec![], traceparent: None, prompt, params }).unwrap().1,
-    );
+    let (toks, _) = collect(engine.submit(request(prompt, params)).unwrap().1);
     assert!(toks.len() > first + 1 && !toks[..first + 2].contains(&stop));
 }
 
@@ -217,33 +170,12 @@ fn stops_on_eos_and_stop_ids_and_respects_min_tokens() {
 fn a_dropped_receiver_frees_its_blocks() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
-    let (_, mut rx) = engine
-        .submit(EngineRequest {
-            images: vec![],
-            constraint: None,
-            resume: vec![],
-            traceparent: None,
-            prompt: prompts(5)[4].clone(),
-            params: greedy(60),
-        })
-        .unwrap();
+    let (_, mut rx) = engine.submit(request(prompts(5)[4].clone(), greedy(60))).unwrap();
     assert!(matches!(rx.blocking_recv(), Some(EngineEvent::Token(_))));
     drop(rx);
     // The engine sweeps closed requests before every step. A second, short request is the sync
     // point: once it has finished, the dropped one must be gone too.
-    let (toks, _) = collect(
-        engine
-            .submit(EngineRequest {
-                images: vec![],
-                constraint: None,
-                resume: vec![],
-                traceparent: None,
-                prompt: vec![2, 3],
-                params: greedy(2),
-            })
-            .unwrap()
-            .1,
-    );
+    let (toks, _) = collect(engine.submit(request(vec![2, 3], greedy(2))).unwrap().1);
     assert_eq!(toks.len(), 2);
     assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
     assert_eq!(engine.stats().kv_usage(), 0.0);
@@ -253,36 +185,13 @@ fn a_dropped_receiver_frees_its_blocks() {
 fn requests_beyond_the_limits_are_refused() {
     let m = model();
     let engine = Engine::start(m.clone(), config(&m, 256, 4, 8, 64)).unwrap();
-    let long =
-        EngineRequest { images: vec![], constraint: None, resume: vec![], traceparent: None, prompt: vec![5; 100], params: greedy(40) };
+    let long = request(vec![5; 100], greedy(40));
     assert!(matches!(
         engine.submit(long),
         Err(switchyard_worker::engine::EngineError::ContextTooLong { max: 128, requested: 140, prompt: 100 })
     ));
-    assert!(
-        engine
-            .submit(EngineRequest {
-                images: vec![],
-                constraint: None,
-                resume: vec![],
-                traceparent: None,
-                prompt: vec![600],
-                params: greedy(1)
-            })
-            .is_err()
-    );
-    assert!(
-        engine
-            .submit(EngineRequest {
-                images: vec![],
-                constraint: None,
-                resume: vec![],
-                traceparent: None,
-                prompt: vec![],
-                params: greedy(1)
-            })
-            .is_err()
-    );
+    assert!(engine.submit(request(vec![600], greedy(1))).is_err());
+    assert!(engine.submit(request(vec![], greedy(1))).is_err());
     assert!(Engine::start(m.clone(), config(&m, 8, 4, 8, 64)).is_err(), "8 blocks of 4 cannot hold 128 positions");
 }
 
@@ -296,34 +205,15 @@ fn a_resumed_request_continues_exactly_where_it_left_off() {
     let prompt = prompts(4)[3].clone();
     let sampled = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(11), presence_penalty: 0.5, ..greedy(16) };
     for params in [greedy(16), sampled] {
-        let (full, _) = collect(
-            engine
-                .submit(EngineRequest {
-                    images: vec![],
-                    constraint: None,
-                    resume: vec![],
-                    traceparent: None,
-                    prompt: prompt.clone(),
-                    params: params.clone(),
-                })
-                .unwrap()
-                .1,
-        );
+        let (full, _) = collect(engine.submit(request(prompt.clone(), params.clone())).unwrap().1);
         assert_eq!(full.len(), 16);
         for cut in [1, 7, 15] {
-            let req = EngineRequest {
-                images: vec![],
-                constraint: None,
-                resume: full[..cut].to_vec(),
-                prompt: prompt.clone(),
-                params: params.clone(),
-                traceparent: None,
-            };
+            let req = EngineRequest { resume: full[..cut].to_vec(), ..request(prompt.clone(), params.clone()) };
             let (rest, _) = collect(engine.submit(req).unwrap().1);
             assert_eq!(rest, full[cut..].to_vec(), "resumed after {cut} tokens (temperature {})", params.temperature);
         }
     }
-    let done = EngineRequest { images: vec![], constraint: None, traceparent: None, resume: vec![1; 16], prompt, params: greedy(16) };
+    let done = EngineRequest { resume: vec![1; 16], ..request(prompt, greedy(16)) };
     assert!(engine.submit(done).is_err(), "nothing left to generate");
 }
 
@@ -346,7 +236,7 @@ fn grammar_constrained_requests_in_the_engine() {
         SamplingParams { temperature: 1.0, seed: Some(4), max_tokens: 40, min_tokens: 30, grammar: Some(g.clone()), ..Default::default() };
     let submit = |resume: Vec<u32>, params: SamplingParams, constraint: switchyard_grammar::Constraint| {
         let constraint = Some(Box::new(constraint) as Box<dyn TokenConstraint>);
-        engine.submit(EngineRequest { images: vec![], constraint, resume, traceparent: None, prompt: prompt.clone(), params }).unwrap().1
+        engine.submit(EngineRequest { constraint, resume, ..request(prompt.clone(), params) }).unwrap().1
     };
     // Unconstrained neighbours, before and alongside.
     let alone = run_all(&engine, &prompts(4), &greedy(12));

@@ -13,24 +13,13 @@ use switchyard_proto::v1::attention_service_server::AttentionServiceServer;
 use switchyard_router::attention_pool::{AttentionPool, Policy};
 use switchyard_router::error::ApiError;
 use switchyard_worker::cluster::attention_server::AttentionServer;
-use switchyard_worker::engine::{Engine, EngineConfig, EngineRequest, SamplingParams, paged_kv};
+use switchyard_worker::engine::{Engine, EngineRequest, SamplingParams};
 
 /// A real attention worker (the tiny model's engine behind `AttentionService`) on a loopback port,
 /// with no grammar compiler (a checkpoint without tokenizer.json), as a router reaches it.
 async fn attention_worker() -> String {
     let model = Arc::new(common::load("tiny-bf16"));
-    let [s, g] = paged_kv::block_bytes(&model.config.layers, 16);
-    let config = EngineConfig {
-        max_num_seqs: 8,
-        max_num_batched_tokens: 256,
-        max_model_len: 128,
-        block_size: 16,
-        kv_cache_bytes: 64 * (s + g),
-        prefix_caching: true,
-        seed: 0,
-        eos_token_ids: vec![1],
-        model_name: "tiny".into(),
-    };
+    let config = common::engine_config(&model, 64, 16, 8, 256, 128);
     let engine = Engine::start(model, config).unwrap();
     let (_, active) = tokio::sync::watch::channel(None);
     let (ready_tx, ready) = tokio::sync::watch::channel(true);

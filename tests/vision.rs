@@ -10,7 +10,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use switchyard_router::media;
 use switchyard_router::preprocess;
-use switchyard_worker::engine::{Engine, EngineConfig, EngineEvent, EngineRequest, ImageInput, SamplingParams, paged_kv};
+use switchyard_worker::engine::{Engine, EngineEvent, EngineRequest, ImageInput, SamplingParams};
 use switchyard_worker::vision::tower::{VisionConfig, VisionTower};
 use switchyard_worker::{Checkpoint, Gemma4Model, ModelConfig};
 
@@ -91,19 +91,8 @@ fn generations_with_images_equal_transformers() {
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("vision/reference.json")).unwrap()).unwrap();
     let image_token = l.model.config.image_token_id.unwrap();
-    let [s, g] = paged_kv::block_bytes(&l.model.config.layers, 16);
-    let cfg = EngineConfig {
-        max_num_seqs: 32,
-        // Small steps: prompts are prefilled in several chunks, and no chunk may split an image.
-        max_num_batched_tokens: 96,
-        max_model_len: 2048,
-        block_size: 16,
-        kv_cache_bytes: 4096 * (s + g),
-        prefix_caching: true,
-        seed: 0,
-        eos_token_ids: vec![1],
-        model_name: "tiny-vision".into(),
-    };
+    // Small steps: prompts are prefilled in several chunks, and no chunk may split an image.
+    let cfg = common::engine_config(&l.model, 4096, 16, 32, 96, 2048);
     let engine = Engine::start(l.model.clone(), cfg).unwrap().with_vision(l.tower.clone());
     let cases = reference["cases"].as_array().unwrap();
     let mut runs = Vec::new();

@@ -33,39 +33,29 @@ pub fn attend<'a>(
     attend_body(q, n, key, value, scale, dt, scores, out)
 }
 
-/// [`attend_body`] compiled with AVX-512F (same numbers; see `simd`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx512<'a>(
-    q: &[f32],
-    n: usize,
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
-    scale: f32,
-    dt: DType,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    attend_body(q, n, key, value, scale, dt, scores, out)
+/// [`attend_body`] compiled with wider vectors (same numbers; see `simd`).
+macro_rules! attend_with {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<'a>(
+            q: &[f32],
+            n: usize,
+            key: impl Fn(usize) -> &'a [f32],
+            value: impl Fn(usize) -> &'a [f32],
+            scale: f32,
+            dt: DType,
+            scores: &mut Vec<f32>,
+            out: &mut [f32],
+        ) {
+            attend_body(q, n, key, value, scale, dt, scores, out)
+        }
+    };
 }
 
-/// [`attend_body`] compiled with AVX2 (same numbers; see `simd`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2<'a>(
-    q: &[f32],
-    n: usize,
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
-    scale: f32,
-    dt: DType,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    attend_body(q, n, key, value, scale, dt, scores, out)
-}
+attend_with!(attend_avx512, "avx512f");
+attend_with!(attend_avx2, "avx2");
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]

@@ -78,3 +78,28 @@ pub fn rerun_on_other_kernel_paths(this_test: &str) -> Vec<switchyard_kernels::I
     }
     ran
 }
+
+/// An engine configuration for the tiny checkpoints: `blocks` KV blocks of `block_size` tokens, EOS 1,
+/// prefix caching on, seed 0.
+#[allow(dead_code)]
+pub fn engine_config(
+    model: &Gemma4Model,
+    blocks: usize,
+    block_size: usize,
+    max_num_seqs: usize,
+    max_batched: usize,
+    max_model_len: usize,
+) -> switchyard_worker::engine::EngineConfig {
+    let [s, g] = switchyard_worker::engine::paged_kv::block_bytes(&model.config.layers, block_size);
+    switchyard_worker::engine::EngineConfig {
+        max_num_seqs,
+        max_num_batched_tokens: max_batched,
+        max_model_len,
+        block_size,
+        kv_cache_bytes: blocks * (s + g),
+        prefix_caching: true,
+        seed: 0,
+        eos_token_ids: vec![1],
+        model_name: "tiny".into(),
+    }
+}
