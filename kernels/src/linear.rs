@@ -795,6 +795,18 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
         let mut scratch = scratch.borrow_mut();
         let mut c = n0;
         while c < n1 {
+            // One row against prepacked panels: two panels at a time, so that eight independent
+            // accumulator chains hide the FMA latency (one panel's four leave the loads waiting).
+            if let (1, Some(panels)) = (m, w.panels)
+                && n1 - c > 32
+            {
+                let nc = (n1 - c).min(64);
+                // SAFETY: panels c/32 and c/32 + 1 exist (n1 - c > 32 columns remain); x is
+                // zero-padded to `xs`; outputs c .. c + nc are this task's.
+                unsafe { pair_two_panels_avx2(x.as_ptr(), panels[(c / 32) * k2 * 32..].as_ptr(), k2, out.add(c), nc) };
+                c += nc;
+                continue;
+            }
             let nc = (n1 - c).min(32);
             let panel: &[u32] = match w.panels {
                 Some(panels) => {
@@ -838,6 +850,39 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
             c += nc;
         }
     });
+}
+
+/// One row of x against two consecutive panels (64 outputs, the second possibly partial): the
+/// per-output order of [`pair_panel_avx2`], with eight accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pair_two_panels_avx2(x: *const f32, panels: *const u32, k2: usize, out: *mut f32, nc: usize) {
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    for i in 0..k2 {
+        // SAFETY: element 2i + 1 is inside the zero-padded row.
+        let (xo, xe) = unsafe { (_mm256_set1_ps(*x.add(2 * i + 1)), _mm256_set1_ps(*x.add(2 * i))) };
+        for (v, a) in acc.iter_mut().enumerate() {
+            // SAFETY: panel v / 4 holds k2 * 32 pairs; pair i, outputs 8 (v % 4) .. + 8 are inside it.
+            let pairs = unsafe { _mm256_loadu_si256(panels.add((v / 4) * k2 * 32 + i * 32 + 8 * (v % 4)) as *const __m256i) };
+            *a = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(pairs, hi)), *a);
+            *a = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), *a);
+        }
+    }
+    for (v, lanes) in acc.iter().enumerate() {
+        let n = nc.saturating_sub(8 * v).min(8);
+        if n == 8 {
+            // SAFETY: outputs 8v .. 8v + 8 are within the caller's columns.
+            unsafe { _mm256_storeu_ps(out.add(8 * v), *lanes) };
+        } else if n > 0 {
+            let mut tmp = [0f32; 8];
+            // SAFETY: `tmp` holds 8 floats; the first n go to the caller's columns.
+            unsafe {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), *lanes);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(8 * v), n);
+            }
+        }
+    }
 }
 
 /// `MR` rows of x against `8 * NV` consecutive outputs of a panel (`panel` points at the first of
