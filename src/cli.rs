@@ -53,7 +53,23 @@ pub enum BenchTarget {
     Serve(switchyard_bench::BenchServeArgs),
 }
 
-#[derive(Args, Debug, Clone)]
+/// A count with vLLM's suffixes: `32768`, `32k` (x1000), `32K` (x1024), `1m`, `1M`.
+pub fn human_count(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c @ ('k' | 'm' | 'g'))) => (&s[..i], 1000f64.powi(" kmg".find(c).unwrap_or(0) as i32)),
+        Some((i, c @ ('K' | 'M' | 'G'))) => (&s[..i], 1024f64.powi(" KMG".find(c).unwrap_or(0) as i32)),
+        _ => (s, 1.0),
+    };
+    let n: f64 = digits.parse().map_err(|_| format!("`{s}` is not a count (e.g. 32768, 32k or 32K)"))?;
+    let v = n * unit;
+    if !(v >= 0.0 && v.fract() == 0.0 && v < usize::MAX as f64) {
+        return Err(format!("`{s}` is not a whole, non-negative count"));
+    }
+    Ok(v as usize)
+}
+
+#[derive(Args, Debug, Clone, Default)]
 pub struct ModelArgs {
     /// Checkpoint directory, or a Hugging Face hub id (downloaded when the network allows).
     #[arg(long, env = "SWITCHYARD_MODEL")]
@@ -78,6 +94,37 @@ pub struct GenerateArgs {
     /// Keep going past the checkpoint's EOS ids.
     #[arg(long)]
     pub ignore_eos: bool,
+}
+
+/// Flag names as vLLM's parser takes them: `--max_model_len` is `--max-model-len` (underscores in a
+/// flag's name, before any `=`, become dashes; values are left alone).
+pub fn normalize_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut after_separator = false;
+    args.into_iter()
+        .map(|a| {
+            if after_separator {
+                return a;
+            }
+            let Some(s) = a.to_str() else { return a };
+            if s == "--" {
+                after_separator = true;
+                return a;
+            }
+            let Some(flag) = s.strip_prefix("--") else { return a };
+            let (name, value) = match flag.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (flag, None),
+            };
+            if !name.contains('_') {
+                return a;
+            }
+            let name = name.replace('_', "-");
+            match value {
+                Some(v) => format!("--{name}={v}").into(),
+                None => format!("--{name}").into(),
+            }
+        })
+        .collect()
 }
 
 pub fn run(cli: Cli) -> ExitCode {

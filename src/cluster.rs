@@ -280,12 +280,13 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             let max_len = max_model_len(args.max_model_len, &c)?;
             let name = args.model.model.clone();
             let eos = crate::cli::eos_ids(&dir, &c)?;
-            let ecfg = engine_config(&args.engine, max_len, &c, name, eos)?;
             let model = if moe.is_some() {
                 Gemma4Model::load_with_experts(c.clone(), &ckpt, Arc::new(SharedDispatch(dispatch.clone())))?
             } else {
                 Gemma4Model::load(c.clone(), &ckpt)?
             };
+            // After loading, so --gpu-memory-utilization counts the weights as in use.
+            let ecfg = engine_config(&args.engine, max_len, &c, model.dtype, name, eos)?;
             let mut engine = Engine::start(Arc::new(model), ecfg).context("starting the engine")?;
             if let Some(v) = crate::cli::vision_tower(&dir, &c, &ckpt)? {
                 engine = engine.with_vision(v);

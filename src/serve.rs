@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use switchyard_kernels::DType;
 use switchyard_router::chat_template::ChatTemplate;
 use switchyard_router::params::SamplingDefaults;
 use switchyard_router::server::{AppState, ServerConfig, app};
 use switchyard_worker::engine::{Engine, EngineConfig, paged_kv};
+use switchyard_worker::kv_cache::KvDtype;
 
 use switchyard_engine_api::GenerationBackend;
 use switchyard_worker::{ModelConfig, ModelDir};
@@ -20,12 +22,82 @@ use crate::cli::{Loaded, ModelArgs, load_model, stop_ids};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    #[command(flatten)]
+    /// The checkpoint: a local directory or a Hugging Face hub id (vLLM's positional `model_tag`).
+    #[arg(value_name = "MODEL")]
+    pub model_tag: Option<String>,
+    /// The checkpoint, as a flag (the positional MODEL wins when both are given).
+    #[arg(long = "model", env = "SWITCHYARD_MODEL", required_unless_present = "model_tag")]
+    pub model_flag: Option<String>,
+    /// The checkpoint, resolved from the two above by [`ServeArgs::resolve`].
+    #[arg(skip)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub front: FrontArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+}
+
+impl ServeArgs {
+    /// Settles the model argument (positional or `--model`, as vLLM does) and refuses parallel
+    /// layouts one process cannot give.
+    pub fn resolve(mut self) -> Result<ServeArgs> {
+        let model = match (self.model_tag.take(), self.model_flag.take()) {
+            (Some(tag), Some(flag)) if tag != flag => {
+                tracing::warn!("both a positional model ({tag}) and --model ({flag}) were given; serving {tag}");
+                tag
+            }
+            (Some(m), _) | (None, Some(m)) => m,
+            (None, None) => bail!("no model: give a checkpoint directory or hub id, positionally or as --model"),
+        };
+        self.model = ModelArgs { model };
+        self.parallel.check()?;
+        Ok(self)
+    }
+}
+
+/// vLLM's parallelism flags. One `serve` process computes on this machine's CPUs, so it takes the
+/// value 1 of each; larger layouts are the cluster's job, and the refusal says so.
+#[derive(Args, Debug, Clone)]
+pub struct ParallelArgs {
+    #[arg(long, short = 't', visible_alias = "tp", default_value_t = 1, env = "SWITCHYARD_TENSOR_PARALLEL_SIZE")]
+    pub tensor_parallel_size: usize,
+    #[arg(long, visible_alias = "pp", default_value_t = 1, env = "SWITCHYARD_PIPELINE_PARALLEL_SIZE")]
+    pub pipeline_parallel_size: usize,
+    #[arg(long, visible_alias = "dp", default_value_t = 1, env = "SWITCHYARD_DATA_PARALLEL_SIZE")]
+    pub data_parallel_size: usize,
+    /// vLLM's expert parallelism switch; the cluster places experts on workers (TEP, DEP).
+    #[arg(long, env = "SWITCHYARD_ENABLE_EXPERT_PARALLEL")]
+    pub enable_expert_parallel: bool,
+}
+
+impl ParallelArgs {
+    fn check(&self) -> Result<()> {
+        for (flag, n) in [
+            ("--tensor-parallel-size", self.tensor_parallel_size),
+            ("--pipeline-parallel-size", self.pipeline_parallel_size),
+            ("--data-parallel-size", self.data_parallel_size),
+        ] {
+            if n == 0 {
+                bail!("{flag} must be at least 1");
+            }
+            if n > 1 {
+                bail!(
+                    "{flag} {n}: `switchyard serve` is one process computing on this machine's CPUs (every core, no flag needed). \
+                     To spread the model over {n} GPUs or machines, run it as a cluster: helm install with \
+                     helm/switchyard/values-8gpu-dep.yaml, or `switchyard coordinator`, `worker` and `router` (docs/cluster.md)."
+                );
+            }
+        }
+        if self.enable_expert_parallel {
+            bail!(
+                "--enable-expert-parallel: one `switchyard serve` process holds every expert. Expert parallelism is the cluster's \
+                 layout: `switchyard coordinator --layout tep|dep|afd` places the experts on workers (docs/cluster.md)."
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The HTTP front end's flags (`serve` and `router`).
@@ -38,8 +110,9 @@ pub struct FrontArgs {
     pub host: String,
     #[arg(long, default_value_t = 8000, env = "SWITCHYARD_PORT")]
     pub port: u16,
-    /// Longest sequence (prompt + output). Defaults to the model's `max_position_embeddings`.
-    #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN")]
+    /// Longest sequence (prompt + output): `32768`, `32k` or `32K`. Defaults to the model's
+    /// `max_position_embeddings`.
+    #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN", value_parser = crate::cli::human_count)]
     pub max_model_len: Option<usize>,
     /// Required as `Authorization: Bearer <key>` on every route but /health.
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
@@ -67,7 +140,8 @@ pub struct FrontArgs {
     /// Lets the model decide when to call tools (`tool_choice: "auto"`); needs --tool-call-parser.
     #[arg(long, env = "SWITCHYARD_ENABLE_AUTO_TOOL_CHOICE")]
     pub enable_auto_tool_choice: bool,
-    /// Most images per prompt: `image=N` or vLLM's JSON form `{"image": N}`.
+    /// Most items per prompt by modality: `image=N,video=N` or vLLM's JSON form `{"image": N}`. This
+    /// model has no audio encoder, so `audio` may only be 0.
     #[arg(long, default_value = "image=8", env = "SWITCHYARD_LIMIT_MM_PER_PROMPT")]
     pub limit_mm_per_prompt: String,
     /// Default image processing, as JSON: `{"max_soft_tokens": 70|140|280|560|1120}` (default: the model's).
@@ -99,11 +173,29 @@ pub struct EngineArgs {
     /// Most tokens in one step (prefill is chunked to fit).
     #[arg(long, default_value_t = 2048, env = "SWITCHYARD_MAX_NUM_BATCHED_TOKENS")]
     pub max_num_batched_tokens: usize,
-    /// Bytes for the KV cache. Defaults to `--kv-cache-memory-fraction` of available memory.
-    #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY")]
+    /// Bytes for the KV cache (`8G`, `512M` and so on). Overrides the two fractions below.
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_MEMORY", value_parser = crate::cli::human_count)]
     pub kv_cache_memory: Option<usize>,
+    /// The share of this machine's (or container's) memory the whole process may use, as vLLM's
+    /// flag is the share of the GPU's: the KV cache gets what is left of it once the weights are
+    /// loaded, and never more than the memory available at that moment.
+    #[arg(long, env = "SWITCHYARD_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: Option<f64>,
+    /// Without either flag above, the KV cache gets this share of the memory available after loading.
     #[arg(long, default_value_t = 0.25, env = "SWITCHYARD_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: f64,
+    /// How keys and values are stored: `auto` (the model's dtype), `bfloat16`, `float16`, `fp8`
+    /// (= `fp8_e4m3`, scale 1.0 as vLLM's default) or `fp8_e5m2`.
+    #[arg(long, default_value = "auto", env = "SWITCHYARD_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: String,
+    /// Overlap the next step's host work with the current step's model pass: grammar masks are
+    /// computed on a helper thread while the forward pass runs.
+    #[arg(long, env = "SWITCHYARD_ASYNC_SCHEDULING")]
+    pub async_scheduling: bool,
+    /// A prompt's image tokens are never split across prefill steps. Always the rule here (an
+    /// image's bidirectional block must be prefilled in one piece); accepted for vLLM's command lines.
+    #[arg(long, env = "SWITCHYARD_DISABLE_CHUNKED_MM_INPUT")]
+    pub disable_chunked_mm_input: bool,
     /// Positions per KV block (a power of two).
     #[arg(long, default_value_t = 16, env = "SWITCHYARD_BLOCK_SIZE")]
     pub block_size: usize,
@@ -116,6 +208,7 @@ pub struct EngineArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    let args = args.resolve()?;
     let loaded = load_model(&args.model)?;
     let state = build_state(&args, loaded)?;
     runtime()?.block_on(serve_http(&args.front, state))
@@ -126,10 +219,33 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-pub fn available_memory() -> Option<usize> {
+/// Memory this process may use, in bytes: the machine's, or its cgroup's limit when lower (a
+/// Kubernetes pod sees the node's /proc/meminfo).
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub total: usize,
+    pub available: usize,
+}
+
+pub fn memory() -> Option<Memory> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<usize>().ok()? * 1024)
+    let field = |name: &str| -> Option<usize> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<usize>().ok()? * 1024)
+    };
+    let mut m = Memory { total: field("MemTotal:")?, available: field("MemAvailable:")? };
+    let cgroup = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok().and_then(|s| s.trim().parse::<usize>().ok());
+    if let (Some(limit), Some(current)) = (cgroup("memory.max"), cgroup("memory.current"))
+        && limit < m.total
+    {
+        m.total = limit;
+        m.available = m.available.min(limit.saturating_sub(current));
+    }
+    Some(m)
+}
+
+pub fn available_memory() -> Option<usize> {
+    memory().map(|m| m.available)
 }
 
 fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
@@ -138,7 +254,7 @@ fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
     let c = &loaded.model.config;
     let max_model_len = max_model_len(args.front.max_model_len, c)?;
     let name = args.front.served_model_name.first().cloned().unwrap_or_else(|| args.model.model.clone());
-    let engine_config = engine_config(&args.engine, max_model_len, c, name, stop_ids(&loaded)?)?;
+    let engine_config = engine_config(&args.engine, max_model_len, c, loaded.model.dtype, name, stop_ids(&loaded)?)?;
     let model = Arc::new(loaded.model);
     let mut engine = Engine::start(model.clone(), engine_config).context("starting the engine")?;
     if let Some(v) = loaded.vision.clone() {
@@ -158,31 +274,68 @@ pub fn max_model_len(flag: Option<usize>, c: &ModelConfig) -> Result<usize> {
 }
 
 /// The engine's configuration from its flags, with the KV cache sized for this machine.
-pub fn engine_config(args: &EngineArgs, max_model_len: usize, c: &ModelConfig, name: String, eos: Vec<u32>) -> Result<EngineConfig> {
+pub fn engine_config(
+    args: &EngineArgs,
+    max_model_len: usize,
+    c: &ModelConfig,
+    model_dtype: DType,
+    name: String,
+    eos: Vec<u32>,
+) -> Result<EngineConfig> {
     if !args.block_size.is_power_of_two() {
         bail!("--block-size must be a power of two, got {}", args.block_size);
     }
     if args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
         bail!("--max-num-seqs and --max-num-batched-tokens must be positive (and the block size a power of two)");
     }
-    let [sb, gb] = paged_kv::block_bytes(&c.layers, args.block_size);
+    let kv_dtype = KvDtype::parse(&args.kv_cache_dtype, model_dtype).map_err(anyhow::Error::msg)?;
+    let [sb, gb] = paged_kv::block_bytes(&c.layers, args.block_size, kv_dtype);
     // Never more than every sequence at full length needs.
     let most_useful = (sb + gb) * (args.max_num_seqs * max_model_len.div_ceil(args.block_size) + 1);
-    let kv_bytes = match args.kv_cache_memory {
-        Some(b) => b,
-        None => ((available_memory().unwrap_or(4 << 30) as f64 * args.kv_cache_memory_fraction) as usize).min(most_useful),
+    let kv_bytes = match (args.kv_cache_memory, args.gpu_memory_utilization) {
+        (Some(b), _) => b,
+        (None, Some(u)) => kv_budget_for_utilization(u, memory())?.min(most_useful),
+        (None, None) => ((available_memory().unwrap_or(4 << 30) as f64 * args.kv_cache_memory_fraction) as usize).min(most_useful),
     };
+    if args.disable_chunked_mm_input {
+        tracing::debug!("--disable-chunked-mm-input: image tokens are never split across prefill steps (always the case here)");
+    }
     Ok(EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len,
         block_size: args.block_size,
         kv_cache_bytes: kv_bytes,
+        kv_dtype,
+        async_scheduling: args.async_scheduling,
         prefix_caching: args.enable_prefix_caching,
         seed: args.seed,
         eos_token_ids: eos,
         model_name: name,
     })
+}
+
+/// `--gpu-memory-utilization U` on a CPU machine: the process may use U of the memory, so the KV
+/// cache gets `U x total - memory in use` (the weights are loaded by now, so they count as in use),
+/// and never more than what is available.
+pub fn kv_budget_for_utilization(u: f64, mem: Option<Memory>) -> Result<usize> {
+    if !(u > 0.0 && u <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1], got {u}");
+    }
+    let m = mem.context("--gpu-memory-utilization: cannot read this machine's memory (/proc/meminfo)")?;
+    let in_use = m.total.saturating_sub(m.available);
+    let budget = (u * m.total as f64) as usize;
+    let kv = budget.saturating_sub(in_use).min(m.available);
+    if kv == 0 {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "--gpu-memory-utilization {u} leaves no memory for the KV cache: {:.1} GiB of {:.1} GiB are in use already \
+             (weights included); raise it, or size the cache with --kv-cache-memory",
+            gib(in_use),
+            gib(m.total)
+        );
+    }
+    Ok(kv)
 }
 
 /// The HTTP front end's state over any generation backend (the engine in process, or a pool of

@@ -265,3 +265,66 @@ fn grammar_constrained_requests_in_the_engine() {
     }
     assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
 }
+
+/// `--kv-cache-dtype`: the model's dtype (bf16 here) takes half the bytes of f32 and changes nothing;
+/// fp8 takes half again and costs accuracy, which this measures (prints) and bounds.
+#[test]
+fn kv_cache_dtypes_halve_memory_and_bf16_is_lossless() {
+    use switchyard_worker::kv_cache::KvDtype;
+    let m = model();
+    let start = |dtype: KvDtype| {
+        let mut c = common::engine_config(&m, 0, 16, 8, 256, 512);
+        c.kv_cache_bytes = 4 << 20;
+        c.kv_dtype = dtype;
+        Engine::start(m.clone(), c).unwrap()
+    };
+    let (wide, bf16, fp8) = (start(KvDtype::F32), start(KvDtype::Bf16), start(KvDtype::Fp8E4m3));
+    let layout = |e: &EngineHandle| e.stats().cache_layout().unwrap();
+    assert_eq!(KvDtype::of_model(m.dtype), KvDtype::Bf16, "auto is the model's dtype");
+    assert_eq!(layout(&wide).bytes_per_token(), 2 * layout(&bf16).bytes_per_token());
+    assert_eq!(layout(&bf16).bytes_per_token(), 2 * layout(&fp8).bytes_per_token());
+    assert!(layout(&bf16).global_blocks >= 2 * layout(&wide).global_blocks, "{:?} vs {:?}", layout(&bf16), layout(&wide));
+    assert!(layout(&fp8).global_blocks >= 2 * layout(&bf16).global_blocks);
+
+    // Lossless: every token and log-prob of a bf16 cache equals an f32 cache's.
+    let ps = prompts(8);
+    let events = |e: &EngineHandle| -> Vec<Vec<EngineEvent>> {
+        let rxs: Vec<_> = ps.iter().map(|p| e.submit(request(p.clone(), greedy(12))).unwrap().1).collect();
+        rxs.into_iter().map(|rx| collect(rx).1).collect()
+    };
+    assert_eq!(events(&bf16), events(&wide));
+
+    // fp8's cost, teacher-forced over a prompt well past the sliding window: the log-prob of each
+    // next prompt token and of the bf16 cache's top-5 tokens, fp8 against bf16.
+    let prompt: Vec<u32> = (0..160).map(|i| 2 + (i * 37 % 480)).collect();
+    let prompt_lps = |e: &EngineHandle| {
+        let params = SamplingParams { prompt_logprobs: Some(5), ..greedy(1) };
+        let (_, ev) = collect(e.submit(request(prompt.clone(), params)).unwrap().1);
+        let EngineEvent::Token(t) = &ev[0] else { unreachable!() };
+        t.prompt.as_ref().unwrap().logprobs.clone().unwrap()
+    };
+    let (exact, lossy) = (prompt_lps(&bf16), prompt_lps(&fp8));
+    let (mut max_d, mut sum_d, mut n, mut top1_same) = (0f32, 0f32, 0usize, 0usize);
+    for (a, b) in exact.iter().zip(&lossy) {
+        for &(tok, lp) in a.top.iter().chain(std::iter::once(&(a.token, a.logprob))) {
+            if let Some(&(_, lq)) = b.top.iter().chain(std::iter::once(&(b.token, b.logprob))).find(|(t, _)| *t == tok) {
+                max_d = max_d.max((lp - lq).abs());
+                sum_d += (lp - lq).abs();
+                n += 1;
+            }
+        }
+        top1_same += usize::from(a.top[0].0 == b.top[0].0);
+    }
+    let positions = exact.len();
+    eprintln!(
+        "fp8 KV vs bf16 KV over {positions} positions: |d logprob| mean {:.4}, max {:.4} ({n} pairs); top-1 equal at {top1_same}/{positions}",
+        sum_d / n as f32,
+        max_d
+    );
+    assert!(n >= positions, "the prompt tokens' log-probs are always compared");
+    assert!(max_d > 0.0, "fp8 rounds keys and values: some log-prob must move");
+    // Random-weight fixtures have no learned structure to absorb the rounding (2.3% relative per
+    // element), so the cost here is large (docs/serving.md has the figures); the bound catches a
+    // broken fp8 path (garbage keys move every log-prob by nats), not a regression of a few percent.
+    assert!(sum_d / (n as f32) < 1.0 && top1_same * 2 >= positions, "fp8 drifted further from bf16 than measured");
+}

@@ -47,6 +47,11 @@ pub struct ConstraintError(pub String);
 pub trait TokenConstraint: Send + std::fmt::Debug {
     /// Sets the logits of every token the grammar does not allow next to minus infinity.
     fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError>;
+    /// Computes the next mask ahead, so that [`TokenConstraint::mask`] only applies it (same result).
+    /// With `--async-scheduling` the engine calls it on a helper thread during the forward pass.
+    fn prepare(&mut self) -> Result<(), ConstraintError> {
+        Ok(())
+    }
     /// Advances past a generated token.
     fn accept(&mut self, token: u32) -> Result<(), ConstraintError>;
     /// Whether the constraint has not started yet (it waits for its `after_token`).

@@ -16,7 +16,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 use switchyard_engine_api::{ConstraintError, GrammarRequest, GrammarSpec, TokenConstraint};
-use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 fn top_level(req: &GrammarRequest) -> TopLevelGrammar {
     match &req.spec {
@@ -135,7 +135,7 @@ impl GrammarEnv {
         if let Some(e) = matcher.get_error() {
             return Err(brief(&e));
         }
-        Ok(Constraint { matcher, waiting_for: req.after_token })
+        Ok(Constraint { matcher, waiting_for: req.after_token, prepared: None })
     }
 }
 
@@ -206,6 +206,8 @@ impl GrammarEnv {
 pub struct Constraint {
     matcher: Matcher,
     waiting_for: Option<u32>,
+    /// The allowed set for the current state, computed ahead by [`TokenConstraint::prepare`].
+    prepared: Option<Result<SimpleVob, String>>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -217,16 +219,26 @@ impl std::fmt::Debug for Constraint {
 /// An independent copy in the same state (one per choice of an `n > 1` request).
 impl Clone for Constraint {
     fn clone(&self) -> Constraint {
-        Constraint { matcher: self.matcher.deep_clone(), waiting_for: self.waiting_for }
+        Constraint { matcher: self.matcher.deep_clone(), waiting_for: self.waiting_for, prepared: self.prepared.clone() }
     }
 }
 
 impl TokenConstraint for Constraint {
+    fn prepare(&mut self) -> Result<(), ConstraintError> {
+        if self.waiting_for.is_none() && self.prepared.is_none() {
+            self.prepared = Some(self.matcher.compute_mask_or_eos().map_err(|e| e.to_string()));
+        }
+        Ok(())
+    }
+
     fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
         if self.waiting_for.is_some() {
             return Ok(());
         }
-        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| ConstraintError(e.to_string()))?;
+        let allowed = match self.prepared.take() {
+            Some(r) => r.map_err(ConstraintError)?,
+            None => self.matcher.compute_mask_or_eos().map_err(|e| ConstraintError(e.to_string()))?,
+        };
         for (i, v) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(i as TokenId) {
                 *v = f32::NEG_INFINITY;
@@ -236,6 +248,7 @@ impl TokenConstraint for Constraint {
     }
 
     fn accept(&mut self, token: u32) -> Result<(), ConstraintError> {
+        self.prepared = None;
         if let Some(t) = self.waiting_for {
             if t == token {
                 self.waiting_for = None;

@@ -6,15 +6,17 @@
 //! so a token's output is the same whether it was computed in a long prefill or a decode step.
 
 use crate::DType;
+use crate::kv::KvElem;
 
 /// `out[hd] = softmax(round(q · kᵀ) * scale) · v` over `n` keys, where `key(j)` and `value(j)` give
-/// the `j`-th key and value (`hd` values each), oldest first. Keys may live anywhere (paged blocks).
+/// the `j`-th key and value (`hd` values each), oldest first. Keys may live anywhere (paged blocks), in
+/// any [`KvElem`] storage type (widened exactly to `f32` as they are read).
 #[allow(clippy::too_many_arguments)]
-pub fn attend<'a>(
+pub fn attend<'a, E: KvElem>(
     q: &[f32],
     n: usize,
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
+    key: impl Fn(usize) -> &'a [E],
+    value: impl Fn(usize) -> &'a [E],
     scale: f32,
     dt: DType,
     scores: &mut Vec<f32>,
@@ -39,11 +41,11 @@ macro_rules! attend_with {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<'a>(
+        unsafe fn $name<'a, E: KvElem>(
             q: &[f32],
             n: usize,
-            key: impl Fn(usize) -> &'a [f32],
-            value: impl Fn(usize) -> &'a [f32],
+            key: impl Fn(usize) -> &'a [E],
+            value: impl Fn(usize) -> &'a [E],
             scale: f32,
             dt: DType,
             scores: &mut Vec<f32>,
@@ -59,11 +61,11 @@ attend_with!(attend_avx2, "avx2");
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_body<'a>(
+fn attend_body<'a, E: KvElem>(
     q: &[f32],
     n: usize,
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
+    key: impl Fn(usize) -> &'a [E],
+    value: impl Fn(usize) -> &'a [E],
     scale: f32,
     dt: DType,
     scores: &mut Vec<f32>,
@@ -96,9 +98,9 @@ fn attend_body<'a>(
     while c0 + 64 <= hd {
         let mut acc = [0f64; 64];
         for (j, &p) in scores.iter().enumerate() {
-            let v: &[f32; 64] = value(j)[c0..c0 + 64].try_into().expect("64 columns");
+            let v: &[E; 64] = value(j)[c0..c0 + 64].try_into().expect("64 columns");
             for i in 0..64 {
-                acc[i] += p as f64 * v[i] as f64;
+                acc[i] += p as f64 * v[i].widen() as f64;
             }
         }
         for i in 0..64 {
@@ -110,7 +112,7 @@ fn attend_body<'a>(
         let mut acc = vec![0f64; hd - c0];
         for (j, &p) in scores.iter().enumerate() {
             for (o, &vv) in acc.iter_mut().zip(&value(j)[c0..hd]) {
-                *o += p as f64 * vv as f64;
+                *o += p as f64 * vv.widen() as f64;
             }
         }
         for (o, a) in out[c0..hd].iter_mut().zip(&acc) {
@@ -121,16 +123,16 @@ fn attend_body<'a>(
 
 /// [`dot`] of `a` with four vectors at once (the same per-vector summation order).
 #[inline(always)]
-fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+fn dot4<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
     let n8 = a.len() / 8 * 8;
     let mut lanes = [[0f64; 8]; 4];
     let mut c = 0;
     while c < n8 {
         let x: &[f32; 8] = a[c..c + 8].try_into().expect("8");
         for (t, l) in lanes.iter_mut().enumerate() {
-            let y: &[f32; 8] = b[t][c..c + 8].try_into().expect("8");
+            let y: &[E; 8] = b[t][c..c + 8].try_into().expect("8");
             for i in 0..8 {
-                l[i] += x[i] as f64 * y[i] as f64;
+                l[i] += x[i] as f64 * y[i].widen() as f64;
             }
         }
         c += 8;
@@ -138,7 +140,7 @@ fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     let mut out = [0f32; 4];
     for (t, l) in lanes.iter_mut().enumerate() {
         for i in 0..a.len() - n8 {
-            l[i] += a[n8 + i] as f64 * b[t][n8 + i] as f64;
+            l[i] += a[n8 + i] as f64 * b[t][n8 + i].widen() as f64;
         }
         out[t] = (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))) as f32;
     }
@@ -149,18 +151,18 @@ fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 /// correctly rounded f32 result that PyTorch's bf16/f16 matmuls produce in practice, so rounding the
 /// score to the compute dtype agrees with transformers.
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0f64; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            lanes[i] += x[i] as f64 * y[i] as f64;
+            lanes[i] += x[i] as f64 * y[i].widen() as f64;
         }
     }
     for i in 0..ra.len() {
-        lanes[i] += ra[i] as f64 * rb[i] as f64;
+        lanes[i] += ra[i] as f64 * rb[i].widen() as f64;
     }
     (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))) as f32
 }

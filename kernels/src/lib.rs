@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod dtype;
 pub mod isa;
+pub mod kv;
 pub mod linear;
 pub mod ops;
 pub mod pool;

@@ -90,13 +90,16 @@ pub fn engine_config(
     max_batched: usize,
     max_model_len: usize,
 ) -> switchyard_worker::engine::EngineConfig {
-    let [s, g] = switchyard_worker::engine::paged_kv::block_bytes(&model.config.layers, block_size);
+    let kv_dtype = switchyard_worker::kv_cache::KvDtype::of_model(model.dtype);
+    let [s, g] = switchyard_worker::engine::paged_kv::block_bytes(&model.config.layers, block_size, kv_dtype);
     switchyard_worker::engine::EngineConfig {
         max_num_seqs,
         max_num_batched_tokens: max_batched,
         max_model_len,
         block_size,
         kv_cache_bytes: blocks * (s + g),
+        kv_dtype,
+        async_scheduling: false,
         prefix_caching: true,
         seed: 0,
         eos_token_ids: vec![1],

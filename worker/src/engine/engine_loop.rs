@@ -42,10 +42,10 @@ impl EngineState {
         }
         let window_blocks = c.sliding_window.div_ceil(bs) + 1;
         let sliding_cap = config.max_num_seqs * window_blocks + config.max_num_batched_tokens.div_ceil(bs) + 1;
-        let sizes = paged_kv::plan_pools(&c.layers, bs, config.kv_cache_bytes, sliding_cap);
+        let sizes = paged_kv::plan_pools(&c.layers, bs, config.kv_dtype, config.kv_cache_bytes, sliding_cap);
         let need = config.max_model_len.div_ceil(bs);
         let need_sliding = need.min(window_blocks + config.max_num_batched_tokens.div_ceil(bs));
-        let [sb, gb] = paged_kv::block_bytes(&c.layers, bs);
+        let [sb, gb] = paged_kv::block_bytes(&c.layers, bs, config.kv_dtype);
         if (gb > 0 && sizes.global < need) || (sb > 0 && sizes.sliding < need_sliding) {
             return Err(EngineError::CacheTooSmall {
                 blocks: sizes.global.min(sizes.sliding),
@@ -61,7 +61,33 @@ impl EngineState {
             prefix_caching: config.prefix_caching,
         };
         let pools = [BlockPool::new(if sb > 0 { sizes.sliding } else { 0 }), BlockPool::new(if gb > 0 { sizes.global } else { 0 })];
-        let storage = KvStorage::new(&c.layers, bs, sizes);
+        let storage = KvStorage::new(&c.layers, bs, config.kv_dtype, sizes);
+        let layout = super::CacheLayout {
+            dtype: config.kv_dtype,
+            block_size: bs,
+            sliding_blocks: pools[0].num_blocks(),
+            global_blocks: pools[1].num_blocks(),
+            block_bytes: [sb, gb],
+        };
+        let _ = stats.cache.set(layout);
+        // vLLM's info gauge: the configuration as labels, value 1.
+        gauge!(
+            "vllm:cache_config_info",
+            "block_size" => bs.to_string(),
+            "cache_dtype" => config.kv_dtype.name(),
+            "num_gpu_blocks" => layout.global_blocks.to_string(),
+            "num_sliding_window_blocks" => layout.sliding_blocks.to_string(),
+            "enable_prefix_caching" => if config.prefix_caching { "True" } else { "False" },
+            "model_name" => config.model_name.clone()
+        )
+        .set(1.0);
+        tracing::info!(
+            "KV cache: {} blocks of {bs} positions (global layers) and {} (sliding layers), {}, {} bytes per token",
+            layout.global_blocks,
+            layout.sliding_blocks,
+            config.kv_dtype.name(),
+            layout.bytes_per_token()
+        );
         let seeds = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed);
         Ok(EngineState { model, config, sched: Scheduler::new(limits, pools), storage, stats, seeds, reported: (0, 0, 0) })
     }
@@ -200,6 +226,16 @@ impl EngineState {
     fn step(&mut self, plan: &[Scheduled]) -> Vec<(Sequence, EngineEvent)> {
         let step_span = self.trace_step(plan);
         let _in_step = step_span.enter();
+        let mut prepared: Vec<(usize, Box<dyn switchyard_engine_api::TokenConstraint>)> = Vec::new();
+        if self.config.async_scheduling {
+            for p in plan {
+                let s = &mut self.sched.running[p.seq];
+                let samples = s.computed + p.tokens == s.tokens.len();
+                if samples && s.constraint.as_ref().is_some_and(|c| !c.is_waiting()) {
+                    prepared.push((p.seq, s.constraint.take().expect("checked")));
+                }
+            }
+        }
         let running = &self.sched.running;
         let chunks: Vec<BatchChunk<'_>> = plan
             .iter()
@@ -215,7 +251,27 @@ impl EngineState {
             .collect();
         let tables = plan.iter().map(|p| [&running[p.seq].tables[0][..], &running[p.seq].tables[1][..]]).collect();
         let kinds: Vec<LogitsFor> = chunks.iter().map(|c| c.logits).collect();
-        let result = self.model.forward_batch(&chunks, &mut self.storage.batch(tables));
+        // --async-scheduling: the grammar masks this step will apply are computed on a helper thread
+        // while the forward pass runs (they depend only on the tokens accepted so far).
+        let model = &self.model;
+        let mut storage = self.storage.batch(tables);
+        let result = if prepared.is_empty() {
+            model.forward_batch(&chunks, &mut storage)
+        } else {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    for (_, c) in prepared.iter_mut() {
+                        let _ = c.prepare(); // an error resurfaces, the same, from `mask`
+                    }
+                });
+                model.forward_batch(&chunks, &mut storage)
+            })
+        };
+        drop(storage);
+        drop(chunks);
+        for (i, c) in prepared {
+            self.sched.running[i].constraint = Some(c);
+        }
         let logits = match result {
             Ok(l) => l,
             Err(e) => {

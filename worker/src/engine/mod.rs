@@ -36,6 +36,10 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Bytes for keys and values, split between the sliding and global pools.
     pub kv_cache_bytes: usize,
+    /// What keys and values are stored as.
+    pub kv_dtype: crate::kv_cache::KvDtype,
+    /// Compute grammar masks on a helper thread while the forward pass runs (`--async-scheduling`).
+    pub async_scheduling: bool,
     pub prefix_caching: bool,
     /// Seeds the generators of requests that bring no seed of their own.
     pub seed: u64,
@@ -57,9 +61,33 @@ pub struct EngineStats {
     pub prefix_hits: AtomicU64,
     pub prefix_queries: AtomicU64,
     kv_usage_bits: AtomicU64,
+    /// The KV cache's shape, set once the pools are allocated.
+    cache: std::sync::OnceLock<CacheLayout>,
+}
+
+/// How the KV cache came out: its storage type and the blocks each pool holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheLayout {
+    pub dtype: crate::kv_cache::KvDtype,
+    pub block_size: usize,
+    pub sliding_blocks: usize,
+    pub global_blocks: usize,
+    /// Bytes one block takes in each pool (every layer of the group, keys and values).
+    pub block_bytes: [usize; 2],
+}
+
+impl CacheLayout {
+    /// KV bytes one position of a sequence takes (in every layer).
+    pub fn bytes_per_token(&self) -> usize {
+        (self.block_bytes[0] + self.block_bytes[1]) / self.block_size
+    }
 }
 
 impl EngineStats {
+    pub fn cache_layout(&self) -> Option<CacheLayout> {
+        self.cache.get().copied()
+    }
+
     pub fn kv_usage(&self) -> f64 {
         f64::from_bits(self.kv_usage_bits.load(Ordering::Relaxed))
     }

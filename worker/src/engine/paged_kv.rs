@@ -9,7 +9,7 @@
 //! (vLLM also fills both slots).
 
 use crate::config::{LayerKind, LayerSpec};
-use crate::kv_cache::{KvStore, KvView};
+use crate::kv_cache::{KvBuf, KvDtype, KvSlices, KvStore, KvView};
 
 /// Which pool a layer's blocks come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,8 +31,8 @@ struct LayerStorage {
     group: Group,
     row: usize,
     head_dim: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: KvBuf,
+    v: KvBuf,
 }
 
 /// How many blocks each pool gets.
@@ -45,14 +45,15 @@ pub struct PoolSizes {
 /// Per-layer storage for both pools.
 pub struct KvStorage {
     block_size: usize,
+    dtype: KvDtype,
     layers: Vec<LayerStorage>,
 }
 
-/// Bytes one block takes in each group (keys and values of every layer of the group, f32).
-pub fn block_bytes(specs: &[LayerSpec], block_size: usize) -> [usize; 2] {
+/// Bytes one block takes in each group (keys and values of every layer of the group).
+pub fn block_bytes(specs: &[LayerSpec], block_size: usize, dtype: KvDtype) -> [usize; 2] {
     let mut bytes = [0usize; 2];
     for s in specs {
-        bytes[Group::of(s.kind) as usize] += 2 * block_size * s.num_kv_heads * s.head_dim * std::mem::size_of::<f32>();
+        bytes[Group::of(s.kind) as usize] += 2 * block_size * s.num_kv_heads * s.head_dim * dtype.size();
     }
     bytes
 }
@@ -60,8 +61,8 @@ pub fn block_bytes(specs: &[LayerSpec], block_size: usize) -> [usize; 2] {
 /// Splits a memory budget between the pools. A sequence never holds more sliding blocks than global
 /// ones, and at most `sliding_cap` sliding blocks are ever needed at once (every running sequence's
 /// window plus a chunk), so the sliding pool gets as many blocks as the global one up to that cap.
-pub fn plan_pools(specs: &[LayerSpec], block_size: usize, budget: usize, sliding_cap: usize) -> PoolSizes {
-    let [bs, bg] = block_bytes(specs, block_size);
+pub fn plan_pools(specs: &[LayerSpec], block_size: usize, dtype: KvDtype, budget: usize, sliding_cap: usize) -> PoolSizes {
+    let [bs, bg] = block_bytes(specs, block_size, dtype);
     if bg == 0 {
         return PoolSizes { sliding: budget / bs.max(1), global: 0 };
     }
@@ -75,7 +76,7 @@ pub fn plan_pools(specs: &[LayerSpec], block_size: usize, budget: usize, sliding
 
 impl KvStorage {
     /// `block_size` must be a power of two.
-    pub fn new(specs: &[LayerSpec], block_size: usize, sizes: PoolSizes) -> KvStorage {
+    pub fn new(specs: &[LayerSpec], block_size: usize, dtype: KvDtype, sizes: PoolSizes) -> KvStorage {
         assert!(block_size.is_power_of_two(), "block size {block_size} is not a power of two");
         let layers = specs
             .iter()
@@ -90,16 +91,20 @@ impl KvStorage {
                     group,
                     row,
                     head_dim: s.head_dim,
-                    k: vec![0.0; blocks * block_size * row],
-                    v: vec![0.0; blocks * block_size * row],
+                    k: KvBuf::zeros(dtype, blocks * block_size * row),
+                    v: KvBuf::zeros(dtype, blocks * block_size * row),
                 }
             })
             .collect();
-        KvStorage { block_size, layers }
+        KvStorage { block_size, dtype, layers }
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     /// The store for one forward batch: `tables[chunk]` are that sequence's block tables by group.
@@ -119,15 +124,14 @@ impl KvStore for BatchKv<'_> {
         let l = &mut self.storage.layers[layer];
         let block = self.tables[chunk][l.group as usize][pos / bs] as usize;
         let o = (block * bs + pos % bs) * l.row;
-        l.k[o..o + l.row].copy_from_slice(k);
-        l.v[o..o + l.row].copy_from_slice(v);
+        l.k.store(o, &k[..l.row]);
+        l.v.store(o, &v[..l.row]);
     }
 
     fn view(&self, chunk: usize, layer: usize) -> KvView<'_> {
         let l = &self.storage.layers[layer];
         KvView {
-            k: &l.k,
-            v: &l.v,
+            data: KvSlices::of(&l.k, &l.v),
             blocks: self.tables[chunk][l.group as usize],
             block_shift: self.storage.block_size.trailing_zeros(),
             row: l.row,
@@ -148,9 +152,14 @@ mod tests {
     #[test]
     fn budget_splits_between_pools() {
         let specs = [spec(LayerKind::Sliding, 2, 4), spec(LayerKind::Full, 1, 8)];
-        // 2 positions per block: sliding 2*2*8*4 = 128 bytes, global 2*2*8*4 = 128 bytes.
-        assert_eq!(block_bytes(&specs, 2), [128, 128]);
-        assert_eq!(plan_pools(&specs, 2, 128 * 20, 100), PoolSizes { sliding: 10, global: 10 });
-        assert_eq!(plan_pools(&specs, 2, 128 * 20, 4), PoolSizes { sliding: 4, global: 16 });
+        // 2 positions per block: sliding 2*2*8*4 = 128 bytes, global 2*2*8*4 = 128 bytes in f32.
+        assert_eq!(block_bytes(&specs, 2, KvDtype::F32), [128, 128]);
+        assert_eq!(block_bytes(&specs, 2, KvDtype::Bf16), [64, 64]);
+        assert_eq!(block_bytes(&specs, 2, KvDtype::Fp8E4m3), [32, 32]);
+        assert_eq!(plan_pools(&specs, 2, KvDtype::F32, 128 * 20, 100), PoolSizes { sliding: 10, global: 10 });
+        assert_eq!(plan_pools(&specs, 2, KvDtype::F32, 128 * 20, 4), PoolSizes { sliding: 4, global: 16 });
+        // The same budget holds twice the blocks in bf16 and four times in fp8.
+        assert_eq!(plan_pools(&specs, 2, KvDtype::Bf16, 128 * 20, 100), PoolSizes { sliding: 20, global: 20 });
+        assert_eq!(plan_pools(&specs, 2, KvDtype::Fp8E4m3, 128 * 20, 100), PoolSizes { sliding: 40, global: 40 });
     }
 }

@@ -98,7 +98,17 @@ impl Attention {
             let kvh = head / group;
             let qh = &q[task * hd..(task + 1) * hd];
             let mut scores = Vec::with_capacity(to - from);
-            attend(qh, to - from, |j| view.key(from + j, kvh), |j| view.value(from + j, kvh), 1.0, dt, &mut scores, out);
+            let at = |j: usize| view.offset(from + j, kvh);
+            crate::with_kv_slices!(view.data, |ks, vs| attend(
+                qh,
+                to - from,
+                |j| &ks[at(j)..at(j) + hd],
+                |j| &vs[at(j)..at(j) + hd],
+                1.0,
+                dt,
+                &mut scores,
+                out
+            ));
         });
         let mut o = vec![0f32; t * c.hidden_size];
         linear(&attn, t, self.o_proj.weight(), &mut o, dt);
