@@ -184,7 +184,7 @@ pub struct EngineArgs {
     /// Without either flag above, the KV cache gets this share of the memory available after loading.
     #[arg(long, default_value_t = 0.25, env = "SWITCHYARD_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: f64,
-    /// How keys and values are stored: `auto` (the model's dtype), `bfloat16`, `float16`, `fp8`
+    /// How keys and values are stored: `auto` (the model's dtype), `bfloat16`, `float16`, `float32`, `fp8`
     /// (= `fp8_e4m3`, scale 1.0 as vLLM's default) or `fp8_e5m2`.
     #[arg(long, default_value = "auto", env = "SWITCHYARD_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: String,
@@ -352,6 +352,7 @@ pub fn front_state(
     metrics: Option<switchyard_router::metrics::PrometheusHandle>,
 ) -> Result<Arc<AppState>> {
     let name = args.served_model_name.first().cloned().unwrap_or_else(|| model_arg.to_string());
+    parse_image_limit(&args.limit_mm_per_prompt)?; // refused even for a checkpoint without images
     let tokenizer = dir.tokenizer()?;
     let mut literal = tokenizer.clone();
     literal.set_encode_special_tokens(true);
@@ -428,17 +429,38 @@ fn vision_front(args: &FrontArgs, dir: &ModelDir, c: &ModelConfig) -> Result<Opt
     }))
 }
 
-/// `image=N` or `{"image": N}`.
+/// `--limit-mm-per-prompt`: `image=N,video=N,audio=0` or vLLM's JSON form `{"image": N, ...}`; the
+/// image count (8 when not named). This model reads images only: audio must be 0, and video
+/// (frame extraction) is not served yet, so it must be 0 too.
 fn parse_image_limit(s: &str) -> Result<usize> {
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(s) {
-        return v.get("image").and_then(serde_json::Value::as_u64).map(|n| n as usize).context("--limit-mm-per-prompt: no image count");
-    }
-    for part in s.split(',') {
-        if let Some(n) = part.trim().strip_prefix("image=") {
-            return n.parse().context("--limit-mm-per-prompt: image=N");
+    let mut limits: Vec<(String, usize)> = Vec::new();
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(s) {
+        for (k, v) in m {
+            let n = match &v {
+                serde_json::Value::Number(n) => n.as_u64(),
+                // vLLM also takes {"image": {"count": N, ...}}.
+                serde_json::Value::Object(o) => o.get("count").and_then(serde_json::Value::as_u64),
+                _ => None,
+            };
+            limits.push((k, n.with_context(|| format!("--limit-mm-per-prompt: {v} is not a count"))? as usize));
+        }
+    } else {
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, n) = part.split_once('=').with_context(|| format!("--limit-mm-per-prompt: `{part}` is not MODALITY=N"))?;
+            limits.push((k.trim().to_string(), n.trim().parse().with_context(|| format!("--limit-mm-per-prompt: `{part}`: not a count"))?));
         }
     }
-    bail!("--limit-mm-per-prompt: expected image=N or {{\"image\": N}}")
+    let mut image = 8;
+    for (modality, n) in limits {
+        match modality.as_str() {
+            "image" => image = n,
+            "audio" | "video" if n == 0 => {}
+            "audio" => bail!("--limit-mm-per-prompt audio={n}: Gemma 4 26B-A4B has no audio encoder; use audio=0"),
+            "video" => bail!("--limit-mm-per-prompt video={n}: video input is not served yet; use video=0 (or send frames as images)"),
+            other => bail!("--limit-mm-per-prompt: unknown modality `{other}` (image, video or audio)"),
+        }
+    }
+    Ok(image)
 }
 
 fn parsers(args: &FrontArgs) -> Result<switchyard_router::server::Parsers> {
@@ -495,5 +517,110 @@ pub async fn terminate_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command, normalize_flags};
+    use clap::Parser;
+
+    fn parse(line: &str) -> Result<ServeArgs, String> {
+        let args = normalize_flags(line.split_whitespace().map(std::ffi::OsString::from));
+        match Cli::try_parse_from(args).map_err(|e| e.to_string())?.command {
+            Command::Serve(a) => a.resolve().map_err(|e| e.to_string()),
+            other => Err(format!("not serve: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn vllm_recipe_command_lines_parse() {
+        let a = parse("switchyard serve ckpt --max-model-len 32768 --gpu-memory-utilization 0.90").unwrap();
+        assert_eq!((a.model.model.as_str(), a.front.max_model_len, a.engine.gpu_memory_utilization), ("ckpt", Some(32768), Some(0.9)));
+        let a = parse(
+            "switchyard serve ckpt --max-model-len 16384 --gpu-memory-utilization 0.90 --enable-auto-tool-choice \
+             --reasoning-parser gemma4 --tool-call-parser gemma4 --chat-template examples/tool_chat_template_gemma4.jinja \
+             --limit-mm-per-prompt image=4 --async-scheduling --host 0.0.0.0 --port 8000",
+        )
+        .unwrap();
+        assert!(a.engine.async_scheduling && a.front.enable_auto_tool_choice);
+        assert_eq!(parse_image_limit(&a.front.limit_mm_per_prompt).unwrap(), 4);
+        let a =
+            parse("switchyard serve --model ckpt --max-model-len 32768 --gpu-memory-utilization 0.90 --host 0.0.0.0 --port 8000").unwrap();
+        assert_eq!(a.model.model, "ckpt");
+        let a = parse("switchyard serve ckpt --mm-processor-kwargs {\"max_soft_tokens\":560}").unwrap();
+        assert!(a.front.mm_processor_kwargs.is_some());
+        let a = parse("switchyard serve ckpt --limit-mm-per-prompt image=0,audio=0 --async-scheduling --kv-cache-dtype fp8").unwrap();
+        assert_eq!(parse_image_limit(&a.front.limit_mm_per_prompt).unwrap(), 0);
+        assert_eq!(KvDtype::parse(&a.engine.kv_cache_dtype, DType::BF16), Ok(KvDtype::Fp8E4m3));
+        let e =
+            parse("switchyard serve --model ckpt --tensor-parallel-size 8 --max-model-len 16384 --disable_chunked_mm_input").unwrap_err();
+        assert!(e.starts_with("--tensor-parallel-size 8: `switchyard serve` is one process") && e.contains("cluster"), "{e}");
+        let a = parse("switchyard serve --model ckpt --tensor_parallel_size=1 --disable_chunked_mm_input --max_model_len=32k").unwrap();
+        assert!(a.engine.disable_chunked_mm_input);
+        assert_eq!(a.front.max_model_len, Some(32000));
+    }
+
+    #[test]
+    fn positional_model_wins_and_one_is_required() {
+        assert_eq!(parse("switchyard serve a --model b").unwrap().model.model, "a");
+        // SAFETY of the test: SWITCHYARD_MODEL is not set in the test environment.
+        if std::env::var_os("SWITCHYARD_MODEL").is_none() {
+            assert!(parse("switchyard serve --port 1").is_err());
+        }
+    }
+
+    #[test]
+    fn underscores_become_dashes_in_flag_names_only() {
+        let out = normalize_flags(["x", "--max_model_len=1_000", "--chat_template", "my_file.jinja", "--", "--a_b"].map(Into::into));
+        let out: Vec<_> = out.iter().map(|s| s.to_str().unwrap()).collect();
+        assert_eq!(out, ["x", "--max-model-len=1_000", "--chat-template", "my_file.jinja", "--", "--a_b"]);
+    }
+
+    #[test]
+    fn counts_take_vllm_suffixes() {
+        use crate::cli::human_count;
+        assert_eq!(human_count("32768"), Ok(32768));
+        assert_eq!(human_count("32k"), Ok(32000));
+        assert_eq!(human_count("32K"), Ok(32768));
+        assert_eq!(human_count("1.5m"), Ok(1_500_000));
+        assert_eq!(human_count("2G"), Ok(2 << 30));
+        assert!(human_count("-1").is_err() && human_count("1.5").is_err() && human_count("x").is_err());
+    }
+
+    #[test]
+    fn kv_cache_dtype_spellings() {
+        assert_eq!(KvDtype::parse("auto", DType::BF16), Ok(KvDtype::Bf16));
+        assert_eq!(KvDtype::parse("auto", DType::F32), Ok(KvDtype::F32));
+        assert_eq!(KvDtype::parse("bfloat16", DType::BF16), Ok(KvDtype::Bf16));
+        assert_eq!(KvDtype::parse("float32", DType::BF16), Ok(KvDtype::F32), "wider is lossless too");
+        assert_eq!(KvDtype::parse("fp8_e4m3", DType::BF16), Ok(KvDtype::Fp8E4m3));
+        assert_eq!(KvDtype::parse("fp8_e5m2", DType::F32), Ok(KvDtype::Fp8E5m2));
+        assert!(KvDtype::parse("float16", DType::BF16).unwrap_err().contains("computes in bfloat16"));
+        assert!(KvDtype::parse("int8", DType::BF16).is_err());
+    }
+
+    #[test]
+    fn modality_limits() {
+        assert_eq!(parse_image_limit("image=4").unwrap(), 4);
+        assert_eq!(parse_image_limit("audio=0,image=2,video=0").unwrap(), 2);
+        assert_eq!(parse_image_limit(r#"{"image": 3, "audio": 0}"#).unwrap(), 3);
+        assert_eq!(parse_image_limit("audio=0").unwrap(), 8);
+        assert!(parse_image_limit("audio=1").unwrap_err().to_string().contains("no audio encoder"));
+        assert!(parse_image_limit("video=2").is_err());
+        assert!(parse_image_limit("sound=1").is_err() && parse_image_limit("image").is_err());
+    }
+
+    #[test]
+    fn gpu_memory_utilization_leaves_the_rest_of_memory_alone() {
+        let gib = 1usize << 30;
+        let m = Memory { total: 100 * gib, available: 70 * gib };
+        // 90 GiB may be used, 30 are in use (weights included): 60 for the cache.
+        assert_eq!(kv_budget_for_utilization(0.9, Some(m)).unwrap(), 60 * gib);
+        // Never more than is available.
+        assert_eq!(kv_budget_for_utilization(1.0, Some(Memory { total: 100 * gib, available: 50 * gib })).unwrap(), 50 * gib);
+        assert!(kv_budget_for_utilization(0.2, Some(m)).unwrap_err().to_string().contains("leaves no memory"));
+        assert!(kv_budget_for_utilization(0.0, Some(m)).is_err() && kv_budget_for_utilization(1.5, Some(m)).is_err());
     }
 }

@@ -8,11 +8,34 @@
 //! to nearest even and saturated to the format's largest finite value, as vLLM's conversion does.
 
 /// One stored key or value element.
-pub trait KvElem: Copy + Send + Sync + 'static {
+///
+/// # Safety
+/// All-zero bits must be a valid value of the type ([`zeroed`] relies on it): plain numbers only.
+pub unsafe trait KvElem: Copy + Send + Sync + 'static {
     fn widen(self) -> f32;
 }
 
-impl KvElem for f32 {
+/// `n` zero elements in freshly zeroed memory. A pool sized for the worst case costs only what is
+/// written: the pages stay untouched until then (`vec![x; n]` would write every element of a type
+/// the standard library does not know to be zero).
+pub fn zeroed<E: KvElem>(n: usize) -> Vec<E> {
+    let layout = std::alloc::Layout::array::<E>(n).expect("KV pool size overflows");
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout is non-empty; zero bits are a valid `E` (the trait's contract); the pointer
+    // comes from the global allocator with `E`'s layout for exactly `n` elements, as `Vec` requires.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<E>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(p, n, n)
+    }
+}
+
+// SAFETY: zero bits are 0.0.
+unsafe impl KvElem for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -24,7 +47,8 @@ impl KvElem for f32 {
 #[repr(transparent)]
 pub struct Bf16(pub u16);
 
-impl KvElem for Bf16 {
+// SAFETY: zero bits are +0.0.
+unsafe impl KvElem for Bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         crate::dtype::bf16_to_f32(self.0)
@@ -36,7 +60,8 @@ impl KvElem for Bf16 {
 #[repr(transparent)]
 pub struct F16(pub u16);
 
-impl KvElem for F16 {
+// SAFETY: zero bits are +0.0.
+unsafe impl KvElem for F16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         half::f16::from_bits(self.0).to_f32()
@@ -133,7 +158,8 @@ static E5M2_TABLE: [f32; 256] = E5M2.table();
 #[repr(transparent)]
 pub struct Fp8E4m3(pub u8);
 
-impl KvElem for Fp8E4m3 {
+// SAFETY: code 0 is +0.0.
+unsafe impl KvElem for Fp8E4m3 {
     #[inline(always)]
     fn widen(self) -> f32 {
         E4M3_TABLE[self.0 as usize]
@@ -145,7 +171,8 @@ impl KvElem for Fp8E4m3 {
 #[repr(transparent)]
 pub struct Fp8E5m2(pub u8);
 
-impl KvElem for Fp8E5m2 {
+// SAFETY: code 0 is +0.0.
+unsafe impl KvElem for Fp8E5m2 {
     #[inline(always)]
     fn widen(self) -> f32 {
         E5M2_TABLE[self.0 as usize]
@@ -155,6 +182,13 @@ impl KvElem for Fp8E5m2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_pools_read_as_zero() {
+        assert!(zeroed::<Bf16>(1000).iter().all(|x| x.widen() == 0.0));
+        assert!(zeroed::<Fp8E4m3>(3).iter().all(|x| x.widen() == 0.0));
+        assert!(zeroed::<f32>(0).is_empty());
+    }
 
     #[test]
     fn e4m3_values_are_torch_float8_e4m3fn() {

@@ -21,11 +21,14 @@ BIN = Path(os.environ.get("SWITCHYARD_BIN", ROOT / "target" / "debug" / "switchy
 
 
 class Server:
-    def __init__(self, model: str, *args: str, env: dict | None = None):
+    def __init__(self, model: str, *args: str, env: dict | None = None, argv: list[str] | None = None, cwd=None):
+        """`switchyard serve` on fixture `model` with extra `args`; or, with `argv`, the binary with
+        exactly those arguments (`model` is then the name the API answers to)."""
         self.model = model
-        cmd = [str(BIN), "serve", "--model", str(FIXTURES / model), "--host", "127.0.0.1", "--port", "0",
-               "--served-model-name", model, *args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        cmd = [str(BIN), *argv] if argv is not None else [
+            str(BIN), "serve", "--model", str(FIXTURES / model), "--host", "127.0.0.1", "--port", "0",
+            "--served-model-name", model, *args]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
         self.log = []
         deadline = time.monotonic() + 120
         while True:

@@ -8,7 +8,7 @@
 //! (the model's dtype, losslessly, or fp8).
 
 use switchyard_kernels::DType;
-use switchyard_kernels::kv::{Bf16, E4M3, E5M2, F16, Fp8E4m3, Fp8E5m2};
+use switchyard_kernels::kv::{Bf16, E4M3, E5M2, F16, Fp8E4m3, Fp8E5m2, zeroed};
 
 use crate::config::LayerSpec;
 
@@ -64,12 +64,13 @@ impl KvDtype {
             "fp8_e5m2" => KvDtype::Fp8E5m2,
             other => {
                 return Err(format!(
-                    "--kv-cache-dtype {other}: this server stores keys and values as auto (the model's dtype), bfloat16, float16, fp8 (= fp8_e4m3) or fp8_e5m2"
+                    "--kv-cache-dtype {other}: this server stores keys and values as auto (the model's dtype), bfloat16, float16, float32, fp8 (= fp8_e4m3) or fp8_e5m2"
                 ));
             }
         };
-        let wide = matches!(d, KvDtype::F32 | KvDtype::Bf16 | KvDtype::F16);
-        if wide && d != KvDtype::of_model(model) {
+        // f32 holds every model's values exactly; another 16-bit type would round them.
+        let narrow = matches!(d, KvDtype::Bf16 | KvDtype::F16);
+        if narrow && d != KvDtype::of_model(model) {
             return Err(format!(
                 "--kv-cache-dtype {flag}: the model computes in {}, so its keys and values are stored in that (use auto); fp8 is the lossy choice",
                 model.name()
@@ -92,11 +93,11 @@ pub enum KvBuf {
 impl KvBuf {
     pub fn zeros(dtype: KvDtype, n: usize) -> KvBuf {
         match dtype {
-            KvDtype::F32 => KvBuf::F32(vec![0.0; n]),
-            KvDtype::Bf16 => KvBuf::Bf16(vec![Bf16(0); n]),
-            KvDtype::F16 => KvBuf::F16(vec![F16(0); n]),
-            KvDtype::Fp8E4m3 => KvBuf::Fp8E4m3(vec![Fp8E4m3(0); n]),
-            KvDtype::Fp8E5m2 => KvBuf::Fp8E5m2(vec![Fp8E5m2(0); n]),
+            KvDtype::F32 => KvBuf::F32(zeroed(n)),
+            KvDtype::Bf16 => KvBuf::Bf16(zeroed(n)),
+            KvDtype::F16 => KvBuf::F16(zeroed(n)),
+            KvDtype::Fp8E4m3 => KvBuf::Fp8E4m3(zeroed(n)),
+            KvDtype::Fp8E5m2 => KvBuf::Fp8E5m2(zeroed(n)),
         }
     }
 
