@@ -266,6 +266,46 @@ fn grammar_constrained_requests_in_the_engine() {
     assert_eq!(engine.stats().unfinished.load(Ordering::Relaxed), 0);
 }
 
+/// `--async-scheduling`: grammar masks computed on a helper thread during the forward pass give the
+/// same tokens, log-probs and events as masks computed after it, for constrained requests batched with
+/// unconstrained ones and with a grammar that starts after a token (a waiting constraint).
+#[test]
+fn async_scheduling_changes_no_output() {
+    use switchyard_engine_api::{GrammarRequest, GrammarSpec, TokenConstraint};
+    use switchyard_grammar::GrammarEnv;
+    let m = model();
+    let text = std::fs::read_to_string(common::fixtures().join("tiny-bf16").join("tokenizer.json")).unwrap();
+    let env = GrammarEnv::from_tokenizer_json(&text, m.config.vocab_size, &[1]).unwrap();
+    let grammars = [
+        GrammarRequest { spec: GrammarSpec::Regex { regex: "[a-e]{3,6}!".into() }, after_token: None },
+        GrammarRequest { spec: GrammarSpec::Choice { choices: vec!["yes".into(), "no".into()] }, after_token: Some(prompts(1)[0][0]) },
+    ];
+    let run = |async_scheduling: bool| {
+        let mut c = config(&m, 1024, 16, 8, 256);
+        c.async_scheduling = async_scheduling;
+        let engine = Engine::start(m.clone(), c).unwrap();
+        let rxs: Vec<_> = prompts(6)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let g = (i % 3 < 2).then(|| grammars[i % 2].clone());
+                let params = SamplingParams {
+                    temperature: 0.8,
+                    seed: Some(i as u64),
+                    max_tokens: 24,
+                    logprobs: Some(2),
+                    grammar: g.clone(),
+                    ..Default::default()
+                };
+                let constraint = g.map(|g| Box::new(env.compile(&g).unwrap()) as Box<dyn TokenConstraint>);
+                engine.submit(EngineRequest { constraint, ..request(p, params) }).unwrap().1
+            })
+            .collect();
+        rxs.into_iter().map(|rx| collect(rx).1).collect::<Vec<_>>()
+    };
+    assert_eq!(run(true), run(false));
+}
+
 /// `--kv-cache-dtype`: the model's dtype (bf16 here) takes half the bytes of f32 and changes nothing;
 /// fp8 takes half again and costs accuracy, which this measures (prints) and bounds.
 #[test]
