@@ -20,6 +20,8 @@ def anchors(page: Path) -> set[str]:
             title = line.lstrip("#").strip().lower()
             slug = re.sub(r"[^\w\- ]", "", title).replace(" ", "-")
             out.add(slug)
+        # Explicit anchors (`<a id="name"></a>`), which GitHub renders as link targets too.
+        out.update(re.findall(r'<a id="([^"]+)"></a>', line))
     return out
 
 
