@@ -156,6 +156,37 @@ pub struct FrontArgs {
     /// Seconds an image fetch may take, redirects included.
     #[arg(long, default_value_t = 10, env = "SWITCHYARD_MEDIA_FETCH_TIMEOUT")]
     pub media_fetch_timeout: u64,
+    /// Origins browsers may call the API from: a JSON list as vLLM takes it (`'["https://app.example"]'`)
+    /// or comma-separated; `*` for any.
+    #[arg(long, default_value = r#"["*"]"#, env = "SWITCHYARD_ALLOWED_ORIGINS")]
+    pub allowed_origins: String,
+    /// Methods allowed cross-origin (same forms).
+    #[arg(long, default_value = r#"["*"]"#, env = "SWITCHYARD_ALLOWED_METHODS")]
+    pub allowed_methods: String,
+    /// Request headers allowed cross-origin (same forms).
+    #[arg(long, default_value = r#"["*"]"#, env = "SWITCHYARD_ALLOWED_HEADERS")]
+    pub allowed_headers: String,
+    /// Let cross-origin requests carry credentials (cookies, `Authorization`).
+    #[arg(long, env = "SWITCHYARD_ALLOW_CREDENTIALS")]
+    pub allow_credentials: bool,
+}
+
+/// A list flag as vLLM takes it: a JSON array of strings, or comma-separated.
+fn string_list(flag: &str, s: &str) -> Result<Vec<String>> {
+    let s = s.trim();
+    if s.starts_with('[') {
+        return serde_json::from_str(s).with_context(|| format!("{flag}: not a JSON list of strings: {s}"));
+    }
+    Ok(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+}
+
+fn cors(args: &FrontArgs) -> Result<switchyard_router::server::Cors> {
+    Ok(switchyard_router::server::Cors {
+        origins: string_list("--allowed-origins", &args.allowed_origins)?,
+        methods: string_list("--allowed-methods", &args.allowed_methods)?,
+        headers: string_list("--allowed-headers", &args.allowed_headers)?,
+        credentials: args.allow_credentials,
+    })
 }
 
 /// Output formats the parsers know (vLLM's parser names).
@@ -378,6 +409,7 @@ pub fn front_state(
         max_body_bytes: 32 << 20,
         parsers: parsers(args)?,
         vision: vision_front(args, dir, c)?,
+        cors: cors(args)?,
     };
     Ok(Arc::new(AppState {
         config,
@@ -599,6 +631,14 @@ mod tests {
         assert_eq!(KvDtype::parse("fp8_e5m2", DType::F32), Ok(KvDtype::Fp8E5m2));
         assert!(KvDtype::parse("float16", DType::BF16).unwrap_err().contains("computes in bfloat16"));
         assert!(KvDtype::parse("int8", DType::BF16).is_err());
+    }
+
+    #[test]
+    fn cors_lists_take_json_or_commas() {
+        assert_eq!(string_list("f", r#"["*"]"#).unwrap(), ["*"]);
+        assert_eq!(string_list("f", r#"["https://a.example", "http://b"]"#).unwrap(), ["https://a.example", "http://b"]);
+        assert_eq!(string_list("f", "GET, POST").unwrap(), ["GET", "POST"]);
+        assert!(string_list("f", "[not json").is_err());
     }
 
     #[test]

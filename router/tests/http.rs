@@ -108,6 +108,10 @@ impl GenerationBackend for Fake {
 }
 
 fn server_with(fake: Fake, api_key: Option<&str>, parsers: Parsers) -> Router {
+    server_built(fake, api_key, parsers, Default::default())
+}
+
+fn server_built(fake: Fake, api_key: Option<&str>, parsers: Parsers, cors: switchyard_router::server::Cors) -> Router {
     let dir = fixture();
     let tokenizer = tokenizer();
     let mut literal = tokenizer.clone();
@@ -129,6 +133,7 @@ fn server_with(fake: Fake, api_key: Option<&str>, parsers: Parsers) -> Router {
         max_body_bytes: BODY_LIMIT,
         parsers,
         vision: None,
+        cors,
     };
     app(Arc::new(AppState {
         config,
@@ -142,6 +147,10 @@ fn server_with(fake: Fake, api_key: Option<&str>, parsers: Parsers) -> Router {
         shutting_down: AtomicBool::new(false),
         created: 1_700_000_000,
     }))
+}
+
+fn server_with_cors(fake: Fake, cors: switchyard_router::server::Cors) -> Router {
+    server_built(fake, None, Parsers::default(), cors)
 }
 
 fn server(fake: Fake) -> Router {
@@ -248,7 +257,65 @@ fn routes() -> Vec<(Method, &'static str, String)> {
         (Method::POST, "/tokenize", json!({"prompt": "hi"}).to_string()),
         (Method::POST, "/detokenize", json!({"tokens": [5]}).to_string()),
         (Method::GET, "/metrics", String::new()),
+        (Method::GET, "/v1/models/tiny", String::new()),
+        (Method::GET, "/version", String::new()),
+        (Method::GET, "/load", String::new()),
     ]
+}
+
+#[tokio::test]
+async fn model_retrieve_version_and_load() {
+    let app = server(Fake::new(TEXT, End::Eos));
+    let m = get(&app, "/v1/models/tiny").await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text);
+    assert_eq!(m.json(), get(&app, "/v1/models").await.json()["data"][0], "retrieve answers the listed card");
+    let err = get(&app, "/v1/models/google/gemma-4-26B-A4B-it").await.error(StatusCode::NOT_FOUND);
+    assert_eq!(err["message"], "The model `google/gemma-4-26B-A4B-it` does not exist.");
+    assert_eq!(get(&app, "/version").await.json(), json!({"version": env!("CARGO_PKG_VERSION")}));
+    assert_eq!(get(&app, "/load").await.json(), json!({"server_load": 0}));
+}
+
+#[tokio::test]
+async fn cors_as_vllm_configures_it() {
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/v1/chat/completions")
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "authorization,content-type")
+            .body(Body::empty())
+            .expect("a request")
+    };
+    // vLLM's defaults: any origin, method and header; the preflight needs no key.
+    let app = server_with(Fake::new(TEXT, End::Eos), Some(KEY), Parsers::default());
+    let r = send(&app, preflight("https://app.example")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    assert_eq!(r.headers[header::ACCESS_CONTROL_ALLOW_METHODS], "*");
+    let real = Request::builder()
+        .method(Method::GET)
+        .uri("/v1/models")
+        .header(header::ORIGIN, "https://app.example")
+        .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+        .body(Body::empty())
+        .expect("a request");
+    assert_eq!(send(&app, real).await.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    // A list: a listed origin is echoed, another gets no grant (the browser blocks it).
+    let listed = server_with_cors(
+        Fake::new(TEXT, End::Eos),
+        switchyard_router::server::Cors {
+            origins: vec!["https://app.example".into()],
+            methods: vec!["POST".into()],
+            headers: vec!["content-type".into()],
+            credentials: true,
+        },
+    );
+    let r = send(&listed, preflight("https://app.example")).await;
+    assert_eq!(r.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
+    assert_eq!(r.headers[header::ACCESS_CONTROL_ALLOW_CREDENTIALS], "true");
+    let r = send(&listed, preflight("https://evil.example")).await;
+    assert!(!r.headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN), "{:?}", r.headers);
 }
 
 #[tokio::test]

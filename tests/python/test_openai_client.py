@@ -2,6 +2,7 @@
 with n > 1, stop strings, logprobs and seeds."""
 
 import httpx
+import openai
 import pytest
 
 
@@ -128,3 +129,34 @@ def test_generation_config_defaults_apply_when_unset(bf16):
     c = bf16.client()
     outs = {c.completions.create(model="tiny-bf16", prompt="abc", max_tokens=12, extra_body={"ignore_eos": True}).choices[0].text for _ in range(4)}
     assert len(outs) > 1
+
+
+def test_vllm_routes_models_retrieve_version_load(bf16):
+    client = bf16.client()
+    m = client.models.retrieve(bf16.model)
+    assert (m.id, m.object) == (bf16.model, "model")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("google/gemma-4-26B-A4B-it")
+    assert httpx.get(bf16.url + "/version").json()["version"]
+    assert httpx.get(bf16.url + "/load").json() == {"server_load": 0}
+
+
+def test_vllm_metrics_with_help_lines_and_labels(bf16):
+    """vLLM's request-phase histograms, per-request token counts and tokens per step, with `# HELP`
+    lines and vLLM's `model_name` and `engine` labels, once a request has finished."""
+    bf16.client().completions.create(model=bf16.model, prompt="Hello there", max_tokens=5, temperature=0)
+    text = httpx.get(bf16.url + "/metrics").text
+    for name in ["vllm:request_queue_time_seconds", "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+                 "vllm:request_inference_time_seconds", "vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds",
+                 "vllm:request_time_per_output_token_seconds", "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
+                 "vllm:request_params_max_tokens", "vllm:iteration_tokens_total"]:
+        assert f"# HELP {name} " in text, name
+        assert f"# TYPE {name} histogram" in text, name
+        count = [l for l in text.splitlines() if l.startswith(name + "_count{")]
+        assert len(count) == 1 and 'model_name="tiny-bf16"' in count[0] and 'engine="0"' in count[0], count
+        assert float(count[0].rsplit(" ", 1)[1]) >= 1, count
+    for name in ["vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total"]:
+        assert f"# HELP {name} " in text, name
+    # Five generated tokens land in the 5 bucket of the per-request histogram (a 1-2-5 series).
+    bucket = [l for l in text.splitlines() if l.startswith('vllm:request_generation_tokens_bucket{') and 'le="5"' in l]
+    assert len(bucket) == 1 and float(bucket[0].rsplit(" ", 1)[1]) >= 1, bucket

@@ -16,5 +16,5 @@ mod submit;
 
 pub use request::{RawBody, now_secs, parse_body, parse_generation, request_id, request_span};
 pub use routes::app;
-pub use state::{AppState, Parsers, ServerConfig, SharedState, VisionFront};
+pub use state::{AppState, Cors, Parsers, ServerConfig, SharedState, VisionFront};
 pub use submit::{ChoiceJob, submit_all};

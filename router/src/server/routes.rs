@@ -20,6 +20,9 @@ pub fn app(state: SharedState) -> Router {
         .route("/health", get(health))
         .route("/ping", get(live))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/version", get(version))
+        .route("/load", get(load))
         .route("/v1/completions", post(crate::completions::handle))
         .route("/v1/chat/completions", post(crate::chat::handle))
         .route("/tokenize", post(crate::tokenize::tokenize))
@@ -30,7 +33,34 @@ pub fn app(state: SharedState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn(log_server_errors))
+        .layer(cors_layer(&state.config.cors))
         .with_state(state)
+}
+
+/// vLLM's CORS middleware, as its flags configure it. Outermost, so a browser's preflight (`OPTIONS`,
+/// no API key) is answered before the key is checked, as vLLM's key check lets `OPTIONS` through.
+fn cors_layer(c: &super::Cors) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
+    let any = |v: &[String]| v.iter().any(|x| x == "*");
+    // With credentials a wildcard cannot be sent back literally (browsers refuse it), so the request's
+    // own origin, method and headers are mirrored, as Starlette does.
+    let origin = if any(&c.origins) {
+        if c.credentials { AllowOrigin::mirror_request() } else { AllowOrigin::any() }
+    } else {
+        AllowOrigin::list(c.origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let methods = if any(&c.methods) {
+        if c.credentials { AllowMethods::mirror_request() } else { AllowMethods::any() }
+    } else {
+        AllowMethods::list(c.methods.iter().filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok()))
+    };
+    let headers = if any(&c.headers) {
+        if c.credentials { AllowHeaders::mirror_request() } else { AllowHeaders::any() }
+    } else {
+        AllowHeaders::list(c.headers.iter().filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()))
+    };
+    CorsLayer::new().allow_origin(origin).allow_methods(methods).allow_headers(headers).allow_credentials(c.credentials)
 }
 
 /// The one place HTTP 5xx responses are logged, with the detail their `ApiError` kept from the client.
@@ -95,22 +125,48 @@ struct Model<'a> {
     max_model_len: usize,
 }
 
+fn model_card<'a>(state: &'a super::AppState, name: &'a str) -> Model<'a> {
+    Model {
+        id: name,
+        object: "model",
+        created: state.created,
+        owned_by: "switchyard",
+        root: name,
+        parent: None,
+        max_model_len: state.config.max_model_len,
+    }
+}
+
 async fn models(State(state): State<SharedState>) -> Response {
-    let data = state
-        .config
-        .served_model_names
-        .iter()
-        .map(|n| Model {
-            id: n,
-            object: "model",
-            created: state.created,
-            owned_by: "switchyard",
-            root: n,
-            parent: None,
-            max_model_len: state.config.max_model_len,
-        })
-        .collect();
+    let data = state.config.served_model_names.iter().map(|n| model_card(&state, n)).collect();
     Json(ModelList { object: "list", data }).into_response()
+}
+
+/// `GET /v1/models/{id}` (the `openai` client's `models.retrieve`); ids may hold slashes.
+async fn model(State(state): State<SharedState>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    match state.config.served_model_names.iter().find(|n| **n == id) {
+        Some(n) => Json(model_card(&state, n)).into_response(),
+        None => ApiError::model_not_found(&id).into_response(),
+    }
+}
+
+/// `GET /version`, as vLLM answers it.
+async fn version() -> Response {
+    #[derive(Serialize)]
+    struct Version {
+        version: &'static str,
+    }
+    Json(Version { version: env!("CARGO_PKG_VERSION") }).into_response()
+}
+
+/// `GET /load`: requests admitted and not finished (vLLM's `server_load`, what its load tracking
+/// counts), for load balancers that pick the least loaded replica.
+async fn load(State(state): State<SharedState>) -> Response {
+    #[derive(Serialize)]
+    struct Load {
+        server_load: usize,
+    }
+    Json(Load { server_load: state.engine.unfinished() }).into_response()
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {

@@ -28,6 +28,25 @@ pub struct ServerConfig {
     pub parsers: Parsers,
     /// Image input, when the model has a vision tower.
     pub vision: Option<VisionFront>,
+    /// Cross-origin requests (vLLM's `--allowed-origins` and friends).
+    pub cors: Cors,
+}
+
+/// Which browser origins may call the API, as vLLM's CORS middleware is configured: lists of origins,
+/// methods and headers (`*` for any) and whether credentials may be sent. vLLM's defaults allow any
+/// origin, method and header, without credentials.
+#[derive(Clone, Debug)]
+pub struct Cors {
+    pub origins: Vec<String>,
+    pub methods: Vec<String>,
+    pub headers: Vec<String>,
+    pub credentials: bool,
+}
+
+impl Default for Cors {
+    fn default() -> Cors {
+        Cors { origins: vec!["*".into()], methods: vec!["*".into()], headers: vec!["*".into()], credentials: false }
+    }
 }
 
 /// What the front end needs for image input.

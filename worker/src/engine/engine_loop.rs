@@ -5,7 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Instant;
 
-use metrics::{counter, gauge, histogram};
+use metrics::gauge;
+
+use super::metrics::EngineMetrics;
 use switchyard_kernels::ops::log_softmax;
 
 use super::block_pool::BlockPool;
@@ -30,6 +32,7 @@ pub(super) struct EngineState {
     /// Seeds requests without a seed: reproducible for a given `--seed` and arrival order.
     seeds: rand_chacha::ChaCha8Rng,
     reported: (u64, u64, u64),
+    metrics: EngineMetrics,
 }
 
 impl EngineState {
@@ -78,7 +81,8 @@ impl EngineState {
             "num_gpu_blocks" => layout.global_blocks.to_string(),
             "num_sliding_window_blocks" => layout.sliding_blocks.to_string(),
             "enable_prefix_caching" => if config.prefix_caching { "True" } else { "False" },
-            "model_name" => config.model_name.clone()
+            "model_name" => config.model_name.clone(),
+            "engine" => "0"
         )
         .set(1.0);
         tracing::info!(
@@ -89,7 +93,8 @@ impl EngineState {
             layout.bytes_per_token()
         );
         let seeds = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed);
-        Ok(EngineState { model, config, sched: Scheduler::new(limits, pools), storage, stats, seeds, reported: (0, 0, 0) })
+        let metrics = EngineMetrics::new(&config.model_name);
+        Ok(EngineState { model, config, sched: Scheduler::new(limits, pools), storage, stats, seeds, reported: (0, 0, 0), metrics })
     }
 
     pub fn run(mut self, rx: Receiver<Command>) {
@@ -150,7 +155,7 @@ impl EngineState {
                 tokens.extend_from_slice(&req.resume);
                 let eos = if req.params.ignore_eos { &[][..] } else { &self.config.eos_token_ids[..] };
                 let min_tokens_held = eos.iter().chain(&req.params.stop_token_ids).copied().collect();
-                counter!("vllm:prompt_tokens_total", "model_name" => self.config.model_name.clone()).increment(prompt_len as u64);
+                self.metrics.prompt_tokens.increment(prompt_len as u64);
                 let queued = tracing::info_span!("engine.queue", prompt_tokens = prompt_len);
                 if let Some(t) = &req.traceparent {
                     switchyard_telemetry::adopt(&queued, t);
@@ -169,6 +174,8 @@ impl EngineState {
                     prompt_logprobs: Vec::new(),
                     min_tokens_held,
                     arrival: Instant::now(),
+                    scheduled_at: None,
+                    first_token_at: None,
                     last_token_at: None,
                     constraint,
                     images,
@@ -308,9 +315,12 @@ impl EngineState {
     /// prefill span, which ends with its first token.
     fn trace_step(&mut self, plan: &[Scheduled]) -> tracing::Span {
         let tokens: usize = plan.iter().map(|p| p.tokens).sum();
+        self.metrics.iteration_tokens.record(tokens as f64);
         let span = tracing::info_span!("engine.step", seqs = plan.len(), tokens);
+        let now = Instant::now();
         for (i, p) in plan.iter().enumerate() {
             let seq = &mut self.sched.running[p.seq];
+            seq.scheduled_at.get_or_insert(now);
             if let Some(t) = &seq.trace {
                 if i == 0 {
                     switchyard_telemetry::adopt(&span, t);
@@ -382,22 +392,16 @@ impl EngineState {
             None
         };
         let now = Instant::now();
-        let label = self.config.model_name.clone();
-        match seq.last_token_at {
-            None => histogram!("vllm:time_to_first_token_seconds", "model_name" => label.clone()).record((now - seq.arrival).as_secs_f64()),
-            Some(t) => histogram!("vllm:inter_token_latency_seconds", "model_name" => label.clone()).record((now - t).as_secs_f64()),
-        }
+        self.metrics.token(seq, now);
         let prompt = seq.last_token_at.is_none().then(|| PromptInfo {
             cached_tokens: seq.cached_tokens,
             logprobs: seq.params.prompt_logprobs.map(|_| std::mem::take(&mut seq.prompt_logprobs)),
         });
+        seq.first_token_at.get_or_insert(now);
         seq.last_token_at = Some(now);
         seq.phase = None; // the first token ends the prefill span
-        counter!("vllm:generation_tokens_total", "model_name" => label.clone()).increment(1);
         if let Some(f) = finish {
-            histogram!("vllm:e2e_request_latency_seconds", "model_name" => label.clone()).record((now - seq.arrival).as_secs_f64());
-            let reason = if f == FinishReason::Length { "length" } else { "stop" };
-            counter!("vllm:request_success_total", "model_name" => label, "finished_reason" => reason).increment(1);
+            self.metrics.finished(seq, f == FinishReason::Length, now);
         }
         let event = TokenEvent { token, logprob, finish, prompt };
         if finish.is_some() {
@@ -419,7 +423,6 @@ impl EngineState {
     }
 
     fn publish(&mut self) {
-        let label = self.config.model_name.clone();
         let (running, waiting, usage) = (self.sched.running.len(), self.sched.waiting.len(), self.sched.usage());
         self.stats.running.store(running, Ordering::Relaxed);
         self.stats.waiting.store(waiting, Ordering::Relaxed);
@@ -427,13 +430,13 @@ impl EngineState {
         self.stats.preemptions.store(self.sched.preemptions, Ordering::Relaxed);
         self.stats.prefix_hits.store(self.sched.prefix_hits, Ordering::Relaxed);
         self.stats.prefix_queries.store(self.sched.prefix_queries, Ordering::Relaxed);
-        gauge!("vllm:num_requests_running", "model_name" => label.clone()).set(running as f64);
-        gauge!("vllm:num_requests_waiting", "model_name" => label.clone()).set(waiting as f64);
-        gauge!("vllm:kv_cache_usage_perc", "model_name" => label.clone()).set(usage);
+        self.metrics.running.set(running as f64);
+        self.metrics.waiting.set(waiting as f64);
+        self.metrics.kv_usage.set(usage);
         let now = (self.sched.prefix_queries, self.sched.prefix_hits, self.sched.preemptions);
-        counter!("vllm:prefix_cache_queries_total", "model_name" => label.clone()).increment(now.0 - self.reported.0);
-        counter!("vllm:prefix_cache_hits_total", "model_name" => label.clone()).increment(now.1 - self.reported.1);
-        counter!("vllm:num_preemptions_total", "model_name" => label).increment(now.2 - self.reported.2);
+        self.metrics.prefix_queries.increment(now.0 - self.reported.0);
+        self.metrics.prefix_hits.increment(now.1 - self.reported.1);
+        self.metrics.preemptions.increment(now.2 - self.reported.2);
         self.reported = now;
     }
 }

@@ -8,6 +8,7 @@
 mod backend;
 pub mod block_pool;
 mod engine_loop;
+mod metrics;
 pub mod paged_kv;
 pub mod sampling;
 pub mod scheduler;

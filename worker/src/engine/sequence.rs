@@ -31,6 +31,9 @@ pub struct Sequence {
     /// The ids `min_tokens` holds back: EOS (unless `ignore_eos`) and the request's stop token ids.
     pub min_tokens_held: Vec<u32>,
     pub arrival: Instant,
+    /// When the request was first scheduled (its queue time ends).
+    pub scheduled_at: Option<Instant>,
+    pub first_token_at: Option<Instant>,
     pub last_token_at: Option<Instant>,
     /// Structured output's grammar state.
     pub constraint: Option<Box<dyn TokenConstraint>>,
