@@ -130,6 +130,8 @@ pub enum TokenizeRequest {
         add_special_tokens: bool,
         tools: Option<Vec<Value>>,
         chat_template_kwargs: Option<Map<String, Value>>,
+        /// Image processing, as on the chat endpoint (the count includes every image's soft tokens).
+        mm_processor_kwargs: Option<Value>,
         #[serde(default)]
         return_token_strs: bool,
     },

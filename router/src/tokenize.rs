@@ -39,6 +39,7 @@ pub async fn tokenize(State(state): State<SharedState>, RawBody(body): RawBody) 
             add_special_tokens,
             tools,
             chat_template_kwargs,
+            mm_processor_kwargs,
             return_token_strs,
         } => {
             let ids = crate::chat::render_and_tokenize(
@@ -50,6 +51,10 @@ pub async fn tokenize(State(state): State<SharedState>, RawBody(body): RawBody) 
                 chat_template_kwargs.as_ref(),
                 add_special_tokens,
             )?;
+            // Each image expands as the chat endpoint expands it, so the count is the prompt the
+            // model would see.
+            state.check_model(model.as_deref())?;
+            let (ids, _) = crate::chat::images::attach(&state, &messages, mm_processor_kwargs.as_ref(), ids).await?;
             (model, ids, return_token_strs)
         }
         TokenizeRequest::Completion { model, prompt, add_special_tokens, return_token_strs } => {

@@ -97,6 +97,19 @@ def test_generations_with_images_equal_transformers(vision):
     assert worst < 1e-3, worst
 
 
+def test_tokenize_expands_images_as_the_chat_endpoint_does(vision):
+    """`/tokenize` with chat messages counts each image's soft tokens: its ids are transformers'
+    prompt, the one the chat endpoint sends to the model."""
+    ref = json.loads((VISION / "reference.json").read_text())
+    for case in ref["cases"][:3]:
+        r = httpx.post(vision.url + "/tokenize", json={
+            "model": "tiny-vision", "messages": messages_for(case),
+            "mm_processor_kwargs": {"max_soft_tokens": case["max_soft_tokens"]}})
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == case["prompt_ids"], case["name"]
+        assert r.json()["count"] == len(case["prompt_ids"])
+
+
 @pytest.fixture(scope="module")
 def text_only(tmp_path_factory):
     """tiny-f32 without its vision_config: a text-only model."""

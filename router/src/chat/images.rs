@@ -9,7 +9,6 @@ use serde_json::Value;
 use switchyard_engine_api::ImageInput;
 
 use crate::error::ApiError;
-use crate::protocol::ChatRequest;
 use crate::server::AppState;
 use crate::{media, preprocess};
 
@@ -43,8 +42,13 @@ fn image_parts(messages: &[Value]) -> Vec<(String, String)> {
 /// Fetches, decodes and preprocesses the conversation's images, and expands each `<|image|>` the
 /// template wrote into `<|image>`, one placeholder per soft token, `<image|>` (as transformers'
 /// processor does). Returns the new prompt and the images at their positions.
-pub(super) async fn attach(state: &AppState, req: &ChatRequest, prompt: Vec<u32>) -> Result<(Vec<u32>, Vec<ImageInput>), ApiError> {
-    let parts = image_parts(&req.messages);
+pub(crate) async fn attach(
+    state: &AppState,
+    messages: &[Value],
+    mm_processor_kwargs: Option<&Value>,
+    prompt: Vec<u32>,
+) -> Result<(Vec<u32>, Vec<ImageInput>), ApiError> {
+    let parts = image_parts(messages);
     if parts.is_empty() {
         return Ok((prompt, Vec::new()));
     }
@@ -55,7 +59,7 @@ pub(super) async fn attach(state: &AppState, req: &ChatRequest, prompt: Vec<u32>
             format!("{} images in one prompt; at most {} (--limit-mm-per-prompt)", parts.len(), v.max_images),
         ));
     }
-    let kw = req.mm_processor_kwargs.as_ref();
+    let kw = mm_processor_kwargs;
     let budget = match kw.and_then(|k| k.get("max_soft_tokens").or_else(|| k.pointer("/images_kwargs/max_soft_tokens"))) {
         None => v.default_budget,
         Some(n) => match n.as_u64().map(|n| n as usize) {

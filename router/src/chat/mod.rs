@@ -6,7 +6,7 @@
 //! structured-output compilation → submission → `response` (one body) or `stream` (chunks).
 //! `tools` resolves `tool_choice`; `render` checks messages and renders the template.
 
-mod images;
+pub(crate) mod images;
 mod prepare;
 mod render;
 mod response;
@@ -35,7 +35,7 @@ pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, RawBod
 
 async fn respond(state: SharedState, body: Bytes, id: String) -> Result<Response, ApiError> {
     let prepare::Prepared { req, prompt, n, top } = prepare::prepare(&state, &body)?;
-    let (prompt, images) = images::attach(&state, &req, prompt).await?;
+    let (prompt, images) = images::attach(&state, &req.messages, req.mm_processor_kwargs.as_ref(), prompt).await?;
     let reading = prepare::output_reading(&state, &req, &prompt)?;
     let mut jobs = prepare::jobs(&state, &req, &prompt, n, top, &reading)?;
     for j in &mut jobs {
