@@ -40,6 +40,7 @@ fn cases(fx: &Value, tok: &Tokenizer) -> Vec<(String, Value, ParseOptions, bool)
                 tools: parse_tools,
                 tool_specs: if has_tools { tools.clone() } else { Vec::new() },
                 starts_in_reasoning: gemma4::prompt_ends_in_open_channel(&prompt, |t| tok.token_to_id(t)),
+                single_call: c["parallel_tool_calls"] == json!(false),
             };
             (c["name"].as_str().unwrap().to_string(), c.clone(), opts, choice == Some("required"))
         })
@@ -51,7 +52,8 @@ fn cases(fx: &Value, tok: &Tokenizer) -> Vec<(String, Value, ParseOptions, bool)
 struct Sum {
     reasoning: Option<String>,
     content: Option<String>,
-    calls: Vec<(String, String)>,
+    /// (index, name, arguments), in order of first appearance.
+    calls: Vec<(usize, String, String)>,
     kinds: Vec<&'static str>,
     ids: Vec<String>,
 }
@@ -73,22 +75,27 @@ impl Sum {
         }
         for c in &d.calls {
             kind("tool_call");
-            if c.index == self.calls.len() {
-                self.calls.push((String::new(), String::new()));
-            }
+            let slot = match self.calls.iter().position(|s| s.0 == c.index) {
+                Some(i) => i,
+                None => {
+                    assert!(self.calls.last().is_none_or(|s| s.0 < c.index), "call indices only grow");
+                    self.calls.push((c.index, String::new(), String::new()));
+                    self.calls.len() - 1
+                }
+            };
             if let Some(n) = &c.name {
-                assert!(self.calls[c.index].0.is_empty(), "a call's name is sent once");
-                self.calls[c.index].0 = n.clone();
+                assert!(self.calls[slot].1.is_empty(), "a call's name is sent once");
+                self.calls[slot].1 = n.clone();
             }
             if let Some(id) = &c.id {
                 self.ids.push(id.clone());
             }
-            self.calls[c.index].1.push_str(&c.arguments);
+            self.calls[slot].2.push_str(&c.arguments);
         }
     }
 
     fn json(&self, finish: &str) -> Value {
-        let calls: Vec<Value> = self.calls.iter().enumerate().map(|(i, (n, a))| json!({"index": i, "name": n, "arguments": a})).collect();
+        let calls: Vec<Value> = self.calls.iter().map(|(i, n, a)| json!({"index": i, "name": n, "arguments": a})).collect();
         json!({"reasoning": self.reasoning, "content": self.content, "tool_calls": calls, "kinds": self.kinds, "finish_reason": finish})
     }
 }

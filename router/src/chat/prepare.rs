@@ -68,6 +68,7 @@ pub(super) fn output_reading(state: &AppState, req: &ChatRequest, prompt: &[u32]
         tools,
         tool_specs: req.tools.clone().unwrap_or_default(),
         starts_in_reasoning: gemma4::prompt_ends_in_open_channel(prompt, |t| state.tokenizer.token_to_id(t)),
+        single_call: req.parallel_tool_calls == Some(false),
     });
     Ok(Reading { tool_choice, parse, skip_special })
 }

@@ -51,6 +51,8 @@ pub struct ParseOptions {
     pub tool_specs: Vec<Value>,
     /// The prompt ends inside an open `<|channel>` block: output starts as reasoning.
     pub starts_in_reasoning: bool,
+    /// `parallel_tool_calls: false`: only the first call is returned, as vLLM does.
+    pub single_call: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +107,12 @@ struct Call {
     /// Streaming stopped because a later parse was not an extension of what was sent.
     diverged: bool,
     name_sent: bool,
+    /// Content bytes before this call.
+    content_at: usize,
+    /// The index streamed deltas carry, when the call is returned: vLLM drops a call without a name,
+    /// and with `parallel_tool_calls: false` every call after the first. Its streamed index counts the
+    /// dropped calls before it (a client may see index 1 first), as vLLM's does.
+    out_index: Option<usize>,
 }
 
 /// `chatcmpl-tool-` ids, unique within the process.
@@ -126,10 +134,9 @@ pub struct OutputParser {
     reasoning_head: Option<String>,
     /// Trailing whitespace of the reasoning: sent only if more reasoning follows.
     reasoning_ws: String,
-    /// Trailing whitespace of the content: dropped if a tool call follows.
+    /// Trailing whitespace of the content: sent once more content or a call follows, dropped if
+    /// nothing but whitespace came since the reasoning.
     content_ws: String,
-    /// Content bytes before the first tool call (non-streaming keeps only those).
-    content_before_call: Option<usize>,
     content_len: usize,
     calls: Vec<Call>,
 }
@@ -145,7 +152,6 @@ impl OutputParser {
             reasoning_head: Some(String::new()),
             reasoning_ws: String::new(),
             content_ws: String::new(),
-            content_before_call: None,
             content_len: 0,
             calls: Vec::new(),
         }
@@ -313,9 +319,12 @@ impl OutputParser {
                 if self.state == State::Reasoning {
                     self.end_reasoning();
                 }
-                self.content_ws.clear();
-                self.content_before_call.get_or_insert(self.content_len);
-                self.calls.push(Call { id: tool_call_id(), ..Call::default() });
+                if self.content_len > 0 {
+                    self.flush_content_ws(d); // vLLM streams it; the non-streaming result trims it
+                } else {
+                    self.content_ws.clear();
+                }
+                self.calls.push(Call { id: tool_call_id(), content_at: self.content_len, ..Call::default() });
                 State::Preamble
             }
             (State::Preamble, "call:" | ":") => State::Name,
@@ -332,13 +341,16 @@ impl OutputParser {
         };
     }
 
-    /// The call's name is known: send it (with its id and empty arguments).
+    /// The call's name is known: decide whether the client gets it, and send it (with its id and
+    /// empty arguments).
     fn announce(&mut self, d: &mut Delta) {
+        let returned = self.calls.iter().filter(|c| c.out_index.is_some()).count();
         let index = self.calls.len() - 1;
         let c = &mut self.calls[index];
         c.name = c.name.trim().to_string();
         c.name_sent = true;
-        if self.opts.tools {
+        if self.opts.tools && !c.name.is_empty() && !(self.opts.single_call && returned > 0) {
+            c.out_index = Some(index);
             d.calls.push(CallDelta { index, id: Some(c.id.clone()), name: Some(c.name.clone()), arguments: String::new() });
         }
     }
@@ -363,7 +375,8 @@ impl OutputParser {
     /// Streams the part of the arguments JSON that later text cannot change.
     fn stream_args(&mut self, d: &mut Delta) {
         let index = self.calls.len() - 1;
-        if self.calls[index].diverged || !self.opts.tools || self.calls[index].raw_args.len() > MAX_STREAMED_ARGS {
+        let Some(out) = self.calls[index].out_index else { return };
+        if self.calls[index].diverged || self.calls[index].raw_args.len() > MAX_STREAMED_ARGS {
             return; // past the cap, the rest comes in one piece when the call ends
         }
         let parsed = self.typed_args(index, true);
@@ -377,7 +390,7 @@ impl OutputParser {
             if safe.starts_with(c.sent.as_str()) {
                 let more = safe[c.sent.len()..].to_string();
                 c.sent.push_str(&more);
-                push_args(d, index, &more);
+                push_args(d, out, &more);
             } else {
                 c.diverged = true;
             }
@@ -390,25 +403,32 @@ impl OutputParser {
         if !self.calls[index].name_sent {
             self.announce(d);
         }
+        let Some(out) = self.calls[index].out_index else { return };
         let json = args::dumps_fields(&self.typed_args(index, false));
         let c = &mut self.calls[index];
         let rest = json.strip_prefix(c.sent.as_str()).unwrap_or_default().to_string();
         c.sent.push_str(&rest);
-        if !rest.is_empty() && self.opts.tools {
-            push_args(d, index, &rest);
+        if !rest.is_empty() {
+            push_args(d, out, &rest);
         }
     }
 
     /// The calls so far, with their final arguments (none unless tool calls are parsed).
     pub fn tool_calls(&self) -> Vec<ToolCall> {
-        if !self.opts.tools {
-            return Vec::new();
-        }
-        self.calls.iter().map(|c| ToolCall { id: c.id.clone(), name: c.name.clone(), arguments: c.sent.clone() }).collect()
+        self.calls
+            .iter()
+            .filter(|c| c.out_index.is_some())
+            .map(|c| ToolCall { id: c.id.clone(), name: c.name.clone(), arguments: c.sent.clone() })
+            .collect()
     }
 
     pub fn has_tool_calls(&self) -> bool {
-        self.opts.tools && !self.calls.is_empty()
+        self.calls.iter().any(|c| c.out_index.is_some())
+    }
+
+    /// Content bytes before the first returned call (the non-streaming content, once trimmed).
+    fn content_before_call(&self) -> Option<usize> {
+        self.calls.iter().find(|c| c.out_index.is_some()).map(|c| c.content_at)
     }
 }
 
@@ -516,9 +536,9 @@ pub fn parse_complete(opts: ParseOptions, text: &str) -> Parsed {
     all.reasoning.push_str(&end.reasoning);
     all.content.push_str(&end.content);
     let tool_calls = p.tool_calls();
-    let content = match p.content_before_call {
-        Some(n) if !tool_calls.is_empty() => all.content[..n.min(all.content.len())].trim().to_string(),
-        _ => all.content,
+    let content = match p.content_before_call() {
+        Some(n) => all.content[..n.min(all.content.len())].trim().to_string(),
+        None => all.content,
     };
     Parsed {
         reasoning: (!all.reasoning.is_empty()).then_some(all.reasoning),
