@@ -230,7 +230,12 @@ fn grammar_constrained_requests_in_the_engine() {
     let env = GrammarEnv::from_tokenizer_json(&text, m.config.vocab_size, &[1]).unwrap();
     let tok = tokenizers::Tokenizer::from_file(common::fixtures().join("tiny-bf16").join("tokenizer.json")).unwrap();
     let engine = Engine::start(m.clone(), config(&m, 1024, 16, 8, 256)).unwrap();
-    let g = GrammarRequest { spec: GrammarSpec::Regex { regex: "[a-e]{3,6}!".into() }, after_token: None };
+    let g = GrammarRequest {
+        spec: GrammarSpec::Regex { regex: "[a-e]{3,6}!".into() },
+        after_token: None,
+        also_after: vec![],
+        start_tokens: vec![],
+    };
     let prompt = prompts(3)[2].clone();
     let params =
         SamplingParams { temperature: 1.0, seed: Some(4), max_tokens: 40, min_tokens: 30, grammar: Some(g.clone()), ..Default::default() };
@@ -277,8 +282,18 @@ fn async_scheduling_changes_no_output() {
     let text = std::fs::read_to_string(common::fixtures().join("tiny-bf16").join("tokenizer.json")).unwrap();
     let env = GrammarEnv::from_tokenizer_json(&text, m.config.vocab_size, &[1]).unwrap();
     let grammars = [
-        GrammarRequest { spec: GrammarSpec::Regex { regex: "[a-e]{3,6}!".into() }, after_token: None },
-        GrammarRequest { spec: GrammarSpec::Choice { choices: vec!["yes".into(), "no".into()] }, after_token: Some(prompts(1)[0][0]) },
+        GrammarRequest {
+            spec: GrammarSpec::Regex { regex: "[a-e]{3,6}!".into() },
+            after_token: None,
+            also_after: vec![],
+            start_tokens: vec![],
+        },
+        GrammarRequest {
+            spec: GrammarSpec::Choice { choices: vec!["yes".into(), "no".into()] },
+            after_token: Some(prompts(1)[0][0]),
+            also_after: vec![],
+            start_tokens: vec![],
+        },
     ];
     let run = |async_scheduling: bool| {
         let mut c = config(&m, 1024, 16, 8, 256);

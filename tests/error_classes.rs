@@ -41,7 +41,8 @@ async fn a_grammar_refused_by_an_attention_worker_is_a_400_at_the_router() {
     let pool = AttentionPool::new(Policy::LeastOutstanding, 512, 128);
     pool.set_workers(&[("attention-0".into(), addr)]);
     tokio::spawn(pool.clone().health_checks(Duration::from_millis(50)));
-    let grammar = GrammarRequest { spec: GrammarSpec::Regex { regex: "[ab]+".into() }, after_token: None };
+    let grammar =
+        GrammarRequest { spec: GrammarSpec::Regex { regex: "[ab]+".into() }, after_token: None, also_after: vec![], start_tokens: vec![] };
     let params = SamplingParams { temperature: 0.0, max_tokens: 4, grammar: Some(grammar), ..Default::default() };
     // The router would compile the grammar itself first; this request reaches the worker without a
     // compiled constraint, and the worker, which cannot compile it, refuses it.

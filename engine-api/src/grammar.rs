@@ -36,6 +36,14 @@ pub struct GrammarRequest {
     /// when the prompt leaves the model thinking), as vLLM starts it after reasoning ends.
     #[serde(default)]
     pub after_token: Option<u32>,
+    /// More tokens that end the wait the same way (`<|tool_call>`: vLLM judges reasoning ended at a
+    /// call written straight out of the channel, too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_after: Vec<u32>,
+    /// Tokens that end the wait and are the grammar's first token (`<|tool_call>` for a grammar that
+    /// forces a call: the call began as the reasoning ended).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub start_tokens: Vec<u32>,
 }
 
 /// A grammar failed while decoding (the client's grammar's fault).

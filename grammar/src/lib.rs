@@ -135,7 +135,13 @@ impl GrammarEnv {
         if let Some(e) = matcher.get_error() {
             return Err(brief(&e));
         }
-        Ok(Constraint { matcher, waiting_for: req.after_token, prepared: None })
+        Ok(Constraint {
+            matcher,
+            waiting_for: req.after_token,
+            also_after: req.also_after.clone(),
+            start_tokens: req.start_tokens.clone(),
+            prepared: None,
+        })
     }
 }
 
@@ -206,6 +212,8 @@ impl GrammarEnv {
 pub struct Constraint {
     matcher: Matcher,
     waiting_for: Option<u32>,
+    also_after: Vec<u32>,
+    start_tokens: Vec<u32>,
     /// The allowed set for the current state, computed ahead by [`TokenConstraint::prepare`].
     prepared: Option<Result<SimpleVob, String>>,
 }
@@ -219,7 +227,13 @@ impl std::fmt::Debug for Constraint {
 /// An independent copy in the same state (one per choice of an `n > 1` request).
 impl Clone for Constraint {
     fn clone(&self) -> Constraint {
-        Constraint { matcher: self.matcher.deep_clone(), waiting_for: self.waiting_for, prepared: self.prepared.clone() }
+        Constraint {
+            matcher: self.matcher.deep_clone(),
+            waiting_for: self.waiting_for,
+            also_after: self.also_after.clone(),
+            start_tokens: self.start_tokens.clone(),
+            prepared: self.prepared.clone(),
+        }
     }
 }
 
@@ -250,10 +264,14 @@ impl TokenConstraint for Constraint {
     fn accept(&mut self, token: u32) -> Result<(), ConstraintError> {
         self.prepared = None;
         if let Some(t) = self.waiting_for {
-            if t == token {
+            if t == token || self.also_after.contains(&token) {
                 self.waiting_for = None;
+                return Ok(());
             }
-            return Ok(());
+            if !self.start_tokens.contains(&token) {
+                return Ok(());
+            }
+            self.waiting_for = None; // and the token is the grammar's first
         }
         if self.matcher.is_stopped() {
             return Ok(()); // the end-of-sequence token that closes the output

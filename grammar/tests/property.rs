@@ -107,7 +107,7 @@ fn valid(v: &Value, s: &Value) -> bool {
 
 /// Decodes with uniformly random choices among the allowed tokens until an end token.
 fn random_decode(env: &GrammarEnv, tok: &tokenizers::Tokenizer, spec: GrammarSpec, rng: &mut ChaCha8Rng) -> String {
-    let mut c = env.compile(&GrammarRequest { spec, after_token: None }).unwrap();
+    let mut c = env.compile(&GrammarRequest { spec, after_token: None, also_after: vec![], start_tokens: vec![] }).unwrap();
     let mut out = Vec::new();
     for _ in 0..600 {
         let mut logits = vec![0f32; 512];
@@ -184,7 +184,7 @@ fn bad_grammars_are_errors() {
         GrammarSpec::Choice { choices: vec![] },
     ];
     for spec in bad {
-        let r = env.compile(&GrammarRequest { spec: spec.clone(), after_token: None });
+        let r = env.compile(&GrammarRequest { spec: spec.clone(), after_token: None, also_after: vec![], start_tokens: vec![] });
         assert!(r.is_err(), "{spec:?} compiled");
     }
 }
@@ -192,7 +192,14 @@ fn bad_grammars_are_errors() {
 #[test]
 fn a_constraint_can_wait_for_the_end_of_reasoning() {
     let (env, tok) = env();
-    let mut c = env.compile(&GrammarRequest { spec: GrammarSpec::Regex { regex: "ok".into() }, after_token: Some(101) }).unwrap();
+    let mut c = env
+        .compile(&GrammarRequest {
+            spec: GrammarSpec::Regex { regex: "ok".into() },
+            after_token: Some(101),
+            also_after: vec![],
+            start_tokens: vec![],
+        })
+        .unwrap();
     // Anything goes until `<channel|>` (101) ...
     let mut logits = vec![0f32; 512];
     c.mask(&mut logits).unwrap();
@@ -207,4 +214,42 @@ fn a_constraint_can_wait_for_the_end_of_reasoning() {
     let allowed: Vec<u32> = (0..512u32).filter(|&i| logits[i as usize].is_finite()).collect();
     assert!(!allowed.is_empty());
     assert!(allowed.iter().all(|&t| tok.decode(&[t], false).unwrap().starts_with('o')), "{allowed:?}");
+}
+
+/// vLLM also judges reasoning ended at a call opened straight out of the channel: `also_after` ends
+/// the wait like `after_token`, and a `start_tokens` token ends it and is the grammar's first token.
+#[test]
+fn a_call_opened_in_the_channel_ends_the_wait() {
+    let (env, tok) = env();
+    let call = tok.token_to_id("<|tool_call>").expect("the call opener");
+    let think = tok.encode("thinking", false).unwrap().get_ids().to_vec();
+    // A structured output starts after the opener.
+    let after = GrammarRequest {
+        spec: GrammarSpec::Regex { regex: "ok".into() },
+        after_token: Some(101),
+        also_after: vec![call],
+        start_tokens: vec![],
+    };
+    let mut c = env.compile(&after).unwrap();
+    think.iter().for_each(|&t| c.accept(t).unwrap());
+    c.accept(call).unwrap();
+    assert!(!c.is_waiting());
+    let ok = tok.encode("ok", false).unwrap().get_ids().to_vec();
+    ok.iter().for_each(|&t| c.accept(t).unwrap());
+    assert!(c.is_complete());
+    // A forced call's grammar starts with it.
+    let lark = format!("start: <[{call}]> \"x\"");
+    let forced =
+        GrammarRequest { spec: GrammarSpec::Lark { grammar: lark }, after_token: Some(101), also_after: vec![], start_tokens: vec![call] };
+    let mut c = env.compile(&forced).unwrap();
+    think.iter().for_each(|&t| c.accept(t).unwrap());
+    c.accept(call).unwrap();
+    assert!(!c.is_waiting());
+    let x = tok.encode("x", false).unwrap().get_ids().to_vec();
+    x.iter().for_each(|&t| c.accept(t).unwrap());
+    assert!(c.is_complete());
+    // After `<channel|>` instead, the opener must still come.
+    let mut c = env.compile(&forced).unwrap();
+    c.accept(101).unwrap();
+    assert!(c.accept(x[0]).is_err(), "the grammar wants its opener first");
 }

@@ -196,7 +196,12 @@ mod tests {
             stop_token_ids: vec![9],
             logprobs: Some(2),
             prompt_logprobs: Some(0),
-            grammar: Some(GrammarRequest { spec: GrammarSpec::Regex { regex: "a+".into() }, after_token: Some(7) }),
+            grammar: Some(GrammarRequest {
+                spec: GrammarSpec::Regex { regex: "a+".into() },
+                after_token: Some(7),
+                also_after: vec![],
+                start_tokens: vec![],
+            }),
             ..Default::default()
         };
         assert_eq!(SamplingParams::try_from(&v1::SamplingParams::from(&p)).unwrap(), p);

@@ -106,8 +106,11 @@ fn call_tokens(state: &AppState) -> Option<CallTokens> {
 
 /// `tool_choice: "required"` (any of the tools, one call or, with `parallel_tool_calls`, several) or
 /// a named function (exactly one call to it), as a Lark grammar of Gemma 4's call syntax:
-/// `<|tool_call>call:NAME{key:value,...}<tool_call|>`, keys from the tool's `properties` (any
-/// identifier when it lists none), strings quoted with `<|"|>`, nested objects and lists.
+/// `<|tool_call>call:NAME{key:value,...}<tool_call|>`, strings quoted with `<|"|>`. The arguments
+/// follow the tool's JSON schema: its properties in the order the chat template writes them
+/// (sorted), the `required` ones present, each value of its declared type (string, integer, number,
+/// boolean, null, an `enum`, arrays of typed items, objects with typed properties, `anyOf` of
+/// these); a parameter without a type takes any value, a tool without properties any keys.
 pub fn forced_call(state: &AppState, choice: &ToolChoice, tools: &[Value], parallel: bool) -> Result<Option<GrammarSpec>, ApiError> {
     let chosen: Vec<&Value> = match choice {
         ToolChoice::None | ToolChoice::Auto => return Ok(None),
@@ -115,43 +118,165 @@ pub fn forced_call(state: &AppState, choice: &ToolChoice, tools: &[Value], paral
         ToolChoice::Required => tools.iter().collect(),
     };
     let t = call_tokens(state).ok_or_else(|| ApiError::invalid("tool_choice", "this model's vocabulary has no tool-call tokens"))?;
-    let lit = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let mut rules = Vec::new();
+    let repeat = parallel && matches!(choice, ToolChoice::Required);
+    Ok(Some(GrammarSpec::Lark { grammar: call_grammar(&chosen, repeat, t.call_start, t.call_end, t.quote) }))
+}
+
+/// The grammar of [`forced_call`], from the chosen tools and the call tokens' ids.
+pub fn call_grammar(tools: &[&Value], repeat: bool, call_start: u32, call_end: u32, quote: u32) -> String {
+    let mut g = CallGrammar { rules: Vec::new(), next: 0, quote };
     let mut alternatives = Vec::new();
-    for (i, tool) in chosen.iter().enumerate() {
+    for tool in tools {
         let name = tool.pointer("/function/name").and_then(Value::as_str).unwrap_or_default();
-        let keys: Vec<String> = tool
-            .pointer("/function/parameters/properties")
-            .and_then(Value::as_object)
-            .map(|p| p.keys().map(|k| lit(k)).collect())
-            .unwrap_or_default();
-        let key = if keys.is_empty() { "KEY".to_string() } else { format!("({})", keys.join(" | ")) };
-        rules.push(format!("tool{i}: {} \"{{\" (arg{i} (\",\" arg{i})*)? \"}}\"", lit(name)));
-        rules.push(format!("arg{i}: {key} \":\" value"));
-        alternatives.push(format!("tool{i}"));
+        let args = match tool.pointer("/function/parameters") {
+            Some(p) if p.get("properties").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) => g.object(p, 0),
+            _ => "object".to_string(),
+        };
+        alternatives.push(format!("{} {args}", lark_str(name)));
     }
-    let repeat = if parallel && matches!(choice, ToolChoice::Required) { "+" } else { "" };
-    let grammar = format!(
+    format!(
         r#"start: call{repeat}
-call: <[{cs}]> "call:" ({tools}) <[{ce}]>
+call: <[{call_start}]> "call:" ({tools}) <[{call_end}]>
 {rules}
 fields: field ("," field)*
 field: KEY ":" value
 value: string | object | array | SCALAR
 object: "{{" fields? "}}"
 array: "[" (value ("," value)*)? "]"
-string: <[{q}]> TEXT? <[{q}]>
+string: <[{quote}]> TEXT? <[{quote}]>
 KEY: /[A-Za-z_][A-Za-z0-9_]{{0,63}}/
 SCALAR: /-?[0-9]{{1,18}}(\.[0-9]{{1,18}})?([eE][-+]?[0-9]{{1,3}})?|true|false|null/
+INT: /-?[0-9]{{1,18}}/
+NUMBER: /-?[0-9]{{1,18}}(\.[0-9]{{1,18}})?([eE][-+]?[0-9]{{1,3}})?/
 TEXT: /[^\x00]+/
 "#,
-        cs = t.call_start,
-        ce = t.call_end,
-        q = t.quote,
+        repeat = if repeat { "+" } else { "" },
         tools = alternatives.join(" | "),
-        rules = rules.join("\n"),
-    );
-    Ok(Some(GrammarSpec::Lark { grammar }))
+        rules = g.rules.join("\n"),
+    )
+}
+
+/// A Lark string literal (JSON's quoting is Lark's).
+fn lark_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// Rules for typed values, numbered as they are made.
+struct CallGrammar {
+    rules: Vec<String>,
+    next: usize,
+    quote: u32,
+}
+
+/// Nesting deeper than this takes any value.
+const MAX_SCHEMA_DEPTH: usize = 6;
+
+impl CallGrammar {
+    fn rule(&mut self, body: String) -> String {
+        let name = format!("typed{}", self.next);
+        self.next += 1;
+        self.rules.push(format!("{name}: {body}"));
+        name
+    }
+
+    /// An expression for a value of `schema`.
+    fn value(&mut self, schema: &Value, depth: usize) -> String {
+        if depth > MAX_SCHEMA_DEPTH {
+            return "value".into();
+        }
+        let mut alts: Vec<String> = Vec::new();
+        if let Some(options) =
+            schema.get("enum").and_then(Value::as_array).map(Vec::as_slice).or_else(|| schema.get("const").map(std::slice::from_ref))
+        {
+            alts.extend(options.iter().map(|v| self.literal(v)));
+        } else if let Some(any) = schema.get("anyOf").or_else(|| schema.get("oneOf")).and_then(Value::as_array) {
+            alts.extend(any.iter().map(|s| self.value(s, depth + 1)));
+        } else {
+            let types: Vec<&str> = match schema.get("type") {
+                Some(Value::String(t)) => vec![t.as_str()],
+                Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            if types.is_empty() {
+                return "value".into();
+            }
+            for t in types {
+                alts.push(match t {
+                    "string" => "string".into(),
+                    "integer" => "INT".into(),
+                    "number" => "NUMBER".into(),
+                    "boolean" => r#"("true" | "false")"#.into(),
+                    "null" => r#""null""#.into(),
+                    "array" => {
+                        let item = match schema.get("items") {
+                            Some(items) if items.is_object() => self.value(items, depth + 1),
+                            _ => "value".into(),
+                        };
+                        format!(r#"("[" ({item} ("," {item})*)? "]")"#)
+                    }
+                    "object" if schema.get("properties").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) => {
+                        self.object(schema, depth + 1)
+                    }
+                    "object" => "object".into(),
+                    _ => "value".into(),
+                });
+            }
+        }
+        if schema.get("nullable").and_then(Value::as_bool) == Some(true) {
+            alts.push(r#""null""#.into());
+        }
+        if alts.len() == 1 { alts.remove(0) } else { format!("({})", alts.join(" | ")) }
+    }
+
+    /// A literal value as the model writes it: strings in `<|"|>` quotes (the quote is the rule
+    /// `string`'s delimiter, so a literal string is its own rule), the rest bare.
+    fn literal(&mut self, v: &Value) -> String {
+        match v {
+            Value::String(s) => {
+                let q = self.quote;
+                self.rule(format!("<[{q}]> {} <[{q}]>", lark_str(s)))
+            }
+            other => lark_str(&other.to_string()),
+        }
+    }
+
+    /// `{key:value,...}` for an object schema with properties: sorted keys, each optional unless
+    /// `required`, commas only between the keys present.
+    fn object(&mut self, schema: &Value, depth: usize) -> String {
+        let props = schema.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
+        let required: Vec<&str> =
+            schema.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let mut keys: Vec<&String> = props.keys().collect();
+        keys.sort();
+        let items: Vec<(String, bool)> = keys
+            .iter()
+            .map(|k| {
+                let v = self.value(&props[k.as_str()], depth + 1);
+                (format!("{} \":\" {v}", lark_str(k)), required.contains(&k.as_str()))
+            })
+            .collect();
+        // rest[k]: the items from k on, each after a comma; first[k]: the same with no comma before
+        // the first one present.
+        let n = items.len();
+        let mut rest = vec![String::new(); n + 1];
+        let mut first = vec![String::new(); n + 1];
+        for k in (0..n).rev() {
+            let (item, req) = &items[k];
+            let tail = rest[k + 1].clone();
+            rest[k] = if *req { format!("\",\" {item} {tail}") } else { format!("(\",\" {item})? {tail}") };
+            rest[k] = self.rule(rest[k].trim().to_string());
+            let own = format!("{item} {tail}");
+            first[k] = if *req {
+                own
+            } else if first[k + 1].is_empty() {
+                format!("({own})?")
+            } else {
+                format!("({own} | {})", first[k + 1])
+            };
+            first[k] = self.rule(first[k].trim().to_string());
+        }
+        format!("(\"{{\" {} \"}}\")", first[0])
+    }
 }
 
 /// Compiles each job's grammar (once per distinct grammar) under [`COMPILE_TIMEOUT`]; any failure is

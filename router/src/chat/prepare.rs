@@ -112,19 +112,24 @@ fn grammar(state: &AppState, req: &ChatRequest, prompt: &[u32], reading: &Readin
     let asked = crate::structured::requested(req.common.response_format.as_ref(), req.common.structured_outputs.as_ref())?;
     let tools = req.tools.as_deref().unwrap_or(&[]);
     let forced = crate::structured::forced_call(state, &reading.tool_choice, tools, req.parallel_tool_calls.unwrap_or(true))?;
-    let spec = match (asked, forced) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid("tool_choice", "a required or named tool_choice cannot be combined with a structured output"));
-        }
-        (a, f) => match a.or(f) {
-            Some(s) => s,
-            None => return Ok(None),
-        },
-    };
+    // A forced call wins over a structured output, as vLLM decides ("structured outputs are ignored
+    // because tool_choice forces tool call").
+    let forcing = forced.is_some();
+    if forcing && asked.is_some() {
+        tracing::warn!("the structured output is ignored: tool_choice forces a tool call");
+    }
+    let Some(spec) = forced.or(asked) else { return Ok(None) };
     let id = |t: &str| state.tokenizer.token_to_id(t);
     let enable_thinking =
         req.chat_template_kwargs.as_ref().and_then(|k| k.get("enable_thinking")).and_then(Value::as_bool).unwrap_or(false);
     let thinking = state.config.parsers.reasoning && !gemma4::prompt_reasoning_ended(prompt, enable_thinking, id);
-    let after_token = if thinking { id(gemma4::CHANNEL_END) } else { None };
-    Ok(Some(GrammarRequest { spec, after_token }))
+    if !thinking {
+        return Ok(Some(GrammarRequest { spec, after_token: None, also_after: vec![], start_tokens: vec![] }));
+    }
+    // Reasoning ends at `<channel|>`, or (vLLM's per-step judgement) at a call opened straight out of
+    // the channel: a forced call's grammar then starts with that `<|tool_call>`, a structured output
+    // after it.
+    let call = id(gemma4::TOOL_CALL_START).into_iter().collect::<Vec<u32>>();
+    let (also_after, start_tokens) = if forcing { (vec![], call) } else { (call, vec![]) };
+    Ok(Some(GrammarRequest { spec, after_token: id(gemma4::CHANNEL_END), also_after, start_tokens }))
 }

@@ -40,7 +40,7 @@ pub(super) fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, Api
     let lim = Limits { vocab_size: state.config.vocab_size, max_model_len: state.config.max_model_len, defaults: &state.config.defaults };
     let mut base = params::sampling(&req.common, &lim)?;
     base.grammar = crate::structured::requested(req.common.response_format.as_ref(), req.common.structured_outputs.as_ref())?
-        .map(|spec| GrammarRequest { spec, after_token: None });
+        .map(|spec| GrammarRequest { spec, after_token: None, also_after: vec![], start_tokens: vec![] });
     let stops = params::stop_strings(&req.common)?;
     let mut jobs = Vec::with_capacity(prompts.len() * n);
     for (ids, _) in &prompts {
