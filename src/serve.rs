@@ -422,6 +422,7 @@ pub fn front_state(
         metrics,
         shutting_down: AtomicBool::new(false),
         created: switchyard_router::server::now_secs(),
+        responses: Default::default(),
     }))
 }
 

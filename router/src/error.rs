@@ -64,6 +64,14 @@ impl ApiError {
         }
     }
 
+    /// 404 for a Responses API id this server does not hold (never stored, or evicted).
+    pub fn response_not_found(param: &str, id: &str) -> ApiError {
+        ApiError {
+            param: Some(param.into()),
+            ..Self::new(StatusCode::NOT_FOUND, ApiErrorKind::InvalidRequest, format!("Response with id '{id}' not found."))
+        }
+    }
+
     pub fn unauthorized() -> ApiError {
         ApiError {
             code: Some("invalid_api_key"),

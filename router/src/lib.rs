@@ -14,6 +14,7 @@ pub mod params;
 pub mod preprocess;
 pub mod protocol;
 pub mod response;
+pub mod responses;
 pub mod server;
 pub mod special_text;
 pub mod structured;

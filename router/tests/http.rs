@@ -146,6 +146,7 @@ fn server_built(fake: Fake, api_key: Option<&str>, parsers: Parsers, cors: switc
         metrics: None,
         shutting_down: AtomicBool::new(false),
         created: 1_700_000_000,
+        responses: Default::default(),
     }))
 }
 

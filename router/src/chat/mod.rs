@@ -9,7 +9,7 @@
 pub(crate) mod images;
 mod prepare;
 mod render;
-mod response;
+pub(crate) mod response;
 mod stream;
 mod tools;
 
@@ -34,7 +34,26 @@ pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, RawBod
 }
 
 async fn respond(state: SharedState, body: Bytes, id: String) -> Result<Response, ApiError> {
-    let prepare::Prepared { req, prompt, n, top } = prepare::prepare(&state, &body)?;
+    let Started { answer, rx, req } = start(state, &body, id).await?;
+    if req.common.stream {
+        Ok(stream::stream(answer, rx, req.common.stream_options.is_some_and(|o| o.include_usage)))
+    } else {
+        let choices = crate::response::collect(rx, answer.n).await?;
+        Ok(Json(answer.completion(choices)).into_response())
+    }
+}
+
+/// A chat request on its way: how to answer it, its choices' updates, and the request.
+pub(crate) struct Started {
+    pub answer: response::Answer,
+    pub rx: tokio::sync::mpsc::UnboundedReceiver<crate::choice::Update>,
+    pub req: crate::protocol::ChatRequest,
+}
+
+/// Everything up to submission: parse, render, images, output reading, jobs, grammars, submit. The
+/// Responses API enters here with the chat body it builds.
+pub(crate) async fn start(state: SharedState, body: &Bytes, id: String) -> Result<Started, ApiError> {
+    let prepare::Prepared { req, prompt, n, top } = prepare::prepare(&state, body)?;
     let (prompt, images) = images::attach(&state, &req.messages, req.mm_processor_kwargs.as_ref(), prompt).await?;
     let reading = prepare::output_reading(&state, &req, &prompt)?;
     let mut jobs = prepare::jobs(&state, &req, &prompt, n, top, &reading)?;
@@ -54,10 +73,5 @@ async fn respond(state: SharedState, body: Bytes, id: String) -> Result<Response
         parse: reading.parse,
         required: matches!(reading.tool_choice, ToolChoice::Required),
     };
-    if req.common.stream {
-        Ok(stream::stream(answer, rx, req.common.stream_options.is_some_and(|o| o.include_usage)))
-    } else {
-        let choices = crate::response::collect(rx, n).await?;
-        Ok(Json(answer.completion(choices)).into_response())
-    }
+    Ok(Started { answer, rx, req })
 }

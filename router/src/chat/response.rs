@@ -89,7 +89,7 @@ pub struct TopLogprob {
 }
 
 /// What answering a chat request needs besides its updates.
-pub(super) struct Answer {
+pub(crate) struct Answer {
     pub state: SharedState,
     pub id: String,
     pub created: u64,
@@ -146,7 +146,7 @@ impl Answer {
     }
 
     /// A choice's message, parsed when a parser runs, and its finish reason.
-    fn message(&self, c: &ChoiceResult) -> (ChatMessage, &'static str) {
+    pub(crate) fn message(&self, c: &ChoiceResult) -> (ChatMessage, &'static str) {
         let Some(opts) = &self.parse else {
             let message = ChatMessage {
                 role: "assistant",

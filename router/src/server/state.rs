@@ -91,6 +91,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub shutting_down: AtomicBool,
     pub created: u64,
+    /// Answered Responses API responses, for `previous_response_id` and retrieval.
+    pub responses: crate::responses::ResponseStore,
 }
 
 pub type SharedState = Arc<AppState>;
