@@ -8,6 +8,7 @@ pub mod completions;
 pub mod detokenize;
 pub mod error;
 pub mod gemma4;
+pub mod jpeg;
 pub mod media;
 pub mod metrics;
 pub mod params;

@@ -213,7 +213,8 @@ pub fn decode(bytes: &[u8], max_pixels: u64, param: &str) -> Result<RgbImage, Ap
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| refuse(param, format!("unreadable image: {e}")))?;
-    if reader.format().is_none() {
+    let format = reader.format();
+    if format.is_none() {
         return Err(refuse(param, "unsupported image format (use PNG, JPEG, WebP or GIF)"));
     }
     let (w, h) = reader.into_dimensions().map_err(|e| refuse(param, format!("unreadable image: {e}")))?;
@@ -222,6 +223,12 @@ pub fn decode(bytes: &[u8], max_pixels: u64, param: &str) -> Result<RgbImage, Ap
     }
     if w.max(h) > MAX_SIDE || w as u64 * h as u64 > max_pixels {
         return Err(refuse(param, format!("the image is {w}x{h}; at most {max_pixels} pixels are accepted")));
+    }
+    if format == Some(image::ImageFormat::Jpeg)
+        && let Some(decoded) = crate::jpeg::decode_rgb(bytes)
+    {
+        let (w, h, rgb) = decoded.map_err(|e| refuse(param, format!("could not decode the image: {e}")))?;
+        return RgbImage::from_raw(w, h, rgb).ok_or_else(|| refuse(param, "could not decode the image"));
     }
     let mut reader =
         image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| refuse(param, e.to_string()))?;

@@ -45,12 +45,9 @@ def png(width, height, rgb: bytes) -> bytes:
 
 def image_bytes(name):
     meta = {i["name"]: i for i in json.loads((VISION / "processor.json").read_text())["images"]}[name]
-    if meta["format"] == "JPEG":
-        # JPEG decoders differ in their last bits (ours is within a few levels of libjpeg-turbo:
-        # router/tests/vision_preprocess.rs); send the pixels transformers saw, losslessly.
-        (h, w, _), rgb = safetensor(f"{name}_rgb")
-        return "image/png", png(w, h, rgb)
-    kind = {"PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}[meta["format"]]
+    # JPEGs too are sent as they are: the server decodes them with libjpeg-turbo, as Pillow does
+    # (router/tests/jpeg.rs), so transformers' pixels come out.
+    kind = {"PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp", "JPEG": "image/jpeg"}[meta["format"]]
     return kind, (VISION / "images" / meta["file"]).read_bytes()
 
 
