@@ -30,7 +30,7 @@ pub fn attend<'a, E: KvElem>(
         crate::Isa::Avx512 | crate::Isa::Avx512Bf16 => return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) },
         // SAFETY: the chosen path guarantees the CPU has AVX2.
         crate::Isa::Avx2 => return unsafe { attend_avx2(q, n, key, value, scale, dt, scores, out) },
-        crate::Isa::Portable => {}
+        crate::Isa::Portable | crate::Isa::Neon => {}
     }
     attend_body(q, n, key, value, scale, dt, scores, out)
 }

@@ -5,6 +5,7 @@
 //! | `avx512bf16` | AVX-512F/BW + AVX512-BF16 | `vdpbf16ps` | 512-bit FMA, loops vectorised for AVX-512 |
 //! | `avx512` | AVX-512F/BW | the pair-order kernel on AVX2 + FMA | 512-bit FMA, loops vectorised for AVX-512 |
 //! | `avx2` | AVX2 + FMA + F16C (x86-64-v3) | the pair-order kernel on AVX2 + FMA | 256-bit FMA in the 16-lane order of the 512-bit kernels, loops vectorised for AVX2 |
+//! | `neon` | aarch64 (NEON is baseline) | the pair-order kernel on 128-bit FMA | 128-bit FMA in the same 16-lane order; elementwise loops as the compiler vectorises them |
 //! | `portable` | nothing | the pair-order sum, one scalar at a time | scalar, 16 lanes, no FMA |
 //!
 //! The best path the CPU supports is taken unless `SWITCHYARD_KERNELS` names another (one the CPU
@@ -15,7 +16,7 @@
 //! Numerics: bf16 weights with bf16 activations give bit-identical results on every path (each output
 //! is summed over k-pairs in order, as `vdpbf16ps` and oneDNN's bf16 GEMM do). Elementwise passes give
 //! the same results on every path (no contraction to FMA, lane-wise rounding). f32 and f16 weights give
-//! the same results on `avx512bf16`, `avx512` and `avx2` (FMA over the same 16 lanes, the same
+//! the same results on `avx512bf16`, `avx512`, `avx2` and `neon` (FMA over the same 16 lanes, the same
 //! reduction tree); `portable` rounds each product before adding it.
 
 use std::sync::OnceLock;
@@ -23,17 +24,19 @@ use std::sync::OnceLock;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     Portable,
+    Neon,
     Avx2,
     Avx512,
     Avx512Bf16,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 5] = [Isa::Portable, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
+            Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
@@ -52,12 +55,17 @@ impl Isa {
             let v3 = has!("avx2") && has!("fma") && has!("f16c");
             match self {
                 Isa::Portable => true,
+                Isa::Neon => false,
                 Isa::Avx2 => v3,
                 Isa::Avx512 => v3 && has!("avx512f") && has!("avx512bw"),
                 Isa::Avx512Bf16 => v3 && has!("avx512f") && has!("avx512bw") && has!("avx512bf16"),
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            matches!(self, Isa::Portable | Isa::Neon)
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             self == Isa::Portable
         }
@@ -95,7 +103,7 @@ fn choose() -> Result<Isa, String> {
         Some(i) if i.is_supported() => Ok(i),
         Some(i) => Err(format!("SWITCHYARD_KERNELS={i}: this CPU does not support that path (it offers: {offered})")),
         None => Err(format!(
-            "SWITCHYARD_KERNELS={v}: not a kernel path (one of portable, avx2, avx512, avx512bf16; this CPU offers: {offered})"
+            "SWITCHYARD_KERNELS={v}: not a kernel path (one of portable, neon, avx2, avx512, avx512bf16; this CPU offers: {offered})"
         )),
     }
 }

@@ -18,6 +18,9 @@
 //! Weight rows are split across threads; rows of `x` are never split.
 
 use crate::dtype::{DType, f32_to_bf16_bits};
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 use crate::isa::{Isa, isa};
 use crate::pool;
 
@@ -170,8 +173,15 @@ fn block_rows(m: usize, n: usize) -> usize {
 
 /// Activations in the layout a kernel wants: bf16 bits or f32, `k` padded with zeros to a multiple of 32.
 enum Packed {
-    Bf16 { data: Vec<u16>, stride: usize },
-    F32 { data: Vec<f32>, stride: usize },
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the VNNI kernel takes bf16 activations
+    Bf16 {
+        data: Vec<u16>,
+        stride: usize,
+    },
+    F32 {
+        data: Vec<f32>,
+        stride: usize,
+    },
 }
 
 fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
@@ -223,6 +233,9 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the path guarantees AVX2 + FMA; columns [n0, n1) of the m output rows are this task's.
             Isa::Avx2 | Isa::Avx512 => unsafe { block_pairs_avx2(data, *stride, m, w, n0, n1, out, ostride) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is baseline on aarch64; columns [n0, n1) of the m output rows are this task's.
+            Isa::Neon => unsafe { neon::block_pairs(data, *stride, m, w, n0, n1, out, ostride) },
             _ => {
                 for r in 0..m {
                     let x = &data[r * stride..r * stride + w.cols];
@@ -243,7 +256,7 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
     }
     while r0 < m {
         // 256-bit tiles keep two registers per 16-lane accumulator: at most 2 x 2 of them fit.
-        let mr = (m - r0).min(if kernel == Isa::Avx2 { 2 } else { MR });
+        let mr = (m - r0).min(if matches!(kernel, Isa::Avx2 | Isa::Neon) { 2 } else { MR });
         let mut c0 = n0;
         while c0 < n1 {
             let nr = (n1 - c0).min(nr_max);
@@ -264,6 +277,7 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 macro_rules! dispatch_tile {
     ($f:ident, $mr:expr, $nr:expr, $($arg:expr),*) => {
         match ($mr, $nr) {
@@ -310,6 +324,11 @@ unsafe fn tile(kernel: Isa, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0
                 DType::F16 => dispatch_tile!(tile_fma8_f16, mr, nr, x, *stride, wp, k, out, ostride),
                 DType::F32 => dispatch_tile!(tile_fma8_f32, mr, nr, x, *stride, wp, k, out, ostride),
             }
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is baseline on aarch64; x rows are zero-padded to `stride`, weight rows hold k elements, the tile is inside the output.
+        (Isa::Neon, Packed::F32 { data, stride }) => unsafe {
+            neon::tile(w.dtype, mr, nr, data.as_ptr().add(r0 * stride), *stride, wp, k, out, ostride)
         },
         (_, Packed::F32 { data, stride }) => {
             for r in 0..mr {

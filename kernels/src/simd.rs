@@ -6,6 +6,7 @@
 //! is. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise
 //! f32/f64 arithmetic rounds the same at any vector width.
 
+#[cfg(target_arch = "x86_64")]
 use crate::isa::{Isa, isa};
 
 /// Runs `f`, vectorised for the chosen path.
@@ -22,7 +23,7 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
             // SAFETY: as above.
             return unsafe { run_avx2(f) };
         }
-        Isa::Portable => {}
+        Isa::Portable | Isa::Neon => {}
     }
     f()
 }
