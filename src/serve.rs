@@ -140,8 +140,8 @@ pub struct FrontArgs {
     /// Lets the model decide when to call tools (`tool_choice: "auto"`); needs --tool-call-parser.
     #[arg(long, env = "SWITCHYARD_ENABLE_AUTO_TOOL_CHOICE")]
     pub enable_auto_tool_choice: bool,
-    /// Most items per prompt by modality: `image=N,video=N` or vLLM's JSON form `{"image": N}`. This
-    /// model has no audio encoder, so `audio` may only be 0.
+    /// Most items per prompt by modality: `image=N,video=N` (defaults 8 and 1) or vLLM's JSON form
+    /// `{"image": N}`. This model has no audio encoder, so `audio` may only be 0.
     #[arg(long, default_value = "image=8", env = "SWITCHYARD_LIMIT_MM_PER_PROMPT")]
     pub limit_mm_per_prompt: String,
     /// Default image processing, as JSON: `{"max_soft_tokens": 70|140|280|560|1120}` (default: the model's).
@@ -383,7 +383,7 @@ pub fn front_state(
     metrics: Option<switchyard_router::metrics::PrometheusHandle>,
 ) -> Result<Arc<AppState>> {
     let name = args.served_model_name.first().cloned().unwrap_or_else(|| model_arg.to_string());
-    parse_image_limit(&args.limit_mm_per_prompt)?; // refused even for a checkpoint without images
+    parse_mm_limits(&args.limit_mm_per_prompt)?; // refused even for a checkpoint without images
     let tokenizer = dir.tokenizer()?;
     let mut literal = tokenizer.clone();
     literal.set_encode_special_tokens(true);
@@ -431,7 +431,7 @@ fn vision_front(args: &FrontArgs, dir: &ModelDir, c: &ModelConfig) -> Result<Opt
     let (Some(image_token), Some(boi_token), Some(eoi_token)) = (c.image_token_id, c.boi_token_id, c.eoi_token_id) else {
         bail!("config.json has a vision_config but not image_token_id, boi_token_id and eoi_token_id");
     };
-    let max_images = parse_image_limit(&args.limit_mm_per_prompt)?;
+    let limits = parse_mm_limits(&args.limit_mm_per_prompt)?;
     let default_budget = match &args.mm_processor_kwargs {
         None => vc.default_soft_tokens,
         Some(j) => {
@@ -457,15 +457,24 @@ fn vision_front(args: &FrontArgs, dir: &ModelDir, c: &ModelConfig) -> Result<Opt
         eoi_token,
         default_budget,
         max_grid_side: vc.position_embedding_size,
-        max_images,
+        max_images: limits.images,
+        video_token: c.video_token_id,
+        max_videos: limits.videos,
         media,
     }))
 }
 
-/// `--limit-mm-per-prompt`: `image=N,video=N,audio=0` or vLLM's JSON form `{"image": N, ...}`; the
-/// image count (8 when not named). This model reads images only: audio must be 0, and video
-/// (frame extraction) is not served yet, so it must be 0 too.
-fn parse_image_limit(s: &str) -> Result<usize> {
+/// Items per prompt by modality (`--limit-mm-per-prompt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MmLimits {
+    images: usize,
+    videos: usize,
+}
+
+/// `--limit-mm-per-prompt`: `image=N,video=N,audio=0` or vLLM's JSON form `{"image": N, ...}`;
+/// unnamed modalities keep their defaults (8 images, 1 video). The model has no audio encoder, so
+/// audio must be 0.
+fn parse_mm_limits(s: &str) -> Result<MmLimits> {
     let mut limits: Vec<(String, usize)> = Vec::new();
     if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(s) {
         for (k, v) in m {
@@ -483,17 +492,23 @@ fn parse_image_limit(s: &str) -> Result<usize> {
             limits.push((k.trim().to_string(), n.trim().parse().with_context(|| format!("--limit-mm-per-prompt: `{part}`: not a count"))?));
         }
     }
-    let mut image = 8;
+    let mut out = MmLimits { images: 8, videos: 1 };
     for (modality, n) in limits {
         match modality.as_str() {
-            "image" => image = n,
-            "audio" | "video" if n == 0 => {}
+            "image" => out.images = n,
+            "video" => out.videos = n,
+            "audio" if n == 0 => {}
             "audio" => bail!("--limit-mm-per-prompt audio={n}: Gemma 4 26B-A4B has no audio encoder; use audio=0"),
-            "video" => bail!("--limit-mm-per-prompt video={n}: video input is not served yet; use video=0 (or send frames as images)"),
             other => bail!("--limit-mm-per-prompt: unknown modality `{other}` (image, video or audio)"),
         }
     }
-    Ok(image)
+    Ok(out)
+}
+
+/// The image limit (tests).
+#[cfg(test)]
+fn parse_image_limit(s: &str) -> Result<usize> {
+    Ok(parse_mm_limits(s)?.images)
 }
 
 fn parsers(args: &FrontArgs) -> Result<switchyard_router::server::Parsers> {
@@ -649,7 +664,8 @@ mod tests {
         assert_eq!(parse_image_limit(r#"{"image": 3, "audio": 0}"#).unwrap(), 3);
         assert_eq!(parse_image_limit("audio=0").unwrap(), 8);
         assert!(parse_image_limit("audio=1").unwrap_err().to_string().contains("no audio encoder"));
-        assert!(parse_image_limit("video=2").is_err());
+        assert_eq!(parse_mm_limits("video=2,image=1").unwrap(), MmLimits { images: 1, videos: 2 });
+        assert_eq!(parse_mm_limits("image=0,audio=0").unwrap(), MmLimits { images: 0, videos: 1 });
         assert!(parse_image_limit("sound=1").is_err() && parse_image_limit("image").is_err());
     }
 

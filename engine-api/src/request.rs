@@ -38,7 +38,7 @@ pub fn validate_request(prompt: &[u32], params: &SamplingParams, vocab_size: usi
 
 /// Images must be in prompt order, apart, each over exactly its soft-token count of image
 /// placeholders.
-pub fn check_images(prompt: &[u32], images: &[ImageInput], image_token: Option<u32>) -> Result<(), EngineError> {
+pub fn check_images(prompt: &[u32], images: &[ImageInput], placeholders: &[u32]) -> Result<(), EngineError> {
     let mut at = 0;
     for (i, im) in images.iter().enumerate() {
         let n = im.patches.soft_tokens();
@@ -53,7 +53,9 @@ pub fn check_images(prompt: &[u32], images: &[ImageInput], image_token: Option<u
         if n == 0 || im.start < at || im.start + n > prompt.len() {
             return Err(EngineError::BadImage(format!("image {i} does not fit the prompt at {}", im.start)));
         }
-        if image_token.is_none_or(|t| prompt[im.start..im.start + n].iter().any(|&p| p != t)) {
+        // An image's (or a video frame's) positions are all one placeholder: the image or the video token.
+        let t = prompt[im.start];
+        if !placeholders.contains(&t) || prompt[im.start..im.start + n].iter().any(|&p| p != t) {
             return Err(EngineError::BadImage(format!("image {i}: its {n} positions are not all image placeholders")));
         }
         at = im.start + n;
@@ -82,11 +84,12 @@ mod tests {
         let patches = Arc::new(Patches { rows: 3, cols: 3, pixels: vec![0; 9 * 3 * PATCH * PATCH] });
         let prompt = [1, 7, 2];
         let at = |start| vec![ImageInput { start, patches: patches.clone() }];
-        assert_eq!(check_images(&prompt, &at(1), Some(7)), Ok(()));
-        assert!(check_images(&prompt, &at(0), Some(7)).is_err());
-        assert!(check_images(&prompt, &at(3), Some(7)).is_err());
-        assert!(check_images(&prompt, &at(1), None).is_err());
+        assert_eq!(check_images(&prompt, &at(1), &[7]), Ok(()));
+        assert_eq!(check_images(&prompt, &at(1), &[9, 7]), Ok(()), "a video frame's placeholder");
+        assert!(check_images(&prompt, &at(0), &[7]).is_err());
+        assert!(check_images(&prompt, &at(3), &[7]).is_err());
+        assert!(check_images(&prompt, &at(1), &[]).is_err());
         let torn = ImageInput { start: 1, patches: Arc::new(Patches { rows: 3, cols: 3, pixels: vec![0; 5] }) };
-        assert!(check_images(&prompt, &[torn], Some(7)).is_err());
+        assert!(check_images(&prompt, &[torn], &[7]).is_err());
     }
 }

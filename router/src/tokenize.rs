@@ -42,6 +42,9 @@ pub async fn tokenize(State(state): State<SharedState>, RawBody(body): RawBody) 
             mm_processor_kwargs,
             return_token_strs,
         } => {
+            state.check_model(model.as_deref())?;
+            let videos = crate::chat::videos::load(&state, &messages).await?;
+            let expansions: Vec<String> = videos.into_iter().map(|v| v.expansion).collect();
             let ids = crate::chat::render_and_tokenize(
                 &state,
                 &messages,
@@ -50,10 +53,10 @@ pub async fn tokenize(State(state): State<SharedState>, RawBody(body): RawBody) 
                 continue_final_message,
                 chat_template_kwargs.as_ref(),
                 add_special_tokens,
+                &expansions,
             )?;
             // Each image expands as the chat endpoint expands it, so the count is the prompt the
             // model would see.
-            state.check_model(model.as_deref())?;
             let (ids, _) = crate::chat::images::attach(&state, &messages, mm_processor_kwargs.as_ref(), ids).await?;
             (model, ids, return_token_strs)
         }

@@ -51,6 +51,8 @@ pub struct ModelConfig {
     /// `image_token_id`, `boi_token_id`, `eoi_token_id`: an image's soft-token placeholder and the
     /// tokens around its span.
     pub image_token_id: Option<u32>,
+    /// `video_token_id`: a video frame's soft-token placeholder (frames are images otherwise).
+    pub video_token_id: Option<u32>,
     pub boi_token_id: Option<u32>,
     pub eoi_token_id: Option<u32>,
     pub layers: Vec<LayerSpec>,
@@ -154,6 +156,7 @@ impl ModelConfig {
         let mut c = Self::resolve(raw, placeholder_ids, eos)?;
         let id = |k: &str| root.get(k).and_then(Value::as_u64).map(|x| x as u32);
         (c.image_token_id, c.boi_token_id, c.eoi_token_id) = (id("image_token_id"), id("boi_token_id"), id("eoi_token_id"));
+        c.video_token_id = id("video_token_id");
         Ok(c)
     }
 
@@ -278,6 +281,7 @@ impl ModelConfig {
             eos_token_ids,
             placeholder_ids,
             image_token_id: None,
+            video_token_id: None,
             boi_token_id: None,
             eoi_token_id: None,
             layers,

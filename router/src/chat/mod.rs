@@ -12,6 +12,7 @@ mod render;
 pub(crate) mod response;
 mod stream;
 mod tools;
+pub(crate) mod videos;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -53,8 +54,12 @@ pub(crate) struct Started {
 /// Everything up to submission: parse, render, images, output reading, jobs, grammars, submit. The
 /// Responses API enters here with the chat body it builds.
 pub(crate) async fn start(state: SharedState, body: &Bytes, id: String) -> Result<Started, ApiError> {
-    let prepare::Prepared { req, prompt, n, top } = prepare::prepare(&state, body)?;
+    let req = prepare::parse(&state, body)?;
+    let videos = videos::load(&state, &req.messages).await?;
+    let expansions: Vec<String> = videos.iter().map(|v| v.expansion.clone()).collect();
+    let prepare::Prepared { req, prompt, n, top } = prepare::prepare(&state, req, &expansions)?;
     let (prompt, images) = images::attach(&state, &req.messages, req.mm_processor_kwargs.as_ref(), prompt).await?;
+    let images = videos::with_frames(&state, &prompt, images, videos)?;
     let reading = prepare::output_reading(&state, &req, &prompt)?;
     let mut jobs = prepare::jobs(&state, &req, &prompt, n, top, &reading)?;
     for j in &mut jobs {

@@ -24,12 +24,19 @@ pub(super) struct Prepared {
     pub top: Option<usize>,
 }
 
-pub(super) fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, ApiError> {
+/// Parses and checks a request (before its videos are read and its prompt rendered).
+pub(super) fn parse(state: &SharedState, body: &Bytes) -> Result<ChatRequest, ApiError> {
     let req: ChatRequest = parse_generation(state, body)?;
     state.check_model(req.common.model.as_deref())?;
+    params::choices(req.common.n)?;
+    tool_choice(state, &req)?; // before rendering, so a malformed tool is named as such
+    Ok(req)
+}
+
+/// Renders and tokenizes a parsed request, its videos expanded (`videos`: each one's text).
+pub(super) fn prepare(state: &SharedState, req: ChatRequest, videos: &[String]) -> Result<Prepared, ApiError> {
     let n = params::choices(req.common.n)?;
     let top = if req.logprobs { Some(params::logprobs("top_logprobs", req.top_logprobs)?.unwrap_or(0)) } else { None };
-    tool_choice(state, &req)?; // before rendering, so a malformed tool is named as such
     let prompt = render_and_tokenize(
         state,
         &req.messages,
@@ -38,6 +45,7 @@ pub(super) fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, Api
         req.continue_final_message,
         req.chat_template_kwargs.as_ref(),
         req.add_special_tokens,
+        videos,
     )?;
     Ok(Prepared { req, prompt, n, top })
 }

@@ -26,6 +26,14 @@ fn normalize_message(i: usize, m: &Value) -> Result<Value, ApiError> {
         return Err(ApiError::invalid(at("role"), format!("unknown role `{role}`")));
     }
     let mut out = obj.clone();
+    // The template writes `<|video|>` for parts of type `video` (it reads `image_url` parts itself).
+    if let Some(Value::Array(parts)) = out.get_mut("content") {
+        for p in parts.iter_mut() {
+            if p.get("type").and_then(Value::as_str) == Some("video_url") {
+                *p = serde_json::json!({"type": "video"});
+            }
+        }
+    }
     match obj.get("content") {
         Some(Value::String(s)) if s.is_empty() && role != "assistant" => {
             return Err(ApiError::invalid(at("content"), "`content` must not be empty"));
@@ -41,6 +49,10 @@ fn normalize_message(i: usize, m: &Value) -> Result<Value, ApiError> {
                     Some("image_url") if image_url(p).is_some() => {}
                     Some("image_url") => {
                         return Err(ApiError::invalid(format!("messages[{i}].content[{j}].image_url"), "`image_url.url` is required"));
+                    }
+                    Some("video_url") if super::videos::video_url(p).is_some() => {}
+                    Some("video_url") => {
+                        return Err(ApiError::invalid(format!("messages[{i}].content[{j}].video_url"), "`video_url.url` is required"));
                     }
                     _ => return Err(ApiError::invalid(format!("messages[{i}].content[{j}]"), "unsupported content part")),
                 }
@@ -72,6 +84,7 @@ pub fn render_and_tokenize(
     continue_final_message: bool,
     kwargs: Option<&Map<String, Value>>,
     add_special_tokens: bool,
+    videos: &[String],
 ) -> Result<Vec<u32>, ApiError> {
     let template =
         state.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
@@ -93,7 +106,37 @@ pub fn render_and_tokenize(
         })
         .map_err(|e| ApiError::invalid("messages", format!("the chat template could not render these messages: {e}")))?;
     let text = if continue_final_message { trim_final_turn_end(&messages, text) } else { text };
+    let text = expand_videos(state, text, videos)?;
     crate::special_text::encode_rendered(state, &text, &messages, add_special_tokens)
+}
+
+/// Each `<|video|>` the template wrote becomes its video's frames (timestamps and spans), in the text,
+/// before tokenizing, as transformers' processor does.
+fn expand_videos(state: &AppState, text: String, videos: &[String]) -> Result<String, ApiError> {
+    if videos.is_empty() {
+        return Ok(text);
+    }
+    let token = state.config.vision.as_ref().and_then(|v| v.video_token).and_then(|t| state.tokenizer.id_to_token(t));
+    let token = token.ok_or_else(|| ApiError::invalid("messages", "this model does not take videos"))?;
+    let pieces: Vec<&str> = text.split(token.as_str()).collect();
+    if pieces.len() != videos.len() + 1 {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "the prompt has {} `{token}` for {} videos (a message may not spell the placeholder itself)",
+                pieces.len() - 1,
+                videos.len()
+            ),
+        ));
+    }
+    let mut out = String::with_capacity(text.len() + videos.iter().map(String::len).sum::<usize>());
+    for (i, p) in pieces.iter().enumerate() {
+        out.push_str(p);
+        if let Some(v) = videos.get(i) {
+            out.push_str(v);
+        }
+    }
+    Ok(out)
 }
 
 /// With `continue_final_message`, the prompt ends where the last message's content ends.

@@ -62,6 +62,10 @@ pub struct VisionFront {
     pub max_grid_side: usize,
     /// `--limit-mm-per-prompt`.
     pub max_images: usize,
+    /// `video_token_id`: a video frame's soft-token placeholder (no videos without it).
+    pub video_token: Option<u32>,
+    /// `--limit-mm-per-prompt video=N`.
+    pub max_videos: usize,
     pub media: crate::media::MediaPolicy,
 }
 

@@ -168,7 +168,8 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     vocab_size: usize,
     max_model_len: usize,
-    image_token: Option<u32>,
+    /// The soft-token placeholders images may sit on: the image token and the video token.
+    placeholders: Vec<u32>,
 }
 
 impl EngineHandle {
@@ -192,7 +193,7 @@ impl EngineHandle {
         if req.resume.len() >= req.params.max_tokens {
             return Err(EngineError::ResumePastEnd { resumed: req.resume.len(), max_tokens: req.params.max_tokens });
         }
-        check_images(&req.prompt, &req.images, self.image_token)?;
+        check_images(&req.prompt, &req.images, &self.placeholders)?;
         if !req.images.is_empty() && self.vision.is_none() {
             return Err(EngineError::BadImage("this model has no vision tower".into()));
         }
@@ -246,7 +247,7 @@ impl Engine {
             next_id: Arc::new(AtomicU64::new(0)),
             vocab_size: model.config.vocab_size,
             max_model_len: config.max_model_len,
-            image_token: model.config.image_token_id,
+            placeholders: model.config.image_token_id.into_iter().chain(model.config.video_token_id).collect(),
             vision: None,
         };
         let state = engine_loop::EngineState::new(model, config, stats)?;
