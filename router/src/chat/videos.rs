@@ -154,10 +154,11 @@ pub fn parse_avi(b: &[u8]) -> Result<Clip<'_>, String> {
         (b"strf", _) if body.len() >= 20 && codec.is_some_and(|c| c == [0; 4]) => {
             codec = Some([body[16], body[17], body[18], body[19]]);
         }
-        (t, None) if t[2..4] == *b"dc" || t[2..4] == *b"db" => {
-            if t[0..2] == *b"00" && frames.len() < MAX_CLIP_FRAMES && !body.is_empty() {
-                frames.push(body);
-            }
+        // The first stream's compressed frames (`00dc`; `00db` from writers that mislabel them).
+        (t, None)
+            if t[0..2] == *b"00" && (t[2..4] == *b"dc" || t[2..4] == *b"db") && frames.len() < MAX_CLIP_FRAMES && !body.is_empty() =>
+        {
+            frames.push(body);
         }
         _ => {}
     })?;
