@@ -19,5 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+# tests/common reruns a test binary on the other kernel path: through the emulator too.
+export SWITCHYARD_TEST_RUNNER="$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER"
 cargo test -q -p switchyard-kernels --target "$target"
 cargo test -q --target "$target" --test model_reference

@@ -64,7 +64,18 @@ pub fn rerun_on_other_kernel_paths(this_test: &str) -> Vec<switchyard_kernels::I
     let exe = std::env::current_exe().expect("the test binary's path");
     let mut ran = Vec::new();
     for path in switchyard_kernels::Isa::supported().into_iter().filter(|&p| p != current) {
-        let out = std::process::Command::new(&exe)
+        // Under emulation (scripts/check-aarch64.sh) the binary runs through the emulator.
+        let runner = std::env::var("SWITCHYARD_TEST_RUNNER").unwrap_or_default();
+        let mut words = runner.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(emulator) => {
+                let mut c = std::process::Command::new(emulator);
+                c.args(words).arg(&exe);
+                c
+            }
+            None => std::process::Command::new(&exe),
+        };
+        let out = cmd
             .args(["--skip", this_test, "--test-threads", "1"])
             .env("SWITCHYARD_KERNELS", path.name())
             .env(CHILD, "1")

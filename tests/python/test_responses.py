@@ -10,22 +10,12 @@ import json
 import jsonschema
 import openai
 import pytest
-from conftest import Server
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Get the weather.",
            "parameters": {"type": "object", "properties": {"location": {"type": "string"}, "days": {"type": "integer"}},
                           "required": ["location"]}}
-# <|channel>=100 <channel|>=101 <|tool_call>=48 <tool_call|>=49 <|"|>=52
-FORCED = ('start: <[100]> "thought\\nI need the weather in Paris." <[101]> '
-          '<[48]> "call:get_weather{location:" <[52]> "Paris" <[52]> ",days:2}" <[49]>')
-
-
-@pytest.fixture(scope="module")
-def agent():
-    s = Server("tiny-bf16", "--max-model-len", "1024", "--reasoning-parser", "gemma4",
-               "--enable-auto-tool-choice", "--tool-call-parser", "gemma4")
-    yield s
-    assert s.stop() == 0
+# The server the recipe starts (parsers on) and the grammar that steers the model, as test_agents has them.
+from test_agents import FORCED, agent  # noqa: E402,F401
 
 
 def streamed(client, **kw):

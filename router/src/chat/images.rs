@@ -14,24 +14,30 @@ use crate::{media, preprocess};
 
 /// The URL of an `image_url` content part (`{"image_url": {"url": ...}}`, or the bare string form).
 pub(super) fn image_url(part: &Value) -> Option<&str> {
-    match part.get("image_url") {
+    media_url(part, "image_url")
+}
+
+/// The URL of a media content part of type `kind` (`image_url`, `video_url`): `{kind: {"url": ...}}`
+/// or the bare string form.
+pub(super) fn media_url<'a>(part: &'a Value, kind: &str) -> Option<&'a str> {
+    match part.get(kind) {
         Some(Value::String(s)) => Some(s),
         Some(v) => v.get("url").and_then(Value::as_str),
         None => None,
     }
 }
 
-/// Every image of a conversation in the order the template writes its `<|image|>`, with the field
-/// that names it.
-fn image_parts(messages: &[Value]) -> Vec<(String, String)> {
+/// Every part of type `kind` in a conversation, in the order the template writes its placeholder, with
+/// the field that names it.
+pub(super) fn media_parts(messages: &[Value], kind: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         if let Some(Value::Array(parts)) = m.get("content") {
             for (j, p) in parts.iter().enumerate() {
-                if p.get("type").and_then(Value::as_str) == Some("image_url")
-                    && let Some(u) = image_url(p)
+                if p.get("type").and_then(Value::as_str) == Some(kind)
+                    && let Some(u) = media_url(p, kind)
                 {
-                    out.push((format!("messages[{i}].content[{j}].image_url"), u.to_string()));
+                    out.push((format!("messages[{i}].content[{j}].{kind}"), u.to_string()));
                 }
             }
         }
@@ -48,7 +54,7 @@ pub(crate) async fn attach(
     mm_processor_kwargs: Option<&Value>,
     prompt: Vec<u32>,
 ) -> Result<(Vec<u32>, Vec<ImageInput>), ApiError> {
-    let parts = image_parts(messages);
+    let parts = media_parts(messages, "image_url");
     if parts.is_empty() {
         return Ok((prompt, Vec::new()));
     }

@@ -29,29 +29,7 @@ const MAX_CLIP_FRAMES: usize = 100_000;
 
 /// The URL of a `video_url` content part (`{"video_url": {"url": ...}}`, or the bare string form).
 pub(crate) fn video_url(part: &Value) -> Option<&str> {
-    match part.get("video_url") {
-        Some(Value::String(s)) => Some(s),
-        Some(v) => v.get("url").and_then(Value::as_str),
-        None => None,
-    }
-}
-
-/// Every video of a conversation, in the order the template writes its `<|video|>`, with the field
-/// that names it.
-fn video_parts(messages: &[Value]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
-        if let Some(Value::Array(parts)) = m.get("content") {
-            for (j, p) in parts.iter().enumerate() {
-                if p.get("type").and_then(Value::as_str) == Some("video_url")
-                    && let Some(u) = video_url(p)
-                {
-                    out.push((format!("messages[{i}].content[{j}].video_url"), u.to_string()));
-                }
-            }
-        }
-    }
-    out
+    super::images::media_url(part, "video_url")
 }
 
 /// A video read and preprocessed: the text that replaces its `<|video|>` and its frames' patches.
@@ -62,7 +40,7 @@ pub(crate) struct Video {
 
 /// Fetches, demuxes, samples, decodes and preprocesses the conversation's videos.
 pub(crate) async fn load(state: &AppState, messages: &[Value]) -> Result<Vec<Video>, ApiError> {
-    let parts = video_parts(messages);
+    let parts = super::images::media_parts(messages, "video_url");
     if parts.is_empty() {
         return Ok(Vec::new());
     }
