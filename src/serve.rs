@@ -383,7 +383,7 @@ pub fn front_state(
     metrics: Option<switchyard_router::metrics::PrometheusHandle>,
 ) -> Result<Arc<AppState>> {
     let name = args.served_model_name.first().cloned().unwrap_or_else(|| model_arg.to_string());
-    parse_mm_limits(&args.limit_mm_per_prompt)?; // refused even for a checkpoint without images
+    let limits = parse_mm_limits(&args.limit_mm_per_prompt)?; // refused even for a checkpoint without images
     let tokenizer = dir.tokenizer()?;
     let mut literal = tokenizer.clone();
     literal.set_encode_special_tokens(true);
@@ -408,7 +408,7 @@ pub fn front_state(
         bos_token_id: c.bos_token_id,
         max_body_bytes: 32 << 20,
         parsers: parsers(args)?,
-        vision: vision_front(args, dir, c)?,
+        vision: vision_front(args, dir, c, limits)?,
         cors: cors(args)?,
     };
     Ok(Arc::new(AppState {
@@ -426,12 +426,16 @@ pub fn front_state(
     }))
 }
 
-fn vision_front(args: &FrontArgs, dir: &ModelDir, c: &ModelConfig) -> Result<Option<switchyard_router::server::VisionFront>> {
+fn vision_front(
+    args: &FrontArgs,
+    dir: &ModelDir,
+    c: &ModelConfig,
+    limits: MmLimits,
+) -> Result<Option<switchyard_router::server::VisionFront>> {
     let Some(vc) = crate::cli::vision_config(dir)? else { return Ok(None) };
     let (Some(image_token), Some(boi_token), Some(eoi_token)) = (c.image_token_id, c.boi_token_id, c.eoi_token_id) else {
         bail!("config.json has a vision_config but not image_token_id, boi_token_id and eoi_token_id");
     };
-    let limits = parse_mm_limits(&args.limit_mm_per_prompt)?;
     let default_budget = match &args.mm_processor_kwargs {
         None => vc.default_soft_tokens,
         Some(j) => {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use switchyard_engine_api::ImageInput;
+use switchyard_engine_api::{ImageInput, Patches};
 
 use crate::error::ApiError;
 use crate::server::AppState;
@@ -43,6 +43,28 @@ pub(super) fn media_parts(messages: &[Value], kind: &str) -> Vec<(String, String
         }
     }
     out
+}
+
+/// A decoded picture (an image, or a video frame: `what` names it in errors) preprocessed at `budget`
+/// soft tokens, refused when its patch grid is past the `side` the position table allows (checked from
+/// the target size before resizing, and again on the result).
+pub(super) fn patches_of(rgb: &image::RgbImage, budget: usize, side: usize, what: &str, param: &str) -> Result<Patches, ApiError> {
+    let (w, h) = rgb.dimensions();
+    let too_big = |gr: usize, gc: usize| {
+        ApiError::invalid(
+            param,
+            format!("a {w}x{h} {what} needs a {gr}x{gc} patch grid at {budget} soft tokens; the model allows {side} per side"),
+        )
+    };
+    let (th, tw) = preprocess::target_size(h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param, e))?;
+    if th / preprocess::PATCH > side || tw / preprocess::PATCH > side {
+        return Err(too_big(th / preprocess::PATCH, tw / preprocess::PATCH));
+    }
+    let p = preprocess::preprocess(rgb.as_raw(), h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param, e))?;
+    if p.rows > side || p.cols > side {
+        return Err(too_big(p.rows, p.cols));
+    }
+    Ok(p)
 }
 
 /// Fetches, decodes and preprocesses the conversation's images, and expands each `<|image|>` the
@@ -84,28 +106,7 @@ pub(crate) async fn attach(
         let (max_pixels, param, side) = (v.media.max_pixels, param.clone(), v.max_grid_side);
         let p = tokio::task::spawn_blocking(move || {
             let rgb = media::decode(&bytes, max_pixels, &param)?;
-            let (w, h) = rgb.dimensions();
-            // The grid is known before resizing: refuse what the position table cannot hold first.
-            let (th, tw) = preprocess::target_size(h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param.clone(), e))?;
-            if th / preprocess::PATCH > side || tw / preprocess::PATCH > side {
-                let (gr, gc) = (th / preprocess::PATCH, tw / preprocess::PATCH);
-                return Err(ApiError::invalid(
-                    param,
-                    format!("a {w}x{h} image needs a {gr}x{gc} patch grid at {budget} soft tokens; the model allows {side} per side"),
-                ));
-            }
-            let p =
-                preprocess::preprocess(rgb.as_raw(), h as usize, w as usize, budget).map_err(|e| ApiError::invalid(param.clone(), e))?;
-            if p.rows > side || p.cols > side {
-                return Err(ApiError::invalid(
-                    param,
-                    format!(
-                        "a {w}x{h} image needs a {}x{} patch grid at {budget} soft tokens; the model allows {side} per side",
-                        p.rows, p.cols
-                    ),
-                ));
-            }
-            Ok(p)
+            patches_of(&rgb, budget, side, "image", &param)
         })
         .await
         .map_err(ApiError::internal)??;

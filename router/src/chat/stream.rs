@@ -112,16 +112,7 @@ pub(super) fn stream(answer: Answer, rx: UnboundedReceiver<Update>, include_usag
     response::stream(rx, answer.n, head, answer.prompt_tokens, roles, move |p| {
         let (delta, called) = match &mut parsers[p.index] {
             None => (ChatDelta { content: (!p.text.is_empty()).then_some(p.text), ..ChatDelta::default() }, false),
-            Some(parser) => {
-                let mut d = parser.feed(&p.text);
-                if p.finish.is_some() {
-                    let end = parser.finish();
-                    d.reasoning.push_str(&end.reasoning);
-                    d.content.push_str(&end.content);
-                    d.calls.extend(end.calls);
-                }
-                (ChatDelta::parsed(d), parser.has_tool_calls())
-            }
+            Some(parser) => (ChatDelta::parsed(parser.feed_piece(&p.text, p.finish.is_some())), parser.has_tool_calls()),
         };
         let (finish_reason, stop_reason) = match &p.finish {
             Some(f) => (Some(gemma4::finish_reason(f.reason, called, false, true)), f.stop_reason.clone()),

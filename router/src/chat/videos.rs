@@ -17,8 +17,8 @@ use serde_json::Value;
 use switchyard_engine_api::{ImageInput, Patches};
 
 use crate::error::ApiError;
+use crate::media;
 use crate::server::AppState;
-use crate::{media, preprocess};
 
 /// Soft tokens per frame (vLLM's and `Gemma4VideoProcessor`'s default).
 pub const FRAME_SOFT_TOKENS: usize = 70;
@@ -78,12 +78,8 @@ fn frames(bytes: &[u8], max_pixels: u64, side: usize, param: &str) -> Result<(Ve
     let mut patches = Vec::new();
     for i in sample(clip.frames.len()) {
         let rgb = media::decode(clip.frames[i], max_pixels, param).map_err(|e| refuse(format!("frame {i}: {}", e.message)))?;
-        let (w, h) = rgb.dimensions();
-        let p = preprocess::preprocess(rgb.as_raw(), h as usize, w as usize, FRAME_SOFT_TOKENS)
-            .map_err(|e| refuse(format!("frame {i}: {e}")))?;
-        if p.rows > side || p.cols > side {
-            return Err(refuse(format!("a {w}x{h} frame needs a {}x{} patch grid; the model allows {side} per side", p.rows, p.cols)));
-        }
+        let p = super::images::patches_of(&rgb, FRAME_SOFT_TOKENS, side, "frame", param)
+            .map_err(|e| refuse(format!("frame {i}: {}", e.message)))?;
         stamps.push(timestamp(i, clip.fps));
         patches.push(p);
     }

@@ -185,6 +185,18 @@ impl OutputParser {
         d
     }
 
+    /// Feeds a streamed piece; on the last one (`last`) also ends the output, in one delta.
+    pub fn feed_piece(&mut self, text: &str, last: bool) -> Delta {
+        let mut d = self.feed(text);
+        if last {
+            let end = self.finish();
+            d.reasoning.push_str(&end.reasoning);
+            d.content.push_str(&end.content);
+            d.calls.extend(end.calls);
+        }
+        d
+    }
+
     /// Ends the output: held text is released and an unfinished tool call is closed.
     pub fn finish(&mut self) -> Delta {
         let mut d = Delta::default();

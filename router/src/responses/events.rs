@@ -215,16 +215,7 @@ pub(super) fn stream(state: SharedState, started: Started, head: Head, include_r
             tokens.extend(piece.tokens.iter().cloned());
             match &mut parser {
                 None => w.content(&piece.text),
-                Some(p) => {
-                    let mut d = p.feed(&piece.text);
-                    if piece.finish.is_some() {
-                        let end = p.finish();
-                        d.reasoning.push_str(&end.reasoning);
-                        d.content.push_str(&end.content);
-                        d.calls.extend(end.calls);
-                    }
-                    w.delta(d);
-                }
+                Some(p) => w.delta(p.feed_piece(&piece.text, piece.finish.is_some())),
             }
             if w.gone {
                 return; // dropping `updates` cancels the request
