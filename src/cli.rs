@@ -53,6 +53,31 @@ pub enum BenchTarget {
     Serve(switchyard_bench::BenchServeArgs),
 }
 
+/// A secret flag value (an API key, a password): printed as `<redacted>` by `--check-config` and
+/// anywhere else the configuration is shown.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+pub fn secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_string()))
+}
+
+/// Returns the heap's free memory to the system (glibc's `malloc_trim`; elsewhere nothing to do).
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A count with vLLM's suffixes: `32768`, `32k` (x1000), `32K` (x1024), `1m`, `1M`.
 pub fn human_count(s: &str) -> Result<usize, String> {
     let s = s.trim();

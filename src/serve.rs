@@ -114,9 +114,24 @@ pub struct FrontArgs {
     /// `max_position_embeddings`.
     #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN", value_parser = crate::cli::human_count)]
     pub max_model_len: Option<usize>,
-    /// Required as `Authorization: Bearer <key>` on every route but /health.
-    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Required as `Authorization: Bearer <key>` on every route but the probes, /metrics, /version
+    /// and /load (also read from VLLM_API_KEY). An empty key is refused rather than taken as "none".
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true, value_parser = crate::cli::secret)]
+    pub api_key: Option<crate::cli::Secret>,
+    /// Seconds a connection may sit idle between requests, which is also the most a client may take to
+    /// send a request's headers. Default: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, else 5 (vLLM's).
+    #[arg(long, env = "SWITCHYARD_TIMEOUT_KEEP_ALIVE")]
+    pub timeout_keep_alive: Option<u64>,
+    /// Seconds a request's body may take to arrive once its headers have (408 after).
+    #[arg(long, default_value_t = 60, env = "SWITCHYARD_REQUEST_BODY_TIMEOUT")]
+    pub request_body_timeout: u64,
+    /// Seconds a streamed response waits on a client that reads nothing before the request is
+    /// cancelled (its output would otherwise pile up in memory).
+    #[arg(long, default_value_t = 30, env = "SWITCHYARD_CLIENT_STALL_TIMEOUT")]
+    pub client_stall_timeout: u64,
+    /// No access log line per request.
+    #[arg(long, env = "SWITCHYARD_DISABLE_UVICORN_ACCESS_LOG")]
+    pub disable_uvicorn_access_log: bool,
     /// Where unset sampling parameters come from: `auto` (the checkpoint's generation_config.json),
     /// `vllm` (none: OpenAI's defaults), or a folder holding a generation_config.json.
     #[arg(long, default_value = "auto", env = "SWITCHYARD_GENERATION_CONFIG")]
@@ -400,13 +415,16 @@ pub fn front_state(
     };
     let config = ServerConfig {
         served_model_names: if args.served_model_name.is_empty() { vec![name] } else { args.served_model_name.clone() },
-        api_key: args.api_key.clone().or_else(|| std::env::var("VLLM_API_KEY").ok()).filter(|k| !k.is_empty()),
+        api_key: api_key(args)?,
         max_model_len,
         vocab_size: c.vocab_size,
         max_pending,
         defaults,
         bos_token_id: c.bos_token_id,
         max_body_bytes: 32 << 20,
+        body_timeout: Duration::from_secs(args.request_body_timeout.max(1)),
+        stall_timeout: Duration::from_secs(args.client_stall_timeout.max(1)),
+        access_log: !args.disable_uvicorn_access_log,
         parsers: parsers(args)?,
         vision: vision_front(args, dir, c, limits)?,
         cors: cors(args)?,
@@ -414,6 +432,7 @@ pub fn front_state(
     Ok(Arc::new(AppState {
         config,
         engine,
+        max_token_bytes: switchyard_router::tokenize::max_token_bytes(&tokenizer),
         tokenizer: Arc::new(tokenizer),
         tokenizer_literal: Arc::new(literal),
         special_strings,
@@ -424,6 +443,41 @@ pub fn front_state(
         created: switchyard_router::server::now_secs(),
         responses: Default::default(),
     }))
+}
+
+/// The API key (`--api-key`, `SWITCHYARD_API_KEY`, else `VLLM_API_KEY`). An empty one is an error: a
+/// key variable that is set but blank (a Secret that failed to render) must not silently open the
+/// server. Whether the key is required is logged at start.
+fn api_key(args: &FrontArgs) -> Result<Option<String>> {
+    let key = match &args.api_key {
+        Some(k) => Some(k.0.clone()),
+        None => std::env::var("VLLM_API_KEY").ok(),
+    };
+    match key {
+        Some(k) if k.trim().is_empty() => {
+            bail!("the API key (--api-key, SWITCHYARD_API_KEY or VLLM_API_KEY) is set but empty; unset it to serve without a key")
+        }
+        Some(k) => {
+            tracing::info!("switchyard: API key required on /v1/*, /tokenize and /detokenize");
+            Ok(Some(k))
+        }
+        None => {
+            tracing::warn!("switchyard: no API key: every route is open to whoever reaches the port (--api-key to require one)");
+            Ok(None)
+        }
+    }
+}
+
+/// `--timeout-keep-alive`, else vLLM's `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`, else 5 s.
+fn keep_alive(args: &FrontArgs) -> Result<Duration> {
+    let secs = match args.timeout_keep_alive {
+        Some(s) => s,
+        None => match std::env::var("VLLM_HTTP_TIMEOUT_KEEP_ALIVE") {
+            Ok(v) => v.trim().parse().with_context(|| format!("VLLM_HTTP_TIMEOUT_KEEP_ALIVE={v} is not a whole number of seconds"))?,
+            Err(_) => 5,
+        },
+    };
+    Ok(Duration::from_secs(secs.max(1)))
 }
 
 fn vision_front(
@@ -548,7 +602,8 @@ pub async fn serve_http(args: &FrontArgs, state: Arc<AppState>) -> Result<()> {
         tracing::info!("switchyard: shutting down; finishing admitted requests");
         stopping.shutting_down.store(true, Ordering::Relaxed);
     };
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown);
+    let server = switchyard_router::server::http::serve(listener, app(state.clone()), keep_alive(args)?, shutdown);
+    tokio::spawn(return_memory_when_idle(state.clone()));
     let grace = Duration::from_secs(args.shutdown_grace);
     let watchdog = async {
         while !state.shutting_down.load(Ordering::Relaxed) {
@@ -557,10 +612,27 @@ pub async fn serve_http(args: &FrontArgs, state: Arc<AppState>) -> Result<()> {
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        r = server => r.context("serving")?,
+        _ = server => {}
         _ = watchdog => tracing::warn!("switchyard: grace period over; exiting"),
     }
     Ok(())
+}
+
+/// Hands freed heap back to the system once the server has gone idle after work, so that memory
+/// after a burst of large requests returns to its baseline instead of staying at the high-water mark
+/// (glibc keeps freed memory in its arenas otherwise). Checked every few seconds; trimming an idle
+/// heap takes a few milliseconds.
+async fn return_memory_when_idle(state: Arc<AppState>) {
+    let mut busy_since_trim = false;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if state.engine.unfinished() > 0 {
+            busy_since_trim = true;
+        } else if busy_since_trim {
+            busy_since_trim = false;
+            let _ = tokio::task::spawn_blocking(crate::cli::trim_heap).await;
+        }
+    }
 }
 
 pub async fn terminate_signal() {

@@ -1,8 +1,10 @@
 //! One choice of a request, from engine events to client-ready pieces: text deltas (detokenized,
 //! stop strings applied), the tokens behind them with their log-probabilities, and one final piece
 //! with the finish reason. Each choice runs as its own task, so `n > 1` and prompt lists fan out
-//! over the engine and fan back in through one channel. If that channel's reader goes away (the
-//! client disconnected), the task drops its engine receiver, which cancels the request.
+//! over the engine and fan back in through one channel. When that channel's reader goes away (the
+//! client disconnected, or stopped reading for the stall timeout) the task cancels the request at
+//! once, whether or not it had anything to send (a stream of empty deltas is noticed too), and counts
+//! it as `vllm:request_success_total{finished_reason="abort"}`.
 
 use std::sync::Arc;
 
@@ -24,6 +26,25 @@ pub struct ChoiceSpec {
     pub stops: Vec<String>,
     pub include_stop: bool,
     pub skip_special: bool,
+    /// Counts the choice's end when the front end decides it: a client that left (`abort`), a stop
+    /// string (`stop`; the engine counts the stops and lengths it decides itself).
+    pub outcomes: Outcomes,
+}
+
+/// `vllm:request_success_total` for the endings the front end decides.
+#[derive(Clone)]
+pub struct Outcomes {
+    pub abort: metrics::Counter,
+    pub stop: metrics::Counter,
+}
+
+impl Outcomes {
+    pub fn new(model_name: &str) -> Outcomes {
+        let with = |reason: &'static str| {
+            metrics::counter!("vllm:request_success_total", "model_name" => model_name.to_string(), "engine" => "0", "finished_reason" => reason)
+        };
+        Outcomes { abort: with("abort"), stop: with("stop") }
+    }
 }
 
 /// A generated token and, if asked for, its log-probabilities.
@@ -63,7 +84,16 @@ pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokeni
     let mut generated = 0usize;
     let index = spec.index;
     let Submission { mut events, cancel } = sub;
-    while let Some(ev) = events.recv().await {
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = out.closed() => {
+                cancel();
+                spec.outcomes.abort.increment(1);
+                return;
+            }
+        };
+        let Some(ev) = ev else { break };
         let t = match ev {
             EngineEvent::Token(t) => t,
             EngineEvent::Error(failure) => {
@@ -87,6 +117,7 @@ pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokeni
         let finish = finish.map(|(reason, stop_reason)| {
             if hit.is_some() && t.finish.is_none() {
                 cancel();
+                spec.outcomes.stop.increment(1);
             }
             Finish { reason, stop_reason, completion_tokens: generated }
         });
@@ -94,7 +125,10 @@ pub async fn run_choice(spec: ChoiceSpec, sub: Submission, tokenizer: Arc<Tokeni
         let done = finish.is_some();
         let update = Ok(Piece { index, text, tokens, prompt: t.prompt, finish });
         if out.send(update).is_err() {
-            cancel();
+            if !done {
+                cancel();
+                spec.outcomes.abort.increment(1);
+            }
             return;
         }
         if done {

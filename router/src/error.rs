@@ -96,6 +96,27 @@ impl ApiError {
         )
     }
 
+    /// 415: a body that does not say it is JSON.
+    pub fn unsupported_media_type(given: &str) -> ApiError {
+        ApiError {
+            param: Some("content-type".into()),
+            ..Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ApiErrorKind::InvalidRequest,
+                format!("The request body must be JSON (`Content-Type: application/json`), not `{given}`."),
+            )
+        }
+    }
+
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout(secs: u64) -> ApiError {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ApiErrorKind::InvalidRequest,
+            format!("The request body did not arrive within {secs} s (--request-body-timeout)."),
+        )
+    }
+
     /// 503 with `Retry-After`: the queue is full or the server is shutting down.
     pub fn overloaded(message: impl Into<String>) -> ApiError {
         ApiError {

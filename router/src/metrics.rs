@@ -3,6 +3,7 @@
 //! the one process-wide recorder, with histogram buckets for the latency metrics.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 pub use metrics_exporter_prometheus::PrometheusHandle;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -16,7 +17,14 @@ const ITERATION_BUCKETS: [f64; 14] = [1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 
 
 const LATENCY_BUCKETS: [f64; 18] = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0];
 
+/// How often recorded histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The process-wide handle (installed on first use); `None` if another recorder was installed first.
+///
+/// The exporter keeps every histogram sample in memory until it is folded into its buckets: at a
+/// scrape, or at upkeep. A server nobody scrapes would hold tens of bytes per request forever, so
+/// a thread runs upkeep every [`UPKEEP_INTERVAL`].
 pub fn handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
@@ -25,7 +33,22 @@ pub fn handle() -> Option<PrometheusHandle> {
             for name in TOKEN_HISTOGRAMS {
                 b = b.set_buckets_for_metric(Matcher::Full(name.into()), &TOKEN_BUCKETS).ok()?;
             }
-            b.set_buckets_for_metric(Matcher::Full("vllm:iteration_tokens_total".into()), &ITERATION_BUCKETS).ok()?.install_recorder().ok()
+            let h = b
+                .set_buckets_for_metric(Matcher::Full("vllm:iteration_tokens_total".into()), &ITERATION_BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()?;
+            let upkeep = h.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_INTERVAL);
+                        upkeep.run_upkeep();
+                    }
+                })
+                .ok()?;
+            Some(h)
         })
         .clone()
 }

@@ -10,6 +10,11 @@ use crate::protocol::CommonParams;
 pub const MAX_N: i64 = 128;
 pub const MAX_LOGPROBS: i64 = 20;
 pub const MAX_STOP_STRINGS: usize = 64;
+/// The longest stop string, in bytes: every token re-searches the tail of the text for each stop, so
+/// the work per token is bounded by count x length.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// The most `stop_token_ids`, and the most `logit_bias` entries (each choice holds its own copy).
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 
 /// Sampling defaults from `generation_config.json`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -75,8 +80,15 @@ pub fn logprobs(name: &str, v: Option<i64>) -> Result<Option<usize>, ApiError> {
 }
 
 /// `max_tokens` checked against the context: unset means "up to the context length" when
-/// `default_max` is `None` (chat), else `default_max` (16 for completions, as OpenAI).
-pub fn max_tokens(v: Option<i64>, default_max: Option<usize>, prompt_len: usize, max_model_len: usize) -> Result<usize, ApiError> {
+/// `default_max` is `None` (chat), else `default_max` (16 for completions, as OpenAI). `name` is the
+/// field the client set (`max_tokens` or chat's `max_completion_tokens`), for the error.
+pub fn max_tokens(
+    name: &str,
+    v: Option<i64>,
+    default_max: Option<usize>,
+    prompt_len: usize,
+    max_model_len: usize,
+) -> Result<usize, ApiError> {
     let room = max_model_len.saturating_sub(prompt_len);
     let ctx_err = |requested: u128| {
         ApiError::context_length(format!(
@@ -86,7 +98,7 @@ pub fn max_tokens(v: Option<i64>, default_max: Option<usize>, prompt_len: usize,
         ))
     };
     match v {
-        Some(m) if m < 1 => Err(ApiError::invalid("max_tokens", format!("`max_tokens` must be at least 1, got {m}"))),
+        Some(m) if m < 1 => Err(ApiError::invalid(name, format!("`{name}` must be at least 1, got {m}"))),
         Some(m) if m as u128 > room as u128 => Err(ctx_err(prompt_len as u128 + m as u128)),
         Some(m) => Ok(m as usize),
         None if room == 0 => Err(ctx_err(prompt_len as u128 + 1)),
@@ -110,14 +122,25 @@ pub fn sampling(c: &CommonParams, lim: &Limits<'_>) -> Result<SamplingParams, Ap
     let frequency_penalty = range("frequency_penalty", c.frequency_penalty.unwrap_or(0.0), -2.0, 2.0)? as f32;
     let repetition_penalty = range("repetition_penalty", c.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0), 1e-6, 100.0)? as f32;
     let mut logit_bias = Vec::new();
+    if let Some(b) = &c.logit_bias
+        && b.len() > MAX_STOP_TOKEN_IDS
+    {
+        return Err(ApiError::invalid("logit_bias", format!("at most {MAX_STOP_TOKEN_IDS} biased tokens are allowed, got {}", b.len())));
+    }
     for (k, v) in c.logit_bias.iter().flatten() {
         let id = k.parse::<i64>().map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias key `{k}` is not a token id")))?;
         let id = token_id("logit_bias", id, lim.vocab_size)?;
         logit_bias.push((id, range("logit_bias", *v, -100.0, 100.0)? as f32));
     }
     logit_bias.sort_by_key(|b| b.0);
-    let stop_token_ids =
-        c.stop_token_ids.iter().flatten().map(|&id| token_id("stop_token_ids", id, lim.vocab_size)).collect::<Result<_, _>>()?;
+    let ids = c.stop_token_ids.as_deref().unwrap_or_default();
+    if ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            format!("at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed, got {}", ids.len()),
+        ));
+    }
+    let stop_token_ids = ids.iter().map(|&id| token_id("stop_token_ids", id, lim.vocab_size)).collect::<Result<_, _>>()?;
     let min_tokens = match c.min_tokens {
         Some(m) if m < 0 => return Err(ApiError::invalid("min_tokens", format!("`min_tokens` must be non-negative, got {m}"))),
         Some(m) => m as usize,
@@ -149,6 +172,9 @@ pub fn stop_strings(c: &CommonParams) -> Result<Vec<String>, ApiError> {
     if v.iter().any(|s| s.is_empty()) {
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
     }
+    if let Some(s) = v.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid("stop", format!("a stop string may be at most {MAX_STOP_BYTES} bytes, got one of {}", s.len())));
+    }
     Ok(v)
 }
 
@@ -174,13 +200,15 @@ mod tests {
 
     #[test]
     fn max_tokens_rules() {
-        assert_eq!(max_tokens(None, Some(16), 10, 100).unwrap(), 16);
-        assert_eq!(max_tokens(None, None, 10, 100).unwrap(), 90);
-        assert_eq!(max_tokens(None, Some(16), 95, 100).unwrap(), 5);
-        assert_eq!(max_tokens(Some(-1), None, 10, 100).unwrap_err().param.as_deref(), Some("max_tokens"));
-        let e = max_tokens(Some(i64::MAX), None, 10, 100).unwrap_err();
+        assert_eq!(max_tokens("max_tokens", None, Some(16), 10, 100).unwrap(), 16);
+        assert_eq!(max_tokens("max_tokens", None, None, 10, 100).unwrap(), 90);
+        assert_eq!(max_tokens("max_tokens", None, Some(16), 95, 100).unwrap(), 5);
+        assert_eq!(max_tokens("max_tokens", Some(-1), None, 10, 100).unwrap_err().param.as_deref(), Some("max_tokens"));
+        let e = max_tokens("max_completion_tokens", Some(0), None, 10, 100).unwrap_err();
+        assert_eq!((e.param.as_deref(), e.message.contains("`max_completion_tokens`")), (Some("max_completion_tokens"), true));
+        let e = max_tokens("max_tokens", Some(i64::MAX), None, 10, 100).unwrap_err();
         assert_eq!(e.code, Some("context_length_exceeded"));
-        assert_eq!(max_tokens(None, None, 100, 100).unwrap_err().code, Some("context_length_exceeded"));
+        assert_eq!(max_tokens("max_tokens", None, None, 100, 100).unwrap_err().code, Some("context_length_exceeded"));
     }
 
     #[test]

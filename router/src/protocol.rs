@@ -183,7 +183,7 @@ pub fn parse_request<T: serde::de::DeserializeOwned + WithCommon>(body: &[u8]) -
 /// Parses a JSON body, naming the field that was wrong.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let param = if path == "." || path.is_empty() { "body".to_string() } else { path };
@@ -192,5 +192,9 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
         } else {
             ApiError::invalid(param, format!("Invalid request: {inner}"))
         }
-    })
+    })?;
+    // Anything after the JSON value but whitespace makes the body not JSON (two bodies glued together,
+    // or a smuggled tail), as Python's json.loads says.
+    de.end().map_err(|e| ApiError::invalid("body", format!("The request body is not valid JSON: {e}")))?;
+    Ok(value)
 }

@@ -8,7 +8,9 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use std::time::Duration;
+
+use tokio::sync::mpsc::{Sender, UnboundedReceiver, channel};
 
 use switchyard_engine_api::PromptInfo;
 
@@ -74,6 +76,8 @@ pub struct ChunkHead {
     /// `stream_options.include_usage`: every chunk then carries `"usage": null`, and a last chunk
     /// with no choices carries the totals.
     pub include_usage: bool,
+    /// How long a client may read nothing before the stream gives up on it.
+    pub stall: Duration,
 }
 
 /// One streamed chunk, whose choices `C` are the endpoint's.
@@ -105,8 +109,9 @@ impl ChunkHead {
 /// Streams a request's pieces as chunks: `prologue` choices first (chat's role chunks), then one chunk
 /// per piece with the choice `render` makes of it (none when it makes none), then the usage chunk if
 /// asked for, then `[DONE]`. An engine error ends the stream with an error event. When the client
-/// goes, the pieces' receiver is dropped, which cancels every choice.
-pub fn stream<C: Serialize + Send + 'static>(
+/// goes (noticed at once, not at the next chunk) or reads nothing for the stall timeout, the pieces'
+/// receiver is dropped, which cancels every choice.
+pub fn stream<C: Serialize + Send + Sync + 'static>(
     mut rx: UnboundedReceiver<Update>,
     choices: usize,
     head: ChunkHead,
@@ -114,23 +119,27 @@ pub fn stream<C: Serialize + Send + 'static>(
     prologue: Vec<C>,
     mut render: impl FnMut(Piece) -> Option<C> + Send + 'static,
 ) -> Response {
-    let (tx, resp) = sse();
+    let (tx, resp) = sse(head.stall, true);
     tokio::spawn(async move {
         for c in prologue {
-            if !tx.send(&head.chunk(vec![c])) {
+            if !tx.send(&head.chunk(vec![c])).await {
                 return;
             }
         }
         let (mut done, mut completion) = (0, 0);
         while done < choices {
-            let Some(u) = rx.recv().await else { return };
+            let u = tokio::select! {
+                u = rx.recv() => u,
+                _ = tx.closed() => return,
+            };
+            let Some(u) = u else { return };
             let piece = match u {
                 Ok(p) => p,
                 Err(failure) => {
                     // Mid-stream: the status line has gone out, so this is the error's only log.
                     let e = ApiError::from_failure(failure);
                     e.log_if_server_error("(stream)");
-                    tx.send(&e.body());
+                    tx.send(&e.body()).await;
                     return;
                 }
             };
@@ -139,45 +148,71 @@ pub fn stream<C: Serialize + Send + 'static>(
                 completion += f.completion_tokens;
             }
             if let Some(choice) = render(piece)
-                && !tx.send(&head.chunk(vec![choice]))
+                && !tx.send(&head.chunk(vec![choice])).await
             {
                 return;
             }
         }
         if head.include_usage {
             let last = Chunk { usage: Some(Some(Usage::new(prompt_tokens, completion))), ..head.chunk::<C>(Vec::new()) };
-            tx.send(&last);
+            tx.send(&last).await;
         }
     });
     resp
 }
 
+/// Events a stream holds for a client that is not reading, before sending waits (and, after the stall
+/// timeout, gives up): the rest of a slow client's output stays bounded.
+pub const SSE_BUFFER: usize = 64;
+
 /// The sending half of an SSE response (an error mid-stream is sent as its OpenAI error body, as vLLM
-/// does): JSON payloads become `data:` events; dropping it sends `[DONE]`. `send` fails once the
-/// client has gone.
-struct SseSender(UnboundedSender<Event>);
+/// does): JSON payloads become `data:` events; dropping it sends `[DONE]` when asked to. At most
+/// [`SSE_BUFFER`] events wait for the client; `send` fails once the client has gone or has read
+/// nothing for the stall timeout.
+pub struct SseSender {
+    tx: Sender<Event>,
+    stall: Duration,
+    done: bool,
+}
 
 impl SseSender {
-    fn send(&self, v: &impl Serialize) -> bool {
+    pub async fn send(&self, v: &impl Serialize) -> bool {
         match serde_json::to_string(v) {
-            Ok(data) => self.0.send(Event::default().data(data)).is_ok(),
+            Ok(data) => self.send_event(Event::default().data(data)).await,
             Err(e) => {
                 tracing::error!("serializing a stream event: {e}");
                 false
             }
         }
     }
+
+    pub async fn send_event(&self, e: Event) -> bool {
+        match tokio::time::timeout(self.stall, self.tx.send(e)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::info!("the client read nothing for {:?}; ending its stream", self.stall);
+                false
+            }
+        }
+    }
+
+    /// Resolves when the client has gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
 }
 
 impl Drop for SseSender {
     fn drop(&mut self) {
-        let _ = self.0.send(Event::default().data("[DONE]"));
+        if self.done {
+            let _ = self.tx.try_send(Event::default().data("[DONE]"));
+        }
     }
 }
 
-/// An SSE response fed by the returned sender.
-fn sse() -> (SseSender, Response) {
-    let (tx, rx) = unbounded_channel::<Event>();
+/// An SSE response fed by the returned sender (`done`: end with `data: [DONE]`).
+pub fn sse(stall: Duration, done: bool) -> (SseSender, Response) {
+    let (tx, rx) = channel::<Event>(SSE_BUFFER);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
-    (SseSender(tx), Sse::new(stream).into_response())
+    (SseSender { tx, stall, done }, Sse::new(stream).into_response())
 }

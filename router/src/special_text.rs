@@ -32,6 +32,7 @@ pub fn contains_special(state: &AppState, text: &str) -> bool {
 
 /// Tokenizes a rendered chat prompt (see the module docs).
 pub fn encode_rendered(state: &AppState, text: &str, messages: &Value, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+    state.check_text_len(text, "messages")?;
     let hostile: Vec<&str> = client_texts(messages).into_iter().filter(|t| contains_special(state, t)).collect();
     if hostile.is_empty() {
         return state.encode(text, add_special_tokens);

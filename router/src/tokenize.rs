@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::params;
 use crate::protocol::{DetokenizeRequest, TokenizeRequest};
-use crate::server::{RawBody, SharedState, parse_body};
+use crate::server::{RawBody, SharedState, offload, parse_body};
 
 /// `POST /tokenize`'s answer.
 #[derive(Serialize)]
@@ -29,7 +29,8 @@ pub struct Detokenized {
 }
 
 pub async fn tokenize(State(state): State<SharedState>, RawBody(body): RawBody) -> Result<Json<Tokenized>, ApiError> {
-    let req: TokenizeRequest = parse_body(&state, &body)?;
+    let s = state.clone();
+    let req: TokenizeRequest = offload(move || parse_body(&s, &body)).await?;
     let (model, tokens, strs) = match req {
         TokenizeRequest::Chat {
             model,
@@ -45,23 +46,29 @@ pub async fn tokenize(State(state): State<SharedState>, RawBody(body): RawBody) 
             state.check_model(model.as_deref())?;
             let videos = crate::chat::videos::load(&state, &messages).await?;
             let expansions: Vec<String> = videos.into_iter().map(|v| v.expansion).collect();
-            let ids = crate::chat::render_and_tokenize(
-                &state,
-                &messages,
-                tools.as_deref(),
-                add_generation_prompt,
-                continue_final_message,
-                chat_template_kwargs.as_ref(),
-                add_special_tokens,
-                &expansions,
-            )?;
+            let s = state.clone();
+            let (ids, messages) = offload(move || {
+                let ids = crate::chat::render_and_tokenize(
+                    &s,
+                    &messages,
+                    tools.as_deref(),
+                    add_generation_prompt,
+                    continue_final_message,
+                    chat_template_kwargs.as_ref(),
+                    add_special_tokens,
+                    &expansions,
+                )?;
+                Ok((ids, messages))
+            })
+            .await?;
             // Each image expands as the chat endpoint expands it, so the count is the prompt the
             // model would see.
             let (ids, _) = crate::chat::images::attach(&state, &messages, mm_processor_kwargs.as_ref(), ids).await?;
             (model, ids, return_token_strs)
         }
         TokenizeRequest::Completion { model, prompt, add_special_tokens, return_token_strs } => {
-            (model, state.encode(&prompt, add_special_tokens)?, return_token_strs)
+            let s = state.clone();
+            (model, offload(move || s.encode(&prompt, add_special_tokens)).await?, return_token_strs)
         }
     };
     state.check_model(model.as_deref())?;
@@ -92,4 +99,12 @@ pub fn encode_text(
         ids.insert(0, bos);
     }
     Ok(ids)
+}
+
+/// The longest vocabulary entry, in bytes: no token decodes to more bytes than its entry spells
+/// (`▁` for a space and `<0xNN>` byte tokens only shrink when decoded), so a text of `b` bytes is at
+/// least `b / max_token_bytes` tokens, given a normalizer that never shortens text (Gemma's maps a
+/// space to `▁`).
+pub fn max_token_bytes(tok: &tokenizers::Tokenizer) -> usize {
+    tok.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
 }

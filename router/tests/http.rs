@@ -131,6 +131,9 @@ fn server_built(fake: Fake, api_key: Option<&str>, parsers: Parsers, cors: switc
         defaults: SamplingDefaults::default(),
         bos_token_id: Some(2),
         max_body_bytes: BODY_LIMIT,
+        body_timeout: std::time::Duration::from_secs(30),
+        stall_timeout: std::time::Duration::from_secs(30),
+        access_log: false,
         parsers,
         vision: None,
         cors,
@@ -138,6 +141,7 @@ fn server_built(fake: Fake, api_key: Option<&str>, parsers: Parsers, cors: switc
     app(Arc::new(AppState {
         config,
         engine: Arc::new(fake),
+        max_token_bytes: switchyard_router::tokenize::max_token_bytes(&tokenizer),
         tokenizer: Arc::new(tokenizer),
         tokenizer_literal: Arc::new(literal),
         special_strings,
@@ -257,10 +261,7 @@ fn routes() -> Vec<(Method, &'static str, String)> {
         (Method::POST, CHAT, chat(json!({})).to_string()),
         (Method::POST, "/tokenize", json!({"prompt": "hi"}).to_string()),
         (Method::POST, "/detokenize", json!({"tokens": [5]}).to_string()),
-        (Method::GET, "/metrics", String::new()),
         (Method::GET, "/v1/models/tiny", String::new()),
-        (Method::GET, "/version", String::new()),
-        (Method::GET, "/load", String::new()),
     ]
 }
 
@@ -338,6 +339,54 @@ async fn api_key_guards_every_route() {
         send(&app, other_scheme).await.error(StatusCode::UNAUTHORIZED);
         let ok = send(&app, request(method.clone(), path, Some(KEY), body)).await;
         assert_eq!(ok.status, StatusCode::OK, "{method} {path} with the key: {}", ok.text);
+    }
+}
+
+/// The probes, `/metrics` (Prometheus scrapes without a key), `/version` and `/load` answer without the
+/// key, whatever the method (HEAD for `GET` routes; a bare `OPTIONS` is a 405, not a 401).
+#[tokio::test]
+async fn probes_and_metrics_need_no_key() {
+    let app = server_with(Fake::new(TEXT, End::Eos), Some(KEY), Parsers::default());
+    for path in ["/health", "/ping", "/metrics", "/version", "/load"] {
+        assert_eq!(send(&app, request(Method::GET, path, None, String::new())).await.status, StatusCode::OK, "GET {path}");
+        assert_eq!(send(&app, request(Method::HEAD, path, None, String::new())).await.status, StatusCode::OK, "HEAD {path}");
+        let options = send(&app, request(Method::OPTIONS, path, None, String::new())).await.status;
+        assert_eq!(options, StatusCode::METHOD_NOT_ALLOWED, "OPTIONS {path}");
+    }
+    // Near spellings of an open path are not open.
+    for path in ["/metrics/", "/health/../v1/models", "/Metrics", "/metrics%2F..%2Fv1%2Fmodels"] {
+        assert_eq!(send(&app, request(Method::GET, path, None, String::new())).await.status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+}
+
+/// A body is JSON or nothing: trailing bytes after the value and non-JSON content types are refused.
+#[tokio::test]
+async fn bodies_must_be_exactly_json() {
+    let app = server(Fake::new(TEXT, End::Eos));
+    let body = completion(json!({})).to_string();
+    let glued = send(&app, request(Method::POST, COMPLETIONS, None, format!("{body} {{\"prompt\": 1}}"))).await;
+    assert_eq!(glued.error(StatusCode::BAD_REQUEST)["param"], "body");
+    let trailing = send(&app, request(Method::POST, COMPLETIONS, None, format!("{body}xyz"))).await;
+    assert_eq!(trailing.error(StatusCode::BAD_REQUEST)["param"], "body");
+    assert_eq!(send(&app, request(Method::POST, COMPLETIONS, None, format!("{body} \n"))).await.status, StatusCode::OK);
+    for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/jsonx"] {
+        let r = Request::builder()
+            .method(Method::POST)
+            .uri(COMPLETIONS)
+            .header(header::CONTENT_TYPE, ct)
+            .body(Body::from(body.clone()))
+            .expect("a request");
+        let r = send(&app, r).await;
+        assert_eq!(r.error(StatusCode::UNSUPPORTED_MEDIA_TYPE)["param"], "content-type", "{ct}");
+    }
+    for ct in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"] {
+        let r = Request::builder()
+            .method(Method::POST)
+            .uri(COMPLETIONS)
+            .header(header::CONTENT_TYPE, ct)
+            .body(Body::from(body.clone()))
+            .expect("a request");
+        assert_eq!(send(&app, r).await.status, StatusCode::OK, "{ct}");
     }
 }
 

@@ -142,8 +142,8 @@ def guarded():
     assert s.stop() == 0
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "//v1/models", "/v1/../v1/models", "/v1%2Fmodels", "/V1/MODELS", "/metrics",
-                                  "/tokenize", "/health/../v1/models", "/nonexistent"])
+@pytest.mark.parametrize("path", ["/v1/models", "//v1/models", "/v1/../v1/models", "/v1%2Fmodels", "/V1/MODELS", "/metrics/",
+                                  "/tokenize", "/health/../v1/models", "/metrics/../v1/models", "/nonexistent"])
 def test_api_key_guards_every_route_but_health(guarded, path):
     with httpx.Client() as c:
         req = c.build_request("GET", guarded.url + "/")

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::server::{RawBody, SharedState, now_secs, request_id, request_span, submit_all};
+use crate::server::{RawBody, offload, SharedState, now_secs, request_id, request_span, submit_all};
 
 pub use prepare::Reading;
 pub use render::{normalize_messages, render_and_tokenize};
@@ -54,10 +54,12 @@ pub(crate) struct Started {
 /// Everything up to submission: parse, render, images, output reading, jobs, grammars, submit. The
 /// Responses API enters here with the chat body it builds.
 pub(crate) async fn start(state: SharedState, body: &Bytes, id: String) -> Result<Started, ApiError> {
-    let req = prepare::parse(&state, body)?;
+    let (s, b) = (state.clone(), body.clone());
+    let req = offload(move || prepare::parse(&s, &b)).await?;
     let videos = videos::load(&state, &req.messages).await?;
     let expansions: Vec<String> = videos.iter().map(|v| v.expansion.clone()).collect();
-    let prepare::Prepared { req, prompt, n, top } = prepare::prepare(&state, req, &expansions)?;
+    let s = state.clone();
+    let prepare::Prepared { req, prompt, n, top } = offload(move || prepare::prepare(&s, req, &expansions)).await?;
     let (prompt, images) = images::attach(&state, &req.messages, req.mm_processor_kwargs.as_ref(), prompt).await?;
     let images = videos::with_frames(&state, &prompt, images, videos)?;
     let reading = prepare::output_reading(&state, &req, &prompt)?;

@@ -91,7 +91,11 @@ pub(super) fn jobs(
 ) -> Result<Vec<ChoiceJob>, ApiError> {
     let lim = Limits { vocab_size: state.config.vocab_size, max_model_len: state.config.max_model_len, defaults: &state.config.defaults };
     let mut p = params::sampling(&req.common, &lim)?;
-    p.max_tokens = params::max_tokens(req.max_completion_tokens.or(req.max_tokens), None, prompt.len(), state.config.max_model_len)?;
+    let (field, max) = match req.max_completion_tokens {
+        Some(m) => ("max_completion_tokens", Some(m)),
+        None => ("max_tokens", req.max_tokens),
+    };
+    p.max_tokens = params::max_tokens(field, max, None, prompt.len(), state.config.max_model_len)?;
     params::check_min_max(&p)?;
     p.logprobs = top;
     let stops = params::stop_strings(&req.common)?;

@@ -98,6 +98,7 @@ pub(super) fn stream(answer: Answer, rx: UnboundedReceiver<Update>, include_usag
         created: answer.created,
         model: answer.state.model_name().to_string(),
         include_usage,
+        stall: answer.state.config.stall_timeout,
     };
     let roles = (0..answer.n)
         .map(|index| ChatChunkChoice {

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::server::{RawBody, SharedState, now_secs, request_id, request_span, submit_all};
+use crate::server::{offload, RawBody, SharedState, now_secs, request_id, request_span, submit_all};
 
 pub use prepare::MAX_PROMPTS;
 
@@ -26,7 +26,8 @@ pub async fn handle(State(state): State<SharedState>, headers: HeaderMap, RawBod
 }
 
 async fn respond(state: SharedState, body: Bytes, id: String) -> Result<Response, ApiError> {
-    let prepare::Prepared { req, prompts, n, logprobs, mut jobs } = prepare::prepare(&state, &body)?;
+    let s = state.clone();
+    let prepare::Prepared { req, prompts, n, logprobs, mut jobs } = offload(move || prepare::prepare(&s, &body)).await?;
     crate::structured::attach(&state, &mut jobs).await?;
     let rx = submit_all(&state, jobs)?;
     let answer = response::Answer {

@@ -45,7 +45,7 @@ pub(super) fn prepare(state: &SharedState, body: &Bytes) -> Result<Prepared, Api
     let mut jobs = Vec::with_capacity(prompts.len() * n);
     for (ids, _) in &prompts {
         let mut p = base.clone();
-        p.max_tokens = params::max_tokens(req.max_tokens, Some(16), ids.len(), state.config.max_model_len)?;
+        p.max_tokens = params::max_tokens("max_tokens", req.max_tokens, Some(16), ids.len(), state.config.max_model_len)?;
         params::check_min_max(&p)?;
         p.logprobs = logprobs;
         p.prompt_logprobs = if req.echo { logprobs } else { None };

@@ -7,17 +7,15 @@
 //! `response.function_call_arguments.delta`) and closed (the matching `.done` events); then
 //! `response.completed` with the whole response, whose status may be `incomplete`.
 
-use std::convert::Infallible;
-
-use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::response::sse::Event;
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use super::{Head, Stored, message_item, new_id};
 use crate::chat::Started;
 use crate::error::ApiError;
 use crate::gemma4::{Delta, OutputParser};
+use crate::response::SseSender;
 use crate::server::SharedState;
 
 /// The item being streamed.
@@ -29,14 +27,13 @@ enum Open {
 }
 
 struct Writer {
-    tx: UnboundedSender<Event>,
+    /// Events made since the last flush.
+    pending: Vec<Event>,
     seq: u64,
     open: Open,
     /// Items closed so far (the response's `output`).
     done: Vec<Value>,
     include_reasoning: bool,
-    /// The client went away.
-    gone: bool,
 }
 
 impl Writer {
@@ -45,13 +42,19 @@ impl Writer {
         fields.insert("type".into(), json!(kind));
         self.seq += 1;
         match serde_json::to_string(&fields) {
-            Ok(data) => {
-                if self.tx.send(Event::default().event(kind).data(data)).is_err() {
-                    self.gone = true;
-                }
-            }
+            Ok(data) => self.pending.push(Event::default().event(kind).data(data)),
             Err(e) => tracing::error!("serializing a Responses event: {e}"),
         }
+    }
+
+    /// Sends what was made; false once the client has gone or stopped reading.
+    async fn flush(&mut self, tx: &SseSender) -> bool {
+        for e in std::mem::take(&mut self.pending) {
+            if !tx.send_event(e).await {
+                return false;
+            }
+        }
+        true
     }
 
     fn obj(v: Value) -> Map<String, Value> {
@@ -182,10 +185,10 @@ impl Writer {
 /// Streams a started request's single choice as Responses events; stores the response at the end
 /// when `store` holds the chat messages it ran on.
 pub(super) fn stream(state: SharedState, started: Started, head: Head, include_reasoning: bool, store: Option<Vec<Value>>) -> Response {
-    let (tx, rx) = unbounded_channel::<Event>();
+    let (tx, resp) = crate::response::sse(state.config.stall_timeout, false);
     let Started { answer, rx: mut updates, .. } = started;
     tokio::spawn(async move {
-        let mut w = Writer { tx, seq: 0, open: Open::None, done: Vec::new(), include_reasoning, gone: false };
+        let mut w = Writer { pending: Vec::new(), seq: 0, open: Open::None, done: Vec::new(), include_reasoning };
         let created = serde_json::to_value(&head).unwrap_or(Value::Null);
         w.emit("response.created", Writer::obj(json!({"response": created.clone()})));
         w.emit("response.in_progress", Writer::obj(json!({"response": created})));
@@ -194,7 +197,15 @@ pub(super) fn stream(state: SharedState, started: Started, head: Head, include_r
         let mut tokens = Vec::new();
         let mut cached = 0;
         loop {
-            let Some(u) = updates.recv().await else { return };
+            // Dropping `updates` (returning) cancels the request: when the client goes, at once.
+            if !w.flush(&tx).await {
+                return;
+            }
+            let u = tokio::select! {
+                u = updates.recv() => u,
+                _ = tx.closed() => return,
+            };
+            let Some(u) = u else { return };
             let piece = match u {
                 Ok(p) => p,
                 Err(failure) => {
@@ -206,6 +217,7 @@ pub(super) fn stream(state: SharedState, started: Started, head: Head, include_r
                         "error",
                         Writer::obj(json!({"code": err.get("code"), "message": err.get("message"), "param": err.get("param")})),
                     );
+                    w.flush(&tx).await;
                     return;
                 }
             };
@@ -217,9 +229,6 @@ pub(super) fn stream(state: SharedState, started: Started, head: Head, include_r
                 None => w.content(&piece.text),
                 Some(p) => w.delta(p.feed_piece(&piece.text, piece.finish.is_some())),
             }
-            if w.gone {
-                return; // dropping `updates` cancels the request
-            }
             if let Some(f) = piece.finish {
                 w.close();
                 let reasoning = super::reasoning_tokens(&state, &tokens, starts_inside);
@@ -229,10 +238,10 @@ pub(super) fn stream(state: SharedState, started: Started, head: Head, include_r
                 if let Some(messages) = store {
                     state.responses.put(head.id.clone(), Stored { response: value, messages });
                 }
+                w.flush(&tx).await;
                 return;
             }
         }
     });
-    let events = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
-    Sse::new(events).into_response()
+    resp
 }

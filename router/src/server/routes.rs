@@ -1,9 +1,10 @@
 //! The router: every route, the API-key guard, the 5xx log, and the small endpoints (health,
 //! liveness, models, metrics).
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -35,7 +36,7 @@ pub fn app(state: SharedState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(middleware::from_fn(log_server_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), log_requests))
         .layer(cors_layer(&state.config.cors))
         .with_state(state)
 }
@@ -66,10 +67,20 @@ fn cors_layer(c: &super::Cors) -> tower_http::cors::CorsLayer {
     CorsLayer::new().allow_origin(origin).allow_methods(methods).allow_headers(headers).allow_credentials(c.credentials)
 }
 
-/// The one place HTTP 5xx responses are logged, with the detail their `ApiError` kept from the client.
-async fn log_server_errors(req: Request, next: Next) -> Response {
+/// The access log (uvicorn's line: client, request line, status; plus the time to the response's
+/// head), unless `--disable-uvicorn-access-log`; and the one place HTTP 5xx responses are logged, with
+/// the detail their `ApiError` kept from the client.
+async fn log_requests(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map_or_else(|| "-".to_string(), |c| c.0.to_string());
+    let line = format!("{} {} {:?}", req.method(), req.uri().path_and_query().map_or("/", |p| p.as_str()), req.version());
     let path = req.uri().path().to_owned();
+    let start = std::time::Instant::now();
     let resp = next.run(req).await;
+    if state.config.access_log {
+        let status = resp.status();
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(target: "switchyard::access", "{client} - \"{line}\" {} {} ({ms:.1} ms)", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    }
     if resp.status().is_server_error() {
         let detail = resp.extensions().get::<crate::error::ServerErrorDetail>().map_or("", |d| d.0.as_str());
         tracing::error!(status = resp.status().as_u16(), path, detail, "server error");
@@ -87,10 +98,15 @@ fn same_key(given: &[u8], want: &[u8]) -> bool {
     given.len() == want.len() && bool::from(given.ct_eq(want))
 }
 
+/// Paths that need no key, whatever the method: the probes, `/metrics` (scraped by Prometheus, which
+/// has no key; vLLM guards only `/v1/*`), `/version` and `/load` (load balancers). Matched exactly on
+/// the raw path, so no spelling of another route gets through. `/tokenize` and `/detokenize` do work,
+/// so they keep the key (stricter than vLLM).
+const OPEN_PATHS: [&str; 5] = ["/health", "/ping", "/metrics", "/version", "/load"];
+
 async fn auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     let Some(key) = &state.config.api_key else { return next.run(req).await };
-    let path = req.uri().path();
-    if req.method() == axum::http::Method::GET && (path == "/health" || path == "/ping") {
+    if OPEN_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));

@@ -24,6 +24,12 @@ pub struct ServerConfig {
     pub bos_token_id: Option<u32>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive, from the end of its headers.
+    pub body_timeout: std::time::Duration,
+    /// How long a stream may wait on a client that reads nothing before it is treated as gone.
+    pub stall_timeout: std::time::Duration,
+    /// Log a line per request (`--disable-uvicorn-access-log` turns it off).
+    pub access_log: bool,
     /// Which output parsers run (`--reasoning-parser`, `--tool-call-parser`, `--enable-auto-tool-choice`).
     pub parsers: Parsers,
     /// Image input, when the model has a vision tower.
@@ -90,6 +96,9 @@ pub struct AppState {
     /// The text of every special added token.
     pub special_strings: Vec<String>,
     pub template: Option<ChatTemplate>,
+    /// The most bytes of text one token stands for (the longest vocabulary entry): a text longer than
+    /// `max_model_len` times this cannot fit, so it is refused before it is tokenized.
+    pub max_token_bytes: usize,
     /// Compiles structured-output grammars (checked here, so a bad one is a 400 before it is queued).
     pub grammar: Option<switchyard_grammar::GrammarEnv>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -127,7 +136,28 @@ impl AppState {
 
     /// Text prompt → ids, with BOS first as transformers' tokenizer gives it.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+        self.check_text_len(text, "prompt")?;
         crate::tokenize::encode_text(&self.tokenizer, text, add_special_tokens, self.config.bos_token_id).map_err(ApiError::internal)
+    }
+
+    /// Refuses, before any tokenizer work, a text that is longer than the context could hold even if
+    /// every token were the longest in the vocabulary. (Tokenizing tens of megabytes costs seconds of
+    /// CPU and gigabytes of memory only to end in this same 400.)
+    pub fn check_text_len(&self, text: &str, param: &str) -> Result<(), ApiError> {
+        let most = self.config.max_model_len.saturating_mul(self.max_token_bytes.max(1));
+        if text.len() > most {
+            let at_least = text.len().div_ceil(self.max_token_bytes.max(1));
+            return Err(ApiError {
+                param: Some(param.into()),
+                ..ApiError::context_length(format!(
+                    "This model's maximum context length is {} tokens. However, your {param} is {} bytes, which is at least \
+                     {at_least} tokens. Please reduce the length of the {param}.",
+                    self.config.max_model_len,
+                    text.len()
+                ))
+            });
+        }
+        Ok(())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {

@@ -41,6 +41,7 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
         state.engine.validate(&j.prompt, &j.params)?;
     }
     let (tx, rx) = unbounded_channel();
+    let outcomes = crate::choice::Outcomes::new(state.model_name());
     for (index, j) in jobs.into_iter().enumerate() {
         let min_tokens = j.params.min_tokens;
         let sub = state.engine.submit(EngineRequest {
@@ -51,8 +52,15 @@ pub fn submit_all(state: &SharedState, jobs: Vec<ChoiceJob>) -> Result<Unbounded
             images: j.images,
             traceparent: switchyard_telemetry::traceparent(&tracing::Span::current()),
         })?;
-        let spec =
-            ChoiceSpec { index, prompt: j.prompt, min_tokens, stops: j.stops, include_stop: j.include_stop, skip_special: j.skip_special };
+        let spec = ChoiceSpec {
+            index,
+            prompt: j.prompt,
+            min_tokens,
+            stops: j.stops,
+            include_stop: j.include_stop,
+            skip_special: j.skip_special,
+            outcomes: outcomes.clone(),
+        };
         tokio::spawn(run_choice(spec, sub, state.tokenizer.clone(), tx.clone()));
     }
     Ok(rx)
