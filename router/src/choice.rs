@@ -40,9 +40,7 @@ pub struct Outcomes {
 
 impl Outcomes {
     pub fn new(model_name: &str) -> Outcomes {
-        let with = |reason: &'static str| {
-            metrics::counter!("vllm:request_success_total", "model_name" => model_name.to_string(), "engine" => "0", "finished_reason" => reason)
-        };
+        let with = |reason: &'static str| metrics::counter!("vllm:request_success_total", "model_name" => model_name.to_string(), "engine" => "0", "finished_reason" => reason);
         Outcomes { abort: with("abort"), stop: with("stop") }
     }
 }

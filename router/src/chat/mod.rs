@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::server::{RawBody, offload, SharedState, now_secs, request_id, request_span, submit_all};
+use crate::server::{RawBody, SharedState, now_secs, offload, request_id, request_span, submit_all};
 
 pub use prepare::Reading;
 pub use render::{normalize_messages, render_and_tokenize};

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::server::{offload, RawBody, SharedState, now_secs, request_id, request_span, submit_all};
+use crate::server::{RawBody, SharedState, now_secs, offload, request_id, request_span, submit_all};
 
 pub use prepare::MAX_PROMPTS;
 

@@ -61,7 +61,9 @@ impl FromRequest<SharedState> for RawBody {
         match tokio::time::timeout(limit, Bytes::from_request(req, state)).await {
             Err(_) => Err(ApiError::body_timeout(limit.as_secs())),
             Ok(Ok(b)) => Ok(RawBody(b)),
-            Ok(Err(e)) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::body_too_large(state.config.max_body_bytes)),
+            Ok(Err(e)) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::body_too_large(state.config.max_body_bytes))
+            }
             Ok(Err(e)) => Err(ApiError::invalid("body", e.body_text())),
         }
     }
