@@ -5,12 +5,24 @@
 //! a frozen view, not an empty one). Registrations and leadership hold leases kept alive at a third
 //! of the TTL; a registration whose lease was lost (etcd lost its data, or the worker was paused past
 //! the TTL) grants a new one and writes itself again.
+//!
+//! Security ([`EtcdSecurity`]): etcd over TLS (its CA, and a client certificate when etcd runs with
+//! `--client-cert-auth`) and etcd's user/password authentication. With a cluster identity
+//! ([`ClusterTls`]) the plan is signed: the leader signs it with its coordinator certificate, and a
+//! plan record without a valid coordinator signature is ignored (logged, counted in
+//! `switchyard_plan_rejected_total`). Signing rather than etcd RBAC alone: a signature holds whoever
+//! can write to etcd (a worker's credentials, an etcd backup restored by hand, a compromised etcd),
+//! and needs no per-role etcd users to be kept in step with the chart.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use serde::{Deserialize, Serialize};
+use switchyard_tls::seal::Signature;
+use switchyard_tls::{ClusterTls, PeerRole};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -24,7 +36,87 @@ fn err(e: etcd_client::Error) -> DiscoveryError {
     DiscoveryError::Etcd(e.to_string())
 }
 
+/// How this process speaks to etcd, and whether plans are signed.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdSecurity {
+    /// The CA that signed etcd's server certificate (enables TLS; `https://` endpoints).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key, for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd user and password (etcd `auth enable`).
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// The cluster identity: sign published plans and accept only signed ones.
+    pub identity: Option<Arc<ClusterTls>>,
+}
+
+impl EtcdSecurity {
+    fn connect_options(&self) -> Result<ConnectOptions, DiscoveryError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        if let Some(user) = &self.user {
+            opts = opts.with_user(user.clone(), self.password.clone().unwrap_or_default());
+        }
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| DiscoveryError::Etcd(format!("reading {}: {e}", p.display())));
+        if self.ca.is_some() || self.cert.is_some() {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            }
+            match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?)),
+                (None, None) => {}
+                _ => return Err(DiscoveryError::Etcd("an etcd client certificate needs both its cert and key files".into())),
+            }
+            opts = opts.with_tls(tls);
+        }
+        Ok(opts)
+    }
+}
+
+/// A plan record as stored when plans are signed: the plan's JSON text and the leader's signature
+/// over it.
+#[derive(Serialize, Deserialize)]
+struct SignedPlan {
+    plan: String,
+    signature: Signature,
+}
+
+/// What a plan signature is bound to: the record's key (the cluster's prefix), so a plan signed for
+/// one cluster cannot be replayed into another.
+fn plan_context(prefix: &str) -> String {
+    format!("{prefix}plan")
+}
+
+/// Decodes a plan record. With an identity only a coordinator-signed record is accepted; without
+/// one a signed record is read without checking (the process was not given the CA).
+fn decode_plan(value: &[u8], prefix: &str, identity: Option<&ClusterTls>) -> Result<PlacementPlan, String> {
+    let signed = serde_json::from_slice::<SignedPlan>(value).ok();
+    match (signed, identity) {
+        (Some(s), Some(tls)) => {
+            tls.verify(&plan_context(prefix), s.plan.as_bytes(), &s.signature, PeerRole::Coordinator).map_err(|e| e.to_string())?;
+            serde_json::from_str(&s.plan).map_err(|e| e.to_string())
+        }
+        (Some(s), None) => serde_json::from_str(&s.plan).map_err(|e| e.to_string()),
+        (None, Some(_)) => Err("the plan is not signed, and this cluster accepts only plans its coordinator signed".into()),
+        (None, None) => serde_json::from_slice(value).map_err(|e| e.to_string()),
+    }
+}
+
+/// Encodes a plan for etcd: signed when there is an identity.
+fn encode_plan(plan: &PlacementPlan, prefix: &str, identity: Option<&ClusterTls>) -> Result<Vec<u8>, DiscoveryError> {
+    let json = serde_json::to_string(plan).expect("plans serialise");
+    let Some(tls) = identity else { return Ok(json.into_bytes()) };
+    let signature = tls.sign(&plan_context(prefix), json.as_bytes()).map_err(|e| DiscoveryError::Etcd(format!("signing the plan: {e}")))?;
+    Ok(serde_json::to_vec(&SignedPlan { plan: json, signature }).expect("signed plans serialise"))
+}
+
 struct Mirror {
+    /// Checks plan signatures.
+    identity: Option<Arc<ClusterTls>>,
     workers: watch::Sender<BTreeMap<String, WorkerInfo>>,
     plan: watch::Sender<Option<Arc<PlacementPlan>>>,
     load: watch::Sender<BTreeMap<String, ExpertLoad>>,
@@ -50,14 +142,22 @@ impl Drop for SyncTask {
 }
 
 impl EtcdDiscovery {
-    /// Connects to etcd and starts mirroring `/switchyard/<cluster>/`. Leases last `ttl`.
+    /// Connects to etcd (plaintext, no auth, unsigned plans) and starts mirroring
+    /// `/switchyard/<cluster>/`. Leases last `ttl`.
     pub async fn connect(endpoints: &[String], cluster: &str, ttl: Duration) -> Result<EtcdDiscovery, DiscoveryError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-        let client = Client::connect(endpoints, Some(opts)).await.map_err(err)?;
+        Self::connect_with(endpoints, cluster, ttl, &EtcdSecurity::default()).await
+    }
+
+    /// [`EtcdDiscovery::connect`] with TLS, authentication and plan signatures as `security` says.
+    pub async fn connect_with(
+        endpoints: &[String],
+        cluster: &str,
+        ttl: Duration,
+        security: &EtcdSecurity,
+    ) -> Result<EtcdDiscovery, DiscoveryError> {
+        let client = Client::connect(endpoints, Some(security.connect_options()?)).await.map_err(err)?;
         let mirror = Arc::new(Mirror {
+            identity: security.identity.clone(),
             workers: watch::channel(BTreeMap::new()).0,
             plan: watch::channel(None).0,
             load: watch::channel(BTreeMap::new()).0,
@@ -135,7 +235,7 @@ fn apply(m: &Mirror, prefix: &str, key: &str, value: Option<&[u8]>) {
                 m.load.send_if_modified(|l| l.remove(id).is_some());
             }
         },
-        Key::Plan => match value.map(serde_json::from_slice::<PlacementPlan>) {
+        Key::Plan => match value.map(|v| decode_plan(v, prefix, m.identity.as_deref())) {
             Some(Ok(p)) => {
                 m.plan.send_if_modified(|cur| {
                     if cur.as_ref().is_some_and(|c| **c == p) {
@@ -145,7 +245,10 @@ fn apply(m: &Mirror, prefix: &str, key: &str, value: Option<&[u8]>) {
                     true
                 });
             }
-            Some(Err(e)) => tracing::warn!("switchyard: ignoring bad plan record: {e}"),
+            Some(Err(e)) => {
+                metrics::counter!("switchyard_plan_rejected_total").increment(1);
+                tracing::warn!("switchyard: ignoring the plan record {key}: {e}");
+            }
             // A deleted plan keeps the last one: workers serve on the last plan they saw.
             None => {}
         },
@@ -358,7 +461,7 @@ impl Discovery for EtcdDiscovery {
     }
 
     async fn publish_plan(&self, leader: &Leadership, plan: &PlacementPlan) -> Result<(), DiscoveryError> {
-        let value = serde_json::to_vec(plan).expect("plans serialise");
+        let value = encode_plan(plan, &self.prefix, self.mirror.identity.as_deref())?;
         let txn = Txn::new().when([Compare::value(self.key("leader"), CompareOp::Equal, leader.id.as_str())]).and_then([TxnOp::put(
             self.key("plan"),
             value,
@@ -468,5 +571,98 @@ impl Drop for LeaderGuard {
     fn drop(&mut self) {
         self.task.abort();
         revoke_in_background(&self.client, self.lease);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{ExpertShape, Layout};
+    use switchyard_tls::generate::{Leaf, cluster};
+
+    fn plan(version: u64, holder: &str) -> PlacementPlan {
+        PlacementPlan {
+            version,
+            layout: Layout::Afd,
+            replicas: 1,
+            shape: ExpertShape { num_layers: 1, num_experts: 1, slice_bytes: 1 },
+            holders: vec![vec![vec![holder.to_string()]]],
+            addresses: [(holder.to_string(), format!("http://{holder}:7000"))].into(),
+            imbalance: 1.0,
+        }
+    }
+
+    fn leaf(name: &str, roles: &[PeerRole]) -> Leaf {
+        Leaf { name: name.into(), roles: roles.to_vec(), hosts: vec![] }
+    }
+
+    /// The acceptance test for signed plans: only a coordinator's signature over exactly these bytes
+    /// for this cluster is followed; a worker's, an outsider's, a tampered or an unsigned plan is not.
+    #[test]
+    fn only_plans_a_coordinator_signed_are_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let roles = [
+            leaf("coordinator", &[PeerRole::Coordinator]),
+            leaf("worker", &[PeerRole::Attention, PeerRole::Expert]),
+            leaf("router", &[PeerRole::Router]),
+        ];
+        let paths = cluster(dir.path(), &roles, 1).unwrap();
+        let coordinator = ClusterTls::load(paths[0].clone()).unwrap();
+        let worker = ClusterTls::load(paths[1].clone()).unwrap();
+        // Another CA's coordinator: a certificate with the right role, from outside the cluster.
+        let other = tempfile::tempdir().unwrap();
+        let outsider = ClusterTls::load(cluster(other.path(), &roles[..1], 1).unwrap().remove(0)).unwrap();
+        let prefix = "/switchyard/default/";
+        let p = plan(3, "expert-0");
+
+        let good = encode_plan(&p, prefix, Some(&coordinator)).unwrap();
+        assert_eq!(decode_plan(&good, prefix, Some(&worker)).unwrap(), p, "a worker follows its coordinator's plan");
+
+        let forged = encode_plan(&plan(4, "attacker"), prefix, Some(&worker)).unwrap();
+        let e = decode_plan(&forged, prefix, Some(&worker)).unwrap_err();
+        assert!(e.contains("without the role coordinator"), "{e}");
+
+        let foreign = encode_plan(&plan(4, "attacker"), prefix, Some(&outsider)).unwrap();
+        let e = decode_plan(&foreign, prefix, Some(&worker)).unwrap_err();
+        assert!(e.contains("not one the cluster CA signed"), "{e}");
+
+        let unsigned = encode_plan(&plan(4, "attacker"), prefix, None).unwrap();
+        let e = decode_plan(&unsigned, prefix, Some(&worker)).unwrap_err();
+        assert!(e.contains("not signed"), "{e}");
+
+        // The coordinator's signature, another plan's bytes.
+        let mut tampered: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        tampered["plan"] = serde_json::Value::String(serde_json::to_string(&plan(4, "attacker")).unwrap());
+        let e = decode_plan(&serde_json::to_vec(&tampered).unwrap(), prefix, Some(&worker)).unwrap_err();
+        assert!(e.contains("does not match"), "{e}");
+
+        // The same signed record replayed under another cluster's prefix.
+        let e = decode_plan(&good, "/switchyard/other/", Some(&worker)).unwrap_err();
+        assert!(e.contains("does not match"), "{e}");
+
+        // Without an identity (one machine, plaintext), plain plans are read as before.
+        assert_eq!(decode_plan(&unsigned, prefix, None).unwrap(), plan(4, "attacker"));
+    }
+
+    /// A record that fails the check leaves the mirrored plan as it was.
+    #[test]
+    fn a_rejected_record_keeps_the_last_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = cluster(dir.path(), &[leaf("coordinator", &[PeerRole::Coordinator]), leaf("expert", &[PeerRole::Expert])], 1).unwrap();
+        let coordinator = ClusterTls::load(paths[0].clone()).unwrap();
+        let expert = ClusterTls::load(paths[1].clone()).unwrap();
+        let prefix = "/switchyard/default/";
+        let m = Mirror {
+            identity: Some(expert.clone()),
+            workers: watch::channel(BTreeMap::new()).0,
+            plan: watch::channel(None).0,
+            load: watch::channel(BTreeMap::new()).0,
+            leader: watch::channel(None).0,
+        };
+        let key = format!("{prefix}plan");
+        apply(&m, prefix, &key, Some(&encode_plan(&plan(1, "expert-0"), prefix, Some(&coordinator)).unwrap()));
+        apply(&m, prefix, &key, Some(&encode_plan(&plan(2, "attacker"), prefix, Some(&expert)).unwrap()));
+        apply(&m, prefix, &key, Some(&encode_plan(&plan(3, "attacker"), prefix, None).unwrap()));
+        assert_eq!(m.plan.borrow().as_deref(), Some(&plan(1, "expert-0")));
     }
 }
