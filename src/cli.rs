@@ -36,6 +36,9 @@ pub enum Command {
     /// Benchmarks: the model's prefill/decode throughput on this machine, or `bench serve` for a
     /// running OpenAI-compatible server (like `vllm bench serve`).
     Bench(BenchCommand),
+    /// Write a cluster CA and one certificate per role (mTLS between cluster processes) for clusters
+    /// without cert-manager; an existing CA in the directory is reused.
+    Certs(crate::cluster::CertsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -161,6 +164,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Worker(_) => "switchyard-worker",
         Command::Router(_) => "switchyard-router",
         Command::Bench(_) => "switchyard-bench",
+        Command::Certs(_) => "switchyard-certs",
     };
     // Kept to the end: dropping it flushes the spans not yet exported.
     let _telemetry = match switchyard_telemetry::init(service, &cli.telemetry) {
@@ -179,6 +183,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Router(a) => crate::cluster::router(a),
         Command::Bench(BenchCommand { target: Some(BenchTarget::Serve(a)), .. }) => switchyard_bench::run(a),
         Command::Bench(BenchCommand { target: None, local }) => crate::bench::run(local),
+        Command::Certs(a) => crate::cluster::certs(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

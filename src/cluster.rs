@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use std::path::PathBuf;
 use switchyard_coordinator::coordinator::{CoordinatorConfig, run as run_coordinator};
+
+use switchyard_coordinator::etcd::EtcdSecurity;
 use switchyard_coordinator::{Discovery, EtcdDiscovery, ExpertShape, Layout, Role};
 use switchyard_kernels::DType;
 use switchyard_router::attention_pool::{AttentionPool, Policy};
+use switchyard_tls::{ClusterTls, PeerRole, TlsPaths};
 use switchyard_worker::cluster::dispatch::{DispatchConfig, ExpertDispatch, SharedDispatch};
 use switchyard_worker::cluster::expert_server::ExpertServer;
 use switchyard_worker::cluster::expert_store::ExpertStore;
@@ -43,6 +47,152 @@ pub struct ClusterArgs {
     /// without starting anything (for deployment checks).
     #[arg(long)]
     pub check_config: bool,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How cluster processes trust each other and etcd.
+#[derive(Args, Debug, Clone)]
+pub struct SecurityArgs {
+    /// This process's certificate (PEM) for mTLS between cluster processes. It must be signed by
+    /// `--tls-ca` and grant this process's role as a subjectAltName URI
+    /// `spiffe://switchyard/<router|attention|expert|coordinator>` (`switchyard certs` writes such
+    /// files). Reloaded when the file changes.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers must present certificates it signed. With it, coordinators sign
+    /// the placement plan and workers follow only signed plans.
+    #[arg(long, env = "SWITCHYARD_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve internal gRPC in plaintext on a non-loopback address (a network trusted some other
+    /// way). Without mTLS and without this flag, workers listen only on loopback addresses.
+    #[arg(long, env = "SWITCHYARD_INSECURE_INTERNAL")]
+    pub insecure_internal: bool,
+    /// The CA of etcd's server certificate (PEM); connects over TLS (`https://` endpoints).
+    #[arg(long, env = "SWITCHYARD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's `--client-cert-auth`.
+    #[arg(long, env = "SWITCHYARD_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key of `--etcd-cert`.
+    #[arg(long, env = "SWITCHYARD_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (etcd's `auth enable`).
+    #[arg(long, env = "SWITCHYARD_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// The etcd user's password (prefer the environment variable).
+    #[arg(long, env = "SWITCHYARD_ETCD_PASSWORD", value_parser = crate::cli::secret, requires = "etcd_user")]
+    pub etcd_password: Option<crate::cli::Secret>,
+}
+
+impl SecurityArgs {
+    /// The cluster identity, checked to grant `needs` (the roles this process acts in); None when
+    /// no `--tls-*` was given.
+    pub fn identity(&self, needs: &[PeerRole]) -> Result<Option<Arc<ClusterTls>>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else { return Ok(None) };
+        let tls = ClusterTls::load(TlsPaths { cert: cert.clone(), key: key.clone(), ca: ca.clone() })?;
+        let have = tls.roles();
+        let missing: Vec<&str> = needs.iter().filter(|r| !have.contains(r)).map(|r| r.name()).collect();
+        if !missing.is_empty() {
+            let have: Vec<&str> = have.iter().map(|r| r.name()).collect();
+            bail!(
+                "{} grants the roles [{}], but this process acts as [{}]: issue it a certificate with the subjectAltName URI {}",
+                cert.display(),
+                have.join(", "),
+                missing.join(", "),
+                missing.iter().map(|m| format!("spiffe://switchyard/{m}")).collect::<Vec<_>>().join(" and ")
+            );
+        }
+        tls.spawn_reload();
+        tracing::info!("switchyard: {}", tls.describe());
+        Ok(Some(tls))
+    }
+
+    fn etcd(&self, identity: Option<Arc<ClusterTls>>) -> EtcdSecurity {
+        EtcdSecurity {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.as_ref().map(|p| p.0.clone()),
+            identity,
+        }
+    }
+}
+
+/// Internal gRPC in plaintext is for one machine: refuse a non-loopback listener without mTLS unless
+/// the operator says the network is trusted.
+fn check_plaintext(listen: std::net::SocketAddr, tls: &Option<Arc<ClusterTls>>, insecure: bool) -> Result<()> {
+    if tls.is_some() {
+        return Ok(());
+    }
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!("switchyard: internal gRPC on {listen} is plaintext and unauthenticated (--insecure-internal)");
+        return Ok(());
+    }
+    bail!(
+        "refusing plaintext gRPC on {listen}, which is not a loopback address: give this process a cluster certificate \
+         (--tls-cert, --tls-key, --tls-ca; `switchyard certs` writes them), or pass --insecure-internal on a network you trust"
+    )
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CertsArgs {
+    /// Directory for `ca.crt`, `ca.key` and `<name>/{tls.crt,tls.key,ca.crt}`.
+    #[arg(long, default_value = "switchyard-certs")]
+    pub out: PathBuf,
+    /// Host names or IPs to add to every certificate (peers check roles, not names; these help tools
+    /// like grpcurl).
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    pub hosts: Vec<String>,
+    /// Days the role certificates are valid (the CA: at least ten years).
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+    /// Extra certificates as NAME=ROLE[+ROLE...], e.g. `worker-3=attention+expert`. Without any,
+    /// one per role plus `worker` (attention+expert).
+    #[arg(long = "cert")]
+    pub certs: Vec<String>,
+}
+
+pub fn certs(args: CertsArgs) -> Result<()> {
+    let leaves = if args.certs.is_empty() {
+        switchyard_tls::generate::default_leaves(&args.hosts)
+    } else {
+        args.certs
+            .iter()
+            .map(|spec| {
+                let (name, roles) = spec.split_once('=').with_context(|| format!("--cert {spec}: expected NAME=ROLE[+ROLE...]"))?;
+                let roles = roles
+                    .split('+')
+                    .map(|r| {
+                        PeerRole::parse(r)
+                            .with_context(|| format!("--cert {spec}: unknown role {r} (router, attention, expert, coordinator)"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(switchyard_tls::generate::Leaf { name: name.to_string(), roles, hosts: args.hosts.clone() })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let paths = switchyard_tls::generate::cluster(&args.out, &leaves, args.days)?;
+    println!("CA: {}", args.out.join("ca.crt").display());
+    for (leaf, p) in leaves.iter().zip(paths) {
+        let roles: Vec<&str> = leaf.roles.iter().map(|r| r.name()).collect();
+        println!(
+            "{} [{}]: --tls-cert {} --tls-key {} --tls-ca {}",
+            leaf.name,
+            roles.join("+"),
+            p.cert.display(),
+            p.key.display(),
+            p.ca.display()
+        );
+    }
+    Ok(())
 }
 
 /// `--check-config`: the parsed configuration on stdout; true when the caller should exit.
@@ -54,8 +204,10 @@ fn checked(args: &impl std::fmt::Debug, check: bool) -> bool {
 }
 
 impl ClusterArgs {
-    async fn discovery(&self) -> Result<Arc<dyn Discovery>> {
-        let d = EtcdDiscovery::connect(&self.etcd, &self.cluster, Duration::from_secs(self.lease_ttl.max(1)))
+    /// etcd, with the identity that signs (coordinator) or checks (workers) the plan.
+    async fn discovery(&self, identity: Option<Arc<ClusterTls>>) -> Result<Arc<dyn Discovery>> {
+        let security = self.security.etcd(identity);
+        let d = EtcdDiscovery::connect_with(&self.etcd, &self.cluster, Duration::from_secs(self.lease_ttl.max(1)), &security)
             .await
             .with_context(|| format!("connecting to etcd at {}", self.etcd.join(",")))?;
         Ok(Arc::new(d))
@@ -219,7 +371,8 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     runtime()?.block_on(async {
         let _ = switchyard_router::metrics::handle();
         serve_metrics(args.cluster.metrics_port, watch::channel(true).1).await?;
-        let d = args.cluster.discovery().await?;
+        let identity = args.cluster.security.identity(&[PeerRole::Coordinator])?;
+        let d = args.cluster.discovery(identity).await?;
         tracing::info!(
             "switchyard coordinator {}: {:?} layout, {} replicas, cluster `{}`",
             cfg.id,
@@ -246,10 +399,17 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let _ = switchyard_router::metrics::handle();
         let (ready_tx, ready) = watch::channel(false);
         serve_metrics(args.cluster.metrics_port, ready).await?;
+        let needs: &[PeerRole] = match args.role {
+            Role::Attention => &[PeerRole::Attention],
+            Role::Expert => &[PeerRole::Expert],
+            Role::Both => &[PeerRole::Attention, PeerRole::Expert],
+        };
+        let tls = args.cluster.security.identity(needs)?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        check_plaintext(listener.local_addr()?, &tls, args.cluster.security.insecure_internal)?;
         let port = listener.local_addr()?.port();
         let id = args.id.clone().unwrap_or_else(|| format!("{}-{port}", hostname()));
-        let d = args.cluster.discovery().await?;
+        let d = args.cluster.discovery(tls.clone()).await?;
         let (ckpt, dtype, _) = checkpoint_facts(&dir, &c)?;
         let experts = match (args.role, c.moe) {
             (Role::Expert | Role::Both, Some(moe)) => {
@@ -272,6 +432,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                     hidden: c.hidden_size,
                     dtype,
                     timeout: Duration::from_millis(args.dispatch_timeout_ms),
+                    tls: tls.clone(),
                 },
                 experts.as_ref().map(|s| s.store().clone()),
                 active_rx,
@@ -305,6 +466,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             expert_memory,
             stats_interval: Duration::from_secs(args.stats_interval.max(1)),
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
+            tls,
         };
         run_worker(cfg, WorkerParts { experts, attention, active, ready: ready_tx }, d, terminate_signal()).await.context("worker")
     })
@@ -319,9 +481,13 @@ pub fn router(args: RouterArgs) -> Result<()> {
     let max_len = max_model_len(args.front.max_model_len, &c)?;
     runtime()?.block_on(async {
         let metrics = switchyard_router::metrics::handle();
-        let pool = AttentionPool::new(args.policy, c.vocab_size, max_len);
+        let tls = args.cluster.security.identity(&[PeerRole::Router])?;
+        if tls.is_none() {
+            tracing::warn!("switchyard router: no cluster certificate (--tls-cert): calls to attention workers are plaintext");
+        }
+        let pool = AttentionPool::new(args.policy, c.vocab_size, max_len, tls.clone());
         if args.workers.is_empty() {
-            let d = args.cluster.discovery().await?;
+            let d = args.cluster.discovery(tls).await?;
             tokio::spawn(follow_attention_workers(d, pool.clone()));
         } else {
             let list: Vec<(String, String)> = args.workers.iter().map(|w| (w.clone(), w.clone())).collect();

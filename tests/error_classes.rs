@@ -38,7 +38,7 @@ async fn attention_worker() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grammar_refused_by_an_attention_worker_is_a_400_at_the_router() {
     let addr = attention_worker().await;
-    let pool = AttentionPool::new(Policy::LeastOutstanding, 512, 128);
+    let pool = AttentionPool::new(Policy::LeastOutstanding, 512, 128, None);
     pool.set_workers(&[("attention-0".into(), addr)]);
     tokio::spawn(pool.clone().health_checks(Duration::from_millis(50)));
     let grammar =

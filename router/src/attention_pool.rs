@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use switchyard_engine_api::{EngineError, EngineEvent, EngineFailure, EngineRequest, ErrorClass, SamplingParams, validate_request};
 use switchyard_proto::v1::{self, attention_service_client::AttentionServiceClient};
+use switchyard_tls::{ClusterTls, PeerRole};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tonic::transport::Channel;
 
@@ -47,12 +48,12 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(id: String, addr: String) -> Result<Endpoint, String> {
-        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+    fn new(id: String, addr: String, tls: Option<&Arc<ClusterTls>>) -> Result<Endpoint, String> {
+        let endpoint = switchyard_tls::transport::endpoint(&addr)
             .map_err(|e| format!("bad worker address {addr}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = switchyard_tls::transport::lazy_channel(endpoint, tls, PeerRole::Attention);
         Ok(Endpoint {
             id,
             addr,
@@ -93,6 +94,9 @@ pub struct AttentionPool {
     vocab_size: usize,
     max_model_len: usize,
     counter: AtomicU64,
+    /// The cluster identity for calls to attention workers (mTLS; they must be CA-signed attention
+    /// workers). None: plaintext.
+    tls: Option<Arc<ClusterTls>>,
 }
 
 /// One unit of a counter (requests in flight, per pool or per worker), released when dropped.
@@ -112,7 +116,7 @@ impl Drop for Count {
 }
 
 impl AttentionPool {
-    pub fn new(policy: Policy, vocab_size: usize, max_model_len: usize) -> Arc<AttentionPool> {
+    pub fn new(policy: Policy, vocab_size: usize, max_model_len: usize, tls: Option<Arc<ClusterTls>>) -> Arc<AttentionPool> {
         Arc::new_cyclic(|me| AttentionPool {
             me: me.clone(),
             endpoints: RwLock::new(Vec::new()),
@@ -121,6 +125,7 @@ impl AttentionPool {
             vocab_size,
             max_model_len,
             counter: AtomicU64::new(0),
+            tls,
         })
     }
 
@@ -131,7 +136,7 @@ impl AttentionPool {
         for (id, addr) in list {
             match eps.iter().find(|e| &e.id == id && &e.addr == addr) {
                 Some(e) => next.push(e.clone()),
-                None => match Endpoint::new(id.clone(), addr.clone()) {
+                None => match Endpoint::new(id.clone(), addr.clone(), self.tls.as_ref()) {
                     Ok(e) => next.push(Arc::new(e)),
                     Err(m) => tracing::warn!("switchyard router: {m}"),
                 },

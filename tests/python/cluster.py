@@ -121,7 +121,7 @@ class Cluster:
 
     def __init__(self, etcd: Etcd, logdir: Path, model="tiny-f32", layout="afd", replicas=1, attention=2, experts=3,
                  coordinators=1, lease_ttl=2, max_model_len=512, attention_args=(), coordinator_args=(), common_args=(),
-                 env=None):
+                 env=None, tls=None):
         Cluster.counter += 1
         self.name = f"t{Cluster.counter}-{layout}-r{replicas}"
         self.logdir = logdir / self.name
@@ -133,22 +133,33 @@ class Cluster:
         self.common = ["--model", self.model_dir, "--etcd", etcd.url, "--cluster", self.name,
                        "--lease-ttl", str(lease_ttl), *common_args]
         self.env = {**ENV, **(env or {})}
+        # mTLS: a directory written by `switchyard certs`; each process gets the certificate of its role.
+        self.tls = tls
         self.engine = ["--max-model-len", str(max_model_len), "--max-num-seqs", "64",
                        "--kv-cache-memory", str(64 << 20)]
         self.procs = []
         attention_role = "attention" if layout == "afd" else "both"
         self.holders = experts + (attention if attention_role == "both" else 0)
         self.coordinators = [self.spawn(f"coordinator-{i}", "coordinator", "--layout", layout, "--replicas", str(replicas),
-                                        "--id", f"coord-{i}", "--min-expert-workers", str(self.holders), *coordinator_args)
+                                        "--id", f"coord-{i}", "--min-expert-workers", str(self.holders), *coordinator_args,
+                                        *self.tls_args("coordinator"))
                              for i in range(coordinators)]
         self.experts = [self.spawn(f"expert-{i}", "worker", "--role", "expert", "--listen", "127.0.0.1:0",
-                                   "--id", f"expert-{i}", *self.engine) for i in range(experts)]
+                                   "--id", f"expert-{i}", *self.engine, *self.tls_args("expert")) for i in range(experts)]
         self.attention = [self.spawn(f"attention-{i}", "worker", "--role", attention_role, "--listen", "127.0.0.1:0",
-                                     "--id", f"attention-{i}", *self.engine, *attention_args) for i in range(attention)]
+                                     "--id", f"attention-{i}", *self.engine, *attention_args,
+                                     *self.tls_args("attention" if attention_role == "attention" else "worker"))
+                          for i in range(attention)]
         self.router = self.spawn("router", "router", "--host", "127.0.0.1", "--port", "0", "--served-model-name", model,
-                                 "--max-model-len", str(max_model_len), "--health-interval-ms", "100")
+                                 "--max-model-len", str(max_model_len), "--health-interval-ms", "100", *self.tls_args("router"))
         self.url = "http://" + self.router.wait_log(r"on http://([\d.]+:\d+)").group(1)
         self.wait_ready()
+
+    def tls_args(self, name):
+        if self.tls is None:
+            return []
+        d = Path(self.tls) / name
+        return ["--tls-cert", str(d / "tls.crt"), "--tls-key", str(d / "tls.key"), "--tls-ca", str(d / "ca.crt")]
 
     def spawn(self, name, *args):
         p = Proc(name, [str(BIN), args[0], *self.common, *args[1:]], self.logdir, env=self.env)

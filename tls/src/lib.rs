@@ -290,9 +290,9 @@ fn build(paths: &TlsPaths, provider: &Arc<CryptoProvider>) -> Result<Loaded, Tls
         .load_private_key(key.clone_key())
         .map_err(|e| TlsError::Pem { path: paths.key.clone(), reason: format!("unsupported private key: {e}") })?;
     let certified = Arc::new(CertifiedKey::new(chain.clone(), signing));
-    certified.keys_match().map_err(|e| {
-        TlsError::Invalid(format!("the key in {} does not belong to {}: {e}", paths.key.display(), paths.cert.display()))
-    })?;
+    certified
+        .keys_match()
+        .map_err(|e| TlsError::Invalid(format!("the key in {} does not belong to {}: {e}", paths.key.display(), paths.cert.display())))?;
 
     let h2 = || vec![b"h2".to_vec()];
     let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())

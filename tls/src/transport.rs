@@ -169,37 +169,50 @@ pub fn require(allowed: &'static [PeerRole]) -> impl FnMut(Request<()>) -> Resul
     }
 }
 
-/// A tonic channel to `addr`: over TLS when `tls` is given (the server must present a CA-signed
-/// certificate granting `expect`), else plaintext. The address's scheme does not choose: `http://`
-/// and `https://` both mean "the cluster's setting". `lazy` connects on first use.
-pub async fn channel(
-    endpoint: Endpoint,
-    tls: Option<&Arc<ClusterTls>>,
+/// The connector tonic uses for a cluster channel over TLS: the server must present a CA-signed
+/// certificate granting `expect`.
+fn connector(
+    tls: Arc<ClusterTls>,
     expect: PeerRole,
-    lazy: bool,
-) -> Result<Channel, tonic::transport::Error> {
-    let Some(tls) = tls.cloned() else {
-        return if lazy { Ok(endpoint.connect_lazy()) } else { endpoint.connect().await };
-    };
-    let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+) -> impl tower::Service<
+    tonic::codegen::http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Error = io::Error,
+    Future = impl Future<Output = io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |uri: tonic::codegen::http::Uri| {
         let tls = tls.clone();
         async move {
             let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?.to_string();
             let s = dial(&host, uri.port_u16().unwrap_or(443), &tls, expect).await?;
-            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(s))
+            Ok(hyper_util::rt::TokioIo::new(s))
         }
-    });
-    if lazy { Ok(endpoint.connect_with_connector_lazy(connector)) } else { endpoint.connect_with_connector(connector).await }
+    })
+}
+
+/// A tonic channel that connects on first use: over TLS when `tls` is given (the server must
+/// present a CA-signed certificate granting `expect`), else plaintext. Build `endpoint` with
+/// [`endpoint`]: the address's scheme does not choose, the cluster's setting does.
+pub fn lazy_channel(endpoint: Endpoint, tls: Option<&Arc<ClusterTls>>, expect: PeerRole) -> Channel {
+    match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(connector(tls.clone(), expect)),
+        None => endpoint.connect_lazy(),
+    }
+}
+
+/// [`lazy_channel`], connected now.
+pub async fn connect(endpoint: Endpoint, tls: Option<&Arc<ClusterTls>>, expect: PeerRole) -> Result<Channel, tonic::transport::Error> {
+    match tls {
+        Some(tls) => endpoint.connect_with_connector(connector(tls.clone(), expect)).await,
+        None => endpoint.connect().await,
+    }
 }
 
 /// A TLS connection to `host:port` whose server must present a CA-signed certificate granting
 /// `expect`; this process presents its own certificate.
-pub async fn dial(
-    host: &str,
-    port: u16,
-    tls: &ClusterTls,
-    expect: PeerRole,
-) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+pub async fn dial(host: &str, port: u16, tls: &ClusterTls, expect: PeerRole) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;

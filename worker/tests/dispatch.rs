@@ -100,6 +100,7 @@ fn dispatcher(rt: &tokio::runtime::Runtime, plan: PlacementPlan) -> (SharedDispa
         hidden: c.hidden_size,
         dtype: DType::BF16,
         timeout: Duration::from_secs(5),
+        tls: None,
     };
     (SharedDispatch(Arc::new(ExpertDispatch::new(cfg, None, rx, rt.handle().clone()))), tx)
 }

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use switchyard_coordinator::{ExpertLoad, PlacementPlan};
 use switchyard_kernels::DType;
 use switchyard_proto::v1::{self, expert_service_client::ExpertServiceClient};
+use switchyard_tls::{ClusterTls, PeerRole};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,14 +44,16 @@ struct Peer {
 }
 
 impl Peer {
-    async fn connect(addr: &str, timeout: Duration) -> Result<Peer, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+    async fn connect(addr: &str, timeout: Duration, tls: Option<&Arc<ClusterTls>>) -> Result<Peer, String> {
+        let endpoint = switchyard_tls::transport::endpoint(addr)
             .map_err(|e| format!("bad address {addr}: {e}"))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(super::process::WINDOW)
             .initial_connection_window_size(4 * super::process::WINDOW);
-        let channel = endpoint.connect().await.map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let channel = switchyard_tls::transport::connect(endpoint, tls, PeerRole::Expert)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {}", error_chain(&e)))?;
         let mut client = ExpertServiceClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(256);
         let mut inbound =
@@ -97,6 +100,21 @@ pub struct DispatchConfig {
     pub dtype: DType,
     /// Per-layer deadline for one worker's reply.
     pub timeout: Duration,
+    /// The cluster identity for the streams to expert workers (mTLS; they must be CA-signed expert
+    /// workers). None: plaintext.
+    pub tls: Option<Arc<ClusterTls>>,
+}
+
+/// An error and its causes, for logs (tonic's transport errors say little at the top).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 pub struct ExpertDispatch {
@@ -251,7 +269,7 @@ impl ExpertDispatch {
             return Ok(p.clone());
         }
         // Connect without holding the map: a slow or unreachable worker must not delay the others.
-        let p = Arc::new(Peer::connect(addr, self.cfg.timeout).await?);
+        let p = Arc::new(Peer::connect(addr, self.cfg.timeout, self.cfg.tls.as_ref()).await?);
         let mut peers = self.peers.lock().await;
         match peers.get(worker).filter(|q| !q.is_closed()) {
             // Another call connected meanwhile: use one stream per pair of workers.

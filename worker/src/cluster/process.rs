@@ -15,7 +15,10 @@ use std::time::Duration;
 use switchyard_coordinator::{Discovery, PlacementPlan, Registration, Role, WorkerInfo};
 use switchyard_proto::v1::attention_service_server::AttentionServiceServer;
 use switchyard_proto::v1::expert_service_server::ExpertServiceServer;
+use switchyard_tls::transport::{incoming, require};
+use switchyard_tls::{ClusterTls, PeerRole};
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 
 use super::attention_server::AttentionServer;
 use super::dispatch::ExpertDispatch;
@@ -44,6 +47,9 @@ pub struct WorkerConfig {
     /// After the shutdown signal: how long open streams get before the process stops anyway (worker
     /// to worker streams never end by themselves).
     pub shutdown_grace: Duration,
+    /// The cluster identity: the gRPC server speaks mTLS and lets only routers call `Generate` and
+    /// `Health`, and only attention workers open `Dispatch`. None: plaintext, every caller trusted.
+    pub tls: Option<Arc<ClusterTls>>,
 }
 
 /// The parts of a worker built from the checkpoint.
@@ -108,31 +114,30 @@ pub async fn run_worker(
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(WINDOW))
         .initial_connection_window_size(Some(4 * WINDOW))
-        .add_optional_service(
-            parts
-                .experts
-                .clone()
-                .map(|s| ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX)),
-        );
+        .add_optional_service(parts.experts.clone().map(|s| {
+            InterceptedService::new(
+                ExpertServiceServer::new(s).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX),
+                require(&[PeerRole::Attention]),
+            )
+        }));
     let router = router.add_optional_service(parts.attention.as_ref().map(|a| {
-        AttentionServiceServer::new(AttentionServer::new(
-            a.engine.clone(),
-            parts.active.subscribe(),
-            parts.ready.subscribe(),
-            a.grammar.clone(),
-        ))
-        .max_decoding_message_size(switchyard_proto::MAX_GENERATE_REQUEST)
+        InterceptedService::new(
+            AttentionServiceServer::new(AttentionServer::new(
+                a.engine.clone(),
+                parts.active.subscribe(),
+                parts.ready.subscribe(),
+                a.grammar.clone(),
+            ))
+            .max_decoding_message_size(switchyard_proto::MAX_GENERATE_REQUEST),
+            require(&[PeerRole::Router]),
+        )
     }));
-    tracing::info!("switchyard worker {} ({:?}): listening on {addr}", cfg.id, cfg.role);
+    let security = cfg.tls.as_ref().map_or_else(|| "plaintext".to_string(), |t| t.describe());
+    tracing::info!("switchyard worker {} ({:?}): listening on {addr} ({security})", cfg.id, cfg.role);
     // The server's own `tcp_nodelay` applies only to listeners it binds; ours is bound by the caller,
-    // so set it per connection. (Without it, small replies wait out Nagle plus delayed ACK: ~40 ms a
-    // layer.)
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(cfg.listener), |s| {
-        s.and_then(|s| {
-            s.set_nodelay(true)?;
-            Ok(s)
-        })
-    });
+    // so `incoming` sets it per connection. (Without it, small replies wait out Nagle plus delayed
+    // ACK: ~40 ms a layer.)
+    let incoming = incoming(cfg.listener, cfg.tls.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
