@@ -154,8 +154,9 @@ pub struct CertsArgs {
     /// Days the role certificates are valid (the CA: at least ten years).
     #[arg(long, default_value_t = 365)]
     pub days: u32,
-    /// Extra certificates as NAME=ROLE[+ROLE...], e.g. `worker-3=attention+expert`. Without any,
-    /// one per role plus `worker` (attention+expert).
+    /// Certificates to issue as NAME=ROLE[+ROLE...], e.g. `worker-3=attention+expert`, or `NAME=`
+    /// for none (an etcd server or client certificate; etcd takes the user from the common name
+    /// NAME). Without any, one per role plus `worker` (attention+expert).
     #[arg(long = "cert")]
     pub certs: Vec<String>,
 }
@@ -170,6 +171,7 @@ pub fn certs(args: CertsArgs) -> Result<()> {
                 let (name, roles) = spec.split_once('=').with_context(|| format!("--cert {spec}: expected NAME=ROLE[+ROLE...]"))?;
                 let roles = roles
                     .split('+')
+                    .filter(|r| !r.is_empty())
                     .map(|r| {
                         PeerRole::parse(r)
                             .with_context(|| format!("--cert {spec}: unknown role {r} (router, attention, expert, coordinator)"))

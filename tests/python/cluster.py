@@ -76,13 +76,16 @@ class Proc:
 
 
 class Etcd:
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, tls=None):
+        """`tls`: a `switchyard certs` directory with an `etcd` certificate; etcd then serves https and
+        requires client certificates from that CA (`--client-cert-auth`)."""
         if not shutil.which("etcd"):
             raise RuntimeError("etcd is not installed (apt-get install etcd-server; .ci/run does this)")
         self.logdir = logdir
+        self.tls = Path(tls) if tls else None
         self.data = tempfile.mkdtemp(prefix="etcd-")
         self.client_port, self.peer_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.client_port}"
         self.starts = 0
         self.start()
 
@@ -94,15 +97,32 @@ class Etcd:
             "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-cluster", f"switchyard-test=http://127.0.0.1:{self.peer_port}",
+            *self.tls_args(),
         ], self.logdir)
 
         def healthy():
             try:
-                return httpx.get(self.url + "/health", timeout=1).json().get("health") == "true"
+                return self.http().get(self.url + "/health", timeout=1).json().get("health") == "true"
             except (httpx.HTTPError, ValueError):
                 return False
 
         wait_for(healthy, 60, "etcd health")
+
+    def tls_args(self):
+        if not self.tls:
+            return []
+        return ["--cert-file", str(self.tls / "etcd" / "tls.crt"), "--key-file", str(self.tls / "etcd" / "tls.key"),
+                "--client-cert-auth", "--trusted-ca-file", str(self.tls / "ca.crt")]
+
+    def http(self, user="root"):
+        """An HTTP client for etcd's JSON gateway (with the client certificate `user`: etcd takes the
+        user from its common name)."""
+        if not self.tls:
+            return httpx.Client()
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(self.tls / "ca.crt"))
+        ctx.load_cert_chain(str(self.tls / user / "tls.crt"), str(self.tls / user / "tls.key"))
+        return httpx.Client(verify=ctx)
 
     def kill(self):
         self.proc.kill()
