@@ -114,7 +114,7 @@ class Etcd:
         return ["--cert-file", str(self.tls / "etcd" / "tls.crt"), "--key-file", str(self.tls / "etcd" / "tls.key"),
                 "--client-cert-auth", "--trusted-ca-file", str(self.tls / "ca.crt")]
 
-    def http(self, user="root"):
+    def http(self, user="etcd"):
         """An HTTP client for etcd's JSON gateway (with the client certificate `user`: etcd takes the
         user from its common name)."""
         if not self.tls:

@@ -3,7 +3,8 @@ PyPI's helm-python-sdk), the objects validate against the Kubernetes 1.30 schema
 invalid values are refused by values.schema.json, every rendered Switchyard command line and environment
 is accepted by the binary (`--check-config`), probes point at endpoints the components serve, and a CPU
 cluster started from exactly what the cpu-demo preset renders (as processes on loopback) serves requests
-identical to `serve`. The compose file's commands are checked the same way."""
+identical to `serve`, with mTLS between the processes and to etcd as the chart sets it up. The compose
+file's commands are checked the same way."""
 
 import os
 import re
@@ -77,7 +78,10 @@ def test_renders_valid_kubernetes_objects(preset):
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "NetworkPolicy"} <= kinds
     for d in docs:
+        if d["apiVersion"] == "cert-manager.io/v1":
+            continue  # CRDs: checked by check_cert_manager
         kubernetes_validate.validate(d, K8S, strict=True)
+    check_cert_manager(docs)
     assert "kubectl port-forward" in out["switchyard/templates/NOTES.txt"] or "loadBalancer" in out["switchyard/templates/NOTES.txt"]
     lint = helm_python.lint(str(CHART), load(preset), strict=True)
     assert not lint["errors"], lint
@@ -91,12 +95,86 @@ def test_optional_objects_render_and_validate():
     kinds = [d["kind"] for d in docs]
     assert "Secret" in kinds and "ServiceMonitor" in kinds and not any(d["metadata"]["name"].endswith("-etcd") for d in docs)
     for d in docs:
-        if d["kind"] != "ServiceMonitor":  # a CRD: not in the core schemas
+        if d["kind"] != "ServiceMonitor" and d["apiVersion"] != "cert-manager.io/v1":  # CRDs: not in the core schemas
             kubernetes_validate.validate(d, K8S, strict=True)
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     assert cm["data"]["SWITCHYARD_ETCD"] == "http://etcd.infra:2379"
     router = next(c for comp, _, _, c in containers(docs) if comp == "router" and c["name"] == "router")
     assert any(e["name"] == "SWITCHYARD_API_KEY" and "secretKeyRef" in e["valueFrom"] for e in router["env"])
+
+
+# cert-manager's Certificate and Issuer (v1): the fields the chart may use, and the usages it knows.
+CERT_FIELDS = {"secretName", "commonName", "duration", "renewBefore", "privateKey", "usages", "uris", "dnsNames",
+               "ipAddresses", "issuerRef", "isCA"}
+USAGES = {"digital signature", "key encipherment", "server auth", "client auth", "cert sign"}
+# The roles each component's process needs its certificate to grant (src/cluster.rs checks them at start).
+NEEDS = {"router": {"router"}, "coordinator": {"coordinator"}, "expert": {"expert"}}
+
+
+def tls_secret(spec):
+    """The name of the Secret mounted at the process's TLS path, if any."""
+    mounted = {m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])
+               if m["mountPath"] in ("/etc/switchyard/tls", "/etc/etcd/tls")}
+    for v in spec.get("volumes", []):
+        if v["name"] in mounted and "secret" in v:
+            return v["secret"]["secretName"]
+    return None
+
+
+def check_cert_manager(docs):
+    """Every certificate a pod mounts is issued (tls.mode=certManager) by an issuer that exists, with
+    the role URIs its process needs; the fields are cert-manager v1's."""
+    certs = {d["spec"]["secretName"]: d for d in docs if d["kind"] == "Certificate"}
+    issuers = {d["metadata"]["name"] for d in docs if d["kind"] == "Issuer"}
+    for c in certs.values():
+        spec = c["spec"]
+        assert set(spec) <= CERT_FIELDS, set(spec) - CERT_FIELDS
+        assert set(spec.get("usages", [])) <= USAGES
+        ref = spec["issuerRef"]
+        assert ref["kind"] == "ClusterIssuer" or ref["name"] in issuers, ref
+    if not certs:
+        return
+    for d in docs:
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        spec = d["spec"]["template"]["spec"]
+        comp = d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        secret = tls_secret(spec)
+        assert secret in certs, f"{comp} mounts {secret}, which no Certificate writes"
+        uris = {u.removeprefix("spiffe://switchyard/") for u in certs[secret]["spec"].get("uris", [])}
+        args = spec["containers"][0]["args"]
+        role = next((a.split("=", 1)[1] for a in args if a.startswith("--role=")), None)
+        needs = {"attention": {"attention"}, "expert": {"expert"}, "both": {"attention", "expert"}}.get(role) or NEEDS.get(comp, set())
+        assert needs <= uris, f"{comp} needs {needs}, its certificate grants {uris}"
+
+
+@pytest.mark.parametrize("mode", ["certManager", "secrets", "off"])
+def test_tls_modes(mode):
+    """certManager issues what every pod mounts; secrets mounts the same Secrets without issuing them;
+    off mounts nothing and says --insecure-internal. The bundled etcd follows: TLS with client
+    certificates required, or plaintext."""
+    for layout in ("afd", "dep"):
+        docs, _ = render({"tls": {"mode": mode}, "cluster": {"layout": layout, "replicas": 1},
+                          "expert": {"replicas": 2 if layout == "afd" else 0}})
+        check_cert_manager(docs)
+        cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+        kinds = [d["kind"] for d in docs]
+        etcd = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-etcd"))
+        etcd_args = etcd["spec"]["template"]["spec"]["containers"][0]["args"]
+        pods = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d is not etcd]
+        if mode == "off":
+            assert cm["SWITCHYARD_INSECURE_INTERNAL"] == "true" and "SWITCHYARD_TLS_CERT" not in cm
+            assert cm["SWITCHYARD_ETCD"].startswith("http://") and "--client-cert-auth" not in etcd_args
+            assert all(tls_secret(d["spec"]["template"]["spec"]) is None for d in pods)
+            assert "Certificate" not in kinds
+        else:
+            assert "SWITCHYARD_INSECURE_INTERNAL" not in cm and cm["SWITCHYARD_TLS_CA"] == cm["SWITCHYARD_ETCD_CA"]
+            assert cm["SWITCHYARD_ETCD"].startswith("https://") and "--client-cert-auth" in etcd_args
+            assert all(tls_secret(d["spec"]["template"]["spec"]) for d in pods + [etcd])
+            assert ("Certificate" in kinds) == (mode == "certManager")
+        for d in docs:
+            if d["apiVersion"] != "cert-manager.io/v1":
+                kubernetes_validate.validate(d, K8S, strict=True)
 
 
 @pytest.mark.parametrize("bad,where", [
@@ -109,6 +187,7 @@ def test_optional_objects_render_and_validate():
     ({"etcd": {"enabled": False, "external": {"endpoints": []}}}, "/etcd/external/endpoints"),
     ({"attention": {"replicas": 2, "gpu": 1}}, "'gpu'"),
     ({"unknownKey": True}, "'unknownKey'"),
+    ({"tls": {"mode": "on"}}, "/tls/mode"),
 ], ids=lambda b: next(iter(b)) if isinstance(b, dict) else None)
 def test_the_schema_refuses_invalid_values(bad, where):
     chart = helm_python.Chart.load(str(CHART))
@@ -153,7 +232,11 @@ def test_the_cpu_demo_preset_runs_as_processes_and_serves(tmp_path, bf16):
     arguments and environment, changed only where one host differs from a cluster: etcd's address,
     the model directory (the PVC's mount), and ports (pods each have their own; here they share one host)."""
     docs, _ = render(load("values-cpu-demo.yaml"))
-    etcd = Etcd(tmp_path)
+    # The chart's Secrets, as `switchyard certs` writes them: one directory per role certificate.
+    pki = tmp_path / "pki"
+    subprocess.run([str(BIN), "certs", "--out", str(pki)], check=True, capture_output=True)
+    subprocess.run([str(BIN), "certs", "--out", str(pki), "--cert", "etcd="], check=True, capture_output=True)
+    etcd = Etcd(tmp_path, tls=pki)
     procs = []
     ready_urls = []
     try:
@@ -166,6 +249,10 @@ def test_the_cpu_demo_preset_runs_as_processes_and_serves(tmp_path, bf16):
         for _, comp, pod, c in sorted(pods, key=lambda p: p[0]):
             env = environment(docs, c, pod)
             env["SWITCHYARD_ETCD"] = etcd.url
+            # The pod's TLS Secret mount: the directory of the certificate it names.
+            secret = tls_secret(next(w for _, w, s, cc in containers(docs) if cc is c)["spec"]["template"]["spec"])
+            role_dir = pki / secret.rsplit("-tls-", 1)[1]
+            env = {k: v.replace("/etc/switchyard/tls", str(role_dir)) for k, v in env.items()}
             env["SWITCHYARD_MODEL"] = env["SWITCHYARD_MODEL"].replace("/models", str(FIXTURES), 1)
             metrics = free_port()
             env["SWITCHYARD_METRICS_PORT"] = str(metrics)
@@ -206,6 +293,8 @@ def test_the_cpu_demo_preset_runs_as_processes_and_serves(tmp_path, bf16):
         want = [served.completions.create(model=bf16.model, prompt=p, max_tokens=12, temperature=0).choices[0].text
                 for p in prompts]
         assert got == want
+        for p in procs:
+            assert "mTLS with" in p.text(), f"{p.name} did not start with its certificate"
         # SIGTERM to every pod at once (helm uninstall): each drains and exits 0 well within the grace.
         codes = stop_all(procs, timeout=60)
         assert codes == {p.name: 0 for p in procs}, codes
@@ -214,7 +303,7 @@ def test_the_cpu_demo_preset_runs_as_processes_and_serves(tmp_path, bf16):
         etcd.stop()
 
 
-def test_compose_commands_are_accepted():
+def test_compose_commands_are_accepted(tmp_path):
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     checked = 0
     for name, svc in compose["services"].items():
@@ -222,6 +311,13 @@ def test_compose_commands_are_accepted():
         if not cmd or svc.get("image", "").startswith("quay.io/coreos/etcd"):
             continue
         env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+        if cmd[0] == "certs":  # writes the files the others name: run it for real, then check they exist
+            out = tmp_path / "certs"
+            subprocess.run([str(BIN), "certs", f"--out={out}"], check=True, capture_output=True)
+            certs_dir = out
+            continue
+        for k in ("SWITCHYARD_TLS_CERT", "SWITCHYARD_TLS_KEY", "SWITCHYARD_TLS_CA"):
+            assert (certs_dir / env[k].removeprefix("/certs/")).is_file(), f"{name}: {k}={env[k]} is not written by `certs`"
         r = subprocess.run([str(BIN), *cmd, "--check-config"], env={**os.environ, **env}, capture_output=True, text=True)
         assert r.returncode == 0, f"{name}: {cmd}: {r.stderr}"
         checked += 1

@@ -24,7 +24,7 @@ app.kubernetes.io/component: {{ .component }}
 {{/* etcd client URLs, comma-separated. */}}
 {{- define "switchyard.etcd" -}}
 {{- if .Values.etcd.enabled -}}
-http://{{ include "switchyard.fullname" . }}-etcd:2379
+{{ if eq .Values.tls.mode "off" }}http{{ else }}https{{ end }}://{{ include "switchyard.fullname" . }}-etcd:2379
 {{- else -}}
 {{ join "," .Values.etcd.external.endpoints }}
 {{- end -}}
@@ -55,6 +55,29 @@ http://{{ include "switchyard.fullname" . }}-etcd:2379
 {{- if .Values.model.download.hfTokenSecret }}
 - name: HF_TOKEN
   valueFrom: {secretKeyRef: {name: {{ .Values.model.download.hfTokenSecret }}, key: token}}
+{{- end }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.passwordSecret }}
+- name: SWITCHYARD_ETCD_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ .Values.etcd.external.passwordSecret }}, key: password}}
+{{- end }}
+{{- end -}}
+
+{{/* Internal mTLS: the Secret with a role's certificate (tls.mode certManager or secrets), its volume and
+     mount. Pass (dict "root" $ "role" "router"). */}}
+{{- define "switchyard.tlsSecret" -}}
+{{ include "switchyard.fullname" .root }}-tls-{{ .role }}
+{{- end -}}
+
+{{- define "switchyard.tlsVolume" -}}
+{{- if ne .root.Values.tls.mode "off" }}
+- name: tls
+  secret: {secretName: {{ include "switchyard.tlsSecret" . }}, defaultMode: 0440}
+{{- end }}
+{{- end -}}
+
+{{- define "switchyard.tlsMount" -}}
+{{- if ne .Values.tls.mode "off" }}
+- {name: tls, mountPath: /etc/switchyard/tls, readOnly: true}
 {{- end }}
 {{- end -}}
 
