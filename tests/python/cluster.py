@@ -141,7 +141,7 @@ class Cluster:
 
     def __init__(self, etcd: Etcd, logdir: Path, model="tiny-f32", layout="afd", replicas=1, attention=2, experts=3,
                  coordinators=1, lease_ttl=2, max_model_len=512, attention_args=(), coordinator_args=(), common_args=(),
-                 env=None, tls=None):
+                 env=None, tls=None, router_args=()):
         Cluster.counter += 1
         self.name = f"t{Cluster.counter}-{layout}-r{replicas}"
         self.logdir = logdir / self.name
@@ -171,7 +171,8 @@ class Cluster:
                                      *self.tls_args("attention" if attention_role == "attention" else "worker"))
                           for i in range(attention)]
         self.router = self.spawn("router", "router", "--host", "127.0.0.1", "--port", "0", "--served-model-name", model,
-                                 "--max-model-len", str(max_model_len), "--health-interval-ms", "100", *self.tls_args("router"))
+                                 "--max-model-len", str(max_model_len), "--health-interval-ms", "100", *router_args,
+                                 *self.tls_args("router"))
         self.url = "http://" + self.router.wait_log(r"on http://([\d.]+:\d+)").group(1)
         self.wait_ready()
 
