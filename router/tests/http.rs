@@ -374,19 +374,25 @@ async fn bodies_must_be_exactly_json() {
             .method(Method::POST)
             .uri(COMPLETIONS)
             .header(header::CONTENT_TYPE, ct)
+            .header(header::CONTENT_LENGTH, body.len())
             .body(Body::from(body.clone()))
             .expect("a request");
         let r = send(&app, r).await;
         assert_eq!(r.error(StatusCode::UNSUPPORTED_MEDIA_TYPE)["param"], "content-type", "{ct}");
+        // The body may be left unread: the client is told not to reuse the connection.
+        assert_eq!(r.headers[header::CONNECTION], "close", "{ct}");
     }
     for ct in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"] {
         let r = Request::builder()
             .method(Method::POST)
             .uri(COMPLETIONS)
             .header(header::CONTENT_TYPE, ct)
+            .header(header::CONTENT_LENGTH, body.len())
             .body(Body::from(body.clone()))
             .expect("a request");
-        assert_eq!(send(&app, r).await.status, StatusCode::OK, "{ct}");
+        let r = send(&app, r).await;
+        assert_eq!(r.status, StatusCode::OK, "{ct}");
+        assert!(!r.headers.contains_key(header::CONNECTION), "{ct}: a success keeps the connection");
     }
 }
 

@@ -102,7 +102,7 @@ BAD = [
 def answer(r: httpx.Response, stream: bool):
     """What must equal the reference: the choices' text or message and finish reasons."""
     if not stream:
-        body = r.json()
+        body = json.loads(r.read())
         return [(c.get("text"), (c.get("message") or {}).get("content"), (c.get("message") or {}).get("tool_calls"),
                  c["finish_reason"]) for c in body["choices"]]
     text, finish = [], None
@@ -127,6 +127,7 @@ class Load:
         self.outcomes = Counter()
         self.latency = defaultdict(list)
         self.failures = []
+        self.last = {}
 
     def record(self, outcome, kind=None, seconds=None, failure=None):
         with self.lock:
@@ -141,17 +142,20 @@ class Load:
         with httpx.Client(base_url=self.url, timeout=120) as http:
             while not self.stop.is_set():
                 roll = rng.random()
+                what = "bad" if roll < 0.08 else "cancel" if roll < 0.16 else "normal"
                 try:
-                    if roll < 0.08:
+                    if what == "bad":
                         self.bad(http, rng)
-                    elif roll < 0.16:
+                    elif what == "cancel":
                         self.cancel(http, rng)
                     else:
                         self.normal(http, rng.randrange(len(self.reqs)))
                 except httpx.HTTPError as e:
                     # A killed process closes its connections: in chaos that is an expected outcome.
-                    self.record("connection_error" if self.chaos else "unexpected", failure=f"{type(e).__name__}: {e}")
+                    self.record("connection_error" if self.chaos else "unexpected",
+                                failure=f"{what} after {self.last.get(seed, '-')}: {type(e).__name__}: {e}")
                     time.sleep(0.1)
+                self.last[seed] = what
 
     def normal(self, http, i):
         kind, path, body = self.reqs[i]
@@ -310,6 +314,8 @@ def main():
         baseline = settle(sampler, list(procs), idle, 10)
         print(f"soak: baseline RSS (KiB) after {warm:.0f} s of warm-up: {baseline}", flush=True)
         warm_outcomes = Counter(load.outcomes)
+        warm_failures = list(load.failures)
+        load.failures.clear()
         load.outcomes.clear()
         load.latency.clear()
 
@@ -354,7 +360,7 @@ def main():
         final = settle(sampler, list(procs), idle, 20)
         sampler.stop.set()
 
-        failures = list(load.failures)
+        failures = warm_failures + list(load.failures)
         o = load.outcomes
         if o["mismatch"]:
             failures.append(f"{o['mismatch']} completions differ from the same request run alone")
