@@ -175,11 +175,13 @@ impl AttentionPool {
         let n = self.counter.fetch_add(1, Ordering::Relaxed) as usize;
         let load = |e: &Arc<Endpoint>| e.outstanding.load(Ordering::Relaxed);
         let chosen = match self.policy {
-            // Ties rotate, so equal workers share the load.
+            // Ties rotate, so equal workers share the load. The counts are read once: requests on
+            // other tasks change them meanwhile, and a second read could leave no worker at the minimum.
             Policy::LeastOutstanding => {
-                let min = pool.iter().map(|e| load(e)).min().unwrap_or(0);
-                let ties: Vec<&&Arc<Endpoint>> = pool.iter().filter(|e| load(e) == min).collect();
-                *ties[n % ties.len()]
+                let loads: Vec<usize> = pool.iter().map(|e| load(e)).collect();
+                let min = loads.iter().copied().min().unwrap_or(0);
+                let ties: Vec<&Arc<Endpoint>> = pool.iter().zip(&loads).filter(|(_, l)| **l == min).map(|(e, _)| *e).collect();
+                ties[n % ties.len()]
             }
             Policy::PowerOfTwo => {
                 let mut h = DefaultHasher::new();
@@ -307,5 +309,41 @@ impl GenerationBackend for AttentionPool {
 
     fn ready(&self) -> bool {
         self.endpoints().iter().any(|e| e.eligible())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the chaos soak: picking the least-loaded worker while other requests start and end
+    /// read the counts twice, and could find no worker at the minimum it had just seen (a division by
+    /// zero that killed the request's task). Counts that change on another thread must never panic it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn picking_while_counts_change_never_fails() {
+        let pool = AttentionPool::new(Policy::LeastOutstanding, 16, 16, None);
+        pool.set_workers(&[("a".into(), "http://127.0.0.1:1".into()), ("b".into(), "http://127.0.0.1:2".into())]);
+        let eps = pool.endpoints();
+        for e in &eps {
+            e.ready.store(true, Ordering::Relaxed);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let (eps, stop) = (eps.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let e = &eps[i % 2];
+                    e.outstanding.fetch_add(1, Ordering::Relaxed);
+                    e.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        };
+        for _ in 0..2_000_000 {
+            assert!(pool.pick(&[1, 2, 3], &[]).is_some());
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
     }
 }
