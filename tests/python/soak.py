@@ -323,8 +323,13 @@ def main():
         if args.chaos:
             def chaos():
                 rng = random.Random(7)
+                # Every kind of process in each round of four, in a random order.
+                order = []
                 while not stop_chaos.wait(rng.uniform(8, 20)):
-                    victim = rng.choice(["expert", "attention", "coordinator", "etcd"])
+                    if not order:
+                        order = ["expert", "attention", "coordinator", "etcd"]
+                        rng.shuffle(order)
+                    victim = order.pop()
                     t = round(time.monotonic() - sampler.t0, 1)
                     if victim == "etcd":
                         etcd.kill()
