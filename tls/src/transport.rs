@@ -95,6 +95,23 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// The next connection on `listener`, with `TCP_NODELAY` set. Accept errors (out of descriptors and the
+/// like) are logged and retried after a moment rather than in a spin.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, addr)) => {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, addr);
+            }
+            Err(e) => {
+                tracing::warn!("switchyard: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// The connections `listener` accepts, for `serve_with_incoming`: with TLS, each handshake runs in
 /// its own task (a slow or silent client holds up nobody) and must finish within
 /// [`HANDSHAKE_TIMEOUT`]; a client whose certificate the CA did not sign never gets a connection.
@@ -104,18 +121,9 @@ pub fn incoming(listener: TcpListener, tls: Option<Arc<ClusterTls>>) -> Receiver
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of descriptors and the like: wait a moment rather than spin.
-                        tracing::warn!("switchyard: accepting a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                c = accept(&listener) => c,
                 _ = tx.closed() => return,
             };
-            let _ = tcp.set_nodelay(true);
             let Some(tls) = &tls else {
                 if tx.send(Ok(Conn::Plain(tcp, PeerIdentity { remote: Some(remote), roles: None }))).await.is_err() {
                     return;
