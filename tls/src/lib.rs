@@ -126,8 +126,8 @@ pub struct TlsPaths {
 
 /// One loaded set of files and the TLS configurations built from it.
 pub(crate) struct Loaded {
-    /// The files' bytes, to notice a change.
-    stamp: Vec<u8>,
+    /// The files it was built from, to notice a change.
+    files: Files,
     pub(crate) roles: Vec<PeerRole>,
     pub(crate) chain: Vec<CertificateDer<'static>>,
     pub(crate) key: Arc<CertifiedKey>,
@@ -171,7 +171,7 @@ impl ClusterTls {
     /// or names no role, or when the key does not match the certificate.
     pub fn load(paths: TlsPaths) -> Result<Arc<ClusterTls>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let loaded = build(&paths, &provider)?;
+        let loaded = build(&paths, Files::read(&paths)?, &provider)?;
         Ok(Arc::new(ClusterTls { paths, provider, current: RwLock::new(Arc::new(loaded)) }))
     }
 
@@ -212,11 +212,11 @@ impl ClusterTls {
     /// Re-reads the files; swaps in the new material when they changed and it is valid. Returns
     /// whether it changed.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let stamp = stamp(&self.paths)?;
-        if stamp == self.current().stamp {
+        let files = Files::read(&self.paths)?;
+        if files == self.current().files {
             return Ok(false);
         }
-        let loaded = build(&self.paths, &self.provider)?;
+        let loaded = build(&self.paths, files, &self.provider)?;
         *self.current.write().unwrap() = Arc::new(loaded);
         Ok(true)
     }
@@ -255,20 +255,24 @@ fn now_secs() -> u64 {
     UnixTime::now().as_secs()
 }
 
-fn stamp(paths: &TlsPaths) -> Result<Vec<u8>, TlsError> {
-    let mut s = read(&paths.cert)?;
-    s.extend(read(&paths.key)?);
-    s.extend(read(&paths.ca)?);
-    Ok(s)
+/// The three files' contents: read once per check, compared to notice a change, then parsed.
+#[derive(PartialEq, Eq)]
+pub(crate) struct Files {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
 }
 
-fn build(paths: &TlsPaths, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
-    let cert_pem = read(&paths.cert)?;
-    let key_pem = read(&paths.key)?;
-    let ca_pem = read(&paths.ca)?;
-    let chain = certs(&paths.cert, &cert_pem)?;
-    let cas = certs(&paths.ca, &ca_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+impl Files {
+    fn read(paths: &TlsPaths) -> Result<Files, TlsError> {
+        Ok(Files { cert: read(&paths.cert)?, key: read(&paths.key)?, ca: read(&paths.ca)? })
+    }
+}
+
+fn build(paths: &TlsPaths, files: Files, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
+    let chain = certs(&paths.cert, &files.cert)?;
+    let cas = certs(&paths.ca, &files.ca)?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key)
         .map_err(|e| TlsError::Pem { path: paths.key.clone(), reason: format!("not a PEM private key: {e}") })?;
     let mut roots = RootCertStore::empty();
     for ca in &cas {
@@ -315,10 +319,7 @@ fn build(paths: &TlsPaths, provider: &Arc<CryptoProvider>) -> Result<Loaded, Tls
         clients.push((role, Arc::new(c)));
     }
     let not_after = not_after(&chain[0]);
-    let mut stamp = cert_pem;
-    stamp.extend(key_pem);
-    stamp.extend(ca_pem);
-    Ok(Loaded { stamp, roles, chain, key: certified, roots, server: Arc::new(server), clients, not_after })
+    Ok(Loaded { files, roles, chain, key: certified, roots, server: Arc::new(server), clients, not_after })
 }
 
 fn not_after(cert: &CertificateDer<'_>) -> Option<u64> {
