@@ -69,7 +69,12 @@ fn vdpbf16ps_chain(a: &[u16], b: &[u16]) -> f32 {
         let pa = (a[2 * i] as u32 | (a[2 * i + 1] as u32) << 16) as i32;
         let pb = (b[2 * i] as u32 | (b[2 * i + 1] as u32) << 16) as i32;
         // SAFETY: both are plain bit reinterpretations of 512-bit vectors.
-        let (va, vb) = unsafe { (std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pa)), std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pb))) };
+        let (va, vb) = unsafe {
+            (
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pa)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pb)),
+            )
+        };
         acc = _mm512_dpbf16_ps(acc, va, vb);
     }
     _mm512_cvtss_f32(acc)

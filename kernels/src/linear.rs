@@ -1191,7 +1191,8 @@ mod tests {
     #[test]
     fn every_path_gives_the_same_bits() {
         let mut s = 11u64;
-        for &(m, n, k) in &[(1usize, 40usize, 45usize), (2, 64, 96), (3, 70, 100), (5, 33, 31), (13, 70, 66), (16, 96, 130), (1, 256, 1024)] {
+        for &(m, n, k) in &[(1usize, 40usize, 45usize), (2, 64, 96), (3, 70, 100), (5, 33, 31), (13, 70, 66), (16, 96, 130), (1, 256, 1024)]
+        {
             let mut wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
             let mut x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s))).collect();
             wv[3] = f32::from_bits(0x0001_0000); // subnormal weight and activation: read as zero
