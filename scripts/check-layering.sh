@@ -2,7 +2,9 @@
 # The crate graph's rules (docs/architecture.md), checked on the resolved dependency tree:
 # - the front end (switchyard-router) never depends on the engine, the kernels or the coordinator;
 # - the engine contract (switchyard-engine-api) depends on no other switchyard crate;
-# - the wire crate (switchyard-proto) knows the contract and nothing behind it.
+# - the wire crate (switchyard-proto) knows the contract and nothing behind it;
+# - nothing that ships depends on the fuzz harness (switchyard-fuzz); the binary's tree holds every crate
+#   that ships, so checking it checks them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +25,6 @@ forbid switchyard-router switchyard-worker switchyard-kernels switchyard-coordin
 forbid switchyard-engine-api switchyard-worker switchyard-kernels switchyard-coordinator switchyard-router switchyard-proto switchyard-grammar llguidance tonic
 forbid switchyard-proto switchyard-worker switchyard-kernels switchyard-coordinator switchyard-router switchyard-grammar
 forbid switchyard-grammar switchyard-worker switchyard-kernels switchyard-coordinator switchyard-router
-[ $fail -eq 0 ] && echo "layering: the router reaches no worker, kernels or coordinator; the contract stands alone"
+forbid switchyard switchyard-fuzz libfuzzer-sys
+[ $fail -eq 0 ] && echo "layering: the router reaches no worker, kernels or coordinator; the contract stands alone; nothing shipped links the fuzz harness"
 exit $fail

@@ -400,9 +400,6 @@ pub fn front_state(
     let name = args.served_model_name.first().cloned().unwrap_or_else(|| model_arg.to_string());
     let limits = parse_mm_limits(&args.limit_mm_per_prompt)?; // refused even for a checkpoint without images
     let tokenizer = dir.tokenizer()?;
-    let mut literal = tokenizer.clone();
-    literal.set_encode_special_tokens(true);
-    let special_strings = tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
     let template = load_template(args, dir)?;
     let defaults = match args.generation_config.as_str() {
         "auto" => dir.generation_config()?.map(|g| SamplingDefaults::from_generation_config(&g)).unwrap_or_default(),
@@ -429,20 +426,8 @@ pub fn front_state(
         vision: vision_front(args, dir, c, limits)?,
         cors: cors(args)?,
     };
-    Ok(Arc::new(AppState {
-        config,
-        engine,
-        max_token_bytes: switchyard_router::tokenize::max_token_bytes(&tokenizer),
-        tokenizer: Arc::new(tokenizer),
-        tokenizer_literal: Arc::new(literal),
-        special_strings,
-        template,
-        grammar: crate::cli::grammar_env(dir, c)?,
-        metrics,
-        shutting_down: AtomicBool::new(false),
-        created: switchyard_router::server::now_secs(),
-        responses: Default::default(),
-    }))
+    let grammar = crate::cli::grammar_env(dir, c)?;
+    Ok(Arc::new(AppState::new(config, engine, tokenizer, template, grammar, metrics, switchyard_router::server::now_secs())))
 }
 
 /// The API key (`--api-key`, `SWITCHYARD_API_KEY`, else `VLLM_API_KEY`). An empty one is an error: a

@@ -4,9 +4,18 @@
 //! special-token string in that text (`<|image|>`, `<|turn>`, ...) into the control token. For text
 //! the template wrote, that is the point; for text a client wrote, it would let a message open a fake
 //! turn or an image slot. So when a message's content contains a special-token string, the rendered
-//! prompt is tokenized in pieces: the template's text as usual, the client's text with special-token
-//! matching off (the string becomes ordinary sub-word tokens). Prompts without such strings are
+//! prompt is tokenized in pieces: the client's control-token strings with special-token matching off
+//! (each becomes ordinary sub-word tokens), the rest as usual. Prompts without such strings are
 //! tokenized in one piece, exactly as transformers does.
+//!
+//! Where the client's strings are in the prompt is read from a second render, of the same conversation
+//! with each control-token string in the contents defused (its `<` made `[`): the two prompts differ
+//! exactly at the client's strings, wherever the template put them and however it trimmed the text
+//! around them. Searching the prompt for the client's text instead misses text the template changed
+//! (Gemma's templates `trim` every content) and can find the template's own control tokens first (a
+//! content that is just `<|turn>`); fuzzing found both (`fuzz/regressions/chat_template/`). Only when
+//! the template reacts to the strings themselves (Gemma's `strip_thinking` cuts assistant contents at
+//! channel markers), so that the second render has another length, is the prompt searched.
 
 use serde_json::Value;
 
@@ -30,18 +39,55 @@ pub fn contains_special(state: &AppState, text: &str) -> bool {
     state.special_strings.iter().any(|s| text.contains(s.as_str()))
 }
 
-/// Tokenizes a rendered chat prompt (see the module docs).
-pub fn encode_rendered(state: &AppState, text: &str, messages: &Value, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+/// The conversation with every control-token string in its contents made plain text of the same
+/// length (`<` made `[`), or `None` when no content holds one.
+pub fn defuse_contents(state: &AppState, messages: &Value) -> Option<Value> {
+    if !client_texts(messages).into_iter().any(|t| contains_special(state, t)) {
+        return None;
+    }
+    let defuse = |v: &mut Value| {
+        if let Some(t) = v.as_str() {
+            let mut t = t.to_string();
+            for s in &state.special_strings {
+                t = t.replace(s.as_str(), &s.replacen('<', "[", 1));
+            }
+            *v = Value::String(t);
+        }
+    };
+    let mut out = messages.clone();
+    for m in out.as_array_mut().into_iter().flatten() {
+        match m.get_mut("content") {
+            Some(c @ Value::String(_)) => defuse(c),
+            Some(Value::Array(parts)) => parts.iter_mut().filter_map(|p| p.get_mut("text")).for_each(defuse),
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+/// Tokenizes a rendered chat prompt (see the module docs). `shadow` is the prompt rendered from
+/// [`defuse_contents`]' conversation.
+pub fn encode_rendered(
+    state: &AppState,
+    text: &str,
+    messages: &Value,
+    shadow: Option<&str>,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
     state.check_text_len(text, "messages")?;
     let hostile: Vec<&str> = client_texts(messages).into_iter().filter(|t| contains_special(state, t)).collect();
     if hostile.is_empty() {
         return state.encode(text, add_special_tokens);
     }
+    if let Some(shadow) = shadow.filter(|s| s.len() == text.len()) {
+        return encode_marked(state, text, shadow, add_special_tokens);
+    }
     let mut ids = Vec::new();
     let mut rest = text;
     let mut first = true;
     for h in hostile {
-        let Some(at) = rest.find(h) else { continue };
+        // As written, or as a template's `trim` wrote it.
+        let Some((at, h)) = rest.find(h).map(|at| (at, h)).or_else(|| rest.find(h.trim()).map(|at| (at, h.trim()))) else { continue };
         ids.extend(state.encode(&rest[..at], add_special_tokens && first)?);
         first = false;
         let enc = state.tokenizer_literal.encode(h, false).map_err(ApiError::internal)?;
@@ -49,5 +95,30 @@ pub fn encode_rendered(state: &AppState, text: &str, messages: &Value, add_speci
         rest = &rest[at + h.len()..];
     }
     ids.extend(state.encode(rest, add_special_tokens && first)?);
+    Ok(ids)
+}
+
+/// `text` in pieces: each control-token string whose `<` is defused in `shadow` (the client's) with
+/// special-token matching off, the template's text between them as usual.
+fn encode_marked(state: &AppState, text: &str, shadow: &str, add_special_tokens: bool) -> Result<Vec<u32>, ApiError> {
+    let (t, s) = (text.as_bytes(), shadow.as_bytes());
+    let mut ids = Vec::new();
+    let (mut from, mut i, mut first) = (0, 0, true);
+    while i < t.len() {
+        // `<` is ASCII, so `i` is a character boundary.
+        let client = (t[i] == b'<' && s[i] == b'[')
+            .then(|| state.special_strings.iter().filter(|sp| text[i..].starts_with(sp.as_str())).max_by_key(|sp| sp.len()))
+            .flatten();
+        let Some(sp) = client else {
+            i += 1;
+            continue;
+        };
+        ids.extend(state.encode(&text[from..i], add_special_tokens && first)?);
+        first = false;
+        ids.extend_from_slice(state.tokenizer_literal.encode(sp.as_str(), false).map_err(ApiError::internal)?.get_ids());
+        i += sp.len();
+        from = i;
+    }
+    ids.extend(state.encode(&text[from..], add_special_tokens && first)?);
     Ok(ids)
 }

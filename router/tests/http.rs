@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use axum::Router;
 use axum::body::Body;
@@ -113,10 +112,6 @@ fn server_with(fake: Fake, api_key: Option<&str>, parsers: Parsers) -> Router {
 
 fn server_built(fake: Fake, api_key: Option<&str>, parsers: Parsers, cors: switchyard_router::server::Cors) -> Router {
     let dir = fixture();
-    let tokenizer = tokenizer();
-    let mut literal = tokenizer.clone();
-    literal.set_encode_special_tokens(true);
-    let special_strings = tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
     let source = std::fs::read_to_string(dir.join("chat_template.jinja")).expect("the fixture's chat template");
     let template =
         ChatTemplate::new(&source, special_tokens_from_config(dir.join("tokenizer_config.json"))).expect("compiling the template");
@@ -138,20 +133,7 @@ fn server_built(fake: Fake, api_key: Option<&str>, parsers: Parsers, cors: switc
         vision: None,
         cors,
     };
-    app(Arc::new(AppState {
-        config,
-        engine: Arc::new(fake),
-        max_token_bytes: switchyard_router::tokenize::max_token_bytes(&tokenizer),
-        tokenizer: Arc::new(tokenizer),
-        tokenizer_literal: Arc::new(literal),
-        special_strings,
-        template: Some(template),
-        grammar: Some(grammar),
-        metrics: None,
-        shutting_down: AtomicBool::new(false),
-        created: 1_700_000_000,
-        responses: Default::default(),
-    }))
+    app(Arc::new(AppState::new(config, Arc::new(fake), tokenizer(), Some(template), Some(grammar), None, 1_700_000_000)))
 }
 
 fn server_with_cors(fake: Fake, cors: switchyard_router::server::Cors) -> Router {

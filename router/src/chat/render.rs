@@ -97,17 +97,23 @@ pub fn render_and_tokenize(
     let messages = Value::Array(normalize_messages(messages)?);
     let tools = tools.map(|t| Value::Array(t.to_vec()));
     let empty = Map::new();
-    let text = template
-        .render(&crate::chat_template::RenderRequest {
-            messages: &messages,
-            tools: tools.as_ref(),
-            add_generation_prompt,
-            kwargs: kwargs.unwrap_or(&empty),
-        })
-        .map_err(|e| ApiError::invalid("messages", format!("the chat template could not render these messages: {e}")))?;
-    let text = if continue_final_message { trim_final_turn_end(&messages, text) } else { text };
-    let text = expand_videos(state, text, videos)?;
-    crate::special_text::encode_rendered(state, &text, &messages, add_special_tokens)
+    let render = |messages: &Value| -> Result<String, ApiError> {
+        let text = template
+            .render(&crate::chat_template::RenderRequest {
+                messages,
+                tools: tools.as_ref(),
+                add_generation_prompt,
+                kwargs: kwargs.unwrap_or(&empty),
+            })
+            .map_err(|e| ApiError::invalid("messages", format!("the chat template could not render these messages: {e}")))?;
+        let text = if continue_final_message { trim_final_turn_end(messages, text) } else { text };
+        expand_videos(state, text, videos)
+    };
+    let text = render(&messages)?;
+    // When a content spells a control token, the same conversation with those strings defused shows
+    // where in the prompt the client's strings are (special_text.rs).
+    let shadow = crate::special_text::defuse_contents(state, &messages).and_then(|d| render(&d).ok());
+    crate::special_text::encode_rendered(state, &text, &messages, shadow.as_deref(), add_special_tokens)
 }
 
 /// Each `<|video|>` the template wrote becomes its video's frames (timestamps and spans), in the text,

@@ -26,8 +26,14 @@ const THOUGHT_PREFIX: &str = "thought\n";
 /// Arguments longer than this are not re-parsed per delta (each parse reads them whole).
 const MAX_STREAMED_ARGS: usize = 64 << 10;
 
-/// Special tokens that never belong in content, should the model write them.
-const DROPPED_FROM_CONTENT: [&str; 10] = [
+/// What ends or interrupts content: the four delimiters, then special tokens that never belong in
+/// content, should the model write them (absorbed as the content's terminals, so that they are held
+/// back and dropped however the text is split).
+const CONTENT_TERMINALS: [&str; 14] = [
+    CHANNEL_START,
+    CHANNEL_END,
+    TOOL_CALL_START,
+    TOOL_CALL_END,
     "<|turn>",
     "<turn|>",
     "<|tool>",
@@ -106,6 +112,8 @@ struct Call {
     sent: String,
     /// Streaming stopped because a later parse was not an extension of what was sent.
     diverged: bool,
+    /// The arguments JSON of the whole call, once it has ended.
+    args: Option<String>,
     name_sent: bool,
     /// Content bytes before this call.
     content_at: usize,
@@ -160,7 +168,7 @@ impl OutputParser {
     /// The delimiters that change state from the current one.
     fn terminals(&self) -> &'static [&'static str] {
         match self.state {
-            State::Content => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START, TOOL_CALL_END],
+            State::Content => &CONTENT_TERMINALS,
             State::Reasoning => &[CHANNEL_START, CHANNEL_END, TOOL_CALL_START],
             State::Preamble => &[TOOL_CALL_END, "call:", ":"],
             State::Name => &["{", "(", TOOL_CALL_END],
@@ -239,13 +247,7 @@ impl OutputParser {
             return;
         }
         match self.state {
-            State::Content => {
-                let mut t = t.to_string();
-                for s in DROPPED_FROM_CONTENT {
-                    t = t.replace(s, "");
-                }
-                self.content(d, &t);
-            }
+            State::Content => self.content(d, t),
             State::Reasoning => self.reasoning(d, t),
             State::Preamble => {}
             State::Name => {
@@ -348,7 +350,8 @@ impl OutputParser {
                 self.end_call(d);
                 State::Content
             }
-            // `<|channel>` inside reasoning, a stray `<channel|>` or `<tool_call|>` in content: absorbed.
+            // `<|channel>` inside reasoning, a stray `<channel|>` or `<tool_call|>` in content, a special
+            // token that does not belong in content: absorbed.
             (s, _) => s,
         };
     }
@@ -377,7 +380,10 @@ impl OutputParser {
 
     fn typed_args(&self, index: usize, partial: bool) -> Vec<(String, Arg)> {
         let c = &self.calls[index];
-        let mut a = if partial { args::parse_object(&c.raw_args, true) } else { args::parse_call_args(&c.raw_args, false) };
+        // The partial parse drops what the final one will (surrounding whitespace, the call's closing `}`)
+        // as if the call ended here: inside an unterminated string they would otherwise be streamed as its
+        // content, and the final arguments would no longer extend what was sent.
+        let mut a = args::parse_call_args(&c.raw_args, partial);
         if let Some(props) = self.properties(&c.name) {
             args::coerce_fields(&mut a, props);
         }
@@ -420,17 +426,21 @@ impl OutputParser {
         let c = &mut self.calls[index];
         let rest = json.strip_prefix(c.sent.as_str()).unwrap_or_default().to_string();
         c.sent.push_str(&rest);
+        c.args = Some(json);
         if !rest.is_empty() {
             push_args(d, out, &rest);
         }
     }
 
-    /// The calls so far, with their final arguments (none unless tool calls are parsed).
+    /// The calls so far, with their final arguments (none unless tool calls are parsed): the whole
+    /// call's arguments once it has ended, what was streamed before. The two differ only where a later
+    /// parse rewrote what had been streamed (a repeated key, whose last value wins, as in vLLM): the
+    /// stream then stops short, and the non-streaming answer still has the call's real arguments.
     pub fn tool_calls(&self) -> Vec<ToolCall> {
         self.calls
             .iter()
             .filter(|c| c.out_index.is_some())
-            .map(|c| ToolCall { id: c.id.clone(), name: c.name.clone(), arguments: c.sent.clone() })
+            .map(|c| ToolCall { id: c.id.clone(), name: c.name.clone(), arguments: c.args.clone().unwrap_or_else(|| c.sent.clone()) })
             .collect()
     }
 

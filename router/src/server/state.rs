@@ -111,6 +111,36 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
+    /// The state for a checkpoint's tokenizer: what is derived from it (the literal tokenizer, the
+    /// special-token strings, the longest token) is derived here, the rest given.
+    pub fn new(
+        config: ServerConfig,
+        engine: Arc<dyn GenerationBackend>,
+        tokenizer: Tokenizer,
+        template: Option<ChatTemplate>,
+        grammar: Option<switchyard_grammar::GrammarEnv>,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+        created: u64,
+    ) -> AppState {
+        let mut literal = tokenizer.clone();
+        literal.set_encode_special_tokens(true);
+        let special_strings = tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
+        AppState {
+            config,
+            engine,
+            max_token_bytes: crate::tokenize::max_token_bytes(&tokenizer),
+            tokenizer: Arc::new(tokenizer),
+            tokenizer_literal: Arc::new(literal),
+            special_strings,
+            template,
+            grammar,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+            created,
+            responses: Default::default(),
+        }
+    }
+
     pub fn model_name(&self) -> &str {
         &self.config.served_model_names[0]
     }
