@@ -21,8 +21,11 @@ mod frame;
 mod http;
 mod parser;
 
+/// A fuzz target: takes any bytes, panics only on a defect.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as `scripts/fuzz.sh`, the corpus folders and the libFuzzer binaries name them.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("http_request", http_request),
     ("chat_template", chat_template),
     ("output_parser", output_parser),

@@ -51,7 +51,7 @@ const TOOLS: &str = r#"[{"type":"function","function":{"name":"get_weather","par
 const OUTPUT: &str =
     "<|channel>thought\nweather<channel|>Let me look.<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>,days:3}<tool_call|>";
 
-fn http_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn http_seeds() -> Seeds {
     let chat = |extra: &str| format!(r#"{{"model":"tiny","messages":[{{"role":"user","content":"Hi there"}}],"max_tokens":6{extra}}}"#);
     vec![
         ("chat", post(CHAT, &chat(""))),
@@ -143,7 +143,7 @@ const PARTS: u8 = 2 << 3;
 const REASONING: u8 = 64;
 const CALL: u8 = 128;
 
-fn chat_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn chat_seeds() -> Seeds {
     let generation = 1 | 4;
     vec![
         ("one-turn", chat(generation, &[(USER, "Hello")])),
@@ -174,7 +174,7 @@ fn parser(flags: u8, first: u8, cuts: &[u16], text: &str) -> Vec<u8> {
     v
 }
 
-fn parser_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn parser_seeds() -> Seeds {
     vec![
         ("reasoning-and-call", parser(1 | 2 | 16, 5, &[16, 40], OUTPUT)),
         ("missing-opener", parser(1, 0, &[], "thought\nhmm<channel|>Answer")),
@@ -215,7 +215,7 @@ fn layer(layer: u32, hidden: u32, rows: usize, experts: Vec<u32>, weights: Vec<f
     .encode_to_vec()
 }
 
-fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn frame_seeds() -> Seeds {
     let grammar = r#"{"spec":{"type":"json_schema","schema":{"type":"object"}},"after_token":101}"#;
     let params = v1::SamplingParams {
         temperature: 0.7,
@@ -253,7 +253,10 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn all() -> Vec<(&'static str, Vec<(&'static str, Vec<u8>)>)> {
+/// Named inputs of one target.
+type Seeds = Vec<(&'static str, Vec<u8>)>;
+
+fn all() -> Vec<(&'static str, Seeds)> {
     vec![
         ("http_request", http_seeds()),
         ("chat_template", chat_seeds()),
