@@ -32,12 +32,19 @@ pub fn attend<'a, E: KvElem>(
         crate::Isa::Avx2 => return unsafe { attend_avx2(q, n, key, value, scale, dt, scores, out) },
         crate::Isa::Portable | crate::Isa::Neon => {}
     }
-    attend_body(q, n, key, value, scale, dt, scores, out)
+    attend_body::<E, PORTABLE>(q, n, key, value, scale, dt, scores, out)
 }
 
-/// [`attend_body`] compiled with wider vectors (same numbers; see `simd`).
+/// Which explicit dot-product kernel [`attend_body`] uses for the scores.
+const PORTABLE: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const AVX2: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const AVX512: u8 = 2;
+
+/// [`attend_body`] compiled with wider vectors and FMA (same numbers: see [`madd`]).
 macro_rules! attend_with {
-    ($name:ident, $features:literal) => {
+    ($name:ident, $features:literal, $w:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
         #[allow(clippy::too_many_arguments)]
@@ -51,17 +58,26 @@ macro_rules! attend_with {
             scores: &mut Vec<f32>,
             out: &mut [f32],
         ) {
-            attend_body(q, n, key, value, scale, dt, scores, out)
+            attend_body::<E, { $w }>(q, n, key, value, scale, dt, scores, out)
         }
     };
 }
 
-attend_with!(attend_avx512, "avx512f");
-attend_with!(attend_avx2, "avx2");
+attend_with!(attend_avx512, "avx512f,fma", AVX512);
+attend_with!(attend_avx2, "avx2,fma", AVX2);
+
+/// `acc + a * b` for `a`, `b` widened from f32: their product has at most 48 significant bits and an
+/// exponent far inside f64's range, so it is exact in f64, and a fused multiply-add (one rounding)
+/// gives the same bits as a multiply then an add (two roundings, the first exact). `fma` only where
+/// the CPU has it (a constant in each instantiation): elsewhere `mul_add` would be a slow software call.
+#[inline(always)]
+fn madd(fma: bool, acc: f64, a: f64, b: f64) -> f64 {
+    if fma { a.mul_add(b, acc) } else { acc + a * b }
+}
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_body<'a, E: KvElem>(
+fn attend_body<'a, E: KvElem, const W: u8>(
     q: &[f32],
     n: usize,
     key: impl Fn(usize) -> &'a [E],
@@ -78,14 +94,15 @@ fn attend_body<'a, E: KvElem>(
     scores.reserve(n);
     let mut j = 0;
     while j + 4 <= n {
-        let d = dot4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+        let d = dot4_on::<E, W>(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
         for d in d {
             scores.push(dt.round(dt.round(d) * scale));
         }
         j += 4;
     }
     while j < n {
-        let d = dot(q, key(j));
+        let k = key(j);
+        let d = dot4_on::<E, W>(q, [k, k, k, k])[0];
         scores.push(dt.round(dt.round(d) * scale));
         j += 1;
     }
@@ -100,7 +117,7 @@ fn attend_body<'a, E: KvElem>(
         for (j, &p) in scores.iter().enumerate() {
             let v: &[E; 64] = value(j)[c0..c0 + 64].try_into().expect("64 columns");
             for i in 0..64 {
-                acc[i] += p as f64 * v[i].widen() as f64;
+                acc[i] = madd(W != PORTABLE, acc[i], p as f64, v[i].widen() as f64);
             }
         }
         for i in 0..64 {
@@ -112,7 +129,7 @@ fn attend_body<'a, E: KvElem>(
         let mut acc = vec![0f64; hd - c0];
         for (j, &p) in scores.iter().enumerate() {
             for (o, &vv) in acc.iter_mut().zip(&value(j)[c0..hd]) {
-                *o += p as f64 * vv.widen() as f64;
+                *o = madd(W != PORTABLE, *o, p as f64, vv.widen() as f64);
             }
         }
         for (o, a) in out[c0..hd].iter_mut().zip(&acc) {
@@ -145,6 +162,113 @@ fn dot4<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
         out[t] = (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))) as f32;
     }
     out
+}
+
+/// [`dot4`] on the kernel `W` names: the explicit AVX-512 or AVX2 versions give the same bits (the
+/// same eight lanes, chunk order and reduction tree; FMA in place of an exact product and an add, see
+/// [`madd`]), written with intrinsics because LLVM leaves the generic loop scalar.
+#[inline(always)]
+fn dot4_on<E: KvElem, const W: u8>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `W` is AVX512 only inside `attend_avx512` and AVX2 only inside `attend_avx2`, which
+        // run only on CPUs with those features (and FMA).
+        if W == AVX512 {
+            return unsafe { dot4_avx512(a, b) };
+        }
+        // SAFETY: as above.
+        if W == AVX2 {
+            return unsafe { dot4_avx2(a, b) };
+        }
+    }
+    dot4(a, b)
+}
+
+/// Eight widened elements of `y` from `c`.
+#[inline(always)]
+fn widen8<E: KvElem>(y: &[E], c: usize) -> [f32; 8] {
+    let y: &[E; 8] = y[c..c + 8].try_into().expect("8");
+    let mut w = [0f32; 8];
+    for i in 0..8 {
+        w[i] = y[i].widen();
+    }
+    w
+}
+
+/// The lanes' remainder and reduction, as [`dot4`] ends.
+#[inline(always)]
+fn finish4<E: KvElem>(a: &[f32], b: [&[E]; 4], n8: usize, mut lanes: [[f64; 8]; 4]) -> [f32; 4] {
+    let mut out = [0f32; 4];
+    for (t, l) in lanes.iter_mut().enumerate() {
+        for i in 0..a.len() - n8 {
+            l[i] += a[n8 + i] as f64 * b[t][n8 + i].widen() as f64;
+        }
+        out[t] = (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))) as f32;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_avx512<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n8 = a.len() / 8 * 8;
+    for y in b {
+        assert!(y.len() >= a.len());
+    }
+    let mut acc = [_mm512_setzero_pd(); 4];
+    let mut c = 0;
+    while c < n8 {
+        // SAFETY: c + 8 <= n8 <= a.len().
+        let x = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(a.as_ptr().add(c)) });
+        for t in 0..4 {
+            let w = widen8(b[t], c);
+            // SAFETY: `w` holds eight f32.
+            let y = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(w.as_ptr()) });
+            acc[t] = _mm512_fmadd_pd(x, y, acc[t]);
+        }
+        c += 8;
+    }
+    let mut lanes = [[0f64; 8]; 4];
+    for t in 0..4 {
+        // SAFETY: eight f64 fit `lanes[t]`.
+        unsafe { _mm512_storeu_pd(lanes[t].as_mut_ptr(), acc[t]) };
+    }
+    finish4(a, b, n8, lanes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n8 = a.len() / 8 * 8;
+    for y in b {
+        assert!(y.len() >= a.len());
+    }
+    // Lanes 0-3 and 4-7 of each key in two registers.
+    let mut acc = [[_mm256_setzero_pd(); 2]; 4];
+    let mut c = 0;
+    while c < n8 {
+        // SAFETY: c + 8 <= n8 <= a.len().
+        let (x0, x1) = unsafe { (_mm256_cvtps_pd(_mm_loadu_ps(a.as_ptr().add(c))), _mm256_cvtps_pd(_mm_loadu_ps(a.as_ptr().add(c + 4)))) };
+        for t in 0..4 {
+            let w = widen8(b[t], c);
+            // SAFETY: `w` holds eight f32.
+            let (y0, y1) = unsafe { (_mm256_cvtps_pd(_mm_loadu_ps(w.as_ptr())), _mm256_cvtps_pd(_mm_loadu_ps(w.as_ptr().add(4)))) };
+            acc[t][0] = _mm256_fmadd_pd(x0, y0, acc[t][0]);
+            acc[t][1] = _mm256_fmadd_pd(x1, y1, acc[t][1]);
+        }
+        c += 8;
+    }
+    let mut lanes = [[0f64; 8]; 4];
+    for t in 0..4 {
+        // SAFETY: four f64 at 0 and four at 4 fit `lanes[t]`.
+        unsafe {
+            _mm256_storeu_pd(lanes[t].as_mut_ptr(), acc[t][0]);
+            _mm256_storeu_pd(lanes[t].as_mut_ptr().add(4), acc[t][1]);
+        }
+    }
+    finish4(a, b, n8, lanes)
 }
 
 /// Dot product accumulated in f64 and rounded once: for these short (head-size) products it gives the
@@ -181,5 +305,62 @@ mod tests {
         attend(&q, 2, |j| &keys[j * 2..j * 2 + 2], |j| &values[j * 2..j * 2 + 2], 1.0, DType::F32, &mut s, &mut out);
         let p0 = 1.0 / (1.0 + (-10f32).exp());
         assert!((out[0] - (p0 * 1.0 + (1.0 - p0) * 3.0)).abs() < 1e-5);
+    }
+
+    /// The explicit AVX2 and AVX-512 kernels (FMA, intrinsics) give the portable loop's bits, for
+    /// head sizes with and without a remainder of 8, key counts with and without one of 4, and f32 and
+    /// bf16 keys and values.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_path_gives_the_portable_bits() {
+        use crate::kv::Bf16;
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Full f32 mantissas over 2^-10..2^2: scores of a few units, softmax far from one-hot.
+            let m = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            m * 2f32.powi(((seed >> 20) % 13) as i32 - 10)
+        };
+        for (hd, n) in [(64, 1), (128, 7), (256, 33), (36, 5), (512, 130)] {
+            let q: Vec<f32> = (0..hd).map(|_| rnd()).collect();
+            let kf: Vec<f32> = (0..n * hd).map(|_| rnd()).collect();
+            let vf: Vec<f32> = (0..n * hd).map(|_| rnd()).collect();
+            let kb: Vec<Bf16> = kf.iter().map(|&x| Bf16(crate::dtype::f32_to_bf16_bits(x))).collect();
+            let vb: Vec<Bf16> = vf.iter().map(|&x| Bf16(crate::dtype::f32_to_bf16_bits(x))).collect();
+            for dt in [DType::BF16, DType::F32] {
+                let run = |path: u8| {
+                    let (mut s, mut o1, mut o2) = (Vec::new(), vec![0f32; hd], vec![0f32; hd]);
+                    let (kf, vf, kb, vb) = (&kf, &vf, &kb, &vb);
+                    let (k1, v1) = (|j: usize| &kf[j * hd..(j + 1) * hd], |j: usize| &vf[j * hd..(j + 1) * hd]);
+                    let (k2, v2) = (|j: usize| &kb[j * hd..(j + 1) * hd], |j: usize| &vb[j * hd..(j + 1) * hd]);
+                    // SAFETY: each path is run only where the CPU has its features.
+                    unsafe {
+                        match path {
+                            AVX512 => {
+                                attend_avx512(&q, n, k1, v1, 0.125, dt, &mut s, &mut o1);
+                                attend_avx512(&q, n, k2, v2, 0.125, dt, &mut s, &mut o2);
+                            }
+                            AVX2 => {
+                                attend_avx2(&q, n, k1, v1, 0.125, dt, &mut s, &mut o1);
+                                attend_avx2(&q, n, k2, v2, 0.125, dt, &mut s, &mut o2);
+                            }
+                            _ => {
+                                attend_body::<f32, PORTABLE>(&q, n, k1, v1, 0.125, dt, &mut s, &mut o1);
+                                attend_body::<Bf16, PORTABLE>(&q, n, k2, v2, 0.125, dt, &mut s, &mut o2);
+                            }
+                        }
+                    }
+                    (o1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), o2.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                };
+                let want = run(PORTABLE);
+                assert!(want.0.iter().any(|&b| b != 0), "a non-trivial case");
+                if crate::Isa::Avx2.is_supported() {
+                    assert_eq!(run(AVX2), want, "avx2, hd {hd}, n {n}, {dt:?}");
+                }
+                if crate::Isa::Avx512.is_supported() {
+                    assert_eq!(run(AVX512), want, "avx512, hd {hd}, n {n}, {dt:?}");
+                }
+            }
+        }
     }
 }
