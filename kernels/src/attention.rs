@@ -171,13 +171,12 @@ fn dot4<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
 fn dot4_on<E: KvElem, const W: u8>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `W` is AVX512 only inside `attend_avx512` and AVX2 only inside `attend_avx2`, which
-        // run only on CPUs with those features (and FMA).
         if W == AVX512 {
+            // SAFETY: `W` is AVX512 only inside `attend_avx512`, which runs only on CPUs with AVX-512F and FMA.
             return unsafe { dot4_avx512(a, b) };
         }
-        // SAFETY: as above.
         if W == AVX2 {
+            // SAFETY: `W` is AVX2 only inside `attend_avx2`, which runs only on CPUs with AVX2 and FMA.
             return unsafe { dot4_avx2(a, b) };
         }
     }
