@@ -11,6 +11,37 @@ fn main() {
         shape(n, k, ms, false);
         shape(n, k, ms, true);
     }
+    elementwise();
+}
+
+/// The gated activation and the final soft-cap on bf16 values (table lookups) against the same
+/// formulas on values that are not bf16 (computed), at a prefill-sized expert activation and a
+/// batch-16 row of logits.
+fn elementwise() {
+    use switchyard_kernels::ops;
+    let round = switchyard_kernels::dtype::bf16_round;
+    let n = 2048 * 512;
+    let gate: Vec<f32> = (0..n).map(|i| round(((i * 7919) % 4001) as f32 / 500.0 - 4.0)).collect();
+    let off: Vec<f32> = gate.iter().map(|x| f32::from_bits(x.to_bits() | 1)).collect();
+    let up: Vec<f32> = (0..n).map(|i| round(((i * 104729) % 3001) as f32 / 1000.0 - 1.5)).collect();
+    let mut out = vec![0f32; n];
+    for (label, g) in [("bf16 gates (table)", &gate), ("other gates (formula)", &off)] {
+        let t = Instant::now();
+        for _ in 0..5 {
+            ops::gelu_gate_up(g, &up, DType::BF16, &mut out);
+        }
+        println!("gelu_gate_up bf16, {label}: {:6.2} ns/element", t.elapsed().as_secs_f64() / 5.0 / n as f64 * 1e9);
+    }
+    let logits: Vec<f32> = (0..16 * 32768).map(|i| round(((i * 7919) % 6001) as f32 / 100.0 - 30.0)).collect();
+    for (label, dt) in [("bf16 (table)", DType::BF16), ("f32 (formula)", DType::F32)] {
+        let mut l = logits.clone();
+        let t = Instant::now();
+        for _ in 0..5 {
+            l.copy_from_slice(&logits);
+            ops::softcap(&mut l, 30.0, dt);
+        }
+        println!("softcap {label}: {:6.2} ns/element", t.elapsed().as_secs_f64() / 5.0 / l.len() as f64 * 1e9);
+    }
 }
 
 fn shape(n: usize, k: usize, ms: &[usize], packed: bool) {

@@ -219,13 +219,9 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
     let mut r0 = 0;
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Avx512Bf16, Packed::Bf16 { data, stride }) = (kernel, p) {
+        // Its stores round to bf16, the activation dtype of this path: no pass over the output.
         // SAFETY: the path is avx512bf16, so the CPU has the features `block_vnni` is compiled for; columns [n0, n1) are this task's.
         unsafe { block_vnni(data, *stride, m, w, n0, n1, out, ostride) };
-        for r in 0..m {
-            // SAFETY: rows of `out` are `ostride` apart and this task owns columns [n0, n1) of each of the m rows.
-            let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * ostride + n0), n1 - n0) };
-            act.round_slice(row);
-        }
         return;
     }
     if let (true, Packed::F32 { data, stride }) = (pair_order(w.dtype, act), p) {
@@ -591,10 +587,26 @@ unsafe fn store_acc<const MR: usize>(acc: &[[__m512; 2]; MR], out: *mut f32, os:
     for (r, a) in acc.iter().enumerate() {
         // SAFETY: masked stores write only the first nc columns of each row, which the caller owns.
         unsafe {
-            _mm512_mask_storeu_ps(out.add(r * os), m0, a[0]);
-            _mm512_mask_storeu_ps(out.add(r * os + 16), m1, a[1]);
+            _mm512_mask_storeu_ps(out.add(r * os), m0, bf16_round16(a[0]));
+            _mm512_mask_storeu_ps(out.add(r * os + 16), m1, bf16_round16(a[1]));
         }
     }
+}
+
+/// [`crate::dtype::bf16_round`] on 16 lanes, in registers (the VNNI kernels' outputs are bf16
+/// activations; rounding them here saves a pass over the output): round to nearest even on the bits,
+/// NaN kept quiet. Not `vcvtneps2bf16`, which flushes subnormals.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn bf16_round16(v: __m512) -> __m512 {
+    let b = _mm512_castps_si512(v);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    let quiet = _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    let bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
+    _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF_0000u32 as i32)))
 }
 
 /// Rows `c .. c + nc` of `w` into `panel[i * 32 + j]` = pair i of row c + j (zeros past `nc` and past k).
@@ -1232,6 +1244,47 @@ mod tests {
         let mut out = [0f32];
         linear(&x, 1, Weight::new(DType::BF16, &wb, 1, 3), &mut out, DType::BF16);
         assert_eq!(out[0], bf16_round(out[0]));
+    }
+
+    /// The in-register rounding of the VNNI kernels' stores equals `bf16_round` on ties, subnormals,
+    /// infinities, NaNs and random bits.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_rounding_in_registers_equals_the_scalar_one() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut bits: Vec<u32> = vec![
+            0x3F80_8000,
+            0x3F81_8000,
+            0x3F80_7FFF,
+            0x0000_0001,
+            0x0000_8000,
+            0x0001_8000,
+            0x807F_FFFF,
+            0x7F7F_FFFF,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7F80_0001,
+            0xFFC0_1234,
+            0x7FBF_FFFF,
+            0,
+        ];
+        let mut seed = 1u32;
+        bits.extend((0..4096).map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed
+        }));
+        bits.resize(bits.len().div_ceil(16) * 16, 0x3F80_8000);
+        for chunk in bits.chunks(16) {
+            let v: Vec<f32> = chunk.iter().map(|&b| f32::from_bits(b)).collect();
+            let mut got = [0f32; 16];
+            // SAFETY: the CPU has AVX-512F (checked above); 16 f32 in and out.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), bf16_round16(_mm512_loadu_ps(v.as_ptr()))) };
+            for (x, g) in v.iter().zip(got) {
+                assert_eq!(g.to_bits(), bf16_round(*x).to_bits(), "{:#010x}", x.to_bits());
+            }
+        }
     }
 
     #[test]

@@ -191,6 +191,13 @@ pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
     // One loop per dtype, so each body is straight-line arithmetic the compiler can vectorise.
     match dt {
+        DType::BF16 if all_bf16(gate) => {
+            // bf16 gates (linear outputs always are): `round(gelu(g))` by table, the same bits.
+            let t = bf16_table(&GELU_BF16, gelu_tanh);
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = crate::dtype::bf16_round(t[(g.to_bits() >> 16) as usize] * u);
+            }
+        }
         DType::BF16 => gelu_loop(gate, up, out, crate::dtype::bf16_round),
         DType::F32 => gelu_loop(gate, up, out, |x| x),
         DType::F16 => gelu_loop(gate, up, out, |x| DType::F16.round(x)),
@@ -212,10 +219,32 @@ fn softcap_body(logits: &mut [f32], cap: f32, dt: DType) {
         }
     }
     match dt {
-        DType::BF16 => run(logits, cap, crate::dtype::bf16_round),
+        DType::BF16 => {
+            // `round(l / cap)` is a bf16 value: `round(tanh(_))` of it by table, the same bits.
+            let t = bf16_table(&TANH_BF16, tanh);
+            let round = crate::dtype::bf16_round;
+            for l in logits.iter_mut() {
+                *l = round(t[(round(*l / cap).to_bits() >> 16) as usize] * cap);
+            }
+        }
         DType::F32 => run(logits, cap, |x| x),
         DType::F16 => run(logits, cap, |x| DType::F16.round(x)),
     }
+}
+
+static GELU_BF16: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
+static TANH_BF16: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
+
+/// `bf16_round(f(x))` for every bf16 `x`, indexed by its 16 bits (256 KB, built on first use with the
+/// same `f` the loops call, so a lookup gives exactly what computing would).
+fn bf16_table(cell: &'static std::sync::OnceLock<Box<[f32]>>, f: fn(f32) -> f32) -> &'static [f32] {
+    cell.get_or_init(|| (0..=u16::MAX).map(|b| crate::dtype::bf16_round(f(crate::dtype::bf16_to_f32(b)))).collect())
+}
+
+/// Whether every value is a bf16 value (its low 16 bits zero).
+#[inline(always)]
+fn all_bf16(xs: &[f32]) -> bool {
+    xs.iter().fold(0u32, |acc, x| acc | (x.to_bits() & 0xFFFF)) == 0
 }
 
 #[inline(always)]
@@ -339,6 +368,37 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bf16 tables give what the formulas compute, on every bf16 gate and logit (NaNs and
+    /// infinities included), and a gate that is not a bf16 value still takes the formula.
+    #[test]
+    fn bf16_tables_equal_the_formulas() {
+        let round = crate::dtype::bf16_round;
+        let all: Vec<f32> = (0..=u16::MAX).map(crate::dtype::bf16_to_f32).collect();
+        let up: Vec<f32> = (0..all.len()).map(|i| round(((i * 7919) % 1000) as f32 / 250.0 - 2.0)).collect();
+        let mut got = vec![0f32; all.len()];
+        gelu_gate_up(&all, &up, DType::BF16, &mut got);
+        let mut want = vec![0f32; all.len()];
+        gelu_loop(&all, &up, &mut want, round);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        // Not bf16 values: the formula, not the table.
+        let gate: Vec<f32> = all.iter().map(|x| f32::from_bits(x.to_bits() | 1)).collect();
+        gelu_gate_up(&gate, &up, DType::BF16, &mut got);
+        gelu_loop(&gate, &up, &mut want, round);
+        assert_eq!(bits(&got), bits(&want));
+        // Soft-cap: logits at 30 times every bf16 value, and random f32 logits.
+        let mut seed = 3u32;
+        let mut logits: Vec<f32> = all.iter().map(|x| x * 30.0).collect();
+        logits.extend((0..65536).map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            f32::from_bits(seed)
+        }));
+        let mut got = logits.clone();
+        softcap(&mut got, 30.0, DType::BF16);
+        let want: Vec<f32> = logits.iter().map(|&l| round(round(tanh(round(l / 30.0))) * 30.0)).collect();
+        assert_eq!(bits(&got), bits(&want));
+    }
 
     #[test]
     fn tanh_matches_libm() {
