@@ -154,14 +154,7 @@ fn dot4<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
         }
         c += 8;
     }
-    let mut out = [0f32; 4];
-    for (t, l) in lanes.iter_mut().enumerate() {
-        for i in 0..a.len() - n8 {
-            l[i] += a[n8 + i] as f64 * b[t][n8 + i].widen() as f64;
-        }
-        out[t] = (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))) as f32;
-    }
-    out
+    finish4(a, b, n8, lanes)
 }
 
 /// [`dot4`] on the kernel `W` names: the explicit AVX-512 or AVX2 versions give the same bits (the
@@ -194,7 +187,7 @@ fn widen8<E: KvElem>(y: &[E], c: usize) -> [f32; 8] {
     w
 }
 
-/// The lanes' remainder and reduction, as [`dot4`] ends.
+/// The lanes' remainder and reduction: how [`dot4`] and its explicit versions end.
 #[inline(always)]
 fn finish4<E: KvElem>(a: &[f32], b: [&[E]; 4], n8: usize, mut lanes: [[f64; 8]; 4]) -> [f32; 4] {
     let mut out = [0f32; 4];
