@@ -28,15 +28,17 @@ pub struct BenchArgs {
     /// Print one JSON object per batch size instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub load: crate::cli::LoadArgs,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let model = a.model.clone().ok_or_else(|| anyhow::anyhow!("--model is required (or use `switchyard bench serve`)"))?;
-    let loaded = load_model(&ModelArgs { model })?;
+    let loaded = load_model(&ModelArgs { model, load: a.load.clone() })?;
     let m = &loaded.model;
     let c = &m.config;
     let threads = switchyard_kernels::pool::global().threads();
-    let per_token = weight_bytes_per_decode_token(&loaded.dir.path, c)?;
+    let per_token = (c.parameter_counts().per_decode_token * m.dtype.size() as f64) as u64;
     let bandwidth = read_bandwidth();
     let path = switchyard_kernels::isa();
     let features = switchyard_kernels::isa::cpu_features();
@@ -110,23 +112,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Bytes of weights one batch-1 decode token reads: every text-model tensor once (the tied embedding
-/// in full, as the lm_head), except the experts, of which each layer reads `top_k` of `num_experts`.
-fn weight_bytes_per_decode_token(dir: &std::path::Path, c: &switchyard_worker::ModelConfig) -> Result<u64> {
-    let ckpt = switchyard_worker::Checkpoint::open(dir)?;
-    let prefix = ckpt.text_prefix();
-    let mut total = 0f64;
-    for name in ckpt.names().filter(|n| n.starts_with(prefix) && !n.contains("vision")) {
-        let Some(t) = ckpt.get(name) else { continue };
-        let bytes = t.bytes().len() as f64;
-        total += match c.moe {
-            Some(moe) if name.contains(".experts.") => bytes * moe.top_k as f64 / moe.num_experts as f64,
-            _ => bytes,
-        };
-    }
-    Ok(total as u64)
 }
 
 /// The machine's memory read bandwidth with the kernels' threads: the best of three passes over a

@@ -102,6 +102,62 @@ pub struct ModelArgs {
     /// Checkpoint directory, or a Hugging Face hub id (downloaded when the network allows).
     #[arg(long, env = "SWITCHYARD_MODEL")]
     pub model: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// How and where the weights are loaded (vLLM's `--load-format` and `--device`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct LoadArgs {
+    /// `auto` or `safetensors`: the checkpoint's safetensors files, memory-mapped. `dummy`: random
+    /// weights of the shapes in config.json (vLLM's meaning), to serve or benchmark a model whose
+    /// weights are not at hand.
+    #[arg(long, value_enum, default_value_t, env = "SWITCHYARD_LOAD_FORMAT")]
+    pub load_format: LoadFormat,
+    /// Where the model computes: `cpu`, `cuda`, or `auto` (CUDA when this build can compute on a GPU
+    /// that answers, else the CPU). The choice is logged at start.
+    #[arg(long, value_enum, default_value_t, env = "SWITCHYARD_DEVICE")]
+    pub device: DeviceArg,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormat {
+    #[default]
+    Auto,
+    Safetensors,
+    Dummy,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl LoadArgs {
+    /// Settles `--device`: what a GPU probe found, and where this build computes. A GPU is used only
+    /// where this build can run the whole model on it; the CUDA model runner is not finished
+    /// (docs/gpu.md says what is), so `auto` computes on the CPU and says why, and `cuda` is an error
+    /// that names what is missing, never a silent fall back to the CPU.
+    pub fn device(&self) -> Result<()> {
+        let probe = switchyard_kernels::cuda::probe();
+        match (self.device, &probe) {
+            (DeviceArg::Cpu, _) => tracing::info!("device: cpu (--device cpu)"),
+            (DeviceArg::Auto, Err(why)) => tracing::info!("device: cpu (no CUDA device: {why})"),
+            (DeviceArg::Auto, Ok(gpu)) => tracing::warn!(
+                "device: cpu, although {gpu} answers: this build's CUDA backend has its kernels but not yet the model \
+                 runner (docs/gpu.md); --device cuda refuses rather than compute on the CPU"
+            ),
+            (DeviceArg::Cuda, Err(why)) => bail!("--device cuda: no CUDA device: {why}"),
+            (DeviceArg::Cuda, Ok(gpu)) => bail!(
+                "--device cuda: {gpu} answers, but this build's CUDA backend has its kernels and not yet the model \
+                 runner (docs/gpu.md); use --device cpu or auto"
+            ),
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -203,13 +259,31 @@ pub struct Loaded {
 }
 
 pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
+    args.load.device()?;
     kernel_path()?;
     let dir = ModelDir::resolve(&args.model)?;
     let config = ModelConfig::from_file(&dir.file("config.json"))?;
-    let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("loading weights from {}", dir.path.display()))?;
+    let ckpt = open_checkpoint(&dir, &config, args.load.load_format)?;
     let vision = vision_tower(&dir, &config, &ckpt)?;
     let model = Gemma4Model::load(config, &ckpt)?;
     Ok(Loaded { dir, model, vision })
+}
+
+/// The checkpoint's weights: its safetensors, or with `--load-format dummy` random ones in the dtype
+/// config.json names (bfloat16 when it names none).
+pub fn open_checkpoint(dir: &ModelDir, config: &ModelConfig, format: LoadFormat) -> Result<Checkpoint> {
+    match format {
+        LoadFormat::Auto | LoadFormat::Safetensors => {
+            Checkpoint::open(&dir.path).with_context(|| format!("loading weights from {}", dir.path.display()))
+        }
+        LoadFormat::Dummy => {
+            let name = config.dtype.as_deref().unwrap_or("bfloat16");
+            let dtype = switchyard_kernels::DType::from_name(name)
+                .with_context(|| format!("config.json names dtype `{name}`, which --load-format dummy cannot make"))?;
+            tracing::info!("--load-format dummy: random {} weights of the shapes in {}", dtype.name(), dir.file("config.json").display());
+            Ok(Checkpoint::dummy(dtype))
+        }
+    }
 }
 
 /// Chooses the CPU kernels' path for this process (`SWITCHYARD_KERNELS`, else the best the CPU has)

@@ -340,11 +340,17 @@ async fn serve_metrics(port: Option<u16>, ready: watch::Receiver<bool>) -> Resul
 }
 
 /// The checkpoint's compute dtype (the dtype of its embedding) and the bytes of one expert slice.
-fn checkpoint_facts(dir: &ModelDir, c: &ModelConfig) -> Result<(Checkpoint, DType, u64)> {
+/// With `--load-format dummy`, every process makes the same weights (they are seeded by tensor name),
+/// so a cluster of dummy workers computes one coherent model.
+fn checkpoint_facts(dir: &ModelDir, c: &ModelConfig, load: &crate::cli::LoadArgs) -> Result<(Checkpoint, DType, u64)> {
+    load.device()?;
     crate::cli::kernel_path()?;
-    let ckpt = Checkpoint::open(&dir.path).with_context(|| format!("opening {}", dir.path.display()))?;
+    let ckpt = crate::cli::open_checkpoint(dir, c, load.load_format)?;
     let name = format!("{}embed_tokens.weight", ckpt.text_prefix());
-    let dt = ckpt.get(&name).with_context(|| format!("the checkpoint has no {name}"))?.dtype;
+    let dt = match ckpt.dummy_dtype() {
+        Some(dt) => dt,
+        None => ckpt.get(&name).with_context(|| format!("the checkpoint has no {name}"))?.dtype,
+    };
     let slice = c.moe.map_or(0, |m| m.slice_bytes(c.hidden_size, dt));
     Ok((ckpt, dt, slice))
 }
@@ -356,7 +362,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let dir = ModelDir::resolve(&args.model.model)?;
     let c = ModelConfig::from_file(&dir.file("config.json"))?;
     let moe = c.moe.context("this model has no experts to place")?;
-    let (_, _, slice_bytes) = checkpoint_facts(&dir, &c)?;
+    let (_, _, slice_bytes) = checkpoint_facts(&dir, &c, &args.model.load)?;
     let cfg = CoordinatorConfig {
         id: args.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
         layout: args.layout,
@@ -412,7 +418,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let port = listener.local_addr()?.port();
         let id = args.id.clone().unwrap_or_else(|| format!("{}-{port}", hostname()));
         let d = args.cluster.discovery(tls.clone()).await?;
-        let (ckpt, dtype, _) = checkpoint_facts(&dir, &c)?;
+        let (ckpt, dtype, _) = checkpoint_facts(&dir, &c, &args.model.load)?;
         let experts = match (args.role, c.moe) {
             (Role::Expert | Role::Both, Some(moe)) => {
                 let store = ExpertStore::open(&ckpt, &c)?;

@@ -32,6 +32,8 @@ pub struct ServeArgs {
     #[arg(skip)]
     pub model: ModelArgs,
     #[command(flatten)]
+    pub load: crate::cli::LoadArgs,
+    #[command(flatten)]
     pub front: FrontArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -51,7 +53,7 @@ impl ServeArgs {
             (Some(m), _) | (None, Some(m)) => m,
             (None, None) => bail!("no model: give a checkpoint directory or hub id, positionally or as --model"),
         };
-        self.model = ModelArgs { model };
+        self.model = ModelArgs { model, load: self.load.clone() };
         self.parallel.check()?;
         Ok(self)
     }

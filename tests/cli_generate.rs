@@ -110,7 +110,7 @@ fn rewritten(name: &str, edit: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) ->
         std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
     }
     let ckpt = switchyard_worker::Checkpoint::open(&src).unwrap();
-    let mut names: Vec<String> = ckpt.names().map(String::from).collect();
+    let mut names: Vec<String> = ckpt.names();
     names.sort();
     let mut owned = Vec::new();
     for n in &names {

@@ -27,6 +27,28 @@ impl DType {
         }
     }
 
+    /// The dtype a config names (`bfloat16`, `float16`, `float32`, and PyTorch's short spellings).
+    pub fn from_name(name: &str) -> Option<DType> {
+        match name.trim_start_matches("torch.") {
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float16" | "half" | "fp16" | "f16" => Some(DType::F16),
+            "float32" | "float" | "fp32" | "f32" => Some(DType::F32),
+            _ => None,
+        }
+    }
+
+    /// Encodes `vals` (rounded to nearest even) into a little-endian buffer of this dtype.
+    pub fn encode_into(self, vals: &[f32], bytes: &mut [u8]) {
+        assert!(bytes.len() >= vals.len() * self.size(), "buffer too short for {} elements", vals.len());
+        match self {
+            DType::F32 => vals.iter().zip(bytes.chunks_exact_mut(4)).for_each(|(v, c)| c.copy_from_slice(&v.to_le_bytes())),
+            DType::BF16 => {
+                vals.iter().zip(bytes.chunks_exact_mut(2)).for_each(|(v, c)| c.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes()))
+            }
+            DType::F16 => vals.iter().zip(bytes.chunks_exact_mut(2)).for_each(|(v, c)| c.copy_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        }
+    }
+
     /// Rounds an `f32` to the nearest value of this dtype (round-to-nearest-even), returned as `f32`.
     #[inline(always)]
     pub fn round(self, x: f32) -> f32 {

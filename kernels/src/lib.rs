@@ -12,6 +12,7 @@
 #![allow(unsafe_code)] // SIMD intrinsics and the fork-join pool; every block says why it is sound.
 
 pub mod attention;
+pub mod cuda;
 pub mod dtype;
 pub mod isa;
 pub mod kv;

@@ -92,9 +92,20 @@ pub fn packing_enabled() -> bool {
     *ENABLED.get_or_init(|| !std::env::var("SWITCHYARD_PACK_WEIGHTS").is_ok_and(|v| v == "0"))
 }
 
-/// All tensors of a checkpoint directory, by name.
+/// All tensors of a checkpoint directory, by name; or, with [`Checkpoint::dummy`], random tensors of
+/// whatever names and shapes the loader asks for.
 pub struct Checkpoint {
     tensors: HashMap<String, Tensor>,
+    dummy: Option<Dummy>,
+}
+
+/// vLLM's `--load-format dummy`: every tensor the model asks for is made on the spot, uniform in
+/// [-1e-3, 1e-3) (vLLM's `initialize_dummy_weights` range), in the compute dtype, from a generator seeded
+/// by the tensor's name, so the same name always gets the same values whatever the load order. The
+/// checkpoint then holds exactly the tensors the loader asked for: `get` and `names` see those only.
+struct Dummy {
+    dtype: DType,
+    made: std::sync::Mutex<HashMap<String, Tensor>>,
 }
 
 impl Checkpoint {
@@ -127,19 +138,40 @@ impl Checkpoint {
         for path in files {
             load_file(&path, &mut tensors)?;
         }
-        Ok(Checkpoint { tensors })
+        Ok(Checkpoint { tensors, dummy: None })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.get(name)
+    /// A checkpoint with no files: random weights of the shapes the model asks for, in `dtype`
+    /// (vLLM's `--load-format dummy`; see [`Dummy`]). Serves and benchmarks a model from its
+    /// `config.json` alone.
+    pub fn dummy(dtype: DType) -> Checkpoint {
+        Checkpoint { tensors: HashMap::new(), dummy: Some(Dummy { dtype, made: Default::default() }) }
+    }
+
+    /// The dtype a dummy checkpoint makes its tensors in; `None` for a real one.
+    pub fn dummy_dtype(&self) -> Option<DType> {
+        self.dummy.as_ref().map(|d| d.dtype)
+    }
+
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        match &self.dummy {
+            Some(d) => d.made.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned(),
+            None => self.tensors.get(name).cloned(),
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match &self.dummy {
+            Some(d) => d.made.lock().unwrap_or_else(|e| e.into_inner()).contains_key(name),
+            None => self.tensors.contains_key(name),
+        }
     }
 
     /// The tensor `name` with exactly `shape`, or an error naming both.
     pub fn expect(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        if let Some(d) = &self.dummy {
+            return d.make(name, shape);
+        }
         let t = self.tensors.get(name).ok_or_else(|| LoadError::MissingTensor { name: name.into(), expected: shape.to_vec() })?;
         if t.shape != shape {
             return Err(LoadError::TensorShape { name: name.into(), expected: shape.to_vec(), actual: t.shape.clone() });
@@ -149,6 +181,9 @@ impl Checkpoint {
 
     /// The first of several accepted names that exists (checked for `shape`), or an error naming the first.
     pub fn expect_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor, LoadError> {
+        if self.dummy.is_some() {
+            return self.expect(&names[0], shape);
+        }
         for n in names {
             if self.contains(n) {
                 return self.expect(n, shape);
@@ -160,11 +195,52 @@ impl Checkpoint {
     /// Tensor-name prefix of the text model: `model.language_model.` in the multimodal checkpoint
     /// Google publishes, `model.` in a text-only (`Gemma4ForCausalLM`) one.
     pub fn text_prefix(&self) -> &'static str {
-        if self.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." }
+        if self.dummy.is_some() || self.contains("model.language_model.embed_tokens.weight") { "model.language_model." } else { "model." }
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+    /// The tensors' names (for a dummy checkpoint, those made so far).
+    pub fn names(&self) -> Vec<String> {
+        match &self.dummy {
+            Some(d) => d.made.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect(),
+            None => self.tensors.keys().cloned().collect(),
+        }
+    }
+}
+
+impl Dummy {
+    fn make(&self, name: &str, shape: &[usize]) -> Result<Tensor, LoadError> {
+        if let Some(t) = self.made.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            if t.shape != shape {
+                return Err(LoadError::TensorShape { name: name.into(), expected: shape.to_vec(), actual: t.shape.clone() });
+            }
+            return Ok(t.clone());
+        }
+        let numel: usize = shape.iter().product();
+        let size = self.dtype.size();
+        let io = |source| LoadError::Io { path: PathBuf::from(format!("<dummy {name}>")), source };
+        let mut map = memmap2::MmapMut::map_anon((numel * size).max(1)).map_err(io)?;
+        // Chunks of 1 Mi values, each from its own stream (the name's hash and the chunk's index), filled
+        // in parallel: the values do not depend on the thread count.
+        const CHUNK: usize = 1 << 20;
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        let dtype = self.dtype;
+        switchyard_kernels::pool::for_each_chunk_mut(&mut map[..numel * size], CHUNK * size, &|i, bytes| {
+            let mut s = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2545_F491_4F6C_DD1D;
+            let mut vals = vec![0f32; bytes.len() / size];
+            for v in vals.iter_mut() {
+                // xorshift64*, the top 24 bits as a uniform in [0, 1).
+                s ^= s >> 12;
+                s ^= s << 25;
+                s ^= s >> 27;
+                let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u32 << 24) as f32;
+                *v = (u * 2.0 - 1.0) * 1e-3;
+            }
+            dtype.encode_into(&vals, bytes);
+        });
+        let map = Arc::new(map.make_read_only().map_err(io)?);
+        let t = Tensor { map, start: 0, end: numel * size, dtype, shape: shape.to_vec(), name: name.to_string(), panels: Arc::default() };
+        self.made.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), t.clone());
+        Ok(t)
     }
 }
 

@@ -74,6 +74,41 @@ impl MoeConfig {
     }
 }
 
+/// Parameter counts of the text model, from its shapes alone (the vision tower apart).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParameterCounts {
+    /// Every text-model parameter, the tied embedding once.
+    pub total: u64,
+    /// The parameters one batch-1 decode token reads: everything but the experts, the embedding in
+    /// full (it is the lm_head), and `top_k` of each layer's `num_experts` experts.
+    pub per_decode_token: f64,
+}
+
+impl ModelConfig {
+    /// Counts the text model's parameters from the shapes the loader expects ([`crate::model`]).
+    pub fn parameter_counts(&self) -> ParameterCounts {
+        let (h, nq) = (self.hidden_size as u64, self.num_heads as u64);
+        let embedding = self.vocab_size as u64 * h + h; // embed_tokens, final norm
+        let mut dense = embedding;
+        let mut experts = 0u64;
+        for l in &self.layers {
+            let (hd, nkv) = (l.head_dim as u64, l.num_kv_heads as u64);
+            let v = if l.k_eq_v { 0 } else { nkv * hd * h };
+            let attention = nq * hd * h + nkv * hd * h + v + h * nq * hd + 2 * hd;
+            let norms = 4 * h + 1; // four layer norms and layer_scalar
+            let mlp = 3 * self.intermediate_size as u64 * h;
+            dense += attention + norms + mlp;
+            if let Some(m) = self.moe {
+                let e = m.num_experts as u64;
+                dense += e * h + h + e + 3 * h; // router proj, scale, per_expert_scale, three MoE norms
+                experts += e * 3 * m.intermediate_size as u64 * h;
+            }
+        }
+        let share = self.moe.map_or(0.0, |m| m.top_k as f64 / m.num_experts as f64);
+        ParameterCounts { total: dense + experts, per_decode_token: dense as f64 + experts as f64 * share }
+    }
+}
+
 #[derive(Deserialize)]
 struct RawRope {
     rope_type: Option<String>,
