@@ -10,6 +10,8 @@ bash scripts/install-system-deps.sh
 
 cargo test --workspace
 cargo build --bin switchyard
+# The CUDA kernels compile with NVRTC for sm_80/sm_90 and spill nothing (the PyPI wheels; no GPU needed).
+bash scripts/check-cuda.sh
 
 venv=${SWITCHYARD_TEST_VENV:-.venv-test}
 if ! "$venv/bin/python" -c "import openai, pytest, httpx, yaml, helm_python, kubernetes_validate, jsonschema, grpc, opentelemetry.proto" 2>/dev/null; then

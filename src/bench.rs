@@ -34,7 +34,7 @@ pub struct BenchArgs {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let model = a.model.clone().ok_or_else(|| anyhow::anyhow!("--model is required (or use `switchyard bench serve`)"))?;
-    let loaded = load_model(&ModelArgs { model, load: a.load.clone() })?;
+    let loaded = load_model(&ModelArgs { model }, &a.load)?;
     let m = &loaded.model;
     let c = &m.config;
     let threads = switchyard_kernels::pool::global().threads();

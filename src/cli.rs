@@ -102,8 +102,6 @@ pub struct ModelArgs {
     /// Checkpoint directory, or a Hugging Face hub id (downloaded when the network allows).
     #[arg(long, env = "SWITCHYARD_MODEL")]
     pub model: String,
-    #[command(flatten)]
-    pub load: LoadArgs,
 }
 
 /// How and where the weights are loaded (vLLM's `--load-format` and `--device`).
@@ -164,6 +162,8 @@ impl LoadArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Comma-separated prompt token ids, e.g. `2,17,9`.
     #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
     pub prompt_ids: Vec<u32>,
@@ -258,12 +258,12 @@ pub struct Loaded {
     pub vision: Option<Arc<VisionTower>>,
 }
 
-pub fn load_model(args: &ModelArgs) -> Result<Loaded> {
-    args.load.device()?;
+pub fn load_model(args: &ModelArgs, load: &LoadArgs) -> Result<Loaded> {
+    load.device()?;
     kernel_path()?;
     let dir = ModelDir::resolve(&args.model)?;
     let config = ModelConfig::from_file(&dir.file("config.json"))?;
-    let ckpt = open_checkpoint(&dir, &config, args.load.load_format)?;
+    let ckpt = open_checkpoint(&dir, &config, load.load_format)?;
     let vision = vision_tower(&dir, &config, &ckpt)?;
     let model = Gemma4Model::load(config, &ckpt)?;
     Ok(Loaded { dir, model, vision })
@@ -340,7 +340,7 @@ pub fn grammar_env(dir: &ModelDir, config: &ModelConfig) -> Result<Option<switch
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let loaded = load_model(&a.model)?;
+    let loaded = load_model(&a.model, &a.load)?;
     let prompt: Vec<u32> = match &a.prompt {
         Some(text) => {
             let tok = loaded.dir.tokenizer()?;

@@ -221,6 +221,8 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
+    pub load: crate::cli::LoadArgs,
+    #[command(flatten)]
     pub cluster: ClusterArgs,
     /// How experts are placed: tep, dep or afd (see ARCHITECTURE.md).
     #[arg(long, env = "SWITCHYARD_LAYOUT", default_value = "afd")]
@@ -250,6 +252,8 @@ pub struct CoordinatorArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub load: crate::cli::LoadArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -362,7 +366,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let dir = ModelDir::resolve(&args.model.model)?;
     let c = ModelConfig::from_file(&dir.file("config.json"))?;
     let moe = c.moe.context("this model has no experts to place")?;
-    let (_, _, slice_bytes) = checkpoint_facts(&dir, &c, &args.model.load)?;
+    let (_, _, slice_bytes) = checkpoint_facts(&dir, &c, &args.load)?;
     let cfg = CoordinatorConfig {
         id: args.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
         layout: args.layout,
@@ -418,7 +422,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let port = listener.local_addr()?.port();
         let id = args.id.clone().unwrap_or_else(|| format!("{}-{port}", hostname()));
         let d = args.cluster.discovery(tls.clone()).await?;
-        let (ckpt, dtype, _) = checkpoint_facts(&dir, &c, &args.model.load)?;
+        let (ckpt, dtype, _) = checkpoint_facts(&dir, &c, &args.load)?;
         let experts = match (args.role, c.moe) {
             (Role::Expert | Role::Both, Some(moe)) => {
                 let store = ExpertStore::open(&ckpt, &c)?;

@@ -53,7 +53,7 @@ impl ServeArgs {
             (Some(m), _) | (None, Some(m)) => m,
             (None, None) => bail!("no model: give a checkpoint directory or hub id, positionally or as --model"),
         };
-        self.model = ModelArgs { model, load: self.load.clone() };
+        self.model = ModelArgs { model };
         self.parallel.check()?;
         Ok(self)
     }
@@ -257,7 +257,7 @@ pub struct EngineArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let args = args.resolve()?;
-    let loaded = load_model(&args.model)?;
+    let loaded = load_model(&args.model, &args.load)?;
     let state = build_state(&args, loaded)?;
     runtime()?.block_on(serve_http(&args.front, state))
 }

@@ -176,3 +176,38 @@ pub fn probe() -> Result<GpuInfo, String> {
     };
     Ok(GpuInfo { name, compute_capability: cc, devices: devices as usize })
 }
+
+/// A GPU with every kernel loaded: device 0, its default stream, and each entry point of
+/// [`SOURCES`] compiled for its architecture (through the on-disk cache).
+pub struct Device {
+    pub info: GpuInfo,
+    pub ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    pub stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    functions: std::collections::HashMap<String, cudarc::driver::CudaFunction>,
+}
+
+impl Device {
+    /// Opens device 0 and loads every kernel; the error says what is missing or what failed.
+    pub fn open() -> Result<Device, String> {
+        let info = probe()?;
+        let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| format!("creating a context on device 0: {e}"))?;
+        let stream = ctx.default_stream();
+        // NVRTC takes the architecture as a static string; one per process.
+        let arch: &'static str = Box::leak(info.arch().into_boxed_str());
+        let mut functions = std::collections::HashMap::new();
+        for s in SOURCES {
+            let ptx = compile_ptx_cached(s, arch)?;
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| format!("loading {} for {arch}: {e}", s.name))?;
+            for e in entry_points(s.name) {
+                let f = module.load_function(&e).map_err(|err| format!("{}: entry point {e}: {err}", s.name))?;
+                functions.insert(e, f);
+            }
+        }
+        Ok(Device { info, ctx, stream, functions })
+    }
+
+    /// The kernel `name` (one of [`entry_points`]).
+    pub fn function(&self, name: &str) -> &cudarc::driver::CudaFunction {
+        self.functions.get(name).unwrap_or_else(|| panic!("no CUDA kernel `{name}` (see cuda::entry_points)"))
+    }
+}
