@@ -5,17 +5,22 @@
 #   bash scripts/gpu-check.sh [OUT_DIR]    # on the GPU machine (no Rust there): runs it, writes
 #                                          # OUT_DIR/gpu-check.json (default: $OUT, else target/gpu-check/out)
 #
-# --prepare builds, in release and stripped: the switchyard binary and the CUDA kernel test binary
-# (kernels/tests/cuda_device.rs). Carry target/gpu-check to the device (about 30 MB).
+# --prepare builds, in release and stripped: the switchyard binary and two test binaries, the CUDA
+# kernels against the CPU kernels (kernels/tests/cuda_device.rs) and the model on the GPU against the
+# CPU model (tests/cuda_model.rs). Carry target/gpu-check to the device (about 40 MB).
 #
 # On the device, libcuda comes from the driver and libnvrtc from the machine's CUDA toolkit or its
 # PyTorch's bundled NVIDIA wheels (found, not carried). It runs, each step's output kept in the report:
 #   1. the machine: nvidia-smi, the libraries found, `switchyard` seeing the GPU;
 #   2. every kernel against the CPU kernels at the real shapes (max error in bf16 steps, share of
-#      elements that differ, batch invariance asserted exactly).
-# Steps 3 and 4 of the CUDA issue (the tiny fixtures through `serve --device cuda`, and the real shapes
-# with --load-format dummy through `switchyard bench`) need the CUDA model runner, which is not built
-# yet; the report says so rather than leave them out silently.
+#      elements that differ, batch invariance asserted exactly);
+#   3. the tiny fixtures on the GPU against the CPU model (greedy tokens, top-5 log-probs, a batch of 8
+#      bit-identical to each prompt alone, a split prompt bit-identical to one pass), and
+#      `switchyard generate --device cuda` on them;
+#   4. the real shapes from tests/fixtures/gemma-4-26B-A4B-it with --load-format dummy:
+#      `switchyard bench --device cuda` at batch 1, 16, 64 and 256, next to the bound from the weight
+#      bytes per decode token and the device-to-device copy bandwidth measured in the same run.
+# `serve --device cuda` (the engine on the GPU) is not built yet; the report says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +37,14 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_device":
         print(m["executable"])')
   cp "$test_bin" "$dest/cuda_device"
-  strip "$dest/switchyard" "$dest/cuda_device"
+  model_bin=$(cargo test --release --test cuda_model --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_model":
+        print(m["executable"])')
+  cp "$model_bin" "$dest/cuda_model"
+  strip "$dest/switchyard" "$dest/cuda_device" "$dest/cuda_model"
   ls -la "$dest"
   echo "carry target/gpu-check; on the device: bash scripts/gpu-check.sh"
   exit 0
@@ -44,7 +56,7 @@ mkdir -p "$out"
 report="$out/gpu-check.json"
 log="$out/gpu-check.log"
 : >"$log"
-[ -x "$bin/switchyard" ] && [ -x "$bin/cuda_device" ] || { echo "no $bin: run 'bash scripts/gpu-check.sh --prepare' where cargo is, and carry $bin" >&2; exit 2; }
+[ -x "$bin/switchyard" ] && [ -x "$bin/cuda_device" ] && [ -x "$bin/cuda_model" ] || { echo "no $bin: run 'bash scripts/gpu-check.sh --prepare' where cargo is, and carry $bin" >&2; exit 2; }
 
 # libnvrtc: the toolkit's, else a Python wheel's (PyTorch's bundled NVIDIA libraries).
 libdirs=""
@@ -71,19 +83,52 @@ SWITCHYARD_REQUIRE_CUDA=1 SWITCHYARD_GPU_REPORT="$kernels_jsonl" "$bin/cuda_devi
 kernels_rc=$?
 kernels_s=$(( $(date +%s) - start ))
 
-python3 - "$report" "$kernels_jsonl" "$kernels_rc" "$kernels_s" "$log" <<'PY'
+echo "== step 3: the tiny fixtures on the GPU against the CPU model" >>"$log"
+model_jsonl="$out/model.txt"
+start=$(date +%s)
+SWITCHYARD_REQUIRE_CUDA=1 SWITCHYARD_FIXTURES="$PWD/tests/fixtures" "$bin/cuda_model" --test-threads=1 --nocapture >"$model_jsonl" 2>&1
+model_rc=$?
+model_s=$(( $(date +%s) - start ))
+cat "$model_jsonl" >>"$log"
+"$bin/switchyard" generate --model tests/fixtures/tiny-bf16 --prompt-ids 2,17,30,41 --max-tokens 8 --device cuda >"$out/generate-cuda.txt" 2>>"$log"
+"$bin/switchyard" generate --model tests/fixtures/tiny-bf16 --prompt-ids 2,17,30,41 --max-tokens 8 --device cpu >"$out/generate-cpu.txt" 2>>"$log"
+generate_same=$(cmp -s <(python3 -c 'import json,sys; print([json.loads(l)["token"] for l in open(sys.argv[1])])' "$out/generate-cuda.txt") \
+                      <(python3 -c 'import json,sys; print([json.loads(l)["token"] for l in open(sys.argv[1])])' "$out/generate-cpu.txt") && echo true || echo false)
+
+echo "== step 4: the published shapes, dummy weights, switchyard bench --device cuda" >>"$log"
+start=$(date +%s)
+timeout 240 "$bin/switchyard" bench --device cuda --model tests/fixtures/gemma-4-26B-A4B-it --load-format dummy \
+  --batch-sizes 1,16,64,256 --prompt-len 128 --decode-steps 16 --json >"$out/bench.jsonl" 2>>"$log"
+bench_rc=$?
+bench_s=$(( $(date +%s) - start ))
+
+python3 - "$report" "$kernels_jsonl" "$kernels_rc" "$kernels_s" "$log" "$model_jsonl" "$model_rc" "$model_s" "$generate_same" "$out/bench.jsonl" "$bench_rc" "$bench_s" <<'PY'
 import json, sys
 report, jsonl, rc, secs, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+model_txt, model_rc, model_s, generate_same = sys.argv[6], int(sys.argv[7]), int(sys.argv[8]), sys.argv[9] == "true"
+bench_jsonl, bench_rc, bench_s = sys.argv[10], int(sys.argv[11]), int(sys.argv[12])
+def lines(path, key):
+    out = []
+    for l in open(path, errors="replace"):
+        l = l.strip()
+        if l.startswith("{") and key in l:
+            try:
+                out.append(json.loads(l))
+            except ValueError:
+                pass
+    return out
 checks = [json.loads(l) for l in open(jsonl) if l.strip()]
 text = open(log).read()
 out = {
     "machine": text.split("== step 1")[0].strip(),
     "kernels": {"passed": rc == 0, "seconds": secs, "checks": checks},
-    "serve_tiny_fixtures": "not run: the CUDA model runner is not built yet (docs/gpu.md)",
-    "bench_real_shapes_dummy": "not run: the CUDA model runner is not built yet (docs/gpu.md)",
+    "model_tiny_fixtures": {"passed": model_rc == 0, "seconds": model_s, "checks": lines(model_txt, "check"),
+                            "generate_cuda_equals_cpu_tokens": generate_same},
+    "bench_real_shapes_dummy": {"exit": bench_rc, "seconds": bench_s, "rows": lines(bench_jsonl, "batch")},
+    "serve_device_cuda": "not built yet: the engine does not run on the GPU (docs/gpu.md)",
 }
 json.dump(out, open(report, "w"), indent=2)
 print(json.dumps(out, indent=2))
 PY
-tail -40 "$log"
-exit $kernels_rc
+tail -60 "$log"
+[ $kernels_rc -eq 0 ] && [ $model_rc -eq 0 ] && [ $bench_rc -eq 0 ]

@@ -34,6 +34,9 @@ pub struct BenchArgs {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let model = a.model.clone().ok_or_else(|| anyhow::anyhow!("--model is required (or use `switchyard bench serve`)"))?;
+    if a.load.device(true)? == crate::cli::Placement::Cuda {
+        return run_cuda(&a, &model);
+    }
     let loaded = load_model(&ModelArgs { model }, &a.load)?;
     let m = &loaded.model;
     let c = &m.config;
@@ -105,6 +108,96 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "kernels": path.name(), "cpu_features": features, "read_bandwidth_bytes_per_s": bandwidth,
                     "weight_bytes_per_decode_token": per_token, "decode_fraction_of_bandwidth_bound": of_bound,
                     "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step})
+            );
+        } else {
+            let bound = of_bound.map_or(String::new(), |f| format!("  ({:.0}% of the bandwidth bound)", f * 100.0));
+            println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}{bound}");
+        }
+    }
+    Ok(())
+}
+
+/// The same measurements on the GPU (`--device cuda`, docs/gpu.md): the weights and KV pools in
+/// device memory, each step through the CUDA kernels; the bound is the weight bytes a batch-1 decode
+/// token reads over the device-to-device copy bandwidth measured in the same run.
+fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
+    use switchyard_worker::model::cuda::{CudaModel, SeqChunk, kv_kind};
+    let dir = switchyard_worker::ModelDir::resolve(model)?;
+    let config = switchyard_worker::ModelConfig::from_file(&dir.file("config.json"))?;
+    let ckpt = crate::cli::open_checkpoint(&dir, &config, a.load.load_format)?;
+    let dtype = crate::cli::ckpt_dtype(&ckpt, &config)?;
+    let max_batch = a.batch_sizes.iter().copied().max().unwrap_or(1).max(1);
+    let max_len = a.prompt_len.max(1) + a.decode_steps + 2;
+    let load = Instant::now();
+    let mut m = CudaModel::load(config.clone(), &ckpt, max_batch, max_len, kv_kind("auto", dtype).map_err(anyhow::Error::msg)?)?;
+    drop(ckpt);
+    let c = &config;
+    let per_token = c.parameter_counts().per_decode_token * dtype.size() as f64;
+    let bandwidth = m.dev.copy_bandwidth(1 << 30).map_err(anyhow::Error::msg)?;
+    if !a.json {
+        println!(
+            "{}; {:.1} GB of weights and {:.1} GB of KV pools on the device, loaded in {:.1} s; device-to-device copy \
+             {:.0} GB/s (read + write); {:.0} MB of weights read per batch-1 decode token, so at most {:.1} tok/s",
+            m.dev.info,
+            m.weight_bytes as f64 / 1e9,
+            m.kv_bytes as f64 / 1e9,
+            load.elapsed().as_secs_f64(),
+            bandwidth / 1e9,
+            per_token / 1e6,
+            bandwidth / per_token
+        );
+        println!("{:>6} {:>14} {:>14} {:>12}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
+    }
+    // Prefill in steps of at most this many tokens (the engine's default --max-num-batched-tokens).
+    const STEP_TOKENS: usize = 2048;
+    for &b in &a.batch_sizes {
+        let prompts: Vec<Vec<u32>> = (0..b).map(|i| prompt(i, a.prompt_len, c.vocab_size, &c.placeholder_ids)).collect();
+        let t0 = Instant::now();
+        let mut next = vec![0u32; b];
+        let per_step = (STEP_TOKENS / a.prompt_len.max(1)).max(1);
+        for first in (0..b).step_by(per_step) {
+            let seqs: Vec<usize> = (first..(first + per_step).min(b)).collect();
+            let chunks: Vec<SeqChunk<'_>> = seqs
+                .iter()
+                .map(|&s| SeqChunk { seq: s, start: 0, tokens: &prompts[s], logits: switchyard_worker::LogitsFor::Last })
+                .collect();
+            for (&s, l) in seqs.iter().zip(m.forward(&chunks)?) {
+                next[s] = pick(&l, 1).token;
+            }
+        }
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let mut len = a.prompt_len;
+        let mut step = |next: &mut Vec<u32>, len: &mut usize| -> Result<()> {
+            let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let chunks: Vec<SeqChunk<'_>> = toks
+                .iter()
+                .enumerate()
+                .map(|(s, t)| SeqChunk { seq: s, start: *len, tokens: t, logits: switchyard_worker::LogitsFor::Last })
+                .collect();
+            let logits = m.forward(&chunks)?;
+            *next = logits.iter().map(|l| pick(l, 1).token).collect();
+            *len += 1;
+            Ok(())
+        };
+        for _ in 0..2 {
+            step(&mut next, &mut len)?;
+        }
+        let t1 = Instant::now();
+        for _ in 0..a.decode_steps {
+            step(&mut next, &mut len)?;
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
+        let decode_tps = (b * a.decode_steps) as f64 / decode_s;
+        let ms_step = decode_s * 1e3 / a.decode_steps as f64;
+        let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token));
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"batch": b, "prompt_len": a.prompt_len, "decode_steps": a.decode_steps, "device": m.dev.info.to_string(),
+                    "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_decode_token": per_token,
+                    "decode_fraction_of_bandwidth_bound": of_bound, "prefill_tokens_per_s": prefill_tps,
+                    "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step})
             );
         } else {
             let bound = of_bound.map_or(String::new(), |f| format!("  ({:.0}% of the bandwidth bound)", f * 100.0));

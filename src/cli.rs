@@ -134,27 +134,46 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// Where a command computes, as [`LoadArgs::device`] settled it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Cpu,
+    Cuda,
+}
+
 impl LoadArgs {
-    /// Settles `--device`: what a GPU probe found, and where this build computes. A GPU is used only
-    /// where this build can run the whole model on it; the CUDA model runner is not finished
-    /// (docs/gpu.md says what is), so `auto` computes on the CPU and says why, and `cuda` is an error
-    /// that names what is missing, never a silent fall back to the CPU.
-    pub fn device(&self) -> Result<()> {
+    /// Settles `--device`. `runs_on_cuda`: whether this command can compute on a GPU (today
+    /// `generate` and `bench`; `serve` and the cluster's workers cannot yet, docs/gpu.md). `auto`
+    /// takes a GPU that answers where the command can use it, and says so; `cuda` where it cannot, or
+    /// with no GPU, is an error that names what is missing: never a silent run on the CPU.
+    pub fn device(&self, runs_on_cuda: bool) -> Result<Placement> {
         let probe = switchyard_kernels::cuda::probe();
-        match (self.device, &probe) {
-            (DeviceArg::Cpu, _) => tracing::info!("device: cpu (--device cpu)"),
-            (DeviceArg::Auto, Err(why)) => tracing::info!("device: cpu (no CUDA device: {why})"),
-            (DeviceArg::Auto, Ok(gpu)) => tracing::warn!(
-                "device: cpu, although {gpu} answers: this build's CUDA backend has its kernels but not yet the model \
-                 runner (docs/gpu.md); --device cuda refuses rather than compute on the CPU"
+        Ok(match (self.device, &probe, runs_on_cuda) {
+            (DeviceArg::Cpu, _, _) => {
+                tracing::info!("device: cpu (--device cpu)");
+                Placement::Cpu
+            }
+            (DeviceArg::Auto, Err(why), _) => {
+                tracing::info!("device: cpu (no CUDA device: {why})");
+                Placement::Cpu
+            }
+            (DeviceArg::Auto | DeviceArg::Cuda, Ok(gpu), true) => {
+                tracing::info!("device: cuda ({gpu})");
+                Placement::Cuda
+            }
+            (DeviceArg::Auto, Ok(gpu), false) => {
+                tracing::warn!(
+                    "device: cpu, although {gpu} answers: serve and the cluster's workers do not compute on the GPU yet \
+                     (generate and bench do; docs/gpu.md); --device cuda refuses rather than compute on the CPU"
+                );
+                Placement::Cpu
+            }
+            (DeviceArg::Cuda, Err(why), _) => bail!("--device cuda: no CUDA device: {why}"),
+            (DeviceArg::Cuda, Ok(gpu), false) => bail!(
+                "--device cuda: {gpu} answers, but serve and the cluster's workers do not compute on the GPU yet \
+                 (generate and bench do; docs/gpu.md); use --device cpu or auto"
             ),
-            (DeviceArg::Cuda, Err(why)) => bail!("--device cuda: no CUDA device: {why}"),
-            (DeviceArg::Cuda, Ok(gpu)) => bail!(
-                "--device cuda: {gpu} answers, but this build's CUDA backend has its kernels and not yet the model \
-                 runner (docs/gpu.md); use --device cpu or auto"
-            ),
-        }
-        Ok(())
+        })
     }
 }
 
@@ -258,8 +277,8 @@ pub struct Loaded {
     pub vision: Option<Arc<VisionTower>>,
 }
 
+/// Loads the model for the CPU; the caller has settled `--device` ([`LoadArgs::device`]).
 pub fn load_model(args: &ModelArgs, load: &LoadArgs) -> Result<Loaded> {
-    load.device()?;
     kernel_path()?;
     let dir = ModelDir::resolve(&args.model)?;
     let config = ModelConfig::from_file(&dir.file("config.json"))?;
@@ -340,11 +359,13 @@ pub fn grammar_env(dir: &ModelDir, config: &ModelConfig) -> Result<Option<switch
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let loaded = load_model(&a.model, &a.load)?;
+    let placement = a.load.device(true)?;
+    let dir = ModelDir::resolve(&a.model.model)?;
+    let config = ModelConfig::from_file(&dir.file("config.json"))?;
     let prompt: Vec<u32> = match &a.prompt {
         Some(text) => {
-            let tok = loaded.dir.tokenizer()?;
-            switchyard_router::tokenize::encode_text(&tok, text, true, loaded.model.config.bos_token_id)
+            let tok = dir.tokenizer()?;
+            switchyard_router::tokenize::encode_text(&tok, text, true, config.bos_token_id)
                 .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
         }
         None => a.prompt_ids.clone(),
@@ -355,20 +376,56 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         top_logprobs: a.top_logprobs,
-        stop_ids: if a.ignore_eos { Vec::new() } else { stop_ids(&loaded)? },
+        stop_ids: if a.ignore_eos { Vec::new() } else { eos_ids(&dir, &config)? },
     };
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_err = None;
-    greedy_generate(&loaded.model, &prompt, &opts, |s| {
+    let print = |s: &switchyard_worker::StepOutput| {
         let top: Vec<serde_json::Value> = s.top.iter().map(|(id, lp)| serde_json::json!([id, lp])).collect();
         if let Err(e) = writeln!(out, "{}", serde_json::json!({"token": s.token, "top": top})) {
             write_err.get_or_insert(e);
         }
-    })?;
+    };
+    match placement {
+        Placement::Cpu => {
+            kernel_path()?;
+            let ckpt = open_checkpoint(&dir, &config, a.load.load_format)?;
+            let model = Gemma4Model::load(config, &ckpt)?;
+            greedy_generate(&model, &prompt, &opts, print)?;
+        }
+        Placement::Cuda => {
+            use switchyard_worker::model::cuda::{CudaModel, SeqChunk, kv_kind};
+            let ckpt = open_checkpoint(&dir, &config, a.load.load_format)?;
+            let max_len = prompt.len() + a.max_tokens + 1;
+            let dtype = ckpt_dtype(&ckpt, &config)?;
+            let kv = kv_kind("auto", dtype).map_err(anyhow::Error::msg)?;
+            let mut model = CudaModel::load(config, &ckpt, 1, max_len, kv)?;
+            let mut start = 0;
+            switchyard_worker::generate::greedy_loop(
+                |tokens| {
+                    let chunk = SeqChunk { seq: 0, start, tokens, logits: switchyard_worker::LogitsFor::Last };
+                    start += tokens.len();
+                    model.forward(&[chunk]).map(|mut v| v.remove(0))
+                },
+                &prompt,
+                &opts,
+                print,
+            )?;
+        }
+    }
     if let Some(e) = write_err {
         return Err(e.into());
     }
     Ok(())
+}
+
+/// The compute dtype: the embedding's (what the CPU model computes in), or a dummy checkpoint's.
+pub fn ckpt_dtype(ckpt: &Checkpoint, config: &ModelConfig) -> Result<switchyard_kernels::DType> {
+    if let Some(dt) = ckpt.dummy_dtype() {
+        return Ok(dt);
+    }
+    let name = format!("{}embed_tokens.weight", ckpt.text_prefix());
+    Ok(ckpt.expect(&name, &[config.vocab_size, config.hidden_size])?.dtype)
 }

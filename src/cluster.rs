@@ -347,7 +347,7 @@ async fn serve_metrics(port: Option<u16>, ready: watch::Receiver<bool>) -> Resul
 /// With `--load-format dummy`, every process makes the same weights (they are seeded by tensor name),
 /// so a cluster of dummy workers computes one coherent model.
 fn checkpoint_facts(dir: &ModelDir, c: &ModelConfig, load: &crate::cli::LoadArgs) -> Result<(Checkpoint, DType, u64)> {
-    load.device()?;
+    load.device(false)?;
     crate::cli::kernel_path()?;
     let ckpt = crate::cli::open_checkpoint(dir, c, load.load_format)?;
     let name = format!("{}embed_tokens.weight", ckpt.text_prefix());

@@ -257,6 +257,7 @@ pub struct EngineArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let args = args.resolve()?;
+    args.load.device(false)?;
     let loaded = load_model(&args.model, &args.load)?;
     let state = build_state(&args, loaded)?;
     runtime()?.block_on(serve_http(&args.front, state))

@@ -31,7 +31,7 @@ DEV unsigned char f32_to_fp8e4m3(float f) {
 DEV unsigned char f32_to_fp8e5m2(float f) {
     const unsigned char sign = (unsigned char)((__float_as_uint(f) >> 24) & 0x80u);
     const float a = fabsf(f);
-    if (a != a) return sign | 0x7f;
+    if (a != a) return sign | 0x7e;  // as kv.rs encodes NaN in E5M2
     if (a >= 61440.0f) return sign | 0x7b;  // saturate to 57344
     if (a < 6.103515625e-05f) return sign | (unsigned char)rintf(a * 65536.0f);
     const u32 u = __float_as_uint(a);

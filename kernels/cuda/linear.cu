@@ -80,12 +80,13 @@ extern "C" __global__ void linear_f32(const float* x, const float* w, float* o, 
 
 // Per routed (row, slot) pair p: out[p, n] = round(x[p / x_div] . w[ids[p]][n]), times pair_scale[p]
 // and rounded again when pair_scale is given (the routing weight, applied to the down projection's
-// output: model/experts.rs). w holds the experts stacked, [E, N, K]. Grid (ceil(N / WARPS), pairs).
+// output: model/experts.rs). w holds the experts stacked, [E, N, K]. Grid (pairs, ceil(N / WARPS)):
+// pairs on x, which has room for any prefill (y stops at 65535).
 // Decode reads only the selected experts' rows, once per pair.
 template <typename W>
 DEV void expert_linear(const float* x, int x_div, const int* ids, const W* w, const float* pair_scale, float* out, int N, int K, int dt) {
-    const int n = blockIdx.x * WARPS + (threadIdx.x >> 5);
-    const int p = blockIdx.y;
+    const int n = blockIdx.y * WARPS + (threadIdx.x >> 5);
+    const int p = blockIdx.x;
     if (n >= N) return;
     const float* xs[MT];
     for (int r = 0; r < MT; r++) xs[r] = x + (u64)(p / x_div) * K;

@@ -3,7 +3,8 @@
 // top k, each divided by the top k's sum (in selection order) and times its per_expert_scale.
 //
 // Ties at the k-th place: torch.topk's pick follows libstdc++'s selection algorithm
-// (kernels/src/topk.rs); here the lower expert id wins. The slot order does not matter to the
+// (kernels/src/topk.rs); here the lower expert id wins, so in a row whose k-th and (k+1)-th
+// probabilities are exactly equal the GPU may pick the other expert (docs/gpu.md). The slot order does not matter to the
 // output (contributions are combined in expert-id order), only which experts are picked.
 //
 // One thread per row: E is small (128 for the published model; at most 256 here, the host checks).
@@ -40,6 +41,10 @@ extern "C" __global__ void router_topk(const float* logits, const float* per_exp
         int best = -1;
         for (int e = 0; e < E; e++)
             if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+        // NaN probabilities (NaN logits) compare false everywhere: take the lowest id not yet picked,
+        // so the pick stays in range (the CPU's top-k orders NaN first).
+        for (int e = 0; best < 0 && e < E; e++)
+            if (p[e] != -1.0f) best = e;
         pick[s] = best;
         top = __fadd_rn(top, p[best]);
         ids[(u64)r * k + s] = best;

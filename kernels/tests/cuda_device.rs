@@ -61,20 +61,35 @@ fn ulps(a: f32, b: f32) -> u32 {
     (key(a) - key(b)).unsigned_abs()
 }
 
-/// Compares, prints and records one check; fails past `max_ulps` or past `max_share` differing.
-fn check(name: &str, gpu: &[f32], cpu: &[f32], max_ulps: u32, max_share: f64) {
+/// The spacing of bf16 values at `x`'s magnitude.
+fn bf16_ulp(x: f32) -> f32 {
+    let e = (x.abs().to_bits() >> 23) as i32;
+    f32::from_bits(((e - 7).max(1) as u32) << 23)
+}
+
+/// 2^-9 of the root mean square of `v`: the size of a difference in summation order over a row of
+/// mixed signs, where an output near zero can be several of its own ulps off.
+fn rms_tol(v: &[f32]) -> f32 {
+    (v.iter().map(|x| x * x).sum::<f32>() / v.len().max(1) as f32).sqrt() / 512.0
+}
+
+/// Compares, prints and records one check. An element passes within `max_ulps` bf16 steps, or within
+/// `atol(i)` absolute (where the two backends sum in different orders); the check fails on any element
+/// that does not, or when more than `max_share` of the elements differ at all.
+fn check(name: &str, gpu: &[f32], cpu: &[f32], max_ulps: u32, atol: &dyn Fn(usize) -> f32, max_share: f64) {
     assert_eq!(gpu.len(), cpu.len(), "{name}: lengths");
-    let (mut worst, mut differ, mut abs) = (0u32, 0usize, 0f32);
-    for (&g, &c) in gpu.iter().zip(cpu) {
+    let (mut worst, mut differ, mut abs, mut failed) = (0u32, 0usize, 0f32, 0usize);
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
         assert!(g.is_finite() == c.is_finite(), "{name}: {g} vs {c}");
         let u = ulps(g, c);
         worst = worst.max(u);
         differ += (u > 0) as usize;
         abs = abs.max((g - c).abs());
+        failed += (u > max_ulps && (g - c).abs() > atol(i)) as usize;
     }
     let share = differ as f64 / gpu.len().max(1) as f64;
     let line = format!(
-        "{{\"check\":\"{name}\",\"elements\":{},\"max_ulps_bf16\":{worst},\"share_differing\":{share:.6},\"max_abs\":{abs:e}}}",
+        "{{\"check\":\"{name}\",\"elements\":{},\"max_ulps_bf16\":{worst},\"share_differing\":{share:.6},\"max_abs\":{abs:e},\"outside_bounds\":{failed}}}",
         gpu.len()
     );
     println!("{line}");
@@ -83,7 +98,7 @@ fn check(name: &str, gpu: &[f32], cpu: &[f32], max_ulps: u32, max_share: f64) {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
         writeln!(f, "{line}").unwrap();
     }
-    assert!(worst <= max_ulps && share <= max_share, "{name}: {line}");
+    assert!(failed == 0 && share <= max_share, "{name}: {line}");
 }
 
 fn grid(n: usize) -> LaunchConfig {
@@ -130,7 +145,7 @@ fn elementwise_kernels_match_the_cpu() {
         unsafe { b.launch(blocks(rows, 256)) }.unwrap();
         let mut cpu = x.clone();
         ops::rms_norm_chunks(&mut cpu, dim, weighted.then_some(&w[..]), eps, BF16);
-        check(&format!("rms_norm dim {dim}"), &down(&d, &out), &cpu, 1, 0.02);
+        check(&format!("rms_norm dim {dim}"), &down(&d, &out), &cpu, 1, &|_| 0.0, 0.02);
     }
     // RoPE: default (sliding, head 256) and proportional (global, head 512, partial 0.25), positions
     // up to the long-context range.
@@ -150,7 +165,7 @@ fn elementwise_kernels_match_the_cpu() {
             let (c, s) = rope.cos_sin(pos[r] as usize, BF16);
             rope.apply(row, &c, &s, BF16);
         }
-        check(&format!("rope head {}", 2 * half), &down(&d, &xd), &cpu, 1, 0.005);
+        check(&format!("rope head {}", 2 * half), &down(&d, &xd), &cpu, 1, &|_| 0.0, 0.005);
     }
     // GELU gating and the soft-cap, over every bf16 value in a wide range.
     let n = 1 << 16;
@@ -168,7 +183,7 @@ fn elementwise_kernels_match_the_cpu() {
     unsafe { b.launch(grid(n)) }.unwrap();
     let mut cpu = vec![0f32; n];
     ops::gelu_mul(&gate, &upv, BF16, &mut cpu);
-    check("gelu_mul", &down(&d, &out), &cpu, 1, 0.001);
+    check("gelu_mul", &down(&d, &out), &cpu, 1, &|_| 0.0, 0.001);
     let logits: Vec<f32> = gate.iter().map(|v| BF16.round(v * 3.0)).collect();
     let mut ld = up(&d, &logits);
     let cap = 30.0f32;
@@ -178,7 +193,7 @@ fn elementwise_kernels_match_the_cpu() {
     unsafe { b.launch(grid(n)) }.unwrap();
     let mut cpu = logits.clone();
     ops::softcap(&mut cpu, cap, BF16);
-    check("softcap", &down(&d, &ld), &cpu, 1, 0.001);
+    check("softcap", &down(&d, &ld), &cpu, 1, &|_| 0.0, 0.001);
 }
 
 fn gpu_linear(d: &Device, x: &[f32], m: usize, w: &CudaSlice<u16>, n: usize, k: usize) -> Vec<f32> {
@@ -198,7 +213,8 @@ fn linear_kernels_match_the_cpu_and_are_batch_invariant() {
     let Some(d) = device() else { return };
     let mut rng = Rng(0xabcd_ef01);
     // q_proj and o_proj of a sliding layer, the router, and a slice of the lm_head.
-    for (n, k) in [(4096usize, 2816usize), (2816, 4096), (128, 2816), (1000, 2816)] {
+    // (1001: a last block of warps with no column.)
+    for (n, k) in [(4096usize, 2816usize), (2816, 4096), (128, 2816), (1001, 2816)] {
         let w = rng.vec(n * k, 0.05);
         let wd = up(&d, &bf16_bits(&w));
         let bytes = bf16_weight(&w);
@@ -208,7 +224,8 @@ fn linear_kernels_match_the_cpu_and_are_batch_invariant() {
         let got = gpu_linear(&d, &x, m, &wd, n, k);
         let mut cpu = vec![0f32; m * n];
         linear(&x, m, weight, &mut cpu, BF16);
-        check(&format!("linear {n}x{k}"), &got, &cpu, 1, 0.05);
+        let tol = rms_tol(&cpu);
+        check(&format!("linear {n}x{k}"), &got, &cpu, 1, &|_| tol, 0.05);
         for r in [0, 3, 6] {
             let alone = gpu_linear(&d, &x[r * k..(r + 1) * k], 1, &wd, n, k);
             assert_eq!(bf16_bits(&alone), bf16_bits(&got[r * n..(r + 1) * n]), "linear {n}x{k}: row {r} alone differs from in a batch");
@@ -234,7 +251,7 @@ fn expert_kernels_match_the_cpu() {
     let (n2, hi, ii, topi, nulls) = ((2 * inter) as i32, h as i32, inter as i32, top as i32, 0u64);
     let mut b = d.stream.launch_builder(d.function("expert_linear_bf16"));
     b.arg(&xd).arg(&topi).arg(&idd).arg(&gud).arg(&nulls).arg(&mut gu_out).arg(&n2).arg(&hi).arg(&DT);
-    let cfg = |n: usize| LaunchConfig { grid_dim: ((n as u32).div_ceil(8), pairs as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = |n: usize| LaunchConfig { grid_dim: (pairs as u32, (n as u32).div_ceil(8), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches expert_linear_bf16's parameters: x [rows, h], ids [pairs], w [e, 2 inter, h].
     unsafe { b.launch(cfg(2 * inter)) }.unwrap();
     let mut act = d.stream.alloc_zeros::<f32>(pairs * inter).unwrap();
@@ -284,7 +301,13 @@ fn expert_kernels_match_the_cpu() {
             }
         }
     }
-    check("experts (gate_up, gelu, down, combine)", &got, &cpu, 2, 0.10);
+    // One contribution a step off (summation order) can be many steps of a sum that cancels: allow two
+    // steps of the largest contribution at that element.
+    let tol = |i: usize| {
+        let (r, c) = (i / h, i % h);
+        2.0 * bf16_ulp((0..top).map(|s| cpu_contrib[(r * top + s) * h + c].abs()).fold(0.0, f32::max))
+    };
+    check("experts (gate_up, gelu, down, combine)", &got, &cpu, 2, &tol, 0.10);
 }
 
 #[test]
@@ -360,7 +383,8 @@ fn attention_matches_the_cpu_on_every_kv_dtype() {
         // Rows: (seq, pos, sees_to). Window edges, the first and last positions, an image block.
         let rows: Vec<(usize, usize, usize)> =
             vec![(0, 0, 1), (0, 63, 64), (0, 64, 65), (0, 100, 110), (0, 129, 130), (1, 15, 16), (1, 16, 17), (1, 63, 64), (2, 16, 17)];
-        let q = rng.vec(rows.len() * heads * hd, 2.0);
+        // Small queries: scores of a few units, so the softmax spreads over many keys.
+        let q = rng.vec(rows.len() * heads * hd, 0.1);
         for kv in switchyard_kernels::cuda::KV_TYPES {
             let enc = |x: f32| -> f32 {
                 match *kv {
@@ -438,28 +462,31 @@ fn attention_matches_the_cpu_on_every_kv_dtype() {
                     );
                 }
             }
-            check(&format!("attention head {hd} window {window} kv {kv}"), &got, &cpu, 2, 0.10);
-            // The cache writes themselves are exact for every dtype.
-            let pool: Vec<u8> = d.stream.clone_dtoh(&kp).unwrap();
-            let slot0 = tables[0] as usize * block * width * esize;
-            let first: Vec<f32> = (0..width)
-                .map(|i| {
-                    let b = &pool[slot0 + i * esize..slot0 + (i + 1) * esize];
-                    match *kv {
-                        "f32" => f32::from_le_bytes(b.try_into().unwrap()),
-                        "bf16" => switchyard_kernels::dtype::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
-                        "f16" => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                        "fp8e4m3" => E4M3.decode(b[0]),
-                        _ => E5M2.decode(b[0]),
-                    }
-                })
-                .collect();
-            let want: Vec<f32> = keys[0][..width].iter().map(|&x| enc(x)).collect();
-            assert_eq!(
-                first.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                "kv_write_{kv}"
-            );
+            let tol = rms_tol(&cpu);
+            check(&format!("attention head {hd} window {window} kv {kv}"), &got, &cpu, 2, &|_| tol, 0.10);
+            // The cache writes themselves are exact for every dtype, keys and values.
+            for (pool, src) in [(&kp, &keys[0]), (&vp, &vals[0])] {
+                let pool: Vec<u8> = d.stream.clone_dtoh(pool).unwrap();
+                let slot0 = tables[0] as usize * block * width * esize;
+                let first: Vec<f32> = (0..width)
+                    .map(|i| {
+                        let b = &pool[slot0 + i * esize..slot0 + (i + 1) * esize];
+                        match *kv {
+                            "f32" => f32::from_le_bytes(b.try_into().unwrap()),
+                            "bf16" => switchyard_kernels::dtype::bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+                            "f16" => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                            "fp8e4m3" => E4M3.decode(b[0]),
+                            _ => E5M2.decode(b[0]),
+                        }
+                    })
+                    .collect();
+                let want: Vec<f32> = src[..width].iter().map(|&x| enc(x)).collect();
+                assert_eq!(
+                    first.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "kv_write_{kv}"
+                );
+            }
         }
     }
 }

@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use switchyard_worker::{Checkpoint, Gemma4Model, ModelConfig};
 
+/// `tests/fixtures`; `SWITCHYARD_FIXTURES` overrides it for a test binary run away from its checkout
+/// (scripts/gpu-check.sh on a GPU machine).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    std::env::var_os("SWITCHYARD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
 }
 
 pub fn load(name: &str) -> Gemma4Model {

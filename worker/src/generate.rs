@@ -36,14 +36,30 @@ pub fn greedy_generate(
     model: &Gemma4Model,
     prompt: &[u32],
     opts: &GenerateOptions,
-    mut on_step: impl FnMut(&StepOutput),
+    on_step: impl FnMut(&StepOutput),
 ) -> Result<Vec<StepOutput>, ForwardError> {
     let mut cache = model.new_cache();
+    greedy_loop(
+        |tokens| Ok(model.forward(&mut [ForwardChunk { tokens, cache: &mut cache, logits: LogitsFor::Last }])?.remove(0)),
+        prompt,
+        opts,
+        on_step,
+    )
+}
+
+/// The greedy loop over any forward pass: `forward(tokens)` appends `tokens` to the one sequence and
+/// returns the last row's logits (the prompt first, then one token per step).
+pub fn greedy_loop<E>(
+    mut forward: impl FnMut(&[u32]) -> Result<Vec<f32>, E>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_step: impl FnMut(&StepOutput),
+) -> Result<Vec<StepOutput>, E> {
     let mut steps = Vec::new();
     let mut next: Vec<u32> = prompt.to_vec();
     while steps.len() < opts.max_tokens {
-        let logits = model.forward(&mut [ForwardChunk { tokens: &next, cache: &mut cache, logits: LogitsFor::Last }])?;
-        let step = pick(&logits[0], opts.top_logprobs);
+        let logits = forward(&next)?;
+        let step = pick(&logits, opts.top_logprobs);
         on_step(&step);
         let token = step.token;
         steps.push(step);

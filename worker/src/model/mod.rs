@@ -5,6 +5,7 @@
 //! Projections run over all rows at once; attention runs per row against that row's own sequence.
 
 pub mod attention;
+pub mod cuda;
 pub mod embedding;
 pub mod experts;
 pub mod layer;

@@ -10,6 +10,9 @@
 
 use std::path::PathBuf;
 
+pub mod ops;
+pub use ops::{DevWeight, KvKind, KvPool, StepRows};
+
 /// One kernel file and the entry points the host launches from it.
 pub struct Source {
     /// File name under `kernels/cuda/`.
@@ -18,14 +21,14 @@ pub struct Source {
 }
 
 /// Prepended to every file (types, dtype conversions, reductions).
-pub const PRELUDE: &str = include_str!("../cuda/prelude.cuh");
+pub const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
 
 /// Every kernel file.
 pub const SOURCES: &[Source] = &[
-    Source { name: "elementwise.cu", text: include_str!("../cuda/elementwise.cu") },
-    Source { name: "linear.cu", text: include_str!("../cuda/linear.cu") },
-    Source { name: "router.cu", text: include_str!("../cuda/router.cu") },
-    Source { name: "attention.cu", text: include_str!("../cuda/attention.cu") },
+    Source { name: "elementwise.cu", text: include_str!("../../cuda/elementwise.cu") },
+    Source { name: "linear.cu", text: include_str!("../../cuda/linear.cu") },
+    Source { name: "router.cu", text: include_str!("../../cuda/router.cu") },
+    Source { name: "attention.cu", text: include_str!("../../cuda/attention.cu") },
 ];
 
 /// The KV cache element types the attention kernels are built for (`attend_<kv>_<head_dim>`,
@@ -191,6 +194,9 @@ impl Device {
     pub fn open() -> Result<Device, String> {
         let info = probe()?;
         let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| format!("creating a context on device 0: {e}"))?;
+        // SAFETY: everything runs on this one stream (ops.rs), so no buffer is used across streams and
+        // the events cudarc would record between streams are not needed.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         // NVRTC takes the architecture as a static string; one per process.
         let arch: &'static str = Box::leak(info.arch().into_boxed_str());

@@ -1,0 +1,389 @@
+//! The text model on a GPU: the same layers as [`super::Gemma4Model`], each step through the CUDA
+//! kernels (`switchyard_kernels::cuda`), weights and the paged KV pools in device memory.
+//!
+//! This first runner serves `switchyard generate --device cuda` and `switchyard bench --device cuda`:
+//! a fixed number of sequences, each with its own run of KV blocks (`max_len` positions). The engine
+//! (continuous batching, the prefix cache, `serve`) does not run on it yet; docs/gpu.md says what is
+//! built. The order of operations and the rounding points are those of the CPU model, layer by layer
+//! (layer.rs, attention.rs, mlp.rs, router.rs, experts.rs, lm_head.rs), which stays the reference.
+
+use cudarc::driver::CudaSlice;
+use switchyard_kernels::DType;
+use switchyard_kernels::cuda::{DevWeight, Device, KvKind, KvPool, StepRows};
+
+use super::LogitsFor;
+use crate::checkpoint::Checkpoint;
+use crate::config::{LayerKind, LayerSpec, ModelConfig};
+use crate::error::LoadError;
+
+type Buf = CudaSlice<f32>;
+
+/// A CUDA error, or a load error, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaModelError {
+    #[error("CUDA: {0}")]
+    Device(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Request(String),
+}
+
+impl From<String> for CudaModelError {
+    fn from(s: String) -> Self {
+        CudaModelError::Device(s)
+    }
+}
+
+type Result<T> = std::result::Result<T, CudaModelError>;
+
+struct Moe {
+    router_proj: DevWeight,
+    router_scale: Buf,
+    per_expert_scale: Buf,
+    pre_ff_ln_2: Buf,
+    post_ff_ln_1: Buf,
+    post_ff_ln_2: Buf,
+    gate_up: DevWeight,
+    down: DevWeight,
+}
+
+struct Layer {
+    spec: LayerSpec,
+    input_ln: Buf,
+    post_attn_ln: Buf,
+    pre_ff_ln: Buf,
+    post_ff_ln: Buf,
+    q_proj: DevWeight,
+    k_proj: DevWeight,
+    v_proj: Option<DevWeight>,
+    o_proj: DevWeight,
+    q_norm: Buf,
+    k_norm: Buf,
+    inv_freq: Buf,
+    gate: DevWeight,
+    up: DevWeight,
+    down: DevWeight,
+    moe: Option<Moe>,
+    layer_scalar: f32,
+}
+
+/// One sequence's share of a step: `tokens` at positions `start..start + tokens.len()` of sequence
+/// `seq` (`0..max_seqs`).
+pub struct SeqChunk<'a> {
+    pub seq: usize,
+    pub start: usize,
+    pub tokens: &'a [u32],
+    pub logits: LogitsFor,
+}
+
+pub struct CudaModel {
+    pub config: ModelConfig,
+    pub dtype: DType,
+    pub dev: Device,
+    embed: DevWeight,
+    embed_scale: f32,
+    final_norm: Buf,
+    layers: Vec<Layer>,
+    pools: Vec<KvPool>,
+    block_size: usize,
+    blocks_per_seq: usize,
+    max_seqs: usize,
+    /// Bytes of weights on the device.
+    pub weight_bytes: usize,
+    /// Bytes of the KV pools.
+    pub kv_bytes: usize,
+}
+
+const BLOCK: usize = 16;
+
+impl CudaModel {
+    /// Opens the GPU, copies the text model's weights to it and allocates KV pools for `max_seqs`
+    /// sequences of up to `max_len` positions, stored as `kv`.
+    pub fn load(config: ModelConfig, ckpt: &Checkpoint, max_seqs: usize, max_len: usize, kv: KvKind) -> Result<CudaModel> {
+        let dev = Device::open()?;
+        let p = ckpt.text_prefix();
+        let (h, nq) = (config.hidden_size, config.num_heads);
+        let bytes = std::cell::Cell::new(0usize);
+        let weight = |name: &str, experts: usize, rows: usize, cols: usize| -> Result<DevWeight> {
+            let t = ckpt.expect(name, &[rows, cols])?;
+            let w = dev.weight(t.dtype, t.bytes(), experts, rows, cols)?;
+            bytes.set(bytes.get() + w.bytes());
+            Ok(w)
+        };
+        let embed = weight(&format!("{p}embed_tokens.weight"), 1, config.vocab_size, h)?;
+        let dtype = embed.dtype;
+        let vecf = |name: &str, n: usize| -> Result<Buf> { Ok(dev.upload(&ckpt.expect(name, &[n])?.to_f32())?) };
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for (i, spec) in config.layers.iter().enumerate() {
+            let l = format!("{p}layers.{i}.");
+            let (hd, nkv) = (spec.head_dim, spec.num_kv_heads);
+            let moe = match config.moe {
+                Some(m) => {
+                    let e = m.num_experts;
+                    let first = |names: [String; 2], n: usize| -> Result<Buf> {
+                        let t = ckpt.expect_any(&names, &[n])?;
+                        Ok(dev.upload(&t.to_f32())?)
+                    };
+                    Some(Moe {
+                        router_proj: weight(&format!("{l}router.proj.weight"), 1, e, h)?,
+                        router_scale: vecf(&format!("{l}router.scale"), h)?,
+                        per_expert_scale: first([format!("{l}router.per_expert_scale"), format!("{l}moe.per_expert_scale")], e)?,
+                        pre_ff_ln_2: vecf(&format!("{l}pre_feedforward_layernorm_2.weight"), h)?,
+                        post_ff_ln_1: vecf(&format!("{l}post_feedforward_layernorm_1.weight"), h)?,
+                        post_ff_ln_2: vecf(&format!("{l}post_feedforward_layernorm_2.weight"), h)?,
+                        gate_up: expert_weight(
+                            &dev,
+                            ckpt,
+                            &[format!("{l}experts.gate_up_proj"), format!("{l}moe.gate_up_proj")],
+                            e,
+                            2 * m.intermediate_size,
+                            h,
+                            &bytes,
+                        )?,
+                        down: expert_weight(
+                            &dev,
+                            ckpt,
+                            &[format!("{l}experts.down_proj"), format!("{l}moe.down_proj")],
+                            e,
+                            h,
+                            m.intermediate_size,
+                            &bytes,
+                        )?,
+                    })
+                }
+                None => None,
+            };
+            let v_proj = if spec.k_eq_v { None } else { Some(weight(&format!("{l}self_attn.v_proj.weight"), 1, nkv * hd, h)?) };
+            layers.push(Layer {
+                spec: spec.clone(),
+                input_ln: vecf(&format!("{l}input_layernorm.weight"), h)?,
+                post_attn_ln: vecf(&format!("{l}post_attention_layernorm.weight"), h)?,
+                pre_ff_ln: vecf(&format!("{l}pre_feedforward_layernorm.weight"), h)?,
+                post_ff_ln: vecf(&format!("{l}post_feedforward_layernorm.weight"), h)?,
+                q_proj: weight(&format!("{l}self_attn.q_proj.weight"), 1, nq * hd, h)?,
+                k_proj: weight(&format!("{l}self_attn.k_proj.weight"), 1, nkv * hd, h)?,
+                v_proj,
+                o_proj: weight(&format!("{l}self_attn.o_proj.weight"), 1, h, nq * hd)?,
+                q_norm: vecf(&format!("{l}self_attn.q_norm.weight"), hd)?,
+                k_norm: vecf(&format!("{l}self_attn.k_norm.weight"), hd)?,
+                inv_freq: dev.upload(&spec.rope.inv_freq)?,
+                gate: weight(&format!("{l}mlp.gate_proj.weight"), 1, config.intermediate_size, h)?,
+                up: weight(&format!("{l}mlp.up_proj.weight"), 1, config.intermediate_size, h)?,
+                down: weight(&format!("{l}mlp.down_proj.weight"), 1, h, config.intermediate_size)?,
+                moe,
+                layer_scalar: ckpt.expect(&format!("{l}layer_scalar"), &[1])?.to_f32()[0],
+            });
+        }
+        if ckpt.get("lm_head.weight").is_some() {
+            return Err(CudaModelError::Request("an untied lm_head.weight is not supported on the GPU yet".into()));
+        }
+        let final_norm = vecf(&format!("{p}norm.weight"), h)?;
+        let blocks_per_seq = max_len.div_ceil(BLOCK).max(1);
+        let mut pools = Vec::with_capacity(layers.len());
+        let mut kv_bytes = 0;
+        for spec in &config.layers {
+            let pool = dev.kv_pool(kv, max_seqs * blocks_per_seq, BLOCK, spec.num_kv_heads, spec.head_dim)?;
+            kv_bytes += pool.bytes();
+            pools.push(pool);
+        }
+        let embed_scale = dtype.round((h as f64).sqrt() as f32);
+        Ok(CudaModel {
+            config,
+            dtype,
+            dev,
+            embed,
+            embed_scale,
+            final_norm,
+            layers,
+            pools,
+            block_size: BLOCK,
+            blocks_per_seq,
+            max_seqs,
+            weight_bytes: bytes.get(),
+            kv_bytes,
+        })
+    }
+
+    /// Runs one step. Returns, per chunk, the logits of the rows it asked for (`[rows, vocab]`).
+    pub fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (h, dt, eps) = (c.hidden_size, self.dtype, c.rms_norm_eps);
+        let max_pos = self.blocks_per_seq * self.block_size;
+        let (mut ids, mut seq, mut pos, mut sees_to) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ch in chunks {
+            if ch.seq >= self.max_seqs || ch.start + ch.tokens.len() > max_pos {
+                return Err(CudaModelError::Request(format!(
+                    "sequence {} reaching {} positions: this runner holds {} sequences of {max_pos}",
+                    ch.seq,
+                    ch.start + ch.tokens.len(),
+                    self.max_seqs
+                )));
+            }
+            for (i, &t) in ch.tokens.iter().enumerate() {
+                if t as usize >= c.vocab_size {
+                    return Err(CudaModelError::Request(format!("token id {t} is out of the vocabulary (size {})", c.vocab_size)));
+                }
+                let t = if c.placeholder_ids.contains(&t) { c.pad_token_id } else { t };
+                ids.push(t as i32);
+                seq.push(ch.seq as i32);
+                pos.push((ch.start + i) as i32);
+                sees_to.push((ch.start + i + 1) as i32);
+            }
+        }
+        let t = ids.len();
+        let tables: Vec<i32> = (0..self.max_seqs * self.blocks_per_seq).map(|b| b as i32).collect();
+        let rows = self.dev.step_rows(&tables, self.blocks_per_seq, self.block_size, &seq, &pos, &sees_to)?;
+        let mut x = self.dev.zeros(t * h)?;
+        self.dev.embed(&self.embed, &ids, &mut x, self.embed_scale, dt)?;
+        for (layer, pool) in self.layers.iter().zip(self.pools.iter_mut()) {
+            layer_forward(&self.dev, layer, pool, &mut x, &rows, c, dt)?;
+        }
+        // The rows that need logits, in chunk order, through the head in one launch.
+        let mut picks = Vec::new();
+        let mut row0 = 0;
+        for ch in chunks {
+            let n = ch.tokens.len();
+            let r = match ch.logits {
+                LogitsFor::None => 0..0,
+                LogitsFor::Last if n > 0 => row0 + n - 1..row0 + n,
+                LogitsFor::Last => 0..0,
+                LogitsFor::All => row0..row0 + n,
+            };
+            picks.push(r);
+            row0 += n;
+        }
+        let total: usize = picks.iter().map(|r| r.len()).sum();
+        let mut hs = self.dev.zeros(total * h)?;
+        let mut at = 0;
+        for r in &picks {
+            self.dev.copy_rows(&x, r.start, &mut hs, at, r.len(), h)?;
+            at += r.len();
+        }
+        self.dev.rms_norm_in_place(&mut hs, Some(&self.final_norm), total, h, eps, dt)?;
+        let vocab = c.vocab_size;
+        let mut logits = self.dev.zeros(total * vocab)?;
+        self.dev.linear(&hs, total, &self.embed, &mut logits, dt)?;
+        if let Some(cap) = c.final_logit_softcapping {
+            self.dev.softcap(&mut logits, cap, total * vocab, dt)?;
+        }
+        let host = self.dev.download(&logits, total * vocab)?;
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for r in &picks {
+            out.push(host[at * vocab..(at + r.len()) * vocab].to_vec());
+            at += r.len();
+        }
+        Ok(out)
+    }
+}
+
+fn expert_weight(
+    dev: &Device,
+    ckpt: &Checkpoint,
+    names: &[String],
+    e: usize,
+    rows: usize,
+    cols: usize,
+    bytes: &std::cell::Cell<usize>,
+) -> Result<DevWeight> {
+    let t = ckpt.expect_any(names, &[e, rows, cols])?;
+    let w = dev.weight(t.dtype, t.bytes(), e, rows, cols)?;
+    bytes.set(bytes.get() + w.bytes());
+    Ok(w)
+}
+
+/// One decoder layer, as layer.rs computes it.
+fn layer_forward(dev: &Device, l: &Layer, pool: &mut KvPool, x: &mut Buf, rows: &StepRows, c: &ModelConfig, dt: DType) -> Result<()> {
+    let (t, h, eps) = (rows.count, c.hidden_size, c.rms_norm_eps);
+    let norm = |v: &Buf, w: Option<&Buf>| -> Result<Buf> {
+        let mut o = dev.zeros(t * h)?;
+        dev.rms_norm(v, w, &mut o, t, h, eps, dt)?;
+        Ok(o)
+    };
+    // Attention block.
+    let hn = norm(x, Some(&l.input_ln))?;
+    let mut a = attention(dev, l, pool, &hn, rows, c, dt)?;
+    dev.rms_norm_in_place(&mut a, Some(&l.post_attn_ln), t, h, eps, dt)?;
+    dev.add_round(x, &a, t * h, dt)?;
+    // Dense MLP and MoE, both from the post-attention residual.
+    let hm = norm(x, Some(&l.pre_ff_ln))?;
+    let inter = c.intermediate_size;
+    let (mut g, mut u, mut act) = (dev.zeros(t * inter)?, dev.zeros(t * inter)?, dev.zeros(t * inter)?);
+    dev.linear(&hm, t, &l.gate, &mut g, dt)?;
+    dev.linear(&hm, t, &l.up, &mut u, dt)?;
+    dev.gelu_mul(&g, &u, &mut act, t * inter, dt)?;
+    let mut m = dev.zeros(t * h)?;
+    dev.linear(&act, t, &l.down, &mut m, dt)?;
+    if let (Some(moe), Some(mc)) = (&l.moe, c.moe) {
+        let (e, k, i) = (mc.num_experts, mc.top_k, mc.intermediate_size);
+        let m1 = norm(&m, Some(&moe.post_ff_ln_1))?;
+        // Router: on the raw residual, RMSNorm without weight, times scale, times hidden^-0.5.
+        let mut z = norm(x, None)?;
+        dev.mul_cols_scale_round(&mut z, &moe.router_scale, (h as f64).powf(-0.5) as f32, h, t * h, dt)?;
+        let mut logits = dev.zeros(t * e)?;
+        dev.linear(&z, t, &moe.router_proj, &mut logits, dt)?;
+        let (mut ids, mut weights) = (dev.zeros_i32(t * k)?, dev.zeros(t * k)?);
+        dev.router_topk(&logits, &moe.per_expert_scale, &mut ids, &mut weights, t, e, k)?;
+        // The routed experts: per (row, slot) pair, gate_up, GELU gating, down times the weight.
+        let he = norm(x, Some(&moe.pre_ff_ln_2))?;
+        let pairs = t * k;
+        let mut gu = dev.zeros(pairs * 2 * i)?;
+        dev.expert_linear(&he, k, &ids, pairs, &moe.gate_up, None, &mut gu, dt)?;
+        let mut ea = dev.zeros(pairs * i)?;
+        dev.gelu_gate_up(&gu, &mut ea, i, pairs, dt)?;
+        let mut contrib = dev.zeros(pairs * h)?;
+        dev.expert_linear(&ea, 1, &ids, pairs, &moe.down, Some(&weights), &mut contrib, dt)?;
+        let mut y = dev.zeros(t * h)?;
+        dev.moe_combine(&contrib, &ids, &mut y, t, k, h, dt)?;
+        dev.rms_norm_in_place(&mut y, Some(&moe.post_ff_ln_2), t, h, eps, dt)?;
+        dev.add_round(&mut y, &m1, t * h, dt)?;
+        m = y;
+    }
+    dev.rms_norm_in_place(&mut m, Some(&l.post_ff_ln), t, h, eps, dt)?;
+    dev.add_round(x, &m, t * h, dt)?;
+    dev.scale_round(x, l.layer_scalar, t * h, dt)?;
+    Ok(())
+}
+
+/// Self-attention, as attention.rs computes it; returns the o_proj output `[T, hidden]`.
+fn attention(dev: &Device, l: &Layer, pool: &mut KvPool, hn: &Buf, rows: &StepRows, c: &ModelConfig, dt: DType) -> Result<Buf> {
+    let (t, nq, hd, nkv, eps) = (rows.count, c.num_heads, l.spec.head_dim, l.spec.num_kv_heads, c.rms_norm_eps);
+    let (mut q, mut k) = (dev.zeros(t * nq * hd)?, dev.zeros(t * nkv * hd)?);
+    dev.linear(hn, t, &l.q_proj, &mut q, dt)?;
+    dev.linear(hn, t, &l.k_proj, &mut k, dt)?;
+    let mut v = dev.zeros(t * nkv * hd)?;
+    match &l.v_proj {
+        Some(vp) => dev.linear(hn, t, vp, &mut v, dt)?,
+        None => dev.copy_rows(&k, 0, &mut v, 0, t, nkv * hd)?, // attention_k_eq_v: V is the raw k_proj output
+    }
+    dev.rms_norm_in_place(&mut q, Some(&l.q_norm), t * nq, hd, eps, dt)?;
+    dev.rms_norm_in_place(&mut k, Some(&l.k_norm), t * nkv, hd, eps, dt)?;
+    dev.rms_norm_in_place(&mut v, None, t * nkv, hd, eps, dt)?;
+    dev.rope(&mut q, rows.positions(), &l.inv_freq, t, nq, dt)?;
+    dev.rope(&mut k, rows.positions(), &l.inv_freq, t, nkv, dt)?;
+    dev.kv_write(pool, &k, &v, rows)?;
+    let window = match l.spec.kind {
+        LayerKind::Sliding => c.sliding_window,
+        LayerKind::Full => 0,
+    };
+    let mut attn = dev.zeros(t * nq * hd)?;
+    dev.attend(pool, &q, rows, window, nq, &mut attn, dt)?;
+    let mut o = dev.zeros(t * c.hidden_size)?;
+    dev.linear(&attn, t, &l.o_proj, &mut o, dt)?;
+    Ok(o)
+}
+
+/// The KV element type for `--kv-cache-dtype` on the GPU.
+pub fn kv_kind(flag: &str, model: DType) -> std::result::Result<KvKind, String> {
+    Ok(match (flag, model) {
+        ("auto", DType::BF16) | ("bfloat16", _) => KvKind::Bf16,
+        ("auto", DType::F16) | ("float16", _) => KvKind::F16,
+        ("auto", DType::F32) | ("float32", _) => KvKind::F32,
+        ("fp8" | "fp8_e4m3", _) => KvKind::Fp8E4m3,
+        ("fp8_e5m2", _) => KvKind::Fp8E5m2,
+        (other, _) => {
+            return Err(format!("--kv-cache-dtype {other} is not one of auto, bfloat16, float16, float32, fp8, fp8_e4m3, fp8_e5m2"));
+        }
+    })
+}
