@@ -30,20 +30,20 @@ if [ "${1:-}" = "--prepare" ]; then
   rm -rf "$dest" && mkdir -p "$dest"
   cargo build --release --bin switchyard
   cp target/release/switchyard "$dest/switchyard"
-  test_bin=$(cargo test --release -p switchyard-kernels --test cuda_device --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
+  # Builds the test target $1 (cargo arguments after it) and copies its executable to $dest/$1.
+  test_exe() {
+    local name=$1; shift
+    local exe
+    exe=$(cargo test --release "$@" --test "$name" --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_device":
-        print(m["executable"])')
-  cp "$test_bin" "$dest/cuda_device"
-  model_bin=$(cargo test --release --test cuda_model --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_model":
-        print(m["executable"])')
-  cp "$model_bin" "$dest/cuda_model"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$name")
+    cp "$exe" "$dest/$name"
+  }
+  test_exe cuda_device -p switchyard-kernels
+  test_exe cuda_model
   strip "$dest/switchyard" "$dest/cuda_device" "$dest/cuda_model"
   ls -la "$dest"
   echo "carry target/gpu-check; on the device: bash scripts/gpu-check.sh"

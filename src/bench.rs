@@ -88,14 +88,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             *next = logits.iter().map(|l| pick(l, 1).token).collect();
             Ok(())
         };
-        for _ in 0..2 {
-            step(&mut next, &mut caches)?;
-        }
-        let t1 = Instant::now();
-        for _ in 0..a.decode_steps {
-            step(&mut next, &mut caches)?;
-        }
-        let decode_s = t1.elapsed().as_secs_f64();
+        let decode_s = time_decode(a.decode_steps, || step(&mut next, &mut caches))?;
         let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
         let ms_step = decode_s * 1e3 / a.decode_steps as f64;
@@ -179,14 +172,7 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
             *len += 1;
             Ok(())
         };
-        for _ in 0..2 {
-            step(&mut next, &mut len)?;
-        }
-        let t1 = Instant::now();
-        for _ in 0..a.decode_steps {
-            step(&mut next, &mut len)?;
-        }
-        let decode_s = t1.elapsed().as_secs_f64();
+        let decode_s = time_decode(a.decode_steps, || step(&mut next, &mut len))?;
         let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
         let ms_step = decode_s * 1e3 / a.decode_steps as f64;
@@ -205,6 +191,18 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Two warm-up decode steps, then `steps` timed ones: their seconds.
+fn time_decode(steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        step()?;
+    }
+    let t = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// The machine's memory read bandwidth with the kernels' threads: the best of three passes over a

@@ -240,19 +240,7 @@ impl CudaModel {
             layer_forward(&self.dev, layer, pool, &mut x, &rows, c, dt)?;
         }
         // The rows that need logits, in chunk order, through the head in one launch.
-        let mut picks = Vec::new();
-        let mut row0 = 0;
-        for ch in chunks {
-            let n = ch.tokens.len();
-            let r = match ch.logits {
-                LogitsFor::None => 0..0,
-                LogitsFor::Last if n > 0 => row0 + n - 1..row0 + n,
-                LogitsFor::Last => 0..0,
-                LogitsFor::All => row0..row0 + n,
-            };
-            picks.push(r);
-            row0 += n;
-        }
+        let picks = super::logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits)));
         let total: usize = picks.iter().map(|r| r.len()).sum();
         let mut hs = self.dev.zeros(total * h)?;
         let mut at = 0;

@@ -32,6 +32,24 @@ pub enum LogitsFor {
     All,
 }
 
+/// The batch rows each chunk wants logits for, as ranges of the concatenated rows; `chunks` gives each
+/// chunk's row count and what it asked for.
+pub(crate) fn logit_rows(chunks: impl Iterator<Item = (usize, LogitsFor)>) -> Vec<std::ops::Range<usize>> {
+    let mut row0 = 0;
+    chunks
+        .map(|(n, logits)| {
+            let r = match logits {
+                LogitsFor::None => 0..0,
+                LogitsFor::Last if n > 0 => row0 + n - 1..row0 + n,
+                LogitsFor::Last => 0..0,
+                LogitsFor::All => row0..row0 + n,
+            };
+            row0 += n;
+            r
+        })
+        .collect()
+}
+
 /// One sequence's share of a forward batch, with its own contiguous cache.
 pub struct ForwardChunk<'a> {
     pub tokens: &'a [u32],
@@ -191,18 +209,7 @@ impl Gemma4Model {
         }
         // The rows that need logits, in chunk order, through the head in one batch (one pass over its
         // weights however many sequences ask), then split back per chunk.
-        let mut selected = Vec::with_capacity(chunks.len());
-        let mut row0 = 0;
-        for ch in chunks {
-            let n = ch.tokens.len();
-            selected.push(match ch.logits {
-                LogitsFor::None => 0..0,
-                LogitsFor::Last if n > 0 => row0 + n - 1..row0 + n,
-                LogitsFor::Last => 0..0,
-                LogitsFor::All => row0..row0 + n,
-            });
-            row0 += n;
-        }
+        let selected = logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits)));
         let total: usize = selected.iter().map(|r| r.len()).sum();
         let mut hs = Vec::with_capacity(total * h);
         for r in &selected {
