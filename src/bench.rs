@@ -159,7 +159,7 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
             }
         }
         let prefill_s = t0.elapsed().as_secs_f64();
-        let mut len = a.prompt_len;
+        let mut len = prompts[0].len();
         let mut step = |next: &mut Vec<u32>, len: &mut usize| -> Result<()> {
             let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
             let chunks: Vec<SeqChunk<'_>> = toks
@@ -173,7 +173,7 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
             Ok(())
         };
         let decode_s = time_decode(a.decode_steps, || step(&mut next, &mut len))?;
-        let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
+        let prefill_tps = (b * prompts[0].len()) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
         let ms_step = decode_s * 1e3 / a.decode_steps as f64;
         let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token));

@@ -118,7 +118,11 @@ pub fn compile_ptx_cached_in(source: &Source, arch: &'static str, dir: Option<&s
     }
     let ptx = compile_ptx(source, arch)?;
     if let Some(p) = &path {
-        let _ = std::fs::create_dir_all(p.parent().unwrap_or(p)).and_then(|_| std::fs::write(p, &ptx));
+        // Written aside and renamed, so a reader never sees half a file.
+        let tmp = p.with_extension(format!("tmp{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::create_dir_all(p.parent().unwrap_or(p))
+            .and_then(|_| std::fs::write(&tmp, &ptx))
+            .and_then(|_| std::fs::rename(&tmp, p));
     }
     Ok(ptx)
 }

@@ -125,7 +125,7 @@ fn need<T>(what: &str, b: &CudaSlice<T>, n: usize) {
 }
 
 fn threads_for(n: usize) -> (u32, u32, u32) {
-    ((n as u32).div_ceil(256).clamp(1, 65_535), 1, 1)
+    (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1)
 }
 
 fn i(v: usize) -> Arg {
@@ -133,9 +133,13 @@ fn i(v: usize) -> Arg {
 }
 
 impl Device {
-    fn ptr<T>(&self, b: &CudaSlice<T>) -> Arg {
+    fn addr<T>(&self, b: &CudaSlice<T>) -> u64 {
         let (p, _sync) = b.device_ptr(&self.stream);
-        Arg::Ptr(p)
+        p
+    }
+
+    fn ptr<T>(&self, b: &CudaSlice<T>) -> Arg {
+        Arg::Ptr(self.addr(b))
     }
 
     fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
@@ -156,10 +160,16 @@ impl Device {
     }
 
     pub fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        if v.is_empty() {
+            return self.zeros(1);
+        }
         self.stream.clone_htod(v).map_err(|e| format!("copying {} floats to the device: {e}", v.len()))
     }
 
     pub fn upload_i32(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
+        if v.is_empty() {
+            return self.zeros_i32(1);
+        }
         self.stream.clone_htod(v).map_err(|e| format!("copying {} ints to the device: {e}", v.len()))
     }
 
@@ -264,6 +274,9 @@ impl Device {
         if let Some(w) = w {
             need("rms_norm weight", w, dim);
         }
+        if rows == 0 {
+            return Ok(());
+        }
         let wp = w.map_or(Arg::Ptr(0), |w| self.ptr(w));
         self.launch("rms_norm", (rows as u32, 1, 1), 256, &[self.ptr(x), wp, self.ptr(out), i(dim), Arg::F32(eps), Arg::I32(dt_code(dt))])
     }
@@ -280,6 +293,9 @@ impl Device {
         need("rms_norm", x, rows * dim);
         if let Some(w) = w {
             need("rms_norm weight", w, dim);
+        }
+        if rows == 0 {
+            return Ok(());
         }
         let wp = w.map_or(Arg::Ptr(0), |w| self.ptr(w));
         let p = self.ptr(x);
@@ -383,6 +399,9 @@ impl Device {
         let half = inv_freq.len();
         need("rope", x, rows * heads * 2 * half);
         need("rope positions", pos, rows);
+        if rows == 0 {
+            return Ok(());
+        }
         self.launch(
             "rope",
             (rows as u32, 1, 1),
@@ -429,8 +448,18 @@ impl Device {
             return Ok(());
         }
         let name = format!("linear_{}", Self::weight_suffix(w));
-        let grid = ((w.rows as u32).div_ceil(8), (m as u32).div_ceil(4), 1);
-        self.launch(&name, grid, 256, &[self.ptr(x), self.weight_ptr(w), self.ptr(out), i(m), i(w.rows), i(w.cols), Arg::I32(dt_code(dt))])
+        // Rows in launches of at most 65535 * 4 (the grid's y limit); rows are independent.
+        const MAX_ROWS: usize = 65_535 * 4;
+        let mut m0 = 0;
+        while m0 < m {
+            let rows = (m - m0).min(MAX_ROWS);
+            let grid = ((w.rows as u32).div_ceil(8), (rows as u32).div_ceil(4), 1);
+            let xp = Arg::Ptr(self.addr(x) + (m0 * w.cols * 4) as u64);
+            let op = Arg::Ptr(self.addr(out) + (m0 * w.rows * 4) as u64);
+            self.launch(&name, grid, 256, &[xp, self.weight_ptr(w), op, i(rows), i(w.rows), i(w.cols), Arg::I32(dt_code(dt))])?;
+            m0 += rows;
+        }
+        Ok(())
     }
 
     /// Per routed pair `p < pairs`: `out[p] = round(x[p / x_div] . w[ids[p]])`, times `pair_scale[p]`
@@ -586,9 +615,11 @@ impl Device {
         )
     }
 
-    /// Waits for everything queued on the stream.
+    /// Waits for everything queued on the stream, and reports an error recorded where none could be
+    /// returned (a buffer freed on the stream, say).
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| format!("synchronizing: {e}"))
+        self.stream.synchronize().map_err(|e| format!("synchronizing: {e}"))?;
+        self.ctx.check_err().map_err(|e| format!("an earlier CUDA call failed: {e}"))
     }
 
     /// Device-to-device copy bandwidth, bytes read plus written per second: the best of five copies of

@@ -121,14 +121,21 @@ impl CudaModel {
             let moe = match config.moe {
                 Some(m) => {
                     let e = m.num_experts;
-                    let first = |names: [String; 2], n: usize| -> Result<Buf> {
+                    let first = |names: [String; 3], n: usize| -> Result<Buf> {
                         let t = ckpt.expect_any(&names, &[n])?;
                         Ok(dev.upload(&t.to_f32())?)
                     };
                     Some(Moe {
                         router_proj: weight(&format!("{l}router.proj.weight"), 1, e, h)?,
                         router_scale: vecf(&format!("{l}router.scale"), h)?,
-                        per_expert_scale: first([format!("{l}router.per_expert_scale"), format!("{l}moe.per_expert_scale")], e)?,
+                        per_expert_scale: first(
+                            [
+                                format!("{l}router.per_expert_scale"),
+                                format!("{l}router.per_expert_scale.weight"),
+                                format!("{l}moe.per_expert_scale"),
+                            ],
+                            e,
+                        )?,
                         pre_ff_ln_2: vecf(&format!("{l}pre_feedforward_layernorm_2.weight"), h)?,
                         post_ff_ln_1: vecf(&format!("{l}post_feedforward_layernorm_1.weight"), h)?,
                         post_ff_ln_2: vecf(&format!("{l}post_feedforward_layernorm_2.weight"), h)?,
@@ -232,6 +239,9 @@ impl CudaModel {
             }
         }
         let t = ids.len();
+        if t == 0 {
+            return Ok(chunks.iter().map(|_| Vec::new()).collect());
+        }
         let tables: Vec<i32> = (0..self.max_seqs * self.blocks_per_seq).map(|b| b as i32).collect();
         let rows = self.dev.step_rows(&tables, self.blocks_per_seq, self.block_size, &seq, &pos, &sees_to)?;
         let mut x = self.dev.zeros(t * h)?;
@@ -242,6 +252,10 @@ impl CudaModel {
         // The rows that need logits, in chunk order, through the head in one launch.
         let picks = super::logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits)));
         let total: usize = picks.iter().map(|r| r.len()).sum();
+        if total == 0 {
+            self.dev.synchronize()?;
+            return Ok(picks.iter().map(|_| Vec::new()).collect());
+        }
         let mut hs = self.dev.zeros(total * h)?;
         let mut at = 0;
         for r in &picks {
@@ -256,6 +270,7 @@ impl CudaModel {
             self.dev.softcap(&mut logits, cap, total * vocab, dt)?;
         }
         let host = self.dev.download(&logits, total * vocab)?;
+        self.dev.synchronize()?;
         let mut out = Vec::with_capacity(chunks.len());
         let mut at = 0;
         for r in &picks {
