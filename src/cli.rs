@@ -142,8 +142,8 @@ pub enum Placement {
 }
 
 impl LoadArgs {
-    /// Settles `--device`. `runs_on_cuda`: whether this command can compute on a GPU (today
-    /// `generate` and `bench`; `serve` and the cluster's workers cannot yet, docs/gpu.md). `auto`
+    /// Settles `--device`. `runs_on_cuda`: whether this command can compute on a GPU (today `serve`,
+    /// `generate` and `bench`; the cluster's workers cannot yet, docs/gpu.md). `auto`
     /// takes a GPU that answers where the command can use it, and says so; `cuda` where it cannot, or
     /// with no GPU, is an error that names what is missing: never a silent run on the CPU.
     pub fn device(&self, runs_on_cuda: bool) -> Result<Placement> {
@@ -163,15 +163,15 @@ impl LoadArgs {
             }
             (DeviceArg::Auto, Ok(gpu), false) => {
                 tracing::warn!(
-                    "device: cpu, although {gpu} answers: serve and the cluster's workers do not compute on the GPU yet \
-                     (generate and bench do; docs/gpu.md); --device cuda refuses rather than compute on the CPU"
+                    "device: cpu, although {gpu} answers: the cluster's workers do not compute on the GPU yet \
+                     (serve, generate and bench do; docs/gpu.md); --device cuda refuses rather than compute on the CPU"
                 );
                 Placement::Cpu
             }
             (DeviceArg::Cuda, Err(why), _) => bail!("--device cuda: no CUDA device: {why}"),
             (DeviceArg::Cuda, Ok(gpu), false) => bail!(
-                "--device cuda: {gpu} answers, but serve and the cluster's workers do not compute on the GPU yet \
-                 (generate and bench do; docs/gpu.md); use --device cpu or auto"
+                "--device cuda: {gpu} answers, but the cluster's workers do not compute on the GPU yet \
+                 (serve, generate and bench do; docs/gpu.md); use --device cpu or auto"
             ),
         })
     }
@@ -325,11 +325,6 @@ pub fn vision_config(dir: &ModelDir) -> Result<Option<VisionConfig>> {
 pub fn vision_tower(dir: &ModelDir, config: &ModelConfig, ckpt: &Checkpoint) -> Result<Option<Arc<VisionTower>>> {
     let Some(vc) = vision_config(dir)? else { return Ok(None) };
     Ok(Some(Arc::new(VisionTower::load(ckpt, vc, config.hidden_size).context("loading the vision tower")?)))
-}
-
-/// EOS ids: `generation_config.json` if it names any, else config.json's.
-pub fn stop_ids(l: &Loaded) -> Result<Vec<u32>> {
-    eos_ids(&l.dir, &l.model.config)
 }
 
 /// EOS ids: `generation_config.json` if it names any, else config.json's.

@@ -18,7 +18,7 @@ use switchyard_worker::kv_cache::KvDtype;
 use switchyard_engine_api::GenerationBackend;
 use switchyard_worker::{ModelConfig, ModelDir};
 
-use crate::cli::{Loaded, ModelArgs, load_model, stop_ids};
+use crate::cli::{Loaded, ModelArgs, load_model};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -257,10 +257,50 @@ pub struct EngineArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let args = args.resolve()?;
-    args.load.device(false)?;
-    let loaded = load_model(&args.model, &args.load)?;
-    let state = build_state(&args, loaded)?;
+    let state = match args.load.device(true)? {
+        crate::cli::Placement::Cpu => build_state(&args, load_model(&args.model, &args.load)?)?,
+        crate::cli::Placement::Cuda => build_state_cuda(&args)?,
+    };
     runtime()?.block_on(serve_http(&args.front, state))
+}
+
+/// `serve --device cuda`: the model on the GPU behind the same engine and front end (docs/gpu.md).
+/// The KV pools are sized from device memory, as vLLM sizes them: `--kv-cache-memory`, else
+/// `--gpu-memory-utilization` (default 0.9) of the device's memory less what is in use once the
+/// weights are loaded. The vision tower computes on the CPU.
+fn build_state_cuda(args: &ServeArgs) -> Result<Arc<AppState>> {
+    use switchyard_worker::model::cuda::{CudaEngineModel, CudaModel};
+    let dir = ModelDir::resolve(&args.model.model)?;
+    let config = ModelConfig::from_file(&dir.file("config.json"))?;
+    crate::cli::kernel_path()?;
+    let ckpt = crate::cli::open_checkpoint(&dir, &config, args.load.load_format)?;
+    let dtype = crate::cli::ckpt_dtype(&ckpt, &config)?;
+    let vision = crate::cli::vision_tower(&dir, &config, &ckpt)?;
+    let model = CudaModel::load_weights(config.clone(), &ckpt)?;
+    drop(ckpt);
+    let (free, total) = model.dev.ctx.mem_get_info().context("reading the device's free memory")?;
+    let kv_bytes = match (args.engine.kv_cache_memory, args.engine.gpu_memory_utilization) {
+        (Some(b), _) => b,
+        (None, u) => {
+            let u = u.unwrap_or(0.9);
+            if !(u > 0.0 && u <= 1.0) {
+                bail!("--gpu-memory-utilization must be in (0, 1], got {u}");
+            }
+            let budget = (u * total as f64) as usize;
+            let used = total - free;
+            if budget <= used {
+                bail!(
+                    "--gpu-memory-utilization {u}: {:.1} GB of the device's {:.1} GB, but {:.1} GB are in use after loading the weights",
+                    budget as f64 / 1e9,
+                    total as f64 / 1e9,
+                    used as f64 / 1e9
+                );
+            }
+            budget - used
+        }
+    };
+    tracing::info!("weights on the device: {:.2} GB; KV budget {:.2} GB", model.weight_bytes as f64 / 1e9, kv_bytes as f64 / 1e9);
+    start_front(args, &dir, &config, dtype, vision, Arc::new(CudaEngineModel::new(model)), Some(kv_bytes))
 }
 
 /// The async runtime of every server command: two threads for I/O (the model computes on its own).
@@ -298,19 +338,41 @@ pub fn available_memory() -> Option<usize> {
 }
 
 fn build_state(args: &ServeArgs, loaded: Loaded) -> Result<Arc<AppState>> {
+    let (config, dtype) = (loaded.model.config.clone(), loaded.model.dtype);
+    start_front(args, &loaded.dir, &config, dtype, loaded.vision, Arc::new(loaded.model), None)
+}
+
+/// The engine over `model` and the HTTP front end over the engine. `device_kv_bytes`: the KV budget a
+/// device model was given (else the engine sizes it from this machine's memory).
+fn start_front(
+    args: &ServeArgs,
+    dir: &ModelDir,
+    c: &ModelConfig,
+    dtype: DType,
+    vision: Option<Arc<switchyard_worker::vision::tower::VisionTower>>,
+    model: Arc<dyn switchyard_worker::model::TextModel>,
+    device_kv_bytes: Option<usize>,
+) -> Result<Arc<AppState>> {
     // The recorder first, so the engine's first figures are not lost.
     let metrics = switchyard_router::metrics::handle();
-    let c = &loaded.model.config;
     let max_model_len = max_model_len(args.front.max_model_len, c)?;
     let name = args.front.served_model_name.first().cloned().unwrap_or_else(|| args.model.model.clone());
-    let engine_config = engine_config(&args.engine, max_model_len, c, loaded.model.dtype, name, stop_ids(&loaded)?)?;
-    let model = Arc::new(loaded.model);
-    let mut engine = Engine::start(model.clone(), engine_config).context("starting the engine")?;
-    if let Some(v) = loaded.vision.clone() {
+    let mut engine_config = engine_config(&args.engine, max_model_len, c, dtype, name, crate::cli::eos_ids(dir, c)?)?;
+    if let Some(b) = device_kv_bytes {
+        engine_config.kv_cache_bytes = b.min(most_useful_kv_bytes(&args.engine, max_model_len, c, engine_config.kv_dtype));
+    }
+    let mut engine = Engine::start(model, engine_config).context("starting the engine")?;
+    if let Some(v) = vision {
         engine = engine.with_vision(v);
     }
     let max_pending = args.front.max_pending_requests.unwrap_or(4 * args.engine.max_num_seqs);
-    front_state(&args.front, &args.model.model, &loaded.dir, &model.config, max_model_len, Arc::new(engine), max_pending, metrics)
+    front_state(&args.front, &args.model.model, dir, c, max_model_len, Arc::new(engine), max_pending, metrics)
+}
+
+/// The most KV memory the engine can use: every sequence at full length.
+fn most_useful_kv_bytes(args: &EngineArgs, max_model_len: usize, c: &ModelConfig, kv_dtype: KvDtype) -> usize {
+    let [sb, gb] = paged_kv::block_bytes(&c.layers, args.block_size, kv_dtype);
+    (sb + gb) * (args.max_num_seqs * max_model_len.div_ceil(args.block_size) + 1)
 }
 
 /// `--max-model-len`, checked against the model.
@@ -338,9 +400,8 @@ pub fn engine_config(
         bail!("--max-num-seqs and --max-num-batched-tokens must be positive (and the block size a power of two)");
     }
     let kv_dtype = KvDtype::parse(&args.kv_cache_dtype, model_dtype).map_err(anyhow::Error::msg)?;
-    let [sb, gb] = paged_kv::block_bytes(&c.layers, args.block_size, kv_dtype);
     // Never more than every sequence at full length needs.
-    let most_useful = (sb + gb) * (args.max_num_seqs * max_model_len.div_ceil(args.block_size) + 1);
+    let most_useful = most_useful_kv_bytes(args, max_model_len, c, kv_dtype);
     let kv_bytes = match (args.kv_cache_memory, args.gpu_memory_utilization) {
         (Some(b), _) => b,
         (None, Some(u)) => kv_budget_for_utilization(u, memory())?.min(most_useful),

@@ -44,6 +44,8 @@ pub enum EngineError {
     BadBlockSize(usize),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the model's device: {0}")]
+    Device(String),
     #[error("{resumed} tokens to resume from, but max_tokens is {max_tokens}")]
     ResumePastEnd { resumed: usize, max_tokens: usize },
     #[error("image input: {0}")]
@@ -60,7 +62,10 @@ impl EngineError {
             EngineError::BadImage(_) => ErrorClass::Image,
             EngineError::Grammar(_) => ErrorClass::Grammar,
             EngineError::Stopped => ErrorClass::Overloaded,
-            EngineError::CacheTooSmall { .. } | EngineError::BadBlockSize(_) | EngineError::ResumePastEnd { .. } => ErrorClass::Internal,
+            EngineError::CacheTooSmall { .. }
+            | EngineError::BadBlockSize(_)
+            | EngineError::ResumePastEnd { .. }
+            | EngineError::Device(_) => ErrorClass::Internal,
         }
     }
 }

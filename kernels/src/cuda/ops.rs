@@ -83,6 +83,8 @@ pub struct StepRows {
     /// One past the largest block id the tables name.
     blocks_used: usize,
     block_size: usize,
+    /// The sliding window of the layers these rows are for (0: full layers).
+    window: usize,
     pub count: usize,
 }
 
@@ -345,15 +347,18 @@ impl Device {
         )
     }
 
-    /// Checks one step's rows against the block tables (`[seqs, max_blocks]` block ids, `-1` where a
-    /// sequence has no block) and copies them to the device. Panics on a row outside its table: the
-    /// kernels index with these values unchecked.
+    /// Checks one step's rows against the block tables (`[seqs, max_blocks]` block ids, negative where
+    /// a sequence has no block, or a freed one) and copies them to the device, for the layers of one
+    /// kind: `window` is their sliding window (0: full layers). Every block a row writes or reads (keys
+    /// from `pos + 1 - window` to `sees_to`) must be in the table. Panics on a row that reaches past its
+    /// table: the kernels index with these values unchecked.
     #[allow(clippy::too_many_arguments)]
     pub fn step_rows(
         &self,
         tables: &[i32],
         max_blocks: usize,
         block_size: usize,
+        window: usize,
         seq: &[i32],
         pos: &[i32],
         sees_to: &[i32],
@@ -367,9 +372,14 @@ impl Device {
             let (s, p, t) = (seq[r], pos[r], sees_to[r]);
             assert!(s >= 0 && (s as usize) < seqs && p >= 0 && t > p, "step_rows: row {r} is not in a sequence of the tables");
             let row = &tables[s as usize * max_blocks..(s as usize + 1) * max_blocks];
-            // Every position the row reads (up to sees_to) or writes must have a block.
-            let last = (t as usize - 1) / block_size;
-            assert!(last < max_blocks && row[..=last].iter().all(|&b| b >= 0), "step_rows: row {r} reaches past its blocks");
+            // Every position the row reads or writes must have a block.
+            let to = if window > 0 { t as usize } else { p as usize + 1 };
+            let from = if window > 0 { (p as usize + 1).saturating_sub(window) } else { 0 };
+            let last = (to - 1) / block_size;
+            assert!(
+                last < max_blocks && row[from / block_size..=last].iter().all(|&b| b >= 0),
+                "step_rows: row {r} reaches past its blocks"
+            );
             slots.push(row[p as usize / block_size] * block_size as i32 + p % block_size as i32);
         }
         let blocks_used = tables.iter().map(|&b| b + 1).max().unwrap_or(0).max(0) as usize;
@@ -382,6 +392,7 @@ impl Device {
             max_blocks,
             blocks_used,
             block_size,
+            window,
             count,
         })
     }
@@ -569,15 +580,13 @@ impl Device {
         )
     }
 
-    /// Attention of the step's rows, `heads` query heads each, over the pool; `window` is the sliding
-    /// window (0 on full layers).
-    #[allow(clippy::too_many_arguments)]
+    /// Attention of the step's rows, `heads` query heads each, over the pool, with the rows' window
+    /// (the one [`Device::step_rows`] checked them for).
     pub fn attend(
         &self,
         pool: &KvPool,
         q: &CudaSlice<f32>,
         rows: &StepRows,
-        window: usize,
         heads: usize,
         out: &mut CudaSlice<f32>,
         dt: DType,
@@ -604,7 +613,7 @@ impl Device {
                 self.ptr(&rows.seq),
                 self.ptr(&rows.pos),
                 self.ptr(&rows.sees_to),
-                i(window),
+                i(rows.window),
                 i(heads),
                 i(pool.kv_heads),
                 i(pool.head_dim),

@@ -21,10 +21,10 @@ use super::sequence::Sequence;
 use super::{
     Command, EngineConfig, EngineError, EngineEvent, EngineFailure, EngineStats, ErrorClass, FinishReason, PromptInfo, TokenEvent,
 };
-use crate::model::{BatchChunk, Gemma4Model, LogitsFor};
+use crate::model::{BatchChunk, LogitsFor, TextModel};
 
 pub(super) struct EngineState {
-    model: Arc<Gemma4Model>,
+    model: Arc<dyn TextModel>,
     config: EngineConfig,
     sched: Scheduler,
     storage: KvStorage,
@@ -36,9 +36,9 @@ pub(super) struct EngineState {
 }
 
 impl EngineState {
-    pub fn new(model: Arc<Gemma4Model>, config: EngineConfig, stats: Arc<EngineStats>) -> Result<EngineState, EngineError> {
+    pub fn new(model: Arc<dyn TextModel>, config: EngineConfig, stats: Arc<EngineStats>) -> Result<EngineState, EngineError> {
         use rand_chacha::rand_core::SeedableRng;
-        let c = &model.config;
+        let c = model.config();
         let bs = config.block_size;
         if !bs.is_power_of_two() {
             return Err(EngineError::BadBlockSize(bs));
@@ -65,6 +65,7 @@ impl EngineState {
         };
         let pools = [BlockPool::new(if sb > 0 { sizes.sliding } else { 0 }), BlockPool::new(if gb > 0 { sizes.global } else { 0 })];
         let storage = KvStorage::new(&c.layers, bs, config.kv_dtype, sizes);
+        model.prepare_kv([pools[0].num_blocks(), pools[1].num_blocks()], bs, config.kv_dtype).map_err(EngineError::Device)?;
         let layout = super::CacheLayout {
             dtype: config.kv_dtype,
             block_size: bs,
@@ -294,7 +295,7 @@ impl EngineState {
             self.sched.advance(p.seq, p.tokens);
             let seq = &self.sched.running[p.seq];
             if seq.computed == seq.tokens.len() {
-                let vocab = self.model.config.vocab_size;
+                let vocab = self.model.config().vocab_size;
                 let last = &rows[rows.len() - vocab..];
                 if let Some(last_event) = self.emit_token(p.seq, last) {
                     finished.push((p.seq, last_event));
@@ -340,7 +341,7 @@ impl EngineState {
     }
 
     fn collect_prompt_logprobs(&mut self, p: &Scheduled, rows: &[f32]) {
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         let seq = &mut self.sched.running[p.seq];
         let n = seq.params.prompt_logprobs.unwrap_or(0);
         for (r, row) in rows.chunks_exact(vocab).enumerate() {

@@ -20,7 +20,7 @@ use std::sync::mpsc;
 
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::model::{Gemma4Model, ImageEmbeds};
+use crate::model::{ImageEmbeds, TextModel};
 use crate::vision::tower::VisionTower;
 pub use switchyard_engine_api::{
     EngineError, EngineEvent, EngineFailure, EngineRequest, ErrorClass, FinishReason, ImageInput, PromptInfo, SamplingParams, TokenEvent,
@@ -238,16 +238,16 @@ pub struct Engine;
 
 impl Engine {
     /// Sizes the KV pools, checks that one full-length sequence fits, and starts the engine thread.
-    pub fn start(model: Arc<Gemma4Model>, config: EngineConfig) -> Result<EngineHandle, EngineError> {
+    pub fn start(model: Arc<dyn TextModel>, config: EngineConfig) -> Result<EngineHandle, EngineError> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let handle = EngineHandle {
             tx,
             stats: stats.clone(),
             next_id: Arc::new(AtomicU64::new(0)),
-            vocab_size: model.config.vocab_size,
+            vocab_size: model.config().vocab_size,
             max_model_len: config.max_model_len,
-            placeholders: model.config.image_token_id.into_iter().chain(model.config.video_token_id).collect(),
+            placeholders: model.config().image_token_id.into_iter().chain(model.config().video_token_id).collect(),
             vision: None,
         };
         let state = engine_loop::EngineState::new(model, config, stats)?;

@@ -85,10 +85,11 @@ pub struct CudaModel {
     embed_scale: f32,
     final_norm: Buf,
     layers: Vec<Layer>,
+    /// One KV pool per layer (empty until allocated).
     pools: Vec<KvPool>,
     block_size: usize,
-    blocks_per_seq: usize,
-    max_seqs: usize,
+    /// For [`CudaModel::forward`]: how many sequences, and how many blocks each owns.
+    per_seq: Option<(usize, usize)>,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
     /// Bytes of the KV pools.
@@ -99,8 +100,35 @@ const BLOCK: usize = 16;
 
 impl CudaModel {
     /// Opens the GPU, copies the text model's weights to it and allocates KV pools for `max_seqs`
-    /// sequences of up to `max_len` positions, stored as `kv`.
+    /// sequences of up to `max_len` positions, stored as `kv` (for [`CudaModel::forward`]).
     pub fn load(config: ModelConfig, ckpt: &Checkpoint, max_seqs: usize, max_len: usize, kv: KvKind) -> Result<CudaModel> {
+        let mut m = CudaModel::load_weights(config, ckpt)?;
+        let blocks_per_seq = max_len.div_ceil(BLOCK).max(1);
+        m.alloc_pools([max_seqs * blocks_per_seq; 2], BLOCK, kv)?;
+        m.per_seq = Some((max_seqs, blocks_per_seq));
+        Ok(m)
+    }
+
+    /// Allocates one KV pool per layer: `blocks[0]` blocks for sliding layers, `blocks[1]` for full
+    /// ones, of `block_size` positions.
+    pub fn alloc_pools(&mut self, blocks: [usize; 2], block_size: usize, kv: KvKind) -> Result<()> {
+        self.pools.clear();
+        self.kv_bytes = 0;
+        for spec in &self.config.layers {
+            let n = match spec.kind {
+                LayerKind::Sliding => blocks[0],
+                LayerKind::Full => blocks[1],
+            };
+            let pool = self.dev.kv_pool(kv, n, block_size, spec.num_kv_heads, spec.head_dim)?;
+            self.kv_bytes += pool.bytes();
+            self.pools.push(pool);
+        }
+        self.block_size = block_size;
+        Ok(())
+    }
+
+    /// Opens the GPU and copies the text model's weights to it; no KV pools yet.
+    pub fn load_weights(config: ModelConfig, ckpt: &Checkpoint) -> Result<CudaModel> {
         let dev = Device::open()?;
         let p = ckpt.text_prefix();
         let (h, nq) = (config.hidden_size, config.num_heads);
@@ -186,14 +214,6 @@ impl CudaModel {
             return Err(CudaModelError::Request("an untied lm_head.weight is not supported on the GPU yet".into()));
         }
         let final_norm = vecf(&format!("{p}norm.weight"), h)?;
-        let blocks_per_seq = max_len.div_ceil(BLOCK).max(1);
-        let mut pools = Vec::with_capacity(layers.len());
-        let mut kv_bytes = 0;
-        for spec in &config.layers {
-            let pool = dev.kv_pool(kv, max_seqs * blocks_per_seq, BLOCK, spec.num_kv_heads, spec.head_dim)?;
-            kv_bytes += pool.bytes();
-            pools.push(pool);
-        }
         let embed_scale = dtype.round((h as f64).sqrt() as f32);
         Ok(CudaModel {
             config,
@@ -203,54 +223,87 @@ impl CudaModel {
             embed_scale,
             final_norm,
             layers,
-            pools,
+            pools: Vec::new(),
             block_size: BLOCK,
-            blocks_per_seq,
-            max_seqs,
+            per_seq: None,
             weight_bytes: bytes.get(),
-            kv_bytes,
+            kv_bytes: 0,
         })
     }
 
-    /// Runs one step. Returns, per chunk, the logits of the rows it asked for (`[rows, vocab]`).
+    /// Runs one step over sequences of [`CudaModel::load`]'s pools. Returns, per chunk, the logits of
+    /// the rows it asked for (`[rows, vocab]`).
     pub fn forward(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        let Some((max_seqs, blocks_per_seq)) = self.per_seq else {
+            return Err(CudaModelError::Request("this model's KV pools belong to an engine".into()));
+        };
         let c = &self.config;
-        let (h, dt, eps) = (c.hidden_size, self.dtype, c.rms_norm_eps);
-        let max_pos = self.blocks_per_seq * self.block_size;
+        let max_pos = blocks_per_seq * self.block_size;
         let (mut ids, mut seq, mut pos, mut sees_to) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ch in chunks {
-            if ch.seq >= self.max_seqs || ch.start + ch.tokens.len() > max_pos {
+            if ch.seq >= max_seqs || ch.start + ch.tokens.len() > max_pos {
                 return Err(CudaModelError::Request(format!(
-                    "sequence {} reaching {} positions: this runner holds {} sequences of {max_pos}",
+                    "sequence {} reaching {} positions: this runner holds {max_seqs} sequences of {max_pos}",
                     ch.seq,
                     ch.start + ch.tokens.len(),
-                    self.max_seqs
                 )));
             }
             for (i, &t) in ch.tokens.iter().enumerate() {
                 if t as usize >= c.vocab_size {
                     return Err(CudaModelError::Request(format!("token id {t} is out of the vocabulary (size {})", c.vocab_size)));
                 }
-                let t = if c.placeholder_ids.contains(&t) { c.pad_token_id } else { t };
-                ids.push(t as i32);
+                ids.push(t);
                 seq.push(ch.seq as i32);
                 pos.push((ch.start + i) as i32);
                 sees_to.push((ch.start + i + 1) as i32);
             }
         }
+        // Sequence s owns blocks s * blocks_per_seq .. (s + 1) * blocks_per_seq, in both kinds of pool.
+        let tables: Vec<i32> = (0..max_seqs * blocks_per_seq).map(|b| b as i32).collect();
+        let picks = super::logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits)));
+        self.step(&ids, [&tables, &tables], blocks_per_seq, [&seq, &pos, &sees_to], &[], &picks)
+    }
+
+    /// One step: `ids` embedded (image rows replaced by `images`: batch row and its embedding), every
+    /// layer over the pools with `tables` (`[sliding, full]`, each `[seqs, max_blocks]`), and the head
+    /// over the rows in `picks`.
+    fn step(
+        &mut self,
+        ids: &[u32],
+        tables: [&[i32]; 2],
+        max_blocks: usize,
+        [seq, pos, sees_to]: [&[i32]; 3],
+        images: &[(usize, &[f32])],
+        picks: &[std::ops::Range<usize>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (h, dt, eps) = (c.hidden_size, self.dtype, c.rms_norm_eps);
         let t = ids.len();
         if t == 0 {
-            return Ok(chunks.iter().map(|_| Vec::new()).collect());
+            return Ok(picks.iter().map(|_| Vec::new()).collect());
         }
-        let tables: Vec<i32> = (0..self.max_seqs * self.blocks_per_seq).map(|b| b as i32).collect();
-        let rows = self.dev.step_rows(&tables, self.blocks_per_seq, self.block_size, &seq, &pos, &sees_to)?;
+        let bs = self.block_size;
+        let rows = [
+            self.dev.step_rows(tables[0], max_blocks, bs, c.sliding_window, seq, pos, sees_to)?,
+            self.dev.step_rows(tables[1], max_blocks, bs, 0, seq, pos, sees_to)?,
+        ];
+        let ids: Vec<i32> = ids.iter().map(|&t| if c.placeholder_ids.contains(&t) { c.pad_token_id } else { t } as i32).collect();
         let mut x = self.dev.zeros(t * h)?;
         self.dev.embed(&self.embed, &ids, &mut x, self.embed_scale, dt)?;
-        for (layer, pool) in self.layers.iter().zip(self.pools.iter_mut()) {
-            layer_forward(&self.dev, layer, pool, &mut x, &rows, c, dt)?;
+        if !images.is_empty() {
+            let flat: Vec<f32> = images.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+            let up = self.dev.upload(&flat)?;
+            for (k, &(row, _)) in images.iter().enumerate() {
+                self.dev.copy_rows(&up, k, &mut x, row, 1, h)?;
+            }
         }
-        // The rows that need logits, in chunk order, through the head in one launch.
-        let picks = super::logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits)));
+        for (layer, pool) in self.layers.iter().zip(self.pools.iter_mut()) {
+            let r = match layer.spec.kind {
+                LayerKind::Sliding => &rows[0],
+                LayerKind::Full => &rows[1],
+            };
+            layer_forward(&self.dev, layer, pool, &mut x, r, c, dt)?;
+        }
         let total: usize = picks.iter().map(|r| r.len()).sum();
         if total == 0 {
             self.dev.synchronize()?;
@@ -258,7 +311,7 @@ impl CudaModel {
         }
         let mut hs = self.dev.zeros(total * h)?;
         let mut at = 0;
-        for r in &picks {
+        for r in picks {
             self.dev.copy_rows(&x, r.start, &mut hs, at, r.len(), h)?;
             at += r.len();
         }
@@ -271,13 +324,96 @@ impl CudaModel {
         }
         let host = self.dev.download(&logits, total * vocab)?;
         self.dev.synchronize()?;
-        let mut out = Vec::with_capacity(chunks.len());
+        let mut out = Vec::with_capacity(picks.len());
         let mut at = 0;
-        for r in &picks {
+        for r in picks {
             out.push(host[at * vocab..(at + r.len()) * vocab].to_vec());
             at += r.len();
         }
         Ok(out)
+    }
+}
+
+/// The model on a GPU behind the engine ([`super::TextModel`]): the engine's scheduler, block tables
+/// and prefix cache, with keys and values in device pools of the engine's shape (its host pools are
+/// never written). Steps are serialised (one engine thread calls it).
+pub struct CudaEngineModel {
+    config: ModelConfig,
+    inner: std::sync::Mutex<CudaModel>,
+}
+
+impl CudaEngineModel {
+    pub fn new(model: CudaModel) -> CudaEngineModel {
+        CudaEngineModel { config: model.config.clone(), inner: std::sync::Mutex::new(model) }
+    }
+}
+
+impl super::TextModel for CudaEngineModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn prepare_kv(&self, blocks: [usize; 2], block_size: usize, dtype: crate::kv_cache::KvDtype) -> std::result::Result<(), String> {
+        use crate::kv_cache::KvDtype as D;
+        let kind = match dtype {
+            D::F32 => KvKind::F32,
+            D::Bf16 => KvKind::Bf16,
+            D::F16 => KvKind::F16,
+            D::Fp8E4m3 => KvKind::Fp8E4m3,
+            D::Fp8E5m2 => KvKind::Fp8E5m2,
+        };
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.alloc_pools(blocks, block_size, kind).map_err(|e| e.to_string())?;
+        tracing::info!("KV pools on the device: {:.2} GB ({} + {} blocks of {block_size})", m.kv_bytes as f64 / 1e9, blocks[0], blocks[1]);
+        Ok(())
+    }
+
+    fn forward_batch(
+        &self,
+        chunks: &[super::BatchChunk<'_>],
+        kv: &mut dyn crate::kv_cache::KvStore,
+    ) -> std::result::Result<Vec<Vec<f32>>, super::ForwardError> {
+        super::validate(&self.config, chunks)?;
+        let c = &self.config;
+        // The engine's block tables, one per kind of layer (the first layer of each kind stands for all).
+        let first = |kind: LayerKind| c.layers.iter().position(|l| l.kind == kind);
+        let groups = [first(LayerKind::Sliding), first(LayerKind::Full)];
+        let max_blocks = chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(ci, _)| groups.iter().flatten().map(move |&l| (ci, l)))
+            .map(|(ci, l)| kv.view(ci, l).blocks.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut tables = [vec![-1i32; chunks.len() * max_blocks], vec![-1i32; chunks.len() * max_blocks]];
+        for (g, layer) in groups.iter().enumerate() {
+            let Some(layer) = *layer else { continue };
+            for ci in 0..chunks.len() {
+                for (b, &id) in kv.view(ci, layer).blocks.iter().enumerate() {
+                    tables[g][ci * max_blocks + b] = if id == u32::MAX { -1 } else { id as i32 };
+                }
+            }
+        }
+        let (mut ids, mut seq, mut pos, mut sees) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut images = Vec::new();
+        for (ci, ch) in chunks.iter().enumerate() {
+            for (i, &t) in ch.tokens.iter().enumerate() {
+                let p = ch.start + i;
+                if let Some(im) = ch.images.iter().find(|im| (im.start..im.end()).contains(&p)) {
+                    let k = p - im.start;
+                    images.push((ids.len(), &im.rows[k * c.hidden_size..(k + 1) * c.hidden_size]));
+                }
+                ids.push(t);
+                seq.push(ci as i32);
+                pos.push(p as i32);
+                sees.push(super::sees_to(ch, p) as i32);
+            }
+        }
+        let picks = super::logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits)));
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.step(&ids, [&tables[0], &tables[1]], max_blocks, [&seq, &pos, &sees], &images, &picks)
+            .map_err(|e| super::ForwardError::Device(e.to_string()))
     }
 }
 
@@ -366,12 +502,8 @@ fn attention(dev: &Device, l: &Layer, pool: &mut KvPool, hn: &Buf, rows: &StepRo
     dev.rope(&mut q, rows.positions(), &l.inv_freq, t, nq, dt)?;
     dev.rope(&mut k, rows.positions(), &l.inv_freq, t, nkv, dt)?;
     dev.kv_write(pool, &k, &v, rows)?;
-    let window = match l.spec.kind {
-        LayerKind::Sliding => c.sliding_window,
-        LayerKind::Full => 0,
-    };
     let mut attn = dev.zeros(t * nq * hd)?;
-    dev.attend(pool, &q, rows, window, nq, &mut attn, dt)?;
+    dev.attend(pool, &q, rows, nq, &mut attn, dt)?;
     let mut o = dev.zeros(t * c.hidden_size)?;
     dev.linear(&attn, t, &l.o_proj, &mut o, dt)?;
     Ok(o)

@@ -95,6 +95,8 @@ pub enum ForwardError {
     ContextTooLong { len: usize, max: usize },
     #[error(transparent)]
     Expert(#[from] ExpertError),
+    #[error("the device failed: {0}")]
+    Device(String),
 }
 
 /// Where a batch row comes from.
@@ -105,6 +107,54 @@ pub(crate) struct RowInfo {
     /// Keys this row may see on sliding layers end here (exclusive): `pos + 1`, or for an image's
     /// soft token the end of its image (transformers' bidirectional image blocks, sliding layers only).
     pub sees_to: usize,
+}
+
+/// What the engine needs of a model: its configuration and a forward pass over the engine's KV store.
+/// [`Gemma4Model`] computes on the CPU; [`cuda::CudaEngineModel`] on a GPU. The engine, its scheduler,
+/// block tables and prefix cache are the same over either.
+pub trait TextModel: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+
+    /// The forward pass over the engine's KV store: every chunk's positions must already have blocks.
+    /// Returns, per chunk, the logits of the rows it asked for (`[rows, vocab]`).
+    fn forward_batch(&self, chunks: &[BatchChunk<'_>], kv: &mut dyn KvStore) -> Result<Vec<Vec<f32>>, ForwardError>;
+
+    /// Called once by the engine when it has sized its KV pools (`blocks` of `block_size` positions:
+    /// `[sliding, global]`), before the first step. A model that keeps keys and values elsewhere (device
+    /// memory) allocates its own pools of the same shape here; the engine's host pools then stay
+    /// untouched (their pages are never written, so they cost nothing).
+    fn prepare_kv(&self, _blocks: [usize; 2], _block_size: usize, _dtype: crate::kv_cache::KvDtype) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl TextModel for Gemma4Model {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward_batch(&self, chunks: &[BatchChunk<'_>], kv: &mut dyn KvStore) -> Result<Vec<Vec<f32>>, ForwardError> {
+        Gemma4Model::forward_batch(self, chunks, kv)
+    }
+}
+
+/// Checks a batch against a model's limits: positions and token ids.
+pub(crate) fn validate(config: &ModelConfig, chunks: &[BatchChunk<'_>]) -> Result<(), ForwardError> {
+    for ch in chunks {
+        let len = ch.start + ch.tokens.len();
+        if len > config.max_position_embeddings {
+            return Err(ForwardError::ContextTooLong { len, max: config.max_position_embeddings });
+        }
+        if let Some(&id) = ch.tokens.iter().find(|&&id| id as usize >= config.vocab_size) {
+            return Err(ForwardError::TokenOutOfVocab { id, vocab: config.vocab_size });
+        }
+    }
+    Ok(())
+}
+
+/// Each row's sees_to: `pos + 1`, or for an image's soft token the end of its image.
+pub(crate) fn sees_to(ch: &BatchChunk<'_>, pos: usize) -> usize {
+    ch.images.iter().find(|im| (im.start..im.end()).contains(&pos)).map_or(pos + 1, |im| im.end())
 }
 
 pub struct Gemma4Model {
@@ -189,8 +239,7 @@ impl Gemma4Model {
         for (c, ch) in chunks.iter().enumerate() {
             for (i, &t) in ch.tokens.iter().enumerate() {
                 let pos = ch.start + i;
-                let sees_to = ch.images.iter().find(|im| (im.start..im.end()).contains(&pos)).map_or(pos + 1, |im| im.end());
-                rows.push(RowInfo { chunk: c, pos, sees_to });
+                rows.push(RowInfo { chunk: c, pos, sees_to: sees_to(ch, pos) });
                 ids.push(t);
             }
         }
