@@ -3,7 +3,8 @@
 #
 #   bash scripts/gpu-check.sh --prepare    # here, with cargo: builds what travels, into target/gpu-check/
 #   bash scripts/gpu-check.sh [OUT_DIR]    # on the GPU machine (no Rust there): runs it, writes
-#                                          # OUT_DIR/gpu-check.json (default: $OUT, else target/gpu-check/out)
+#                                          # OUT_DIR/gpu-check.json and gpu-check.log (default: $OUT,
+#                                          # else target/gpu-check/out)
 #
 # --prepare builds, in release and stripped: the switchyard binary and two test binaries, the CUDA
 # kernels against the CPU kernels (kernels/tests/cuda_device.rs) and the model on the GPU against the
@@ -53,8 +54,11 @@ for l in sys.stdin:
 fi
 
 bin=target/gpu-check
-out=${1:-${OUT:-$bin/out}}
-mkdir -p "$out"
+dest_dir=${1:-${OUT:-$bin/out}}
+mkdir -p "$dest_dir"
+# Everything is written to a scratch folder; only the report and the log go to the destination (the
+# device tool brings back at most 8 files).
+out=$(mktemp -d)
 report="$out/gpu-check.json"
 log="$out/gpu-check.log"
 : >"$log"
@@ -147,5 +151,6 @@ out = {
 json.dump(out, open(report, "w"), indent=2)
 print(json.dumps(out, indent=2))
 PY
+cp "$report" "$log" "$dest_dir/"
 tail -60 "$log"
 [ $kernels_rc -eq 0 ] && [ $model_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $serve_rc -eq 0 ]
