@@ -271,16 +271,8 @@ impl Device {
         eps: f32,
         dt: DType,
     ) -> Result<()> {
-        need("rms_norm input", x, rows * dim);
         need("rms_norm output", out, rows * dim);
-        if let Some(w) = w {
-            need("rms_norm weight", w, dim);
-        }
-        if rows == 0 {
-            return Ok(());
-        }
-        let wp = w.map_or(Arg::Ptr(0), |w| self.ptr(w));
-        self.launch("rms_norm", (rows as u32, 1, 1), 256, &[self.ptr(x), wp, self.ptr(out), i(dim), Arg::F32(eps), Arg::I32(dt_code(dt))])
+        self.rms_norm_at(x, w, self.addr(out), rows, dim, eps, dt)
     }
 
     pub fn rms_norm_in_place(
@@ -292,7 +284,22 @@ impl Device {
         eps: f32,
         dt: DType,
     ) -> Result<()> {
-        need("rms_norm", x, rows * dim);
+        self.rms_norm_at(x, w, self.addr(x), rows, dim, eps, dt)
+    }
+
+    /// RMSNorm of `x` into the device address `out`, which the caller has checked holds `rows * dim`.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_at(
+        &self,
+        x: &CudaSlice<f32>,
+        w: Option<&CudaSlice<f32>>,
+        out: u64,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        dt: DType,
+    ) -> Result<()> {
+        need("rms_norm input", x, rows * dim);
         if let Some(w) = w {
             need("rms_norm weight", w, dim);
         }
@@ -300,8 +307,7 @@ impl Device {
             return Ok(());
         }
         let wp = w.map_or(Arg::Ptr(0), |w| self.ptr(w));
-        let p = self.ptr(x);
-        self.launch("rms_norm", (rows as u32, 1, 1), 256, &[p, wp, p, i(dim), Arg::F32(eps), Arg::I32(dt_code(dt))])
+        self.launch("rms_norm", (rows as u32, 1, 1), 256, &[self.ptr(x), wp, Arg::Ptr(out), i(dim), Arg::F32(eps), Arg::I32(dt_code(dt))])
     }
 
     /// `a = round(a + b)` over `n` elements.
