@@ -103,6 +103,62 @@ extern "C" __global__ void expert_linear_bf16(const float* x, int x_div, const i
 extern "C" __global__ void expert_linear_f16(const float* x, int x_div, const int* ids, const f16* w, const float* s, float* o, int N, int K, int dt) { expert_linear(x, x_div, ids, w, s, o, N, K, dt); }
 extern "C" __global__ void expert_linear_f32(const float* x, int x_div, const int* ids, const float* w, const float* s, float* o, int N, int K, int dt) { expert_linear(x, x_div, ids, w, s, o, N, K, dt); }
 
+// The step's routed pairs grouped by expert, for expert_group_linear: offsets[e]..offsets[e + 1] is
+// expert e's run in `order`, which lists pair indices in ascending order within each run. One block;
+// thread e scans every pair for its own expert (deterministic, no atomics). E <= blockDim.x.
+extern "C" __global__ void group_pairs(const int* ids, int pairs, int E, int* offsets, int* order) {
+    __shared__ int counts[1024];
+    const int e = threadIdx.x;
+    if (e < E) {
+        int c = 0;
+        for (int p = 0; p < pairs; p++) c += ids[p] == e;
+        counts[e] = c;
+    }
+    __syncthreads();
+    if (e < E) {
+        int start = 0;
+        for (int j = 0; j < e; j++) start += counts[j];
+        offsets[e] = start;
+        if (e == E - 1) offsets[E] = start + counts[e];
+        int at = start;
+        for (int p = 0; p < pairs; p++)
+            if (ids[p] == e) order[at++] = p;
+    }
+}
+
+// expert_linear over pairs grouped by expert: block (n-block, e) takes expert e's pairs MT at a time,
+// so each weight row is read from memory once per step and reused from cache for the rest of the
+// expert's pairs, instead of once per pair. Each output element is the same warp_dot as in
+// expert_linear (a row's sum does not depend on the rows beside it), so the bits are the same.
+// Grid (ceil(N / WARPS), E).
+template <typename W>
+DEV void expert_group_linear(const float* x, int x_div, const int* order, const int* offsets, const W* w, const float* pair_scale, float* out, int N, int K, int dt) {
+    const int n = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int e = blockIdx.y;
+    if (n >= N) return;
+    const int begin = offsets[e], end = offsets[e + 1];
+    const W* wrow = w + ((u64)e * N + n) * K;
+    for (int t0 = begin; t0 < end; t0 += MT) {
+        const int rows = min(MT, end - t0);
+        const float* xs[MT];
+        for (int r = 0; r < MT; r++) xs[r] = x + (u64)(order[t0 + min(r, rows - 1)] / x_div) * K;
+        float acc[MT];
+        warp_dot(xs, rows, wrow, K, acc);
+        if ((threadIdx.x & 31) == 0) {
+            for (int r = 0; r < rows; r++) {
+                const int p = order[t0 + r];
+                float y = round_dt(acc[r], dt);
+                if (pair_scale) y = round_dt(__fmul_rn(y, pair_scale[p]), dt);
+                out[(u64)p * N + n] = y;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void expert_group_linear_bf16(const float* x, int x_div, const int* o, const int* off, const bf16* w, const float* s, float* y, int N, int K, int dt) { expert_group_linear(x, x_div, o, off, w, s, y, N, K, dt); }
+extern "C" __global__ void expert_group_linear_f16(const float* x, int x_div, const int* o, const int* off, const f16* w, const float* s, float* y, int N, int K, int dt) { expert_group_linear(x, x_div, o, off, w, s, y, N, K, dt); }
+extern "C" __global__ void expert_group_linear_f32(const float* x, int x_div, const int* o, const int* off, const float* w, const float* s, float* y, int N, int K, int dt) { expert_group_linear(x, x_div, o, off, w, s, y, N, K, dt); }
+
 // A row's expert contributions contrib[row, slot, hidden] summed in ascending expert id with a
 // rounding after every add (model/experts.rs combine). One thread per (row, column).
 extern "C" __global__ void moe_combine(const float* contrib, const int* ids, float* out, int rows, int k, int hidden, int dt) {

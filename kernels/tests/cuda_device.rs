@@ -254,6 +254,12 @@ fn expert_kernels_match_the_cpu() {
     let cfg = |n: usize| LaunchConfig { grid_dim: (pairs as u32, (n as u32).div_ceil(8), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches expert_linear_bf16's parameters: x [rows, h], ids [pairs], w [e, 2 inter, h].
     unsafe { b.launch(cfg(2 * inter)) }.unwrap();
+    // The grouped form (each expert's rows read once per step) gives the same bits as pair by pair.
+    let groups = d.group_pairs(&idd, pairs, e).unwrap();
+    let gu_weight = d.weight(BF16, &bf16_weight(&gate_up), e, 2 * inter, h).unwrap();
+    let mut gu_grouped = d.zeros(pairs * 2 * inter).unwrap();
+    d.expert_group_linear(&xd, top, &groups, &gu_weight, None, &mut gu_grouped, BF16).unwrap();
+    assert_eq!(bf16_bits(&down(&d, &gu_out)), bf16_bits(&down(&d, &gu_grouped)), "expert_group_linear differs from expert_linear");
     let mut act = d.stream.alloc_zeros::<f32>(pairs * inter).unwrap();
     let pairs_u = pairs as u64;
     let mut b = d.stream.launch_builder(d.function("gelu_gate_up"));
@@ -266,6 +272,10 @@ fn expert_kernels_match_the_cpu() {
     b.arg(&act).arg(&one).arg(&idd).arg(&dd).arg(&wd).arg(&mut contrib).arg(&hi).arg(&ii).arg(&DT);
     // SAFETY: matches expert_linear_bf16's parameters: act [pairs, inter], w [e, h, inter].
     unsafe { b.launch(cfg(h)) }.unwrap();
+    let dn_weight = d.weight(BF16, &bf16_weight(&downw), e, h, inter).unwrap();
+    let mut contrib_grouped = d.zeros(pairs * h).unwrap();
+    d.expert_group_linear(&act, 1, &groups, &dn_weight, Some(&wd), &mut contrib_grouped, BF16).unwrap();
+    assert_eq!(bf16_bits(&down(&d, &contrib)), bf16_bits(&down(&d, &contrib_grouped)), "expert_group_linear (down) differs");
     let mut out = d.stream.alloc_zeros::<f32>(rows * h).unwrap();
     let rows_i = rows as i32;
     let mut b = d.stream.launch_builder(d.function("moe_combine"));

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 
 pub mod ops;
-pub use ops::{DevWeight, KvKind, KvPool, StepRows};
+pub use ops::{DevWeight, KvKind, KvPool, PairGroups, StepRows};
 
 /// One kernel file and the entry points the host launches from it.
 pub struct Source {
@@ -52,7 +52,11 @@ pub fn entry_points(source: &str) -> Vec<String> {
             v.extend(per("embed"));
             v
         }
-        "linear.cu" => per("linear").chain(per("expert_linear")).chain(["moe_combine".to_string()]).collect(),
+        "linear.cu" => per("linear")
+            .chain(per("expert_linear"))
+            .chain(per("expert_group_linear"))
+            .chain(["moe_combine".to_string(), "group_pairs".to_string()])
+            .collect(),
         "router.cu" => vec!["router_topk".into()],
         "attention.cu" => KV_TYPES
             .iter()

@@ -95,6 +95,14 @@ impl StepRows {
     }
 }
 
+/// A step's routed pairs grouped by expert ([`Device::group_pairs`]).
+pub struct PairGroups {
+    offsets: CudaSlice<i32>,
+    order: CudaSlice<i32>,
+    pairs: usize,
+    experts: usize,
+}
+
 /// A paged KV pool of one layer: `[blocks, block_size, kv_heads, head_dim]` keys and values.
 pub struct KvPool {
     pub kind: KvKind,
@@ -512,6 +520,70 @@ impl Device {
             grid,
             256,
             &[self.ptr(x), i(x_div), self.ptr(ids), self.weight_ptr(w), sp, self.ptr(out), i(w.rows), i(w.cols), Arg::I32(dt_code(dt))],
+        )
+    }
+
+    /// Groups `pairs` routed pairs by expert (`ids` from [`Device::router_topk`], each below `experts`)
+    /// for [`Device::expert_group_linear`].
+    pub fn group_pairs(&self, ids: &CudaSlice<i32>, pairs: usize, experts: usize) -> Result<PairGroups> {
+        assert!(experts <= 1024, "group_pairs: at most 1024 experts");
+        need("group_pairs ids", ids, pairs);
+        let offsets = self.zeros_i32(experts + 1)?;
+        let order = self.zeros_i32(pairs)?;
+        if pairs > 0 {
+            self.launch(
+                "group_pairs",
+                (1, 1, 1),
+                experts.next_multiple_of(32) as u32,
+                &[self.ptr(ids), i(pairs), i(experts), self.ptr(&offsets), self.ptr(&order)],
+            )?;
+        }
+        Ok(PairGroups { offsets, order, pairs, experts })
+    }
+
+    /// [`Device::expert_linear`] over pairs grouped by expert: the same bits, each expert's weights
+    /// read once per step rather than once per pair.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_group_linear(
+        &self,
+        x: &CudaSlice<f32>,
+        x_div: usize,
+        groups: &PairGroups,
+        w: &DevWeight,
+        pair_scale: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        dt: DType,
+    ) -> Result<()> {
+        assert!(x_div >= 1);
+        assert_eq!(groups.experts, w.experts, "expert_group_linear: the groups are for another number of experts");
+        let pairs = groups.pairs;
+        need("expert_group_linear input", x, pairs.div_ceil(x_div) * w.cols);
+        need("expert_group_linear output", out, pairs * w.rows);
+        if let Some(s) = pair_scale {
+            need("expert_group_linear scales", s, pairs);
+        }
+        if pairs == 0 {
+            return Ok(());
+        }
+        let name = format!("expert_group_linear_{}", Self::weight_suffix(w));
+        let sp = pair_scale.map_or(Arg::Ptr(0), |s| self.ptr(s));
+        let grid = ((w.rows as u32).div_ceil(8), w.experts as u32, 1);
+        self.launch(
+            &name,
+            grid,
+            256,
+            &[
+                self.ptr(x),
+                i(x_div),
+                self.ptr(&groups.order),
+                self.ptr(&groups.offsets),
+                self.weight_ptr(w),
+                sp,
+                self.ptr(out),
+                i(w.rows),
+                i(w.cols),
+                Arg::I32(dt_code(dt)),
+            ],
         )
     }
 

@@ -467,12 +467,15 @@ fn layer_forward(dev: &Device, l: &Layer, pool: &mut KvPool, x: &mut Buf, rows: 
         // The routed experts: per (row, slot) pair, gate_up, GELU gating, down times the weight.
         let he = norm(x, Some(&moe.pre_ff_ln_2))?;
         let pairs = t * k;
+        // Grouped by expert, so each expert's weights are read once per step (expert_linear gives the
+        // same bits pair by pair).
+        let groups = dev.group_pairs(&ids, pairs, e)?;
         let mut gu = dev.zeros(pairs * 2 * i)?;
-        dev.expert_linear(&he, k, &ids, pairs, &moe.gate_up, None, &mut gu, dt)?;
+        dev.expert_group_linear(&he, k, &groups, &moe.gate_up, None, &mut gu, dt)?;
         let mut ea = dev.zeros(pairs * i)?;
         dev.gelu_gate_up(&gu, &mut ea, i, pairs, dt)?;
         let mut contrib = dev.zeros(pairs * h)?;
-        dev.expert_linear(&ea, 1, &ids, pairs, &moe.down, Some(&weights), &mut contrib, dt)?;
+        dev.expert_group_linear(&ea, 1, &groups, &moe.down, Some(&weights), &mut contrib, dt)?;
         let mut y = dev.zeros(t * h)?;
         dev.moe_combine(&contrib, &ids, &mut y, t, k, h, dt)?;
         dev.rms_norm_in_place(&mut y, Some(&moe.post_ff_ln_2), t, h, eps, dt)?;
