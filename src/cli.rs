@@ -147,14 +147,15 @@ impl LoadArgs {
     /// takes a GPU that answers where the command can use it, and says so; `cuda` where it cannot, or
     /// with no GPU, is an error that names what is missing: never a silent run on the CPU.
     pub fn device(&self, runs_on_cuda: bool) -> Result<Placement> {
-        let probe = switchyard_kernels::cuda::probe();
+        // A GPU counts only with the runtime compiler beside it (the kernels are compiled at start).
+        let probe = switchyard_kernels::cuda::probe().and_then(|gpu| switchyard_kernels::cuda::nvrtc_status().map(|_| gpu));
         Ok(match (self.device, &probe, runs_on_cuda) {
             (DeviceArg::Cpu, _, _) => {
                 tracing::info!("device: cpu (--device cpu)");
                 Placement::Cpu
             }
             (DeviceArg::Auto, Err(why), _) => {
-                tracing::info!("device: cpu (no CUDA device: {why})");
+                tracing::info!("device: cpu (CUDA unavailable: {why})");
                 Placement::Cpu
             }
             (DeviceArg::Auto | DeviceArg::Cuda, Ok(gpu), true) => {
@@ -168,7 +169,7 @@ impl LoadArgs {
                 );
                 Placement::Cpu
             }
-            (DeviceArg::Cuda, Err(why), _) => bail!("--device cuda: no CUDA device: {why}"),
+            (DeviceArg::Cuda, Err(why), _) => bail!("--device cuda: CUDA unavailable: {why}"),
             (DeviceArg::Cuda, Ok(gpu), false) => bail!(
                 "--device cuda: {gpu} answers, but the cluster's workers do not compute on the GPU yet \
                  (serve, generate and bench do; docs/gpu.md); use --device cpu or auto"

@@ -459,7 +459,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 Gemma4Model::load(c.clone(), &ckpt)?
             };
             // After loading, so --gpu-memory-utilization counts the weights as in use.
-            let ecfg = engine_config(&args.engine, max_len, &c, model.dtype, name, eos)?;
+            let ecfg = engine_config(&args.engine, max_len, &c, model.dtype, name, eos, None)?;
             let mut engine = Engine::start(Arc::new(model), ecfg).context("starting the engine")?;
             if let Some(v) = crate::cli::vision_tower(&dir, &c, &ckpt)? {
                 engine = engine.with_vision(v);

@@ -357,10 +357,7 @@ fn start_front(
     let metrics = switchyard_router::metrics::handle();
     let max_model_len = max_model_len(args.front.max_model_len, c)?;
     let name = args.front.served_model_name.first().cloned().unwrap_or_else(|| args.model.model.clone());
-    let mut engine_config = engine_config(&args.engine, max_model_len, c, dtype, name, crate::cli::eos_ids(dir, c)?)?;
-    if let Some(b) = device_kv_bytes {
-        engine_config.kv_cache_bytes = b.min(most_useful_kv_bytes(&args.engine, max_model_len, c, engine_config.kv_dtype));
-    }
+    let engine_config = engine_config(&args.engine, max_model_len, c, dtype, name, crate::cli::eos_ids(dir, c)?, device_kv_bytes)?;
     let mut engine = Engine::start(model, engine_config).context("starting the engine")?;
     if let Some(v) = vision {
         engine = engine.with_vision(v);
@@ -384,7 +381,8 @@ pub fn max_model_len(flag: Option<usize>, c: &ModelConfig) -> Result<usize> {
     Ok(max_model_len)
 }
 
-/// The engine's configuration from its flags, with the KV cache sized for this machine.
+/// The engine's configuration from its flags, with the KV cache sized for this machine, or given
+/// `device_kv_bytes` (a model on a GPU, sized from device memory).
 pub fn engine_config(
     args: &EngineArgs,
     max_model_len: usize,
@@ -392,6 +390,7 @@ pub fn engine_config(
     model_dtype: DType,
     name: String,
     eos: Vec<u32>,
+    device_kv_bytes: Option<usize>,
 ) -> Result<EngineConfig> {
     if !args.block_size.is_power_of_two() {
         bail!("--block-size must be a power of two, got {}", args.block_size);
@@ -402,10 +401,11 @@ pub fn engine_config(
     let kv_dtype = KvDtype::parse(&args.kv_cache_dtype, model_dtype).map_err(anyhow::Error::msg)?;
     // Never more than every sequence at full length needs.
     let most_useful = most_useful_kv_bytes(args, max_model_len, c, kv_dtype);
-    let kv_bytes = match (args.kv_cache_memory, args.gpu_memory_utilization) {
-        (Some(b), _) => b,
-        (None, Some(u)) => kv_budget_for_utilization(u, memory())?.min(most_useful),
-        (None, None) => ((available_memory().unwrap_or(4 << 30) as f64 * args.kv_cache_memory_fraction) as usize).min(most_useful),
+    let kv_bytes = match (device_kv_bytes, args.kv_cache_memory, args.gpu_memory_utilization) {
+        (Some(b), _, _) => b.min(most_useful),
+        (None, Some(b), _) => b,
+        (None, None, Some(u)) => kv_budget_for_utilization(u, memory())?.min(most_useful),
+        (None, None, None) => ((available_memory().unwrap_or(4 << 30) as f64 * args.kv_cache_memory_fraction) as usize).min(most_useful),
     };
     if args.disable_chunked_mm_input {
         tracing::debug!("--disable-chunked-mm-input: image tokens are never split across prefill steps (always the case here)");

@@ -346,7 +346,9 @@ impl Device {
     /// Rows of the embedding table (`ids` already mapped: placeholders to the pad id) times `scale`.
     pub fn embed(&self, table: &DevWeight, ids: &[i32], out: &mut CudaSlice<f32>, scale: f32, dt: DType) -> Result<()> {
         let rows = ids.len();
-        assert!(ids.iter().all(|&t| t >= 0 && (t as usize) < table.rows), "embed: a token id outside the table");
+        if let Some(t) = ids.iter().find(|&&t| t < 0 || t as usize >= table.rows) {
+            return Err(format!("embed: token id {t} is outside the table of {}", table.rows));
+        }
         need("embed output", out, rows * table.cols);
         if rows == 0 {
             return Ok(());
@@ -364,8 +366,8 @@ impl Device {
     /// Checks one step's rows against the block tables (`[seqs, max_blocks]` block ids, negative where
     /// a sequence has no block, or a freed one) and copies them to the device, for the layers of one
     /// kind: `window` is their sliding window (0: full layers). Every block a row writes or reads (keys
-    /// from `pos + 1 - window` to `sees_to`) must be in the table. Panics on a row that reaches past its
-    /// table: the kernels index with these values unchecked.
+    /// from `pos + 1 - window` to `sees_to`) must be in the table; a row that reaches past its table is
+    /// an error (the kernels index with these values unchecked).
     #[allow(clippy::too_many_arguments)]
     pub fn step_rows(
         &self,
@@ -378,22 +380,27 @@ impl Device {
         sees_to: &[i32],
     ) -> Result<StepRows> {
         let count = seq.len();
-        assert!(pos.len() == count && sees_to.len() == count, "step_rows: rows of different lengths");
-        assert!(max_blocks > 0 && tables.len().is_multiple_of(max_blocks), "step_rows: tables not [seqs, max_blocks]");
+        if pos.len() != count || sees_to.len() != count {
+            return Err("step_rows: rows of different lengths".into());
+        }
+        if max_blocks == 0 || !tables.len().is_multiple_of(max_blocks) {
+            return Err("step_rows: tables are not [seqs, max_blocks]".into());
+        }
         let seqs = tables.len() / max_blocks;
         let mut slots = Vec::with_capacity(count);
         for r in 0..count {
             let (s, p, t) = (seq[r], pos[r], sees_to[r]);
-            assert!(s >= 0 && (s as usize) < seqs && p >= 0 && t > p, "step_rows: row {r} is not in a sequence of the tables");
+            if !(s >= 0 && (s as usize) < seqs && p >= 0 && t > p) {
+                return Err(format!("step_rows: row {r} is not in a sequence of the tables"));
+            }
             let row = &tables[s as usize * max_blocks..(s as usize + 1) * max_blocks];
             // Every position the row reads or writes must have a block.
             let to = if window > 0 { t as usize } else { p as usize + 1 };
             let from = if window > 0 { (p as usize + 1).saturating_sub(window) } else { 0 };
             let last = (to - 1) / block_size;
-            assert!(
-                last < max_blocks && row[from / block_size..=last].iter().all(|&b| b >= 0),
-                "step_rows: row {r} reaches past its blocks"
-            );
+            if !(last < max_blocks && row[from / block_size..=last].iter().all(|&b| b >= 0)) {
+                return Err(format!("step_rows: row {r} (position {p}) reaches past its blocks"));
+            }
             slots.push(row[p as usize / block_size] * block_size as i32 + p % block_size as i32);
         }
         let blocks_used = tables.iter().map(|&b| b + 1).max().unwrap_or(0).max(0) as usize;
@@ -636,14 +643,20 @@ impl Device {
         )
     }
 
-    fn check_pool(pool: &KvPool, rows: &StepRows) {
-        assert!(rows.block_size == pool.block_size && rows.blocks_used <= pool.blocks, "the step's block tables do not fit the KV pool");
+    fn check_pool(pool: &KvPool, rows: &StepRows) -> Result<()> {
+        if rows.block_size != pool.block_size || rows.blocks_used > pool.blocks {
+            return Err(format!(
+                "the step's block tables ({} blocks of {}) do not fit the KV pool ({} of {})",
+                rows.blocks_used, rows.block_size, pool.blocks, pool.block_size
+            ));
+        }
+        Ok(())
     }
 
     /// Stores the step's keys and values (`[rows, kv_heads * head_dim]`) at the rows' slots.
     pub fn kv_write(&self, pool: &mut KvPool, k: &CudaSlice<f32>, v: &CudaSlice<f32>, rows: &StepRows) -> Result<()> {
         let width = pool.kv_heads * pool.head_dim;
-        Self::check_pool(pool, rows);
+        Self::check_pool(pool, rows)?;
         need("kv_write keys", k, rows.count * width);
         need("kv_write values", v, rows.count * width);
         if rows.count == 0 {
@@ -670,7 +683,7 @@ impl Device {
         dt: DType,
     ) -> Result<()> {
         let n = rows.count * heads * pool.head_dim;
-        Self::check_pool(pool, rows);
+        Self::check_pool(pool, rows)?;
         need("attend queries", q, n);
         need("attend output", out, n);
         assert!(heads.is_multiple_of(pool.kv_heads), "{heads} query heads over {} KV heads", pool.kv_heads);

@@ -282,10 +282,19 @@ impl CudaModel {
         if t == 0 {
             return Ok(picks.iter().map(|_| Vec::new()).collect());
         }
+        if self.pools.len() != self.layers.len() {
+            return Err(CudaModelError::Request("the KV pools are not allocated".into()));
+        }
         let bs = self.block_size;
+        // Rows for each kind of layer the model has (a model may have only full layers).
+        let has = |kind: LayerKind| self.layers.iter().any(|l| l.spec.kind == kind);
         let rows = [
-            self.dev.step_rows(tables[0], max_blocks, bs, c.sliding_window, seq, pos, sees_to)?,
-            self.dev.step_rows(tables[1], max_blocks, bs, 0, seq, pos, sees_to)?,
+            if has(LayerKind::Sliding) {
+                Some(self.dev.step_rows(tables[0], max_blocks, bs, c.sliding_window, seq, pos, sees_to)?)
+            } else {
+                None
+            },
+            if has(LayerKind::Full) { Some(self.dev.step_rows(tables[1], max_blocks, bs, 0, seq, pos, sees_to)?) } else { None },
         ];
         let ids: Vec<i32> = ids.iter().map(|&t| if c.placeholder_ids.contains(&t) { c.pad_token_id } else { t } as i32).collect();
         let mut x = self.dev.zeros(t * h)?;
@@ -299,9 +308,10 @@ impl CudaModel {
         }
         for (layer, pool) in self.layers.iter().zip(self.pools.iter_mut()) {
             let r = match layer.spec.kind {
-                LayerKind::Sliding => &rows[0],
-                LayerKind::Full => &rows[1],
-            };
+                LayerKind::Sliding => rows[0].as_ref(),
+                LayerKind::Full => rows[1].as_ref(),
+            }
+            .expect("rows for every kind of layer present");
             layer_forward(&self.dev, layer, pool, &mut x, r, c, dt)?;
         }
         let total: usize = picks.iter().map(|r| r.len()).sum();
