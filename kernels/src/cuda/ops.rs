@@ -380,30 +380,7 @@ impl Device {
         sees_to: &[i32],
     ) -> Result<StepRows> {
         let count = seq.len();
-        if pos.len() != count || sees_to.len() != count {
-            return Err("step_rows: rows of different lengths".into());
-        }
-        if max_blocks == 0 || !tables.len().is_multiple_of(max_blocks) {
-            return Err("step_rows: tables are not [seqs, max_blocks]".into());
-        }
-        let seqs = tables.len() / max_blocks;
-        let mut slots = Vec::with_capacity(count);
-        for r in 0..count {
-            let (s, p, t) = (seq[r], pos[r], sees_to[r]);
-            if !(s >= 0 && (s as usize) < seqs && p >= 0 && t > p) {
-                return Err(format!("step_rows: row {r} is not in a sequence of the tables"));
-            }
-            let row = &tables[s as usize * max_blocks..(s as usize + 1) * max_blocks];
-            // Every position the row reads or writes must have a block.
-            let to = if window > 0 { t as usize } else { p as usize + 1 };
-            let from = if window > 0 { (p as usize + 1).saturating_sub(window) } else { 0 };
-            let last = (to - 1) / block_size;
-            if !(last < max_blocks && row[from / block_size..=last].iter().all(|&b| b >= 0)) {
-                return Err(format!("step_rows: row {r} (position {p}) reaches past its blocks"));
-            }
-            slots.push(row[p as usize / block_size] * block_size as i32 + p % block_size as i32);
-        }
-        let blocks_used = tables.iter().map(|&b| b + 1).max().unwrap_or(0).max(0) as usize;
+        let (slots, blocks_used) = plan_rows(tables, max_blocks, block_size, window, seq, pos, sees_to)?;
         Ok(StepRows {
             seq: self.upload_i32(seq)?,
             pos: self.upload_i32(pos)?,
@@ -737,5 +714,95 @@ impl Device {
             best = best.max(2.0 * (n * 4) as f64 / t.elapsed().as_secs_f64());
         }
         Ok(best)
+    }
+}
+
+/// The checks of [`Device::step_rows`] on the host, and each row's cache slot: every block a row writes
+/// or reads must be in its sequence's table. Returns the slots and one past the largest block id the
+/// tables name.
+#[allow(clippy::too_many_arguments)]
+fn plan_rows(
+    tables: &[i32],
+    max_blocks: usize,
+    block_size: usize,
+    window: usize,
+    seq: &[i32],
+    pos: &[i32],
+    sees_to: &[i32],
+) -> Result<(Vec<i32>, usize)> {
+    let count = seq.len();
+    if pos.len() != count || sees_to.len() != count {
+        return Err("step_rows: rows of different lengths".into());
+    }
+    if max_blocks == 0 || block_size == 0 || !tables.len().is_multiple_of(max_blocks) {
+        return Err("step_rows: tables are not [seqs, max_blocks] of a positive block size".into());
+    }
+    let seqs = tables.len() / max_blocks;
+    let mut slots = Vec::with_capacity(count);
+    for r in 0..count {
+        let (s, p, t) = (seq[r], pos[r], sees_to[r]);
+        if !(s >= 0 && (s as usize) < seqs && p >= 0 && t > p) {
+            return Err(format!("step_rows: row {r} is not in a sequence of the tables"));
+        }
+        let row = &tables[s as usize * max_blocks..(s as usize + 1) * max_blocks];
+        // Sliding layers read keys from pos + 1 - window to sees_to; full layers from 0 to pos + 1.
+        let to = if window > 0 { t as usize } else { p as usize + 1 };
+        let from = if window > 0 { (p as usize + 1).saturating_sub(window) } else { 0 };
+        let last = (to - 1) / block_size;
+        if !(last < max_blocks && row[from / block_size..=last].iter().all(|&b| b >= 0)) {
+            return Err(format!("step_rows: row {r} (position {p}) reaches past its blocks"));
+        }
+        slots.push(row[p as usize / block_size] * block_size as i32 + p % block_size as i32);
+    }
+    let blocks_used = tables.iter().map(|&b| b + 1).max().unwrap_or(0).max(0) as usize;
+    Ok((slots, blocks_used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_rows;
+
+    // Two sequences, blocks of 4 positions: sequence 0 owns blocks [7, 2, 5]; sequence 1 has block 0
+    // freed (-1, as the engine's FREED), block 1 = 3, and no block 2 yet.
+
+    #[test]
+    fn slots_follow_the_tables() {
+        let t = [7, 2, 5, -1, 3, -1];
+        let (slots, used) = plan_rows(&t, 3, 4, 0, &[0, 0, 0], &[0, 5, 11], &[1, 6, 12]).unwrap();
+        assert_eq!(slots, [7 * 4, 2 * 4 + 1, 5 * 4 + 3]);
+        assert_eq!(used, 8);
+    }
+
+    #[test]
+    fn sliding_rows_may_sit_past_freed_blocks_full_rows_may_not() {
+        let t = [7, 2, 5, -1, 3, -1];
+        // Sequence 1, position 6 (block 1): with a window of 3 it reads positions 4..7, all in block 1.
+        assert!(plan_rows(&t, 3, 4, 3, &[1], &[6], &[7]).is_ok());
+        // A window reaching back into the freed block 0 is refused, and so is a full layer.
+        assert!(plan_rows(&t, 3, 4, 4, &[1], &[6], &[7]).is_err());
+        assert!(plan_rows(&t, 3, 4, 0, &[1], &[6], &[7]).is_err());
+    }
+
+    #[test]
+    fn an_image_row_must_have_blocks_up_to_its_image_end() {
+        let t = [7, 2, 5, -1, 3, -1];
+        // Sequence 0, position 2, its image ends at 12: blocks 0..=2 exist.
+        assert!(plan_rows(&t, 3, 4, 8, &[0], &[2], &[12]).is_ok());
+        // Sequence 1's image ending at 9 would need block 2, which it does not have.
+        assert!(plan_rows(&t, 3, 4, 8, &[1], &[5], &[9]).is_err());
+        // Full layers read only up to the row itself.
+        assert!(plan_rows(&[7, 2, 5], 3, 4, 0, &[0], &[2], &[12]).is_ok());
+    }
+
+    #[test]
+    fn malformed_steps_are_errors_not_panics() {
+        let t = [7, 2, 5, -1, 3, -1];
+        assert!(plan_rows(&t, 3, 4, 0, &[2], &[0], &[1]).is_err()); // no such sequence
+        assert!(plan_rows(&t, 3, 4, 0, &[0], &[12], &[13]).is_err()); // past the table
+        assert!(plan_rows(&t, 3, 4, 0, &[0], &[3], &[3]).is_err()); // sees_to not past pos
+        assert!(plan_rows(&t, 3, 4, 0, &[0], &[-1], &[1]).is_err());
+        assert!(plan_rows(&t, 3, 4, 0, &[0, 0], &[1], &[2]).is_err());
+        assert!(plan_rows(&t, 4, 4, 0, &[0], &[1], &[2]).is_err()); // 6 is not a multiple of 4
+        assert!(plan_rows(&t, 3, 0, 0, &[0], &[1], &[2]).is_err());
     }
 }
