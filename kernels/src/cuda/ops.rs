@@ -721,7 +721,7 @@ impl Device {
 /// or reads must be in its sequence's table. Returns the slots and one past the largest block id the
 /// tables name.
 #[allow(clippy::too_many_arguments)]
-fn plan_rows(
+pub fn plan_rows(
     tables: &[i32],
     max_blocks: usize,
     block_size: usize,

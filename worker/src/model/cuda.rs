@@ -384,47 +384,70 @@ impl super::TextModel for CudaEngineModel {
         kv: &mut dyn crate::kv_cache::KvStore,
     ) -> std::result::Result<Vec<Vec<f32>>, super::ForwardError> {
         super::validate(&self.config, chunks)?;
-        let c = &self.config;
-        // The engine's block tables, one per kind of layer (the first layer of each kind stands for all).
-        let first = |kind: LayerKind| c.layers.iter().position(|l| l.kind == kind);
-        let groups = [first(LayerKind::Sliding), first(LayerKind::Full)];
-        let max_blocks = chunks
-            .iter()
-            .enumerate()
-            .flat_map(|(ci, _)| groups.iter().flatten().map(move |&l| (ci, l)))
-            .map(|(ci, l)| kv.view(ci, l).blocks.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut tables = [vec![-1i32; chunks.len() * max_blocks], vec![-1i32; chunks.len() * max_blocks]];
-        for (g, layer) in groups.iter().enumerate() {
-            let Some(layer) = *layer else { continue };
-            for ci in 0..chunks.len() {
-                for (b, &id) in kv.view(ci, layer).blocks.iter().enumerate() {
-                    tables[g][ci * max_blocks + b] = if id == u32::MAX { -1 } else { id as i32 };
-                }
-            }
-        }
-        let (mut ids, mut seq, mut pos, mut sees) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut images = Vec::new();
-        for (ci, ch) in chunks.iter().enumerate() {
-            for (i, &t) in ch.tokens.iter().enumerate() {
-                let p = ch.start + i;
-                if let Some(im) = ch.images.iter().find(|im| (im.start..im.end()).contains(&p)) {
-                    let k = p - im.start;
-                    images.push((ids.len(), &im.rows[k * c.hidden_size..(k + 1) * c.hidden_size]));
-                }
-                ids.push(t);
-                seq.push(ci as i32);
-                pos.push(p as i32);
-                sees.push(super::sees_to(ch, p) as i32);
-            }
-        }
-        let picks = super::logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits)));
+        let h = host_step(&self.config, chunks, kv);
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        m.step(&ids, [&tables[0], &tables[1]], max_blocks, [&seq, &pos, &sees], &images, &picks)
+        m.step(&h.ids, [&h.tables[0], &h.tables[1]], h.max_blocks, [&h.seq, &h.pos, &h.sees_to], &h.images, &h.picks)
             .map_err(|e| super::ForwardError::Device(e.to_string()))
     }
+}
+
+/// The host side of one engine step: the tokens, each row's sequence (the chunk), position and
+/// sees_to, the image rows to put in place of their placeholders, the rows that want logits, and the
+/// engine's block tables (`[sliding, full]`, each `[chunks, max_blocks]`, freed or missing blocks -1).
+pub(crate) struct HostStep<'a> {
+    pub ids: Vec<u32>,
+    pub seq: Vec<i32>,
+    pub pos: Vec<i32>,
+    pub sees_to: Vec<i32>,
+    pub images: Vec<(usize, &'a [f32])>,
+    pub picks: Vec<std::ops::Range<usize>>,
+    pub tables: [Vec<i32>; 2],
+    pub max_blocks: usize,
+}
+
+pub(crate) fn host_step<'a>(c: &ModelConfig, chunks: &'a [super::BatchChunk<'a>], kv: &dyn crate::kv_cache::KvStore) -> HostStep<'a> {
+    // The engine's block tables, one per kind of layer (the first layer of each kind stands for all).
+    let first = |kind: LayerKind| c.layers.iter().position(|l| l.kind == kind);
+    let groups = [first(LayerKind::Sliding), first(LayerKind::Full)];
+    let max_blocks = (0..chunks.len())
+        .flat_map(|ci| groups.iter().flatten().map(move |&l| (ci, l)))
+        .map(|(ci, l)| kv.view(ci, l).blocks.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut tables = [vec![-1i32; chunks.len() * max_blocks], vec![-1i32; chunks.len() * max_blocks]];
+    for (g, layer) in groups.iter().enumerate() {
+        let Some(layer) = *layer else { continue };
+        for ci in 0..chunks.len() {
+            for (b, &id) in kv.view(ci, layer).blocks.iter().enumerate() {
+                tables[g][ci * max_blocks + b] = if id == u32::MAX { -1 } else { id as i32 };
+            }
+        }
+    }
+    let mut h = HostStep {
+        ids: Vec::new(),
+        seq: Vec::new(),
+        pos: Vec::new(),
+        sees_to: Vec::new(),
+        images: Vec::new(),
+        picks: super::logit_rows(chunks.iter().map(|ch| (ch.tokens.len(), ch.logits))),
+        tables,
+        max_blocks,
+    };
+    for (ci, ch) in chunks.iter().enumerate() {
+        for (i, &t) in ch.tokens.iter().enumerate() {
+            let p = ch.start + i;
+            if let Some(im) = ch.images.iter().find(|im| (im.start..im.end()).contains(&p)) {
+                let k = p - im.start;
+                h.images.push((h.ids.len(), &im.rows[k * c.hidden_size..(k + 1) * c.hidden_size]));
+            }
+            h.ids.push(t);
+            h.seq.push(ci as i32);
+            h.pos.push(p as i32);
+            h.sees_to.push(super::sees_to(ch, p) as i32);
+        }
+    }
+    h
 }
 
 fn expert_weight(
@@ -534,4 +557,68 @@ pub fn kv_kind(flag: &str, model: DType) -> std::result::Result<KvKind, String> 
             return Err(format!("--kv-cache-dtype {other} is not one of auto, bfloat16, float16, float32, fp8, fp8_e4m3, fp8_e5m2"));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::paged_kv::{KvStorage, PoolSizes};
+    use crate::kv_cache::KvDtype;
+    use crate::model::{BatchChunk, ImageEmbeds};
+
+    fn config() -> ModelConfig {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-bf16/config.json");
+        ModelConfig::from_file(&dir).unwrap()
+    }
+
+    /// A step as the engine hands it over: the block tables reach the device as the engine holds them
+    /// (a freed sliding block as -1, shorter tables padded), image rows at their batch rows, and every
+    /// row passes the device's checks for both kinds of layer.
+    #[test]
+    fn an_engine_step_becomes_the_device_step() {
+        let c = config();
+        let bs = 4;
+        let mut storage = KvStorage::new(&c.layers, bs, KvDtype::Bf16, PoolSizes { sliding: 16, global: 16 });
+        let h = c.hidden_size;
+        // Sequence 0: 10 positions cached, 4 new ones (10..14) that include a 3-token image at 11..14.
+        // Sliding window 16 in this fixture, so nothing is freed yet; sequence 1: a decode row at 40,
+        // with its first sliding blocks freed (the window is 16 positions).
+        let image = ImageEmbeds { start: 11, rows: Arc::new((0..3 * h).map(|i| i as f32).collect()), len: 3, hash: 1 };
+        let (t0, t1) = ([2u32, 7, 8, 9], [5u32]);
+        let images = [image];
+        let chunks = [
+            BatchChunk { tokens: &t0, start: 10, logits: LogitsFor::Last, images: &images },
+            BatchChunk { tokens: &t1, start: 40, logits: LogitsFor::Last, images: &[] },
+        ];
+        let seq0_sliding = [0u32, 1, 2, 3];
+        let seq0_global = [0u32, 1, 2, 3];
+        let seq1_sliding = [u32::MAX, u32::MAX, u32::MAX, u32::MAX, u32::MAX, u32::MAX, 4, 5, 6, 7, 8];
+        let seq1_global = [4u32, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+        let kv = storage.batch(vec![[&seq0_sliding, &seq0_global], [&seq1_sliding, &seq1_global]]);
+        let step = host_step(&c, &chunks, &kv);
+        assert_eq!(step.ids, [2, 7, 8, 9, 5]);
+        assert_eq!(step.seq, [0, 0, 0, 0, 1]);
+        assert_eq!(step.pos, [10, 11, 12, 13, 40]);
+        assert_eq!(step.sees_to, [11, 14, 14, 14, 41]);
+        assert_eq!(step.images.iter().map(|(r, v)| (*r, v[0])).collect::<Vec<_>>(), [(1, 0.0), (2, h as f32), (3, 2.0 * h as f32)]);
+        assert_eq!(step.picks, [3..4, 4..5]);
+        assert_eq!(step.max_blocks, 11);
+        assert_eq!(&step.tables[0][..11], &[0, 1, 2, 3, -1, -1, -1, -1, -1, -1, -1]);
+        assert_eq!(&step.tables[0][11..], &[-1, -1, -1, -1, -1, -1, 4, 5, 6, 7, 8]);
+        assert_eq!(&step.tables[1][11..], &[4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+        for (g, window) in [(0, c.sliding_window), (1, 0)] {
+            let (slots, used) =
+                switchyard_kernels::cuda::ops::plan_rows(&step.tables[g], step.max_blocks, bs, window, &step.seq, &step.pos, &step.sees_to)
+                    .unwrap_or_else(|e| panic!("group {g}: {e}"));
+            assert_eq!(slots[0], [2, 2][g] * 4 + 2, "position 10 is in the third block");
+            assert!(used <= 16);
+        }
+        // Had the window been shorter than what sequence 1 still holds, its row would be refused.
+        assert!(
+            switchyard_kernels::cuda::ops::plan_rows(&step.tables[0], step.max_blocks, bs, 30, &step.seq, &step.pos, &step.sees_to)
+                .is_err()
+        );
+    }
 }
