@@ -178,7 +178,8 @@ fn exp_nonpositive(t: f64) -> f64 {
 pub fn gelu_mul(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
     const CHUNK: usize = 2048;
     crate::pool::for_each_chunk_mut_above(out, CHUNK, 2 * CHUNK, &|i, o| {
-        gelu_gate_up(&gate[i * CHUNK..], &up[i * CHUNK..], dt, o);
+        let at = i * CHUNK..i * CHUNK + o.len();
+        gelu_gate_up(&gate[at.clone()], &up[at], dt, o);
     });
 }
 
@@ -189,6 +190,10 @@ pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 
 #[inline(always)]
 fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
+    // Only the elements computed: a caller may pass longer inputs, and the bf16 check below reads every
+    // element it is given (gelu_mul once passed the rest of the whole array with every chunk).
+    let n = out.len().min(gate.len()).min(up.len());
+    let (gate, up, out) = (&gate[..n], &up[..n], &mut out[..n]);
     // One loop per dtype, so each body is straight-line arithmetic the compiler can vectorise.
     match dt {
         DType::BF16 if all_bf16(gate) => {
