@@ -485,18 +485,9 @@ impl Device {
         out: &mut CudaSlice<f32>,
         dt: DType,
     ) -> Result<()> {
-        assert!(x_div >= 1);
-        need("expert_linear input", x, pairs.div_ceil(x_div) * w.cols);
         need("expert_linear ids", ids, pairs);
-        need("expert_linear output", out, pairs * w.rows);
-        if let Some(s) = pair_scale {
-            need("expert_linear scales", s, pairs);
-        }
-        if pairs == 0 {
-            return Ok(());
-        }
+        let Some(sp) = self.expert_args(x, x_div, pairs, w, pair_scale, out) else { return Ok(()) };
         let name = format!("expert_linear_{}", Self::weight_suffix(w));
-        let sp = pair_scale.map_or(Arg::Ptr(0), |s| self.ptr(s));
         assert!(w.rows.div_ceil(8) <= 65_535, "expert_linear: {} output rows exceed the grid", w.rows);
         let grid = (u32::try_from(pairs).expect("pairs exceed the grid"), (w.rows as u32).div_ceil(8), 1);
         self.launch(
@@ -505,6 +496,26 @@ impl Device {
             256,
             &[self.ptr(x), i(x_div), self.ptr(ids), self.weight_ptr(w), sp, self.ptr(out), i(w.rows), i(w.cols), Arg::I32(dt_code(dt))],
         )
+    }
+
+    /// The checks both expert products make of their buffers; the scale argument, or `None` when there
+    /// is no pair (nothing to launch).
+    fn expert_args(
+        &self,
+        x: &CudaSlice<f32>,
+        x_div: usize,
+        pairs: usize,
+        w: &DevWeight,
+        pair_scale: Option<&CudaSlice<f32>>,
+        out: &CudaSlice<f32>,
+    ) -> Option<Arg> {
+        assert!(x_div >= 1);
+        need("expert product input", x, pairs.div_ceil(x_div) * w.cols);
+        need("expert product output", out, pairs * w.rows);
+        if let Some(s) = pair_scale {
+            need("expert product scales", s, pairs);
+        }
+        (pairs > 0).then(|| pair_scale.map_or(Arg::Ptr(0), |s| self.ptr(s)))
     }
 
     /// Groups `pairs` routed pairs by expert (`ids` from [`Device::router_topk`], each below `experts`)
@@ -538,19 +549,9 @@ impl Device {
         out: &mut CudaSlice<f32>,
         dt: DType,
     ) -> Result<()> {
-        assert!(x_div >= 1);
         assert_eq!(groups.experts, w.experts, "expert_group_linear: the groups are for another number of experts");
-        let pairs = groups.pairs;
-        need("expert_group_linear input", x, pairs.div_ceil(x_div) * w.cols);
-        need("expert_group_linear output", out, pairs * w.rows);
-        if let Some(s) = pair_scale {
-            need("expert_group_linear scales", s, pairs);
-        }
-        if pairs == 0 {
-            return Ok(());
-        }
+        let Some(sp) = self.expert_args(x, x_div, groups.pairs, w, pair_scale, out) else { return Ok(()) };
         let name = format!("expert_group_linear_{}", Self::weight_suffix(w));
-        let sp = pair_scale.map_or(Arg::Ptr(0), |s| self.ptr(s));
         let grid = ((w.rows as u32).div_ceil(8), w.experts as u32, 1);
         self.launch(
             &name,
