@@ -27,7 +27,9 @@ pub fn attend<'a, E: KvElem>(
     #[cfg(target_arch = "x86_64")]
     match crate::isa() {
         // SAFETY: the chosen path guarantees the CPU has AVX-512F.
-        crate::Isa::Avx512 | crate::Isa::Avx512Bf16 => return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) },
+        crate::Isa::Avx512 | crate::Isa::Avx512Bf16 | crate::Isa::Amx => {
+            return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) };
+        }
         // SAFETY: the chosen path guarantees the CPU has AVX2.
         crate::Isa::Avx2 => return unsafe { attend_avx2(q, n, key, value, scale, dt, scores, out) },
         crate::Isa::Portable | crate::Isa::Neon => {}

@@ -2,6 +2,7 @@
 //!
 //! | path | needs | bf16 x bf16 products | other products, elementwise passes |
 //! |---|---|---|---|
+//! | `amx` | `avx512bf16` + AMX-TILE/AMX-BF16, and the tile state granted by Linux | `tdpbf16ps` on 16x16 tiles | as `avx512bf16` |
 //! | `avx512bf16` | AVX-512F/BW + AVX512-BF16 | `vdpbf16ps` | 512-bit FMA, loops vectorised for AVX-512 |
 //! | `avx512` | AVX-512F/BW | the pair-order kernel on AVX2 + FMA | 512-bit FMA, loops vectorised for AVX-512 |
 //! | `avx2` | AVX2 + FMA + F16C (x86-64-v3) | the pair-order kernel on AVX2 + FMA | 256-bit FMA in the 16-lane order of the 512-bit kernels, loops vectorised for AVX2 |
@@ -13,8 +14,11 @@
 //! the first time a kernel runs or [`select`] is called; binaries call [`select`] at start and print
 //! the result, so a bad value fails there, with the paths this CPU offers.
 //!
-//! Numerics: bf16 weights with bf16 activations give bit-identical results on every path (each output
-//! is summed over k-pairs in order, as `vdpbf16ps` and oneDNN's bf16 GEMM do). Elementwise passes give
+//! Numerics: bf16 weights with bf16 activations give bit-identical results on every path but `amx`
+//! (each output is summed over k-pairs in order, as `vdpbf16ps` and oneDNN's bf16 GEMM do). `amx`
+//! takes `tdpbf16ps`, which rounds inside a tile unlike a chain of `vdpbf16ps` (about one bf16 output
+//! in several thousand differs by one step); it does so for every batch size, so it is batch-invariant
+//! like the others, and it is the order PyTorch's oneDNN GEMM takes on these CPUs for batched inputs. Elementwise passes give
 //! the same results on every path (no contraction to FMA, lane-wise rounding). f32 and f16 weights give
 //! the same results on `avx512bf16`, `avx512`, `avx2` and `neon` (FMA over the same 16 lanes, the same
 //! reduction tree); `portable` rounds each product before adding it.
@@ -28,10 +32,11 @@ pub enum Isa {
     Avx2,
     Avx512,
     Avx512Bf16,
+    Amx,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 5] = [Isa::Portable, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 6] = [Isa::Portable, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +45,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 
@@ -59,6 +65,7 @@ impl Isa {
                 Isa::Avx2 => v3,
                 Isa::Avx512 => v3 && has!("avx512f") && has!("avx512bw"),
                 Isa::Avx512Bf16 => v3 && has!("avx512f") && has!("avx512bw") && has!("avx512bf16"),
+                Isa::Amx => Isa::Avx512Bf16.is_supported() && amx_tiles(),
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -69,6 +76,12 @@ impl Isa {
         {
             self == Isa::Portable
         }
+    }
+
+    /// Whether the path multiplies bf16 pairs with `vdpbf16ps` semantics on 512-bit registers (and so
+    /// wants bf16 activations and pair-interleaved panels): `avx512bf16`, and `amx` for its k tails.
+    pub fn has_avx512_bf16(self) -> bool {
+        matches!(self, Isa::Avx512Bf16 | Isa::Amx)
     }
 
     /// Every path this CPU supports, slowest first.
@@ -88,6 +101,35 @@ impl std::fmt::Display for Isa {
     }
 }
 
+/// AMX-TILE and AMX-BF16 in CPUID, and Linux's grant of the tile data state to this process
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once; the grant covers every thread).
+#[cfg(target_arch = "x86_64")]
+fn amx_tiles() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // CPUID leaf 7, sub-leaf 0: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE (is_x86_feature_detected! does
+        // not offer them on stable Rust).
+        let ext = std::arch::x86_64::__cpuid_count(7, 0);
+        if (ext.edx >> 22) & 1 == 0 || (ext.edx >> 24) & 1 == 0 {
+            return false;
+        }
+        if !cfg!(target_os = "linux") {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        const SYS_ARCH_PRCTL: i64 = 158;
+        let ret: i64;
+        // SAFETY: the arch_prctl system call with two integer arguments; it reads and writes no memory of
+        // ours, and the syscall instruction clobbers only rax (the result), rcx and r11.
+        unsafe {
+            std::arch::asm!("syscall", inlateout("rax") SYS_ARCH_PRCTL => ret, in("rdi") ARCH_REQ_XCOMP_PERM,
+                            in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        ret == 0
+    })
+}
+
 static CHOSEN: OnceLock<Result<Isa, String>> = OnceLock::new();
 
 fn choose() -> Result<Isa, String> {
@@ -103,7 +145,7 @@ fn choose() -> Result<Isa, String> {
         Some(i) if i.is_supported() => Ok(i),
         Some(i) => Err(format!("SWITCHYARD_KERNELS={i}: this CPU does not support that path (it offers: {offered})")),
         None => Err(format!(
-            "SWITCHYARD_KERNELS={v}: not a kernel path (one of portable, neon, avx2, avx512, avx512bf16; this CPU offers: {offered})"
+            "SWITCHYARD_KERNELS={v}: not a kernel path (one of portable, neon, avx2, avx512, avx512bf16, amx; this CPU offers: {offered})"
         )),
     }
 }
@@ -135,6 +177,7 @@ pub fn cpu_features() -> String {
             ("avx512f", has!("avx512f")),
             ("avx512bw", has!("avx512bw")),
             ("avx512bf16", has!("avx512bf16")),
+            ("amx", Isa::Amx.is_supported()),
         ];
         all.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect::<Vec<_>>().join(" ")
     }

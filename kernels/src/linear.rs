@@ -19,6 +19,8 @@
 
 use crate::dtype::{DType, f32_to_bf16_bits};
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 use crate::isa::{Isa, isa};
@@ -136,7 +138,7 @@ pub fn pack_panels(w: &Weight<'_>) -> Option<Vec<u32>> {
     }
     let k2 = w.cols.div_ceil(2);
     let mut out = vec![0u32; panel_len(w.rows, w.cols)];
-    let vnni = isa() == Isa::Avx512Bf16;
+    let vnni = isa().has_avx512_bf16();
     pool::for_each_chunk_mut_above(&mut out, k2 * 32, 0, &|g, panel| {
         let c = g * 32;
         let nc = (w.rows - c).min(32);
@@ -187,7 +189,7 @@ enum Packed {
 fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
     let k = j.w.cols;
     let stride = k.div_ceil(32) * 32;
-    if kernel == Isa::Avx512Bf16 && pair_order(j.w.dtype, act) {
+    if kernel.has_avx512_bf16() && pair_order(j.w.dtype, act) {
         let mut data = vec![0u16; j.m * stride];
         for r in 0..j.m {
             for (d, s) in data[r * stride..r * stride + k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
@@ -217,6 +219,13 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
     // stream per thread); larger batches reuse each weight load across two rows.
     let nr_max = if m < 8 { 1 } else { 2 };
     let mut r0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Amx, Packed::Bf16 { data, stride }) = (kernel, p) {
+        // SAFETY: the path is amx, so the CPU has AMX-TILE/BF16 with the tile state granted and
+        // AVX512-BF16; columns [n0, n1) are this task's.
+        unsafe { amx::block(data, *stride, m, w, n0, n1, out, ostride) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Avx512Bf16, Packed::Bf16 { data, stride }) = (kernel, p) {
         // Its stores round to bf16, the activation dtype of this path: no pass over the output.
@@ -299,7 +308,7 @@ unsafe fn tile(kernel: Isa, p: &Packed, r0: usize, mr: usize, w: &Weight<'_>, c0
     match (kernel, p) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the path guarantees AVX-512F/BW and F16C; x rows are zero-padded to `stride`, weight rows hold k elements, the tile is inside the output.
-        (Isa::Avx512Bf16 | Isa::Avx512, Packed::F32 { data, stride }) => unsafe {
+        (Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512, Packed::F32 { data, stride }) => unsafe {
             let x = data.as_ptr().add(r0 * stride);
             match w.dtype {
                 DType::BF16 => {
@@ -1186,8 +1195,8 @@ mod tests {
         for (g, panel) in out.chunks_mut(k2 * 32).enumerate() {
             let (c, nc) = (g * 32, (w.rows - g * 32).min(32));
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512Bf16 {
-                // SAFETY: the CPU has AVX-512F/BW on the avx512bf16 path this test packs for.
+            if isa.has_avx512_bf16() {
+                // SAFETY: the CPU has AVX-512F/BW on the avx512bf16 and amx paths this test packs for.
                 unsafe { pack_panel(w, c, nc, panel) };
                 continue;
             }
@@ -1219,7 +1228,8 @@ mod tests {
                 out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
             };
             let want = run(Isa::Portable, DType::BF16, DType::BF16, false);
-            for isa in Isa::supported() {
+            // `amx` rounds as `tdpbf16ps` does: `amx_is_within_a_step_of_the_pair_order` below.
+            for isa in Isa::supported().into_iter().filter(|&i| i != Isa::Amx) {
                 for panels in [false, true] {
                     assert_eq!(run(isa, DType::BF16, DType::BF16, panels), want, "{isa} panels={panels} m={m} n={n} k={k}");
                 }
@@ -1234,6 +1244,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The `amx` path against the pair order (`avx512bf16`) on the same inputs: with and without
+    /// prepacked panels the same bits; every output within one bf16 step of the pair order's (plus the
+    /// f32 rounding of the sum's magnitude), almost all of them equal; whole 32-element k steps on the
+    /// tiles and a k tail on `vdpbf16ps`, 1 to 40 rows (one and two row tiles, a partial second one).
+    #[test]
+    fn amx_is_within_a_step_of_the_pair_order() {
+        if !Isa::Amx.is_supported() {
+            eprintln!("skipped: this CPU has no AMX-BF16 (or Linux did not grant the tile state)");
+            return;
+        }
+        let (mut same, mut total) = (0usize, 0usize);
+        let mut s = 5u64;
+        for &(m, n, k) in
+            &[(1usize, 64usize, 1024usize), (5, 70, 100), (16, 96, 256), (17, 33, 64), (33, 64, 130), (40, 96, 1024), (3, 40, 31)]
+        {
+            let wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s) * 4.0)).collect();
+            let wb = weight_bytes(&wv, DType::BF16);
+            let w = Weight::new(DType::BF16, &wb, n, k);
+            let panels = packed(Isa::Amx, &w);
+            let run = |isa: Isa, w: Weight<'_>| {
+                let mut out = vec![0f32; m * n];
+                linear_many_on(isa, &mut [LinearJob { x: &x, m, w, out: &mut out }], DType::BF16);
+                out
+            };
+            let amx = run(Isa::Amx, w);
+            assert_eq!(run(Isa::Amx, w.with_panels(Some(&panels))), amx, "amx with panels, m={m} n={n} k={k}");
+            let pairs = run(Isa::Avx512Bf16, w);
+            for r in 0..m {
+                for c in 0..n {
+                    let (a, b) = (amx[r * n + c], pairs[r * n + c]);
+                    let mag: f32 = (0..k).map(|i| (x[r * k + i] * wv[c * k + i]).abs()).sum();
+                    let step = f32::from_bits((a.abs().max(b.abs()).to_bits() & 0x7F80_0000).max(0x0080_0000)) / 128.0;
+                    assert!((a - b).abs() <= step + mag * 1e-6, "m={m} n={n} k={k} [{r},{c}]: amx {a} vs pair order {b}");
+                    same += usize::from(a.to_bits() == b.to_bits());
+                    total += 1;
+                }
+            }
+        }
+        assert!(same * 100 >= total * 95, "only {same} of {total} amx outputs equal the pair order's");
+        eprintln!("amx: {same} of {total} bf16 outputs equal the pair order's");
     }
 
     #[test]

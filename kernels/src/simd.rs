@@ -14,12 +14,12 @@ use crate::isa::{Isa, isa};
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     match isa() {
-        Isa::Avx512 | Isa::Avx512Bf16 if std::arch::is_x86_feature_detected!("avx512dq") => {
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if std::arch::is_x86_feature_detected!("avx512dq") => {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { run_avx512(f) };
         }
         // AVX2 is part of every path past portable (the AVX-512 ones require it too).
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 => {
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
             // SAFETY: as above.
             return unsafe { run_avx2(f) };
         }

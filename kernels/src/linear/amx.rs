@@ -1,0 +1,213 @@
+//! bf16 x bf16 on AMX: `tdpbf16ps` over the same 32-output panels as the `vdpbf16ps` kernel.
+//!
+//! A panel is `[k/2][32]` bf16 pairs, so 16 consecutive pairs of its first (or last) 16 outputs are a
+//! `tdpbf16ps` B tile as it stands: 16 rows of 64 bytes, 128 bytes apart. The activations, bf16 rows
+//! zero-padded to a multiple of 32 elements, are A tiles of up to 16 rows. One pass takes up to 32
+//! rows against one panel in four accumulator tiles (rows 0-15 / 16-31 x outputs 0-15 / 16-31), walking
+//! k from 0 in steps of 32; pairs past the last whole step of 32 (k not a multiple of 32) continue on
+//! `vdpbf16ps` from the stored tile. Every row takes this sequence whatever the batch, so the path is
+//! batch-invariant; its bits are `tdpbf16ps`'s, not a `vdpbf16ps` chain's (see [`crate::isa`]).
+//!
+//! Tile registers are named in the assembly (Rust has no operand class for them, and nothing else in
+//! the process uses them); the stable toolchain has no AMX intrinsics.
+
+use super::{PANEL, Weight, pack_panel, pair_step, store_acc};
+use std::arch::asm;
+use std::arch::x86_64::*;
+
+/// `ldtilecfg`'s 64-byte operand: palette 1, then bytes per row and rows of each of the 8 tiles.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    /// Tiles 0-3: accumulators (`ra` rows x outputs 0-15, `ra` x 16-31, `rb` x 0-15, `rb` x 16-31);
+    /// 4-5: the two row blocks of x (`ra`, `rb` rows of 32 bf16); 6-7: the panel's two output halves
+    /// (16 pairs x 16 outputs).
+    fn new(ra: usize, rb: usize) -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        // With one row block, tiles 2, 3 and 5 hold a second k step's operands instead (B, B, A), so
+        // the loads of one step overlap the products of the other (tile registers are not renamed).
+        let rows = if rb == 0 { [ra, ra, 16, 16, ra, ra, 16, 16] } else { [ra, ra, rb, rb, ra, rb, 16, 16] };
+        for (t, rows) in rows.into_iter().enumerate() {
+            if rows > 0 {
+                c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+                c[48 + t] = rows as u8;
+            }
+        }
+        TileConfig(c)
+    }
+}
+
+/// 32 rows x 32 outputs of f32: where the accumulator tiles are stored before rounding.
+#[repr(C, align(64))]
+struct Scratch([[f32; 32]; 32]);
+
+/// Output columns `[n0, n1)` (32-aligned `n0`) for all `m` rows of `x` (bf16 bits, rows `xs` apart,
+/// zero-padded to a multiple of 32), rounded to bf16.
+///
+/// # Safety
+/// The CPU has AMX-TILE, AMX-BF16 and AVX512-BF16 and Linux granted the tile state (the `amx` path);
+/// `x` holds `m` padded rows; the caller owns columns `[n0, n1)` of the `m` rows of `out` (rows `os`
+/// apart).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn block(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, os: usize) {
+    debug_assert_eq!(n0 % 32, 0);
+    debug_assert!(x.len() >= m * xs && xs.is_multiple_of(32) && xs >= w.cols);
+    let k2 = w.cols.div_ceil(2);
+    let mut pass = Pass { x: x.as_ptr(), xs, m, k2, out, os, configured: None, scratch: Scratch([[0.0; 32]; 32]) };
+    match w.panels {
+        Some(panels) => {
+            // Row blocks outside, panels inside: a 32-row block of x stays in cache across the task's panels.
+            for r0 in (0..m).step_by(32) {
+                for c in (n0..n1).step_by(32) {
+                    // SAFETY: panel c / 32 holds k2 * 32 pairs; the caller's guarantees cover the rest.
+                    unsafe { pass.run(&panels[(c / 32) * k2 * 32..(c / 32 + 1) * k2 * 32], c, (n1 - c).min(32), r0) };
+                }
+            }
+        }
+        None => PANEL.with(|panel| {
+            let mut panel = panel.borrow_mut();
+            if panel.len() < k2 * 32 {
+                panel.resize(k2 * 32, 0);
+            }
+            for c in (n0..n1).step_by(32) {
+                let nc = (n1 - c).min(32);
+                // SAFETY: the CPU has AVX-512F/BW; the scratch panel holds k2 * 32 pairs.
+                unsafe { pack_panel(w, c, nc, &mut panel[..k2 * 32]) };
+                for r0 in (0..m).step_by(32) {
+                    // SAFETY: as above, with the panel just packed.
+                    unsafe { pass.run(&panel[..k2 * 32], c, nc, r0) };
+                }
+            }
+        }),
+    }
+    if pass.configured.is_some() {
+        // SAFETY: returns the tile registers to their initial state; they hold nothing needed any more.
+        unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+    }
+}
+
+struct Pass {
+    x: *const u16,
+    xs: usize,
+    m: usize,
+    k2: usize,
+    out: *mut f32,
+    os: usize,
+    /// The (ra, rb) the tile registers are configured for.
+    configured: Option<(usize, usize)>,
+    scratch: Scratch,
+}
+
+impl Pass {
+    /// Rows `r0 .. r0 + 32` (or to `m`) against one panel: outputs `c .. c + nc`.
+    ///
+    /// # Safety
+    /// As [`block`]; `panel` holds `k2 * 32` pairs of the outputs from `c`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn run(&mut self, panel: &[u32], c: usize, nc: usize, r0: usize) {
+        let ra = (self.m - r0).min(16);
+        let rb = (self.m - r0 - ra).min(16);
+        if self.configured != Some((ra, rb)) {
+            let cfg = TileConfig::new(ra, rb);
+            // SAFETY: a valid palette-1 configuration (rows <= 16, 64 bytes per row), read from memory.
+            unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags)) };
+            self.configured = Some((ra, rb));
+        }
+        let tiles = self.k2 / 16;
+        let xstride = self.xs * 2;
+        // SAFETY: row r0 exists; rows r0 .. r0 + ra + rb are the ones the A tiles read.
+        let xa = unsafe { self.x.add(r0 * self.xs) } as *const u8;
+        let xb = xa.wrapping_add(16 * xstride);
+        let p = panel.as_ptr() as *const u8;
+        // SAFETY: the tiles are configured for (ra, rb); an A tile reads ra (rb) rows
+        // of 64 bytes at byte t * 64 < the padded row length; a B tile reads 16 rows of 64 bytes, 128
+        // apart, from pair t * 16, all inside the panel's k2 pairs since t < k2 / 16.
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem, preserves_flags));
+            if rb > 0 {
+                asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
+            }
+            let mut t = 0;
+            while rb == 0 && t + 1 < tiles {
+                // Two k steps in order into the same accumulators, operands in two sets of tiles.
+                let b0 = p.add(t * 16 * 128);
+                asm!(
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    "tileloadd tmm4, [{a0} + {xs}*1]",
+                    "tileloadd tmm2, [{b2} + {s}*1]",
+                    "tileloadd tmm3, [{b3} + {s}*1]",
+                    "tileloadd tmm5, [{a1} + {xs}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm0, tmm5, tmm2",
+                    "tdpbf16ps tmm1, tmm5, tmm3",
+                    b0 = in(reg) b0, b1 = in(reg) b0.add(64), b2 = in(reg) b0.add(2048), b3 = in(reg) b0.add(2048 + 64),
+                    s = in(reg) 128usize, a0 = in(reg) xa.add(t * 64), a1 = in(reg) xa.add(t * 64 + 64), xs = in(reg) xstride,
+                    options(nostack, readonly, preserves_flags)
+                );
+                t += 2;
+            }
+            for t in t..tiles {
+                let b0 = p.add(t * 16 * 128);
+                asm!(
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    "tileloadd tmm4, [{a} + {xs}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    b0 = in(reg) b0, b1 = in(reg) b0.add(64), s = in(reg) 128usize,
+                    a = in(reg) xa.add(t * 64), xs = in(reg) xstride,
+                    options(nostack, readonly, preserves_flags)
+                );
+                if rb > 0 {
+                    asm!(
+                        "tileloadd tmm5, [{a} + {xs}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a = in(reg) xb.add(t * 64), xs = in(reg) xstride,
+                        options(nostack, readonly, preserves_flags)
+                    );
+                }
+            }
+            let o = self.scratch.0.as_mut_ptr() as *mut u8;
+            asm!(
+                "tilestored [{o0} + {s}*1], tmm0",
+                "tilestored [{o1} + {s}*1], tmm1",
+                o0 = in(reg) o, o1 = in(reg) o.add(64), s = in(reg) 128usize,
+                options(nostack, preserves_flags)
+            );
+            if rb > 0 {
+                asm!(
+                    "tilestored [{o0} + {s}*1], tmm2",
+                    "tilestored [{o1} + {s}*1], tmm3",
+                    o0 = in(reg) o.add(16 * 128), o1 = in(reg) o.add(16 * 128 + 64), s = in(reg) 128usize,
+                    options(nostack, preserves_flags)
+                );
+            }
+        }
+        for r in 0..ra + rb {
+            let row = &self.scratch.0[r];
+            // SAFETY: 32 f32 of the scratch row.
+            let mut acc = unsafe { [[_mm512_loadu_ps(row.as_ptr()), _mm512_loadu_ps(row.as_ptr().add(16))]] };
+            // SAFETY: row r0 + r of x exists and is zero-padded.
+            let xr = unsafe { self.x.add((r0 + r) * self.xs) };
+            for i in tiles * 16..self.k2 {
+                // SAFETY: pair i < k2 of the panel: 32 u32 from i * 32.
+                let (w0, w1) = unsafe {
+                    (
+                        _mm512_loadu_si512(panel.as_ptr().add(i * 32) as *const _),
+                        _mm512_loadu_si512(panel.as_ptr().add(i * 32 + 16) as *const _),
+                    )
+                };
+                // SAFETY: x rows are zero-padded to a multiple of 32 elements, so pair i is readable.
+                unsafe { pair_step(&mut acc, xr, self.xs, i, w0, w1) };
+            }
+            // SAFETY: the caller owns nc columns from c of row r0 + r.
+            unsafe { store_acc(&acc, self.out.add((r0 + r) * self.os + c), self.os, nc) };
+        }
+    }
+}
