@@ -9,7 +9,7 @@
 #   SWITCHYARD_BIN   switchyard binary, server and benchmark client   [target/release/switchyard]
 #   VLLM_VENV        venv with vLLM CPU 0.32 (docs/benchmarks.md says how to make one)   [.venv-vllm]
 #   LLAMA_SERVER     llama.cpp server binary (docs/benchmarks.md: built for AVX2 only)   [.venv-llama/build/bin/llama-server]
-#   SWITCHYARD_KERNELS  Switchyard's CPU kernel path (portable, avx2, avx512, avx512bf16)   [the best this CPU has]
+#   SWITCHYARD_KERNELS  Switchyard's CPU kernel path (portable, avx2, avx512, avx512bf16, amx)   [the best this CPU has]
 #   GGUF             GGUF of the same checkpoint for llama-server (llama.cpp is skipped without it)
 #   SERVERS          which servers, in order   ["switchyard vllm llama"]
 #   CONCURRENCIES    ["1 16"]; at concurrency 1 NUM_PROMPTS_C1 [8] prompts, otherwise PROMPTS_PER_SLOT [4] per slot

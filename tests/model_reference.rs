@@ -90,11 +90,29 @@ fn f32_checkpoint_matches_transformers() {
     assert!(r.vs_uncached.diff <= 1e-3, "tiny-f32: {} > 1e-3 at {}", r.vs_uncached.diff, r.vs_uncached.at);
 }
 
-/// Every kernel path sums bf16 products in oneDNN's order (`vdpbf16ps`, or its emulation), so the
-/// batched forward is reproduced to float noise in the log-softmax (9.5e-7 measured on the avx2 and
-/// portable paths) and every greedy token is equal.
+/// Every kernel path but `amx` sums bf16 products in oneDNN's order (`vdpbf16ps`, or its emulation),
+/// so the batched forward is reproduced to float noise in the log-softmax (9.5e-7 measured on the avx2
+/// and portable paths) and every greedy token is equal.
+///
+/// `amx` rounds inside its tiles as `tdpbf16ps` does, which these references (made on a CPU without
+/// AMX) do not: it is held to transformers' own spread instead. Its log-probs are no further from
+/// either transformers computation than the two are from each other (8.4e-2 on this checkpoint: its
+/// logits sit on bf16 steps), and greedy tokens are equal wherever transformers' margin exceeds 0.1.
 #[test]
 fn bf16_checkpoint_matches_transformers() {
+    if switchyard_kernels::isa() == switchyard_kernels::Isa::Amx {
+        let spread = reference("tiny-bf16")
+            .cases
+            .iter()
+            .flat_map(|c| &c.steps)
+            .flat_map(|s| s.top.iter().zip(&s.top_uncached).map(|(a, b)| (a.1 - b.1).abs()))
+            .fold(0f32, f32::max);
+        let r = run("tiny-bf16", 0.1);
+        for (what, w) in [("batched", &r.vs_uncached), ("cached", &r.vs_cached)] {
+            assert!(w.diff <= spread + 1e-4, "tiny-bf16 on amx vs transformers' {what} forward: {} > {spread} at {}", w.diff, w.at);
+        }
+        return;
+    }
     let r = run("tiny-bf16", -1.0);
     assert!(r.vs_uncached.diff <= 1e-4, "tiny-bf16: {} > 1e-4 at {}", r.vs_uncached.diff, r.vs_uncached.at);
 }
@@ -124,7 +142,7 @@ fn reference_covers_the_hard_cases() {
     assert!(peaked * 10 >= total * 8, "logits not peaked enough: {peaked}/{total} steps with margin > 0.1");
 }
 
-/// Every test above, again on every other kernel path this CPU has (portable, avx2, avx512, avx512bf16):
+/// Every test above, again on every other kernel path this CPU has (portable, avx2, avx512, avx512bf16, amx):
 /// each is held to the same bounds.
 #[test]
 fn every_kernel_path_matches_transformers() {

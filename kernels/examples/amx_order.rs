@@ -1,7 +1,8 @@
 //! `cargo run --release -p switchyard-kernels --example amx_order`: does AMX's `tdpbf16ps` round as a chain of
 //! `vdpbf16ps` does? On a CPU with AMX-BF16 and AVX512-BF16 it multiplies random bf16 tiles (16 x 1024 by
-//! 1024 x 16) both ways and counts the f32 outputs whose bits differ. This is why the kernels use no AMX
-//! (docs/model.md): one accumulation order on every machine keeps a row's result independent of the batch.
+//! 1024 x 16) both ways and counts the f32 outputs whose bits differ. This is why the `amx` kernel path is
+//! a numerics of its own (docs/model.md), used for every batch size so that a row's result still never
+//! depends on the batch.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]

@@ -26,8 +26,8 @@ pub fn attend<'a, E: KvElem>(
     // accessors) into the wide function, so the body would stay scalar.
     #[cfg(target_arch = "x86_64")]
     match crate::isa() {
-        // SAFETY: the chosen path guarantees the CPU has AVX-512F.
         crate::Isa::Avx512 | crate::Isa::Avx512Bf16 | crate::Isa::Amx => {
+            // SAFETY: the chosen path guarantees the CPU has AVX-512F.
             return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) };
         }
         // SAFETY: the chosen path guarantees the CPU has AVX2.

@@ -8,7 +8,8 @@
 //!   to pair-interleaved layout; with AVX2 + FMA (and on AVX-512 CPUs without BF16) the same panels
 //!   feed an emulation of it, eight outputs in the lanes of a 256-bit register, the odd element of each
 //!   pair then the even one as two exact-product FMAs; elsewhere the same order one output at a time.
-//!   All of them give the same bits.
+//!   All of them give the same bits. With AMX (path `amx`), `tdpbf16ps` over the same panels instead, in
+//!   steps of 32 k for every batch size (its own rounding: see `amx.rs`).
 //! - other weight dtypes: weights widened to f32 in registers, f32 FMA over 16 lanes (one 512-bit or
 //!   two 256-bit registers, the same lanes and the same reduction tree); the portable loop has the same
 //!   16-lane blocking without FMA.
