@@ -91,23 +91,44 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let decode_s = time_decode(a.decode_steps, || step(&mut next, &mut caches))?;
         let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
-        let ms_step = decode_s * 1e3 / a.decode_steps as f64;
         // The batch-1 bound: every weight byte a token needs, read once at the measured bandwidth.
         let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token as f64));
-        if a.json {
-            println!(
-                "{}",
-                serde_json::json!({"batch": b, "prompt_len": a.prompt_len, "decode_steps": a.decode_steps, "threads": threads,
-                    "kernels": path.name(), "cpu_features": features, "read_bandwidth_bytes_per_s": bandwidth,
-                    "weight_bytes_per_decode_token": per_token, "decode_fraction_of_bandwidth_bound": of_bound,
-                    "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step})
-            );
-        } else {
-            let bound = of_bound.map_or(String::new(), |f| format!("  ({:.0}% of the bandwidth bound)", f * 100.0));
-            println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}{bound}");
-        }
+        let extra = serde_json::json!({"threads": threads, "kernels": path.name(), "cpu_features": features,
+            "read_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_decode_token": per_token});
+        report(&a, Figures { batch: b, prefill_tps, decode_tps, ms_step: decode_s * 1e3 / a.decode_steps as f64, of_bound }, extra);
     }
     Ok(())
+}
+
+/// One batch size's results.
+struct Figures {
+    batch: usize,
+    prefill_tps: f64,
+    decode_tps: f64,
+    ms_step: f64,
+    /// Batch-1 decode as a fraction of the bandwidth bound.
+    of_bound: Option<f64>,
+}
+
+/// Prints one batch size's results: a table row, or with `--json` one object of them and `extra`'s
+/// fields (the machine's: kernels and bandwidth, or the device).
+fn report(a: &BenchArgs, f: Figures, extra: serde_json::Value) {
+    let Figures { batch: b, prefill_tps, decode_tps, ms_step, of_bound } = f;
+    if a.json {
+        let mut o = extra;
+        if let Some(fields) = o.as_object_mut() {
+            let ours = serde_json::json!({"batch": b, "prompt_len": a.prompt_len, "decode_steps": a.decode_steps,
+                "decode_fraction_of_bandwidth_bound": of_bound, "prefill_tokens_per_s": prefill_tps,
+                "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step});
+            if let serde_json::Value::Object(ours) = ours {
+                fields.extend(ours);
+            }
+        }
+        println!("{o}");
+    } else {
+        let bound = of_bound.map_or(String::new(), |f| format!("  ({:.0}% of the bandwidth bound)", f * 100.0));
+        println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}{bound}");
+    }
 }
 
 /// The same measurements on the GPU (`--device cuda`, docs/gpu.md): the weights and KV pools in
@@ -175,20 +196,10 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
         let decode_s = time_decode(a.decode_steps, || step(&mut next, &mut len))?;
         let prefill_tps = (b * prompts[0].len()) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
-        let ms_step = decode_s * 1e3 / a.decode_steps as f64;
         let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token));
-        if a.json {
-            println!(
-                "{}",
-                serde_json::json!({"batch": b, "prompt_len": a.prompt_len, "decode_steps": a.decode_steps, "device": m.dev.info.to_string(),
-                    "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_decode_token": per_token,
-                    "decode_fraction_of_bandwidth_bound": of_bound, "prefill_tokens_per_s": prefill_tps,
-                    "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step})
-            );
-        } else {
-            let bound = of_bound.map_or(String::new(), |f| format!("  ({:.0}% of the bandwidth bound)", f * 100.0));
-            println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}{bound}");
-        }
+        let extra = serde_json::json!({"device": m.dev.info.to_string(), "copy_bandwidth_bytes_per_s": bandwidth,
+            "weight_bytes_per_decode_token": per_token});
+        report(a, Figures { batch: b, prefill_tps, decode_tps, ms_step: decode_s * 1e3 / a.decode_steps as f64, of_bound }, extra);
     }
     Ok(())
 }
