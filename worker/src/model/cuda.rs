@@ -133,13 +133,13 @@ impl CudaModel {
         let p = ckpt.text_prefix();
         let (h, nq) = (config.hidden_size, config.num_heads);
         let bytes = std::cell::Cell::new(0usize);
-        let weight = |name: &str, experts: usize, rows: usize, cols: usize| -> Result<DevWeight> {
+        let weight = |name: &str, rows: usize, cols: usize| -> Result<DevWeight> {
             let t = ckpt.expect(name, &[rows, cols])?;
-            let w = dev.weight(t.dtype, t.bytes(), experts, rows, cols)?;
+            let w = dev.weight(t.dtype, t.bytes(), 1, rows, cols)?;
             bytes.set(bytes.get() + w.bytes());
             Ok(w)
         };
-        let embed = weight(&format!("{p}embed_tokens.weight"), 1, config.vocab_size, h)?;
+        let embed = weight(&format!("{p}embed_tokens.weight"), config.vocab_size, h)?;
         let dtype = embed.dtype;
         let vecf = |name: &str, n: usize| -> Result<Buf> { Ok(dev.upload(&ckpt.expect(name, &[n])?.to_f32())?) };
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -154,7 +154,7 @@ impl CudaModel {
                         Ok(dev.upload(&t.to_f32())?)
                     };
                     Some(Moe {
-                        router_proj: weight(&format!("{l}router.proj.weight"), 1, e, h)?,
+                        router_proj: weight(&format!("{l}router.proj.weight"), e, h)?,
                         router_scale: vecf(&format!("{l}router.scale"), h)?,
                         per_expert_scale: first(
                             [
@@ -189,23 +189,23 @@ impl CudaModel {
                 }
                 None => None,
             };
-            let v_proj = if spec.k_eq_v { None } else { Some(weight(&format!("{l}self_attn.v_proj.weight"), 1, nkv * hd, h)?) };
+            let v_proj = if spec.k_eq_v { None } else { Some(weight(&format!("{l}self_attn.v_proj.weight"), nkv * hd, h)?) };
             layers.push(Layer {
                 spec: spec.clone(),
                 input_ln: vecf(&format!("{l}input_layernorm.weight"), h)?,
                 post_attn_ln: vecf(&format!("{l}post_attention_layernorm.weight"), h)?,
                 pre_ff_ln: vecf(&format!("{l}pre_feedforward_layernorm.weight"), h)?,
                 post_ff_ln: vecf(&format!("{l}post_feedforward_layernorm.weight"), h)?,
-                q_proj: weight(&format!("{l}self_attn.q_proj.weight"), 1, nq * hd, h)?,
-                k_proj: weight(&format!("{l}self_attn.k_proj.weight"), 1, nkv * hd, h)?,
+                q_proj: weight(&format!("{l}self_attn.q_proj.weight"), nq * hd, h)?,
+                k_proj: weight(&format!("{l}self_attn.k_proj.weight"), nkv * hd, h)?,
                 v_proj,
-                o_proj: weight(&format!("{l}self_attn.o_proj.weight"), 1, h, nq * hd)?,
+                o_proj: weight(&format!("{l}self_attn.o_proj.weight"), h, nq * hd)?,
                 q_norm: vecf(&format!("{l}self_attn.q_norm.weight"), hd)?,
                 k_norm: vecf(&format!("{l}self_attn.k_norm.weight"), hd)?,
                 inv_freq: dev.upload(&spec.rope.inv_freq)?,
-                gate: weight(&format!("{l}mlp.gate_proj.weight"), 1, config.intermediate_size, h)?,
-                up: weight(&format!("{l}mlp.up_proj.weight"), 1, config.intermediate_size, h)?,
-                down: weight(&format!("{l}mlp.down_proj.weight"), 1, h, config.intermediate_size)?,
+                gate: weight(&format!("{l}mlp.gate_proj.weight"), config.intermediate_size, h)?,
+                up: weight(&format!("{l}mlp.up_proj.weight"), config.intermediate_size, h)?,
+                down: weight(&format!("{l}mlp.down_proj.weight"), h, config.intermediate_size)?,
                 moe,
                 layer_scalar: ckpt.expect(&format!("{l}layer_scalar"), &[1])?.to_f32()[0],
             });
