@@ -90,7 +90,24 @@ pub fn linear_many(jobs: &mut [LinearJob<'_>], act: DType) {
 #[doc(hidden)]
 pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
     assert!(kernel.is_supported(), "the {kernel} kernels need CPU features this machine lacks");
-    let packed: Vec<Packed> = jobs.iter().map(|j| pack(j, act, kernel)).collect();
+    // Jobs that read the same rows (q, k and v; gate and up) share one packed copy of them.
+    let mut packed: Vec<Packed> = Vec::new();
+    let mut packed_for: Vec<usize> = Vec::with_capacity(jobs.len());
+    for (ji, j) in jobs.iter().enumerate() {
+        let same = |p: &LinearJob<'_>| {
+            std::ptr::eq(p.x.as_ptr(), j.x.as_ptr())
+                && p.m == j.m
+                && p.w.cols == j.w.cols
+                && pair_order(p.w.dtype, act) == pair_order(j.w.dtype, act)
+        };
+        match jobs[..ji].iter().position(same) {
+            Some(earlier) => packed_for.push(packed_for[earlier]),
+            None => {
+                packed_for.push(packed.len());
+                packed.push(pack(j, act, kernel));
+            }
+        }
+    }
     // Split each job's weight rows into blocks; a task is (job, block).
     let mut tasks = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
@@ -109,7 +126,7 @@ pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
         let (ji, n0, n1) = tasks[t];
         let j = &jobs[ji];
         // SAFETY: tasks write disjoint column ranges [n0, n1) of each output row.
-        unsafe { run_block(kernel, &packed[ji], j.m, &j.w, n0, n1, outs[ji].0, j.w.rows, act) };
+        unsafe { run_block(kernel, &packed[packed_for[ji]], j.m, &j.w, n0, n1, outs[ji].0, j.w.rows, act) };
     };
     pool::parallel_for(tasks.len(), &run);
 }
@@ -191,12 +208,18 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
     let k = j.w.cols;
     let stride = k.div_ceil(32) * 32;
     if kernel.has_avx512_bf16() && pair_order(j.w.dtype, act) {
+        // Rows in parallel once there are enough of them (a prefill's activations are megabytes);
+        // each row is written whole, padding included, by one task.
         let mut data = vec![0u16; j.m * stride];
-        for r in 0..j.m {
-            for (d, s) in data[r * stride..r * stride + k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
-                *d = f32_to_bf16_bits(*s);
-            }
-        }
+        pool::for_each_chunk_mut(&mut data, stride, &|r, row| {
+            let (row, pad) = row.split_at_mut(k);
+            crate::simd::vectorized(|| {
+                for (d, s) in row.iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
+                    *d = f32_to_bf16_bits(*s);
+                }
+            });
+            pad.fill(0);
+        });
         Packed::Bf16 { data, stride }
     } else {
         let mut data = vec![0f32; j.m * stride];

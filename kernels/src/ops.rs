@@ -6,22 +6,37 @@ use crate::DType;
 /// weight (if any; Gemma 4 multiplies by `w` directly, not `1 + w`), then rounded to the compute dtype.
 /// The mean uses PyTorch's summation order ([`torch_sum`]) and `pow(_, -0.5)` is `1 / sqrt(_)`, as
 /// PyTorch computes it, so the f32 scale is bit-identical and bf16 rounding never flips against it.
+#[inline(always)]
 pub fn rms_norm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, dt: DType, out: &mut [f32]) {
-    let sq: Vec<f32> = x.iter().map(|v| v * v).collect();
-    let mean = torch_sum(&sq) / x.len() as f32;
-    let inv = 1.0 / (mean + eps).sqrt();
-    match weight {
-        Some(w) => {
-            for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-                *o = dt.round(v * inv * g);
-            }
-        }
-        None => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = dt.round(v * inv);
-            }
-        }
+    // The squares go through `out` (rounded to f32 as PyTorch's `pow(2)` is), so no row allocates.
+    let out = &mut out[..x.len()];
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = v * v;
     }
+    let mean = torch_sum(out) / x.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    // The dtype and the weight outside the loops, so that they vectorise.
+    match (weight, dt) {
+        (Some(w), DType::BF16) => out.iter_mut().zip(x).zip(w).for_each(|((o, &v), &g)| *o = crate::dtype::bf16_round(v * inv * g)),
+        (Some(w), _) => out.iter_mut().zip(x).zip(w).for_each(|((o, &v), &g)| *o = dt.round(v * inv * g)),
+        (None, DType::BF16) => out.iter_mut().zip(x).for_each(|(o, &v)| *o = crate::dtype::bf16_round(v * inv)),
+        (None, _) => out.iter_mut().zip(x).for_each(|(o, &v)| *o = dt.round(v * inv)),
+    }
+}
+
+/// [`rms_norm_row`] over every `dim`-long row of `x`, into a new buffer (rows in parallel).
+pub fn rms_norm_rows(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt: DType) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let rows_per_task = (4096 / dim).max(1);
+    crate::pool::for_each_chunk_mut(&mut out, rows_per_task * dim, &|i, o| {
+        let src = &x[i * rows_per_task * dim..i * rows_per_task * dim + o.len()];
+        crate::simd::vectorized(|| {
+            for (row, dst) in src.chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
+                rms_norm_row(row, weight, eps, dt, dst);
+            }
+        });
+    });
+    out
 }
 
 /// Sum of a contiguous f32 row in exactly PyTorch's CPU order (`SumKernel.cpp` as dispatched on this
@@ -98,10 +113,12 @@ pub fn rms_norm_chunks(x: &mut [f32], dim: usize, weight: Option<&[f32]>, eps: f
     let rows_per_task = (4096 / dim).max(1);
     crate::pool::for_each_chunk_mut(x, rows_per_task * dim, &|_, rows| {
         let mut tmp = vec![0f32; dim];
-        for row in rows.chunks_exact_mut(dim) {
-            rms_norm_row(row, weight, eps, dt, &mut tmp);
-            row.copy_from_slice(&tmp);
-        }
+        crate::simd::vectorized(|| {
+            for row in rows.chunks_exact_mut(dim) {
+                rms_norm_row(row, weight, eps, dt, &mut tmp);
+                row.copy_from_slice(&tmp);
+            }
+        });
     });
 }
 
@@ -263,9 +280,23 @@ fn gelu_loop(gate: &[f32], up: &[f32], out: &mut [f32], round: impl Fn(f32) -> f
 pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|i, a| {
-        for (x, &y) in a.iter_mut().zip(&b[i * CHUNK..]) {
-            *x = dt.round(*x + y);
-        }
+        let b = &b[i * CHUNK..i * CHUNK + a.len()];
+        // The dtype outside the loop, so that the bf16 loop vectorises.
+        crate::simd::vectorized(|| match dt {
+            DType::BF16 => a.iter_mut().zip(b).for_each(|(x, &y)| *x = crate::dtype::bf16_round(*x + y)),
+            _ => a.iter_mut().zip(b).for_each(|(x, &y)| *x = dt.round(*x + y)),
+        });
+    });
+}
+
+/// `a = round(a * s)` element-wise (Gemma 4's per-layer scalar), in parallel chunks.
+pub fn scale_assign(a: &mut [f32], s: f32, dt: DType) {
+    const CHUNK: usize = 8192;
+    crate::pool::for_each_chunk_mut(a, CHUNK, &|_, a| {
+        crate::simd::vectorized(|| match dt {
+            DType::BF16 => a.iter_mut().for_each(|x| *x = crate::dtype::bf16_round(*x * s)),
+            _ => a.iter_mut().for_each(|x| *x = dt.round(*x * s)),
+        });
     });
 }
 

@@ -67,11 +67,7 @@ impl DecoderLayer {
         dt: DType,
     ) -> Result<Vec<f32>, ForwardError> {
         let (t, h, eps) = (rows.len(), c.hidden_size, c.rms_norm_eps);
-        let norm = |v: &[f32], w: Option<&[f32]>| {
-            let mut o = v.to_vec();
-            ops::rms_norm_chunks(&mut o, h, w, eps, dt);
-            o
-        };
+        let norm = |v: &[f32], w: Option<&[f32]>| ops::rms_norm_rows(v, h, w, eps, dt);
         // Attention block.
         let a = self.attn.forward(&norm(&x, Some(&self.input_ln)), rows, kv, c, dt);
         ops::add_assign(&mut x, &norm(&a, Some(&self.post_attn_ln)), dt);
@@ -88,10 +84,7 @@ impl DecoderLayer {
             m = m2;
         }
         ops::add_assign(&mut x, &norm(&m, Some(&self.post_ff_ln)), dt);
-        let s = self.layer_scalar;
-        for v in x.iter_mut() {
-            *v = dt.round(*v * s);
-        }
+        ops::scale_assign(&mut x, self.layer_scalar, dt);
         Ok(x)
     }
 }
