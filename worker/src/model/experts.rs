@@ -7,6 +7,7 @@
 //! add. Every backend must combine in exactly this order ([`combine`]) so outputs match bit for bit.
 
 use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
+use switchyard_kernels::dtype::bf16_round;
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{ModelConfig, MoeConfig};
@@ -249,10 +250,12 @@ impl ExpertBackend for LocalExperts {
             o.fill(0.0);
             for s in slots {
                 let pair = r * k + s;
-                let w = weights[pair];
-                for (x, &y) in o.iter_mut().zip(y.y(pair)) {
-                    *x = dt.round(*x + dt.round(y * w));
-                }
+                let (w, y) = (weights[pair], y.y(pair));
+                // The dtype outside the loop, so that the bf16 loop vectorises.
+                switchyard_kernels::simd::vectorized(|| match dt {
+                    DType::BF16 => o.iter_mut().zip(y).for_each(|(x, &y)| *x = bf16_round(*x + bf16_round(y * w))),
+                    _ => o.iter_mut().zip(y).for_each(|(x, &y)| *x = dt.round(*x + dt.round(y * w))),
+                });
             }
         });
         Ok(())
