@@ -108,28 +108,48 @@ pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
             }
         }
     }
-    // Split each job's weight rows into blocks; a task is (job, block).
+    // Split each job's weight rows into blocks, and on the amx path a large batch's rows too (each row
+    // is computed alone there, so where it is split changes nothing): a task is (job, rows, block).
     let mut tasks = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
         assert!(j.x.len() >= j.m * j.w.cols, "x too short for {}x{}", j.m, j.w.cols);
         assert!(j.out.len() >= j.m * j.w.rows, "out too short for {}x{}", j.m, j.w.rows);
-        let nb = block_rows(j.m, j.w.rows);
-        let mut n0 = 0;
-        while n0 < j.w.rows {
-            let n1 = (n0 + nb).min(j.w.rows);
-            tasks.push((ji, n0, n1));
-            n0 = n1;
+        let tiles = matches!(packed[packed_for[ji]], Packed::Bf16 { .. }) && kernel == Isa::Amx && j.m >= AMX_ROW_BLOCK / 2;
+        let (nb, mb) = if tiles { (AMX_COL_BLOCK, AMX_ROW_BLOCK) } else { (block_rows(j.m, j.w.rows), j.m.max(1)) };
+        for r0 in (0..j.m.max(1)).step_by(mb) {
+            let mut n0 = 0;
+            while n0 < j.w.rows {
+                let n1 = (n0 + nb).min(j.w.rows);
+                tasks.push((ji, r0, (r0 + mb).min(j.m), n0, n1));
+                n0 = n1;
+            }
         }
     }
     let outs: Vec<SendPtr> = jobs.iter_mut().map(|j| SendPtr(j.out.as_mut_ptr())).collect();
     let run = |t: usize| {
-        let (ji, n0, n1) = tasks[t];
+        let (ji, r0, r1, n0, n1) = tasks[t];
         let j = &jobs[ji];
+        let p = &packed[packed_for[ji]];
+        #[cfg(target_arch = "x86_64")]
+        if let (false, Packed::Bf16 { data, stride }) = (r0 == 0 && r1 == j.m, p) {
+            // Only the amx path splits rows (see above).
+            // SAFETY: the path is amx; rows [r0, r1) of x exist; tasks write disjoint blocks (rows [r0, r1),
+            // columns [n0, n1)) of the output, whose row r0 starts r0 * w.rows into it.
+            unsafe { amx::block(&data[r0 * stride..r1 * stride], *stride, r1 - r0, &j.w, n0, n1, outs[ji].0.add(r0 * j.w.rows), j.w.rows) };
+            return;
+        }
+        let _ = (r0, r1);
         // SAFETY: tasks write disjoint column ranges [n0, n1) of each output row.
-        unsafe { run_block(kernel, &packed[packed_for[ji]], j.m, &j.w, n0, n1, outs[ji].0, j.w.rows, act) };
+        unsafe { run_block(kernel, p, j.m, &j.w, n0, n1, outs[ji].0, j.w.rows, act) };
     };
     pool::parallel_for(tasks.len(), &run);
 }
+
+/// The amx path's task for large batches: this many rows of x against this many outputs (256 x 1024
+/// bf16 of x and 256 outputs' panels at k = 1024: 512 KB each, both resident in L2 while the tiles
+/// walk them), instead of every row against a few panels (which streams all of x again per task).
+const AMX_ROW_BLOCK: usize = 256;
+const AMX_COL_BLOCK: usize = 256;
 
 /// Whether bf16 weights use the pair-interleaved panels on this path (and so benefit from [`pack_panels`]).
 pub fn bf16_panels_supported() -> bool {
@@ -1282,9 +1302,16 @@ mod tests {
         }
         let (mut same, mut total) = (0usize, 0usize);
         let mut s = 5u64;
-        for &(m, n, k) in
-            &[(1usize, 64usize, 1024usize), (5, 70, 100), (16, 96, 256), (17, 33, 64), (33, 64, 130), (40, 96, 1024), (3, 40, 31)]
-        {
+        for &(m, n, k) in &[
+            (1usize, 64usize, 1024usize),
+            (5, 70, 100),
+            (16, 96, 256),
+            (17, 33, 64),
+            (33, 64, 130),
+            (40, 96, 1024),
+            (3, 40, 31),
+            (300, 290, 96),
+        ] {
             let wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
             let x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s) * 4.0)).collect();
             let wb = weight_bytes(&wv, DType::BF16);
@@ -1297,6 +1324,13 @@ mod tests {
             };
             let amx = run(Isa::Amx, w);
             assert_eq!(run(Isa::Amx, w.with_panels(Some(&panels))), amx, "amx with panels, m={m} n={n} k={k}");
+            // Large batches split their rows into blocks across tasks: a row alone gives the same bits.
+            for r in [0, m / 2, m - 1] {
+                let mut one = vec![0f32; n];
+                let w = w.with_panels(Some(&panels));
+                linear_many_on(Isa::Amx, &mut [LinearJob { x: &x[r * k..(r + 1) * k], m: 1, w, out: &mut one }], DType::BF16);
+                assert_eq!(&one[..], &amx[r * n..(r + 1) * n], "amx: row {r} of {m} differs alone");
+            }
             let pairs = run(Isa::Avx512Bf16, w);
             for r in 0..m {
                 for c in 0..n {

@@ -6,8 +6,8 @@
 //! compute dtype; a row's contributions are then summed in ascending expert id, rounding after every
 //! add. Every backend must combine in exactly this order ([`combine`]) so outputs match bit for bit.
 
-use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
 use switchyard_kernels::dtype::bf16_round;
+use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{ModelConfig, MoeConfig};
