@@ -46,6 +46,24 @@ fn eligible(layout: Layout, workers: &BTreeMap<String, WorkerInfo>) -> BTreeMap<
     workers.values().filter(|w| layout.holds_experts(w.role)).map(|w| (w.id.clone(), w.addr.clone())).collect()
 }
 
+/// When the registered workers' CPU kernels sum bf16 products in different orders (AMX machines beside
+/// others), a sentence naming which worker takes which: a request's output then depends on where its
+/// rows are computed. `None` when they agree (workers that do not say are left out).
+pub fn mixed_bf16_orders(workers: &BTreeMap<String, WorkerInfo>) -> Option<String> {
+    let mut by_order: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for w in workers.values().filter(|w| !w.bf16_order.is_empty()) {
+        by_order.entry(&w.bf16_order).or_default().push(&w.id);
+    }
+    (by_order.len() > 1).then(|| {
+        let groups: Vec<String> = by_order.iter().map(|(o, ids)| format!("{o}: {}", ids.join(", "))).collect();
+        format!(
+            "the workers' CPU kernels sum bf16 products in different orders ({}), so outputs can differ by placement; \
+             set SWITCHYARD_KERNELS to one path every machine has (e.g. avx512bf16) on all of them",
+            groups.join("; ")
+        )
+    })
+}
+
 /// Load summed over live workers' reports.
 fn total_load(workers: &BTreeMap<String, WorkerInfo>, reports: &BTreeMap<String, ExpertLoad>) -> ExpertLoad {
     let mut total = ExpertLoad::default();
@@ -107,12 +125,18 @@ async fn lead(d: &dyn Discovery, cfg: &CoordinatorConfig, leadership: &Leadershi
     let mut plan_rx = d.plan();
     let mut lost = leadership.lost.clone();
     let mut last_load_replan: Option<Instant> = None;
+    let mut warned: Option<String> = None;
     loop {
         if *lost.borrow() {
             return;
         }
         let current = plan_rx.borrow().clone();
         let ws = workers.borrow_and_update().clone();
+        let mixed = mixed_bf16_orders(&ws);
+        if let Some(m) = mixed.as_ref().filter(|m| warned.as_ref() != Some(*m)) {
+            tracing::warn!("switchyard coordinator {}: {m}", cfg.id);
+        }
+        warned = mixed;
         let total = total_load(&ws, &load.borrow_and_update());
         let allowed = last_load_replan.is_none_or(|t| t.elapsed() >= cfg.rebalance_interval);
         match next_plan(cfg, current.as_deref(), &ws, &total, allowed) {
@@ -187,7 +211,25 @@ mod tests {
     }
 
     fn info(id: &str, role: Role) -> WorkerInfo {
-        WorkerInfo { id: id.into(), role, addr: format!("http://{id}"), capacity_bytes: 1 << 20, loaded_plan: 0, active_plan: 0 }
+        WorkerInfo {
+            id: id.into(),
+            role,
+            addr: format!("http://{id}"),
+            capacity_bytes: 1 << 20,
+            loaded_plan: 0,
+            active_plan: 0,
+            bf16_order: String::new(),
+        }
+    }
+
+    #[test]
+    fn mixed_bf16_orders_are_named_and_agreement_is_quiet() {
+        let with = |id: &str, order: &str| WorkerInfo { bf16_order: order.into(), ..info(id, Role::Expert) };
+        let ws = |list: &[WorkerInfo]| list.iter().map(|w| (w.id.clone(), w.clone())).collect::<BTreeMap<_, _>>();
+        assert_eq!(mixed_bf16_orders(&ws(&[with("a", "pairs"), with("b", "pairs"), with("c", "")])), None);
+        assert_eq!(mixed_bf16_orders(&ws(&[with("a", "tdpbf16ps"), with("b", "tdpbf16ps")])), None);
+        let m = mixed_bf16_orders(&ws(&[with("a", "pairs"), with("b", "tdpbf16ps"), with("c", "pairs")])).expect("mixed orders");
+        assert!(m.contains("pairs: a, c") && m.contains("tdpbf16ps: b") && m.contains("SWITCHYARD_KERNELS"), "{m}");
     }
 
     #[tokio::test]

@@ -44,6 +44,10 @@ pub struct WorkerInfo {
     /// Attention workers: the plan their steps run on now (0: none yet).
     #[serde(default)]
     pub active_plan: u64,
+    /// The order its CPU kernels sum bf16 products in (`pairs`, or `tdpbf16ps` on AMX machines; empty
+    /// from a worker that does not say). Workers that differ here give outputs that depend on placement.
+    #[serde(default)]
+    pub bf16_order: String,
 }
 
 /// Tokens routed to each (layer, expert), as counted by attention workers.

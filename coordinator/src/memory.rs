@@ -158,7 +158,15 @@ mod tests {
     use crate::discovery::Role;
 
     fn info(id: &str) -> WorkerInfo {
-        WorkerInfo { id: id.into(), role: Role::Expert, addr: String::new(), capacity_bytes: 1, loaded_plan: 0, active_plan: 0 }
+        WorkerInfo {
+            id: id.into(),
+            role: Role::Expert,
+            addr: String::new(),
+            capacity_bytes: 1,
+            loaded_plan: 0,
+            active_plan: 0,
+            bf16_order: String::new(),
+        }
     }
 
     #[tokio::test]

@@ -287,7 +287,15 @@ mod tests {
     use rand_chacha::rand_core::{RngCore, SeedableRng};
 
     fn worker(id: &str, role: Role, capacity: u64) -> WorkerInfo {
-        WorkerInfo { id: id.into(), role, addr: format!("http://{id}"), capacity_bytes: capacity, loaded_plan: 0, active_plan: 0 }
+        WorkerInfo {
+            id: id.into(),
+            role,
+            addr: format!("http://{id}"),
+            capacity_bytes: capacity,
+            loaded_plan: 0,
+            active_plan: 0,
+            bf16_order: String::new(),
+        }
     }
 
     const SHAPE: ExpertShape = ExpertShape { num_layers: 4, num_experts: 128, slice_bytes: 1000 };

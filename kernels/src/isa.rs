@@ -84,6 +84,13 @@ impl Isa {
         matches!(self, Isa::Avx512Bf16 | Isa::Amx)
     }
 
+    /// The order this path sums bf16 x bf16 products in, as a name: `pairs` on every path but `amx`
+    /// (they give the same bits), `tdpbf16ps` there. Cluster workers register it so that the
+    /// coordinator can tell when outputs would depend on which machine computed them.
+    pub fn bf16_order(self) -> &'static str {
+        if self == Isa::Amx { "tdpbf16ps" } else { "pairs" }
+    }
+
     /// Every path this CPU supports, slowest first.
     pub fn supported() -> Vec<Isa> {
         Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()

@@ -98,6 +98,7 @@ pub async fn run_worker(
         capacity_bytes: cfg.expert_memory,
         loaded_plan: 0,
         active_plan: 0,
+        bf16_order: switchyard_kernels::isa().bf16_order().to_string(),
     };
     let reg = discovery.register(info.clone()).await?;
     let follower = tokio::spawn(follow_plans(
