@@ -79,6 +79,12 @@ impl ApiError {
         }
     }
 
+    /// A path parameter axum could not decode (invalid percent-encoded UTF-8, ...): its own rejection
+    /// is plain text; clients get the OpenAI-shaped 400 instead.
+    pub fn bad_path(rejection: &axum::extract::rejection::PathRejection) -> ApiError {
+        Self::invalid("path", format!("Invalid URL: {}", rejection.body_text()))
+    }
+
     pub fn not_found(path: &str) -> ApiError {
         Self::new(StatusCode::NOT_FOUND, ApiErrorKind::InvalidRequest, format!("Unknown route: {path}"))
     }

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -114,14 +115,16 @@ async fn respond(state: SharedState, body: Bytes, id: String) -> Result<Response
 }
 
 /// `GET /v1/responses/{id}`.
-pub async fn retrieve(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn retrieve(State(state): State<SharedState>, id: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::bad_path(&e))?;
     let stored = state.responses.get(&id).ok_or_else(|| ApiError::response_not_found("response_id", &id))?;
     Ok(Json(stored.response).into_response())
 }
 
 /// `POST /v1/responses/{id}/cancel`: every response here is answered while its request is open, so
 /// there is never one to cancel (vLLM's answer for a response that is not queued or running).
-pub async fn cancel(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(State(state): State<SharedState>, id: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::bad_path(&e))?;
     state.responses.get(&id).ok_or_else(|| ApiError::response_not_found("response_id", &id))?;
     Err(ApiError::invalid("response_id", "Cannot cancel a synchronous response."))
 }

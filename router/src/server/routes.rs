@@ -178,7 +178,14 @@ async fn models(State(state): State<SharedState>) -> Response {
 }
 
 /// `GET /v1/models/{id}` (the `openai` client's `models.retrieve`); ids may hold slashes.
-async fn model(State(state): State<SharedState>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+async fn model(
+    State(state): State<SharedState>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let id = match id {
+        Ok(axum::extract::Path(id)) => id,
+        Err(e) => return ApiError::bad_path(&e).into_response(),
+    };
     match state.config.served_model_names.iter().find(|n| **n == id) {
         Some(n) => Json(model_card(&state, n)).into_response(),
         None => ApiError::model_not_found(&id).into_response(),
