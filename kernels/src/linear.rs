@@ -131,14 +131,15 @@ pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
         let j = &jobs[ji];
         let p = &packed[packed_for[ji]];
         #[cfg(target_arch = "x86_64")]
-        if let (false, Packed::Bf16 { data, stride }) = (r0 == 0 && r1 == j.m, p) {
-            // Only the amx path splits rows (see above).
-            // SAFETY: the path is amx; rows [r0, r1) of x exist; tasks write disjoint blocks (rows [r0, r1),
-            // columns [n0, n1)) of the output, whose row r0 starts r0 * w.rows into it.
+        if let (Isa::Amx, Packed::Bf16 { data, stride }) = (kernel, p) {
+            // SAFETY: the path is amx, so the CPU has AMX-TILE/BF16 with the tile state granted and
+            // AVX512-BF16; rows [r0, r1) of x exist; tasks write disjoint blocks (rows [r0, r1), columns
+            // [n0, n1)) of the output, whose row r0 starts r0 * w.rows into it.
             unsafe { amx::block(&data[r0 * stride..r1 * stride], *stride, r1 - r0, &j.w, n0, n1, outs[ji].0.add(r0 * j.w.rows), j.w.rows) };
             return;
         }
-        let _ = (r0, r1);
+        // Only the amx path splits rows (see above).
+        debug_assert!(r0 == 0 && r1 == j.m);
         // SAFETY: tasks write disjoint column ranges [n0, n1) of each output row.
         unsafe { run_block(kernel, p, j.m, &j.w, n0, n1, outs[ji].0, j.w.rows, act) };
     };
@@ -228,17 +229,15 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
     let k = j.w.cols;
     let stride = k.div_ceil(32) * 32;
     if kernel.has_avx512_bf16() && pair_order(j.w.dtype, act) {
-        // Rows in parallel once there are enough of them (a prefill's activations are megabytes);
-        // each row is written whole, padding included, by one task.
+        // Rows in parallel once there are enough of them (a prefill's activations are megabytes); the
+        // padding past k stays zero.
         let mut data = vec![0u16; j.m * stride];
         pool::for_each_chunk_mut(&mut data, stride, &|r, row| {
-            let (row, pad) = row.split_at_mut(k);
             crate::simd::vectorized(|| {
-                for (d, s) in row.iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
+                for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
                     *d = f32_to_bf16_bits(*s);
                 }
             });
-            pad.fill(0);
         });
         Packed::Bf16 { data, stride }
     } else {
@@ -263,13 +262,6 @@ unsafe fn run_block(kernel: Isa, p: &Packed, m: usize, w: &Weight<'_>, n0: usize
     // stream per thread); larger batches reuse each weight load across two rows.
     let nr_max = if m < 8 { 1 } else { 2 };
     let mut r0 = 0;
-    #[cfg(target_arch = "x86_64")]
-    if let (Isa::Amx, Packed::Bf16 { data, stride }) = (kernel, p) {
-        // SAFETY: the path is amx, so the CPU has AMX-TILE/BF16 with the tile state granted and
-        // AVX512-BF16; columns [n0, n1) are this task's.
-        unsafe { amx::block(data, *stride, m, w, n0, n1, out, ostride) };
-        return;
-    }
     #[cfg(target_arch = "x86_64")]
     if let (Isa::Avx512Bf16, Packed::Bf16 { data, stride }) = (kernel, p) {
         // Its stores round to bf16, the activation dtype of this path: no pass over the output.

@@ -22,14 +22,11 @@ struct TileConfig([u8; 64]);
 impl TileConfig {
     /// Tiles 0-3: accumulators (`ra` rows x outputs 0-15, `ra` x 16-31, `rb` x 0-15, `rb` x 16-31);
     /// 4-5: the two row blocks of x (`ra`, `rb` rows of 32 bf16); 6-7: the panel's two output halves
-    /// (16 pairs x 16 outputs).
+    /// (16 pairs x 16 outputs). A tile of 0 rows stays unconfigured and is not used.
     fn new(ra: usize, rb: usize) -> Self {
         let mut c = [0u8; 64];
         c[0] = 1;
-        // With one row block, tiles 2, 3 and 5 hold a second k step's operands instead (B, B, A), so
-        // the loads of one step overlap the products of the other (tile registers are not renamed).
-        let rows = if rb == 0 { [ra, ra, 16, 16, ra, ra, 16, 16] } else { [ra, ra, rb, rb, ra, rb, 16, 16] };
-        for (t, rows) in rows.into_iter().enumerate() {
+        for (t, rows) in [ra, ra, rb, rb, ra, rb, 16, 16].into_iter().enumerate() {
             if rows > 0 {
                 c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
                 c[48 + t] = rows as u8;
@@ -130,28 +127,7 @@ impl Pass {
             if rb > 0 {
                 asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
             }
-            let mut t = 0;
-            while rb == 0 && t + 1 < tiles {
-                // Two k steps in order into the same accumulators, operands in two sets of tiles.
-                let b0 = p.add(t * 16 * 128);
-                asm!(
-                    "tileloadd tmm6, [{b0} + {s}*1]",
-                    "tileloadd tmm7, [{b1} + {s}*1]",
-                    "tileloadd tmm4, [{a0} + {xs}*1]",
-                    "tileloadd tmm2, [{b2} + {s}*1]",
-                    "tileloadd tmm3, [{b3} + {s}*1]",
-                    "tileloadd tmm5, [{a1} + {xs}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm0, tmm5, tmm2",
-                    "tdpbf16ps tmm1, tmm5, tmm3",
-                    b0 = in(reg) b0, b1 = in(reg) b0.add(64), b2 = in(reg) b0.add(2048), b3 = in(reg) b0.add(2048 + 64),
-                    s = in(reg) 128usize, a0 = in(reg) xa.add(t * 64), a1 = in(reg) xa.add(t * 64 + 64), xs = in(reg) xstride,
-                    options(nostack, readonly, preserves_flags)
-                );
-                t += 2;
-            }
-            for t in t..tiles {
+            for t in 0..tiles {
                 let b0 = p.add(t * 16 * 128);
                 asm!(
                     "tileloadd tmm6, [{b0} + {s}*1]",
