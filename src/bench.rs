@@ -217,7 +217,10 @@ fn time_decode(steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64
 }
 
 /// The machine's memory read bandwidth with the kernels' threads: the best of three passes over a
-/// 512 MiB buffer (far past any cache), each thread summing its own contiguous share.
+/// 512 MiB buffer (far past any cache) by each of two readers, each thread summing its own contiguous
+/// share: one sequential stream, and four streams side by side with prefetch hints 1 KB ahead (how the
+/// decode kernels read their weight panels; on this project's test machines it reads faster than one
+/// stream, so a bound from one stream alone would flatter the kernels).
 fn read_bandwidth() -> f64 {
     const WORDS: usize = (512 << 20) / 8;
     let buf: Vec<u64> = (0..WORDS as u64).collect();
@@ -225,17 +228,43 @@ fn read_bandwidth() -> f64 {
     let parts = pool.threads().max(1) * 4;
     let sink = std::sync::atomic::AtomicU64::new(0);
     let mut best = 0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        pool.parallel_for(parts, &|i| {
-            let chunk = &buf[i * WORDS / parts..(i + 1) * WORDS / parts];
-            let s = switchyard_kernels::simd::vectorized(|| chunk.iter().fold(0u64, |a, &v| a.wrapping_add(v)));
-            sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
-        });
-        best = best.max((WORDS * 8) as f64 / t.elapsed().as_secs_f64());
+    for streams in [false, true] {
+        for _ in 0..3 {
+            let t = Instant::now();
+            pool.parallel_for(parts, &|i| {
+                let chunk = &buf[i * WORDS / parts..(i + 1) * WORDS / parts];
+                let s = if streams { sum_four_streams(chunk) } else { switchyard_kernels::simd::vectorized(|| sum(chunk)) };
+                sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+            });
+            best = best.max((WORDS * 8) as f64 / t.elapsed().as_secs_f64());
+        }
     }
     std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
     best
+}
+
+fn sum(words: &[u64]) -> u64 {
+    words.iter().fold(0u64, |a, &v| a.wrapping_add(v))
+}
+
+/// [`sum`] of `words` read as four equal streams in steps of 16 words (128 bytes), each with a prefetch
+/// hint 1 KB ahead.
+fn sum_four_streams(words: &[u64]) -> u64 {
+    let q = words.len() / 4 / 16 * 16;
+    let (a, rest) = words.split_at(q);
+    let (b, rest) = rest.split_at(q);
+    let (c, rest) = rest.split_at(q);
+    let (d, tail) = rest.split_at(q);
+    let mut total = sum(tail);
+    for i in (0..q).step_by(16) {
+        for s in [a, b, c, d] {
+            let ahead = s.as_ptr().wrapping_add(i + 128);
+            switchyard_kernels::simd::prefetch(ahead);
+            switchyard_kernels::simd::prefetch(ahead.wrapping_add(8));
+        }
+        total = total.wrapping_add(sum(&a[i..i + 16]) ^ sum(&b[i..i + 16]) ^ sum(&c[i..i + 16]) ^ sum(&d[i..i + 16]));
+    }
+    total
 }
 
 /// A deterministic pseudo-random prompt (BOS first), avoiding special and placeholder ids.

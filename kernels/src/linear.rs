@@ -728,6 +728,12 @@ unsafe fn panels_dot<const MR: usize, const NP: usize>(
     let p = panels.as_ptr();
     for i in 0..k2 {
         for (q, a) in acc.iter_mut().enumerate() {
+            // Eight pairs (1 KB of the panel) ahead: with the hint one row streams at ~33 GB/s from
+            // memory, without it ~29 (`cargo bench -p switchyard-kernels`, n = 131072). Past the
+            // panel's end it touches the next panel (or nothing: a prefetch never faults).
+            let ahead = p.wrapping_add(q * k2 * 32 + (i + 8) * 32) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             // SAFETY: panel q < NP holds k2 * 32 pairs, pair i < k2.
             let w0 = unsafe { _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32) as *const _) };
             // SAFETY: as above, the second half of the same 32.
@@ -944,6 +950,14 @@ unsafe fn pair_two_panels_avx2(x: *const f32, panels: *const u32, k2: usize, out
     for i in 0..k2 {
         // SAFETY: element 2i + 1 is inside the zero-padded row.
         let (xo, xe) = unsafe { (_mm256_set1_ps(*x.add(2 * i + 1)), _mm256_set1_ps(*x.add(2 * i))) };
+        // Eight pairs (1 KB of each panel) ahead: one row streams at ~29 GB/s from memory with the
+        // hint, ~24 without (`cargo bench -p switchyard-kernels`, n = 131072; 4 or 16 pairs: ~27).
+        // Past a panel's end it touches the next (or nothing: a prefetch never faults).
+        for q in 0..2 {
+            let ahead = panels.wrapping_add(q * k2 * 32 + (i + 8) * 32) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+        }
         for (v, a) in acc.iter_mut().enumerate() {
             // SAFETY: panel v / 4 holds k2 * 32 pairs; pair i, outputs 8 (v % 4) .. + 8 are inside it.
             let pairs = unsafe { _mm256_loadu_si256(panels.add((v / 4) * k2 * 32 + i * 32 + 8 * (v % 4)) as *const __m256i) };
@@ -1316,12 +1330,15 @@ mod tests {
             };
             let amx = run(Isa::Amx, w);
             assert_eq!(run(Isa::Amx, w.with_panels(Some(&panels))), amx, "amx with panels, m={m} n={n} k={k}");
-            // Large batches split their rows into blocks across tasks: a row alone gives the same bits.
+            // Large batches split their rows into blocks across tasks, and up to four rows run on
+            // `vdpbf16ps` in the tiles' order: a row alone, or with a few others, gives the same bits.
             for r in [0, m / 2, m - 1] {
-                let mut one = vec![0f32; n];
-                let w = w.with_panels(Some(&panels));
-                linear_many_on(Isa::Amx, &mut [LinearJob { x: &x[r * k..(r + 1) * k], m: 1, w, out: &mut one }], DType::BF16);
-                assert_eq!(&one[..], &amx[r * n..(r + 1) * n], "amx: row {r} of {m} differs alone");
+                for few in 1..=4.min(m - r) {
+                    let mut one = vec![0f32; few * n];
+                    let w = w.with_panels(Some(&panels));
+                    linear_many_on(Isa::Amx, &mut [LinearJob { x: &x[r * k..(r + few) * k], m: few, w, out: &mut one }], DType::BF16);
+                    assert_eq!(&one[..], &amx[r * n..(r + few) * n], "amx: rows {r}..{} of {m} differ", r + few);
+                }
             }
             let pairs = run(Isa::Avx512Bf16, w);
             for r in 0..m {

@@ -8,10 +8,18 @@
 //! `vdpbf16ps` from the stored tile. Every row takes this sequence whatever the batch, so the path is
 //! batch-invariant; its bits are `tdpbf16ps`'s, not a `vdpbf16ps` chain's (see [`crate::isa`]).
 //!
+//! What `tdpbf16ps` computes, probed on Sapphire Rapids and matching Intel's pseudo-code: for each
+//! output, the 16 pairs of one instruction feed two f32 chains from zero, one of the even elements'
+//! products and one of the odd ones' (each add rounded to nearest even), and the accumulator then takes
+//! `even + odd` (rounded) in one more rounded add. `vdpbf16ps` gives exactly those chains when the
+//! activation pair has its other half zeroed (a zero product changes no sum), so few rows (decode)
+//! run here on `vdpbf16ps` in that order ([`panels_tile_order`]): the same bits as the tiles, at the
+//! weight-streaming speed of the vector kernel, which one row's tile loads do not reach.
+//!
 //! Tile registers are named in the assembly (Rust has no operand class for them, and nothing else in
 //! the process uses them); the stable toolchain has no AMX intrinsics.
 
-use super::{PANEL, Weight, pack_panel, pair_step, store_acc};
+use super::{PANEL, Weight, bh, pack_panel, pair_step, store_acc};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -53,6 +61,15 @@ pub(super) unsafe fn block(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: u
     debug_assert_eq!(n0 % 32, 0);
     debug_assert!(x.len() >= m * xs && xs.is_multiple_of(32) && xs >= w.cols);
     let k2 = w.cols.div_ceil(2);
+    if let (Some(panels), 1..=SMALL_M) = (w.panels, m) {
+        let mut c = n0;
+        while c < n1 {
+            // SAFETY: the panels from column c hold k2 * 32 pairs per 32 outputs; x rows are padded;
+            // the outputs from c are the caller's.
+            c += unsafe { few_rows(x.as_ptr(), xs, m, &panels[(c / 32) * k2 * 32..], k2, out.add(c), os, n1 - c) };
+        }
+        return;
+    }
     let mut pass = Pass { x: x.as_ptr(), xs, m, k2, out, os, configured: None, scratch: Scratch([[0.0; 32]; 32]) };
     match w.panels {
         Some(panels) => {
@@ -186,4 +203,129 @@ impl Pass {
             unsafe { store_acc(&acc, self.out.add((r0 + r) * self.os + c), self.os, nc) };
         }
     }
+}
+
+/// Batches up to this many rows take [`panels_tile_order`] (when the weight has its panels). Measured
+/// by `cargo bench -p switchyard-kernels` from memory (n = 131072, k = 1024): one row 24 GB/s on the
+/// tiles, 29-32 here; two rows 27 here; from three rows on the tiles stream as fast or faster.
+const SMALL_M: usize = 2;
+
+/// `m` (1 or 2) rows against up to 4 (m = 1) or 2 (m = 2) consecutive panels in the tiles' order;
+/// returns how many output columns it wrote.
+///
+/// # Safety
+/// As [`block`]; `panels` holds the panels of the `cols` outputs from `out`'s first column.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn few_rows(x: *const u16, xs: usize, m: usize, panels: &[u32], k2: usize, out: *mut f32, os: usize, cols: usize) -> usize {
+    let np = cols.div_ceil(32).min(match m {
+        1 => 4,
+        _ => 2,
+    });
+    // SAFETY: the caller's guarantees, for np panels.
+    unsafe {
+        match (m, np) {
+            (1, 1) => panels_tile_order::<1, 1>(x, xs, panels, k2, out, os, cols),
+            (1, 2) => panels_tile_order::<1, 2>(x, xs, panels, k2, out, os, cols),
+            (1, 3) => panels_tile_order::<1, 3>(x, xs, panels, k2, out, os, cols),
+            (1, _) => panels_tile_order::<1, 4>(x, xs, panels, k2, out, os, cols),
+            (_, 1) => panels_tile_order::<2, 1>(x, xs, panels, k2, out, os, cols),
+            _ => panels_tile_order::<2, 2>(x, xs, panels, k2, out, os, cols),
+        }
+    }
+    cols.min(np * 32)
+}
+
+/// `MR` rows against `NP` consecutive panels on `vdpbf16ps`, giving `tdpbf16ps`'s bits (see the module
+/// notes): per 16 pairs, an even chain and an odd chain from zero (the activation pair with its odd,
+/// then its even, half zeroed), then `acc += even + odd`, each add flushing subnormal results as the
+/// tiles do; pairs past the last whole 16 in the plain pair order, as [`Pass::run`] finishes them.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_tile_order<const MR: usize, const NP: usize>(
+    x: *const u16,
+    xs: usize,
+    panels: &[u32],
+    k2: usize,
+    out: *mut f32,
+    os: usize,
+    cols: usize,
+) {
+    debug_assert!(panels.len() >= NP * k2 * 32);
+    let zero = _mm512_setzero_ps();
+    let mut acc = [[[zero; 2]; MR]; NP];
+    let p = panels.as_ptr();
+    let steps = k2 / 16;
+    for s in 0..steps {
+        let mut even = [[[zero; 2]; MR]; NP];
+        let mut odd = [[[zero; 2]; MR]; NP];
+        for i in s * 16..s * 16 + 16 {
+            let mut xe = [_mm512_setzero_si512(); MR];
+            let mut xo = [_mm512_setzero_si512(); MR];
+            for r in 0..MR {
+                // SAFETY: pair i < k2 of row r lies inside its zero-padded stride.
+                let pair = unsafe { std::ptr::read_unaligned(x.add(r * xs + 2 * i) as *const u32) };
+                xe[r] = _mm512_set1_epi32((pair & 0xFFFF) as i32);
+                xo[r] = _mm512_set1_epi32((pair & 0xFFFF_0000) as i32);
+            }
+            for q in 0..NP {
+                // Eight pairs (1 KB of the panel) ahead: this loop issues twice the `vdpbf16ps` of
+                // the pair order per byte, and without the hint one row streams at ~24 GB/s, not ~30.
+                // A prefetch past the panel's end touches the next one (or nothing: it never faults).
+                let ahead = p.wrapping_add(q * k2 * 32 + (i + 8) * 32) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                // SAFETY: panel q < NP holds k2 * 32 pairs, pair i < k2: 32 u32 from i * 32.
+                let w = unsafe {
+                    [
+                        _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32) as *const _),
+                        _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32 + 16) as *const _),
+                    ]
+                };
+                for r in 0..MR {
+                    for h in 0..2 {
+                        even[q][r][h] = _mm512_dpbf16_ps(even[q][r][h], bh(xe[r]), bh(w[h]));
+                        odd[q][r][h] = _mm512_dpbf16_ps(odd[q][r][h], bh(xo[r]), bh(w[h]));
+                    }
+                }
+            }
+        }
+        for q in 0..NP {
+            for r in 0..MR {
+                for h in 0..2 {
+                    let sum = flush_subnormal(_mm512_add_ps(even[q][r][h], odd[q][r][h]));
+                    acc[q][r][h] = flush_subnormal(_mm512_add_ps(acc[q][r][h], sum));
+                }
+            }
+        }
+    }
+    for i in steps * 16..k2 {
+        for (q, a) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let (w0, w1) = unsafe {
+                (
+                    _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32) as *const _),
+                    _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32 + 16) as *const _),
+                )
+            };
+            // SAFETY: x rows are zero-padded to a multiple of 32 elements, so pair i is readable.
+            unsafe { pair_step(a, x, xs, i, w0, w1) };
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        // SAFETY: the caller owns `cols` output columns from `out`; panel q covers 32 of them.
+        unsafe { store_acc(a, out.add(q * 32), os, cols.saturating_sub(q * 32).min(32)) };
+    }
+}
+
+/// Zero where `v` is subnormal (the tiles' flush-to-zero on each add's result).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn flush_subnormal(v: __m512) -> __m512 {
+    let abs = _mm512_abs_ps(v);
+    let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(abs, _mm512_set1_ps(f32::MIN_POSITIVE));
+    let zero = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(abs, _mm512_setzero_ps());
+    // A flushed result keeps its sign, as the hardware's does.
+    let signed_zero = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN)));
+    _mm512_mask_mov_ps(signed_zero, normal | zero, v)
 }
