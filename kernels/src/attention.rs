@@ -22,19 +22,39 @@ pub fn attend<'a, E: KvElem>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    attend_group(q, 1, n, key, value, scale, dt, scores, out)
+}
+
+/// [`attend`] for `g` query heads that read the same keys and values (one KV head's group under
+/// grouped-query attention): `q` and `out` hold `g` rows of `hd`. Each query's output has exactly the
+/// bits [`attend`] gives it alone; the group shares every key and value load and widening between
+/// its queries, and pairs of queries keep twice the independent sums in flight.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group<'a, E: KvElem>(
+    q: &[f32],
+    g: usize,
+    n: usize,
+    key: impl Fn(usize) -> &'a [E],
+    value: impl Fn(usize) -> &'a [E],
+    scale: f32,
+    dt: DType,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    assert!(g > 0 && q.len().is_multiple_of(g) && out.len() >= q.len(), "{g} query rows");
     // Not `simd::vectorized`: LLVM does not inline that closure (it captures the two key/value
     // accessors) into the wide function, so the body would stay scalar.
     #[cfg(target_arch = "x86_64")]
     match crate::isa() {
         crate::Isa::Avx512 | crate::Isa::Avx512Bf16 | crate::Isa::Amx => {
             // SAFETY: the chosen path guarantees the CPU has AVX-512F.
-            return unsafe { attend_avx512(q, n, key, value, scale, dt, scores, out) };
+            return unsafe { attend_avx512(q, g, n, key, value, scale, dt, scores, out) };
         }
         // SAFETY: the chosen path guarantees the CPU has AVX2.
-        crate::Isa::Avx2 => return unsafe { attend_avx2(q, n, key, value, scale, dt, scores, out) },
+        crate::Isa::Avx2 => return unsafe { attend_avx2(q, g, n, key, value, scale, dt, scores, out) },
         crate::Isa::Portable | crate::Isa::Neon => {}
     }
-    attend_body::<E, PORTABLE>(q, n, key, value, scale, dt, scores, out)
+    attend_body::<E, PORTABLE>(q, g, n, key, value, scale, dt, scores, out)
 }
 
 /// Which explicit dot-product kernel [`attend_body`] uses for the scores.
@@ -52,6 +72,7 @@ macro_rules! attend_with {
         #[allow(clippy::too_many_arguments)]
         unsafe fn $name<'a, E: KvElem>(
             q: &[f32],
+            g: usize,
             n: usize,
             key: impl Fn(usize) -> &'a [E],
             value: impl Fn(usize) -> &'a [E],
@@ -60,7 +81,7 @@ macro_rules! attend_with {
             scores: &mut Vec<f32>,
             out: &mut [f32],
         ) {
-            attend_body::<E, { $w }>(q, n, key, value, scale, dt, scores, out)
+            attend_body::<E, { $w }>(q, g, n, key, value, scale, dt, scores, out)
         }
     };
 }
@@ -77,10 +98,13 @@ fn madd(fma: bool, acc: f64, a: f64, b: f64) -> f64 {
     if fma { a.mul_add(b, acc) } else { acc + a * b }
 }
 
+/// The group's queries two at a time (on AVX-512, whose 32 registers hold both queries' sums; one at a
+/// time elsewhere), then any odd one left.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_body<'a, E: KvElem, const W: u8>(
     q: &[f32],
+    g: usize,
     n: usize,
     key: impl Fn(usize) -> &'a [E],
     value: impl Fn(usize) -> &'a [E],
@@ -89,69 +113,121 @@ fn attend_body<'a, E: KvElem, const W: u8>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = q.len();
+    let hd = q.len() / g;
+    let mut h = 0;
+    #[cfg(target_arch = "x86_64")]
+    if W == AVX512 {
+        while h + 2 <= g {
+            let qs = [&q[h * hd..(h + 1) * hd], &q[(h + 1) * hd..(h + 2) * hd]];
+            attend_rows::<E, W, 2>(qs, n, &key, &value, scale, dt, scores, &mut out[h * hd..(h + 2) * hd]);
+            h += 2;
+        }
+    }
+    while h < g {
+        attend_rows::<E, W, 1>([&q[h * hd..(h + 1) * hd]], n, &key, &value, scale, dt, scores, &mut out[h * hd..(h + 1) * hd]);
+        h += 1;
+    }
+}
+
+/// `G` queries against the same keys: `out` holds their `G` rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<'a, E: KvElem, const W: u8, const G: usize>(
+    qs: [&[f32]; G],
+    n: usize,
+    key: &impl Fn(usize) -> &'a [E],
+    value: &impl Fn(usize) -> &'a [E],
+    scale: f32,
+    dt: DType,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = qs[0].len();
     scores.clear();
-    // Plain loops (not iterator adaptors) so everything inlines into the caller's AVX-512 build.
-    // Four keys at a time: four independent accumulator chains, each key still summed in `dot`'s order.
-    scores.reserve(n);
+    // Row g's scores at g * n.. : plain loops (not iterator adaptors) so everything inlines into the
+    // caller's AVX-512 build. Four keys at a time: four independent accumulator chains per query, each
+    // key still summed in `dot`'s order.
+    scores.resize(G * n, 0.0);
     let mut j = 0;
     while j + 4 <= n {
-        let d = dot4_on::<E, W>(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-        for d in d {
-            scores.push(dt.round(dt.round(d) * scale));
+        let d = dot4_on::<E, W, G>(qs, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+        for (g, d) in d.iter().enumerate() {
+            for (t, &d) in d.iter().enumerate() {
+                scores[g * n + j + t] = dt.round(dt.round(d) * scale);
+            }
         }
         j += 4;
     }
     while j < n {
         let k = key(j);
-        let d = dot4_on::<E, W>(q, [k, k, k, k])[0];
-        scores.push(dt.round(dt.round(d) * scale));
+        let d = dot4_on::<E, W, G>(qs, [k, k, k, k]);
+        for (g, d) in d.iter().enumerate() {
+            scores[g * n + j] = dt.round(dt.round(d[0]) * scale);
+        }
         j += 1;
     }
-    crate::ops::softmax(scores);
-    // The probabilities in the compute dtype, as eager attention casts them before `p @ v`.
-    dt.round_slice(scores);
+    for row in scores.chunks_exact_mut(n.max(1)).take(G) {
+        crate::ops::softmax(row);
+        // The probabilities in the compute dtype, as eager attention casts them before `p @ v`.
+        dt.round_slice(row);
+    }
+    let scores = &scores[..];
     // p·v, 64 output columns at a time so the accumulators stay in registers; each output is still
-    // summed over the keys in order.
+    // summed over the keys in order, and each value row is widened once for the G queries.
     let mut c0 = 0;
     while c0 + 64 <= hd {
-        let mut acc = [0f64; 64];
-        for (j, &p) in scores.iter().enumerate() {
+        let mut acc = [[0f64; 64]; G];
+        for j in 0..n {
             let v: &[E; 64] = value(j)[c0..c0 + 64].try_into().expect("64 columns");
+            let mut vw = [0f64; 64];
             for i in 0..64 {
-                acc[i] = madd(W != PORTABLE, acc[i], p as f64, v[i].widen() as f64);
+                vw[i] = v[i].widen() as f64;
+            }
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let p = scores[g * n + j] as f64;
+                for i in 0..64 {
+                    acc[i] = madd(W != PORTABLE, acc[i], p, vw[i]);
+                }
             }
         }
-        for i in 0..64 {
-            out[c0 + i] = dt.round(acc[i] as f32);
+        for (g, acc) in acc.iter().enumerate() {
+            for i in 0..64 {
+                out[g * hd + c0 + i] = dt.round(acc[i] as f32);
+            }
         }
         c0 += 64;
     }
     if c0 < hd {
-        let mut acc = vec![0f64; hd - c0];
-        for (j, &p) in scores.iter().enumerate() {
-            for (o, &vv) in acc.iter_mut().zip(&value(j)[c0..hd]) {
-                *o = madd(W != PORTABLE, *o, p as f64, vv.widen() as f64);
+        for g in 0..G {
+            let mut acc = vec![0f64; hd - c0];
+            for j in 0..n {
+                let p = scores[g * n + j] as f64;
+                for (o, &vv) in acc.iter_mut().zip(&value(j)[c0..hd]) {
+                    *o = madd(W != PORTABLE, *o, p, vv.widen() as f64);
+                }
             }
-        }
-        for (o, a) in out[c0..hd].iter_mut().zip(&acc) {
-            *o = dt.round(*a as f32);
+            for (o, a) in out[g * hd + c0..(g + 1) * hd].iter_mut().zip(&acc) {
+                *o = dt.round(*a as f32);
+            }
         }
     }
 }
 
-/// [`dot`] of `a` with four vectors at once (the same per-vector summation order).
+/// [`dot`] of each of `G` queries with four vectors at once (the same per-vector summation order).
 #[inline(always)]
-fn dot4<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
-    let n8 = a.len() / 8 * 8;
-    let mut lanes = [[0f64; 8]; 4];
+fn dot4<E: KvElem, const G: usize>(a: [&[f32]; G], b: [&[E]; 4]) -> [[f32; 4]; G] {
+    let hd = a[0].len();
+    let n8 = hd / 8 * 8;
+    let mut lanes = [[[0f64; 8]; 4]; G];
     let mut c = 0;
     while c < n8 {
-        let x: &[f32; 8] = a[c..c + 8].try_into().expect("8");
-        for (t, l) in lanes.iter_mut().enumerate() {
-            let y: &[E; 8] = b[t][c..c + 8].try_into().expect("8");
-            for i in 0..8 {
-                l[i] += x[i] as f64 * y[i].widen() as f64;
+        for t in 0..4 {
+            let y = widen8(b[t], c);
+            for (q, l) in a.iter().zip(lanes.iter_mut()) {
+                let x: &[f32; 8] = q[c..c + 8].try_into().expect("8");
+                for i in 0..8 {
+                    l[t][i] += x[i] as f64 * y[i] as f64;
+                }
             }
         }
         c += 8;
@@ -163,16 +239,17 @@ fn dot4<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
 /// same eight lanes, chunk order and reduction tree; FMA in place of an exact product and an add, see
 /// [`madd`]), written with intrinsics because LLVM leaves the generic loop scalar.
 #[inline(always)]
-fn dot4_on<E: KvElem, const W: u8>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
+fn dot4_on<E: KvElem, const W: u8, const G: usize>(a: [&[f32]; G], b: [&[E]; 4]) -> [[f32; 4]; G] {
     #[cfg(target_arch = "x86_64")]
     {
         if W == AVX512 {
             // SAFETY: `W` is AVX512 only inside `attend_avx512`, which runs only on CPUs with AVX-512F and FMA.
             return unsafe { dot4_avx512(a, b) };
         }
-        if W == AVX2 {
+        if W == AVX2 && G == 1 {
             // SAFETY: `W` is AVX2 only inside `attend_avx2`, which runs only on CPUs with AVX2 and FMA.
-            return unsafe { dot4_avx2(a, b) };
+            let d = unsafe { dot4_avx2(a[0], b) };
+            return [d; G];
         }
     }
     dot4(a, b)
@@ -191,42 +268,55 @@ fn widen8<E: KvElem>(y: &[E], c: usize) -> [f32; 8] {
 
 /// The lanes' remainder and reduction: how [`dot4`] and its explicit versions end.
 #[inline(always)]
-fn finish4<E: KvElem>(a: &[f32], b: [&[E]; 4], n8: usize, mut lanes: [[f64; 8]; 4]) -> [f32; 4] {
-    let mut out = [0f32; 4];
-    for (t, l) in lanes.iter_mut().enumerate() {
-        for i in 0..a.len() - n8 {
-            l[i] += a[n8 + i] as f64 * b[t][n8 + i].widen() as f64;
+fn finish4<E: KvElem, const G: usize>(a: [&[f32]; G], b: [&[E]; 4], n8: usize, mut lanes: [[[f64; 8]; 4]; G]) -> [[f32; 4]; G] {
+    let mut out = [[0f32; 4]; G];
+    for g in 0..G {
+        for (t, l) in lanes[g].iter_mut().enumerate() {
+            for i in 0..a[g].len() - n8 {
+                l[i] += a[g][n8 + i] as f64 * b[t][n8 + i].widen() as f64;
+            }
+            out[g][t] = (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))) as f32;
         }
-        out[t] = (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))) as f32;
     }
     out
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot4_avx512<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
+unsafe fn dot4_avx512<E: KvElem, const G: usize>(a: [&[f32]; G], b: [&[E]; 4]) -> [[f32; 4]; G] {
     use std::arch::x86_64::*;
-    let n8 = a.len() / 8 * 8;
+    let hd = a[0].len();
+    let n8 = hd / 8 * 8;
     for y in b {
-        assert!(y.len() >= a.len());
+        assert!(y.len() >= hd);
     }
-    let mut acc = [_mm512_setzero_pd(); 4];
+    for x in a {
+        assert_eq!(x.len(), hd);
+    }
+    let mut acc = [[_mm512_setzero_pd(); 4]; G];
     let mut c = 0;
     while c < n8 {
-        // SAFETY: c + 8 <= n8 <= a.len().
-        let x = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(a.as_ptr().add(c)) });
+        let mut x = [_mm512_setzero_pd(); G];
+        for g in 0..G {
+            // SAFETY: c + 8 <= n8 <= hd, the length of each query.
+            x[g] = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(a[g].as_ptr().add(c)) });
+        }
         for t in 0..4 {
             let w = widen8(b[t], c);
             // SAFETY: `w` holds eight f32.
             let y = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(w.as_ptr()) });
-            acc[t] = _mm512_fmadd_pd(x, y, acc[t]);
+            for g in 0..G {
+                acc[g][t] = _mm512_fmadd_pd(x[g], y, acc[g][t]);
+            }
         }
         c += 8;
     }
-    let mut lanes = [[0f64; 8]; 4];
-    for t in 0..4 {
-        // SAFETY: eight f64 fit `lanes[t]`.
-        unsafe { _mm512_storeu_pd(lanes[t].as_mut_ptr(), acc[t]) };
+    let mut lanes = [[[0f64; 8]; 4]; G];
+    for g in 0..G {
+        for t in 0..4 {
+            // SAFETY: eight f64 fit `lanes[g][t]`.
+            unsafe { _mm512_storeu_pd(lanes[g][t].as_mut_ptr(), acc[g][t]) };
+        }
     }
     finish4(a, b, n8, lanes)
 }
@@ -254,15 +344,15 @@ unsafe fn dot4_avx2<E: KvElem>(a: &[f32], b: [&[E]; 4]) -> [f32; 4] {
         }
         c += 8;
     }
-    let mut lanes = [[0f64; 8]; 4];
+    let mut lanes = [[[0f64; 8]; 4]];
     for t in 0..4 {
-        // SAFETY: four f64 at 0 and four at 4 fit `lanes[t]`.
+        // SAFETY: four f64 at 0 and four at 4 fit `lanes[0][t]`.
         unsafe {
-            _mm256_storeu_pd(lanes[t].as_mut_ptr(), acc[t][0]);
-            _mm256_storeu_pd(lanes[t].as_mut_ptr().add(4), acc[t][1]);
+            _mm256_storeu_pd(lanes[0][t].as_mut_ptr(), acc[t][0]);
+            _mm256_storeu_pd(lanes[0][t].as_mut_ptr().add(4), acc[t][1]);
         }
     }
-    finish4(a, b, n8, lanes)
+    finish4([a], b, n8, lanes)[0]
 }
 
 /// Dot product accumulated in f64 and rounded once: for these short (head-size) products it gives the
@@ -331,16 +421,16 @@ mod tests {
                     unsafe {
                         match path {
                             AVX512 => {
-                                attend_avx512(&q, n, k1, v1, 0.125, dt, &mut s, &mut o1);
-                                attend_avx512(&q, n, k2, v2, 0.125, dt, &mut s, &mut o2);
+                                attend_avx512(&q, 1, n, k1, v1, 0.125, dt, &mut s, &mut o1);
+                                attend_avx512(&q, 1, n, k2, v2, 0.125, dt, &mut s, &mut o2);
                             }
                             AVX2 => {
-                                attend_avx2(&q, n, k1, v1, 0.125, dt, &mut s, &mut o1);
-                                attend_avx2(&q, n, k2, v2, 0.125, dt, &mut s, &mut o2);
+                                attend_avx2(&q, 1, n, k1, v1, 0.125, dt, &mut s, &mut o1);
+                                attend_avx2(&q, 1, n, k2, v2, 0.125, dt, &mut s, &mut o2);
                             }
                             _ => {
-                                attend_body::<f32, PORTABLE>(&q, n, k1, v1, 0.125, dt, &mut s, &mut o1);
-                                attend_body::<Bf16, PORTABLE>(&q, n, k2, v2, 0.125, dt, &mut s, &mut o2);
+                                attend_body::<f32, PORTABLE>(&q, 1, n, k1, v1, 0.125, dt, &mut s, &mut o1);
+                                attend_body::<Bf16, PORTABLE>(&q, 1, n, k2, v2, 0.125, dt, &mut s, &mut o2);
                             }
                         }
                     }
@@ -354,6 +444,70 @@ mod tests {
                 if crate::Isa::Avx512.is_supported() {
                     assert_eq!(run(AVX512), want, "avx512, hd {hd}, n {n}, {dt:?}");
                 }
+            }
+        }
+    }
+
+    /// [`attend_group`] on the kernel `path` names (one the CPU has).
+    #[allow(clippy::too_many_arguments)]
+    fn group_on<E: KvElem>(path: u8, q: &[f32], g: usize, n: usize, k: &[E], v: &[E], dt: DType, out: &mut [f32]) {
+        let hd = q.len() / g;
+        let (key, value) = (|j: usize| &k[j * hd..(j + 1) * hd], |j: usize| &v[j * hd..(j + 1) * hd]);
+        let mut s = Vec::new();
+        // SAFETY: callers pass a path only where the CPU has its features.
+        unsafe {
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                AVX512 => attend_avx512(q, g, n, key, value, 0.125, dt, &mut s, out),
+                #[cfg(target_arch = "x86_64")]
+                AVX2 => attend_avx2(q, g, n, key, value, 0.125, dt, &mut s, out),
+                _ => attend_body::<E, PORTABLE>(q, g, n, key, value, 0.125, dt, &mut s, out),
+            }
+        }
+    }
+
+    /// A group of queries (one KV head's) gives each query exactly the bits it gets alone, on every
+    /// path this CPU has: pairs and an odd one left, f32 and bf16 keys, head sizes with and without a
+    /// remainder of 8 or of 64.
+    #[test]
+    fn a_group_gives_each_query_its_own_bits() {
+        use crate::kv::Bf16;
+        let mut seed = 11u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let m = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            m * 2f32.powi(((seed >> 20) % 13) as i32 - 10)
+        };
+        let mut paths = vec![PORTABLE];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::Isa::Avx2.is_supported() {
+                paths.push(AVX2);
+            }
+            if crate::Isa::Avx512.is_supported() {
+                paths.push(AVX512);
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (hd, n, g) in [(128usize, 9usize, 2usize), (256, 33, 5), (36, 4, 3), (512, 70, 8), (64, 1, 1)] {
+            let q: Vec<f32> = (0..g * hd).map(|_| rnd() * 8.0).collect();
+            let kf: Vec<f32> = (0..n * hd).map(|_| rnd()).collect();
+            let vf: Vec<f32> = (0..n * hd).map(|_| rnd()).collect();
+            let kb: Vec<Bf16> = kf.iter().map(|&x| Bf16(crate::dtype::f32_to_bf16_bits(x))).collect();
+            let vb: Vec<Bf16> = vf.iter().map(|&x| Bf16(crate::dtype::f32_to_bf16_bits(x))).collect();
+            for &path in &paths {
+                let (mut alone, mut group) = (vec![0f32; g * hd], vec![0f32; g * hd]);
+                for h in 0..g {
+                    group_on(path, &q[h * hd..(h + 1) * hd], 1, n, &kf, &vf, DType::F32, &mut alone[h * hd..(h + 1) * hd]);
+                }
+                group_on(path, &q, g, n, &kf, &vf, DType::F32, &mut group);
+                assert!(alone.iter().any(|&x| x != 0.0), "a non-trivial case");
+                assert_eq!(bits(&group), bits(&alone), "path {path} f32 hd {hd} n {n} g {g}");
+                for h in 0..g {
+                    group_on(path, &q[h * hd..(h + 1) * hd], 1, n, &kb, &vb, DType::BF16, &mut alone[h * hd..(h + 1) * hd]);
+                }
+                group_on(path, &q, g, n, &kb, &vb, DType::BF16, &mut group);
+                assert_eq!(bits(&group), bits(&alone), "path {path} bf16 hd {hd} n {n} g {g}");
             }
         }
     }

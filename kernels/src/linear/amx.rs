@@ -144,8 +144,17 @@ impl Pass {
             if rb > 0 {
                 asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem, preserves_flags));
             }
+            // Fewer than 16 rows read each panel once, straight from memory: hint the next step's
+            // 2 KB of it (3 to 15 rows stream ~10% faster from memory; larger batches, whose panels
+            // come from L2, measured no gain).
+            let ahead = self.m < 16;
             for t in 0..tiles {
                 let b0 = p.add(t * 16 * 128);
+                if ahead {
+                    for l in 0..32 {
+                        _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(2048 + l * 64) as *const i8);
+                    }
+                }
                 asm!(
                     "tileloadd tmm6, [{b0} + {s}*1]",
                     "tileloadd tmm7, [{b1} + {s}*1]",

@@ -2,7 +2,7 @@
 //! (default on sliding layers, proportional on full ones), V = k_proj output on full layers with
 //! `attention_k_eq_v`, scale 1.0, causal mask limited to `sliding_window` keys on sliding layers.
 
-use switchyard_kernels::{DType, LinearJob, attention::attend, linear, linear_many, ops};
+use switchyard_kernels::{DType, LinearJob, attention::attend_group, linear, linear_many, ops};
 
 use super::RowInfo;
 use crate::checkpoint::{Checkpoint, Tensor};
@@ -87,20 +87,21 @@ impl Attention {
             LayerKind::Sliding => c.sliding_window,
             LayerKind::Full => usize::MAX,
         };
-        // One task per (row, head), each against its own sequence's keys; output is [T, heads, head_dim].
-        let attn = switchyard_kernels::pool::parallel_rows(t * nq, hd, &|task, out| {
-            let (r, head) = (task / nq, task % nq);
+        // One task per (row, KV head): the group's query heads against their sequence's keys together
+        // (each gets the bits it would alone); output is [T, heads, head_dim].
+        let attn = switchyard_kernels::pool::parallel_rows(t * nkv, group * hd, &|task, out| {
+            let (r, kvh) = (task / nkv, task % nkv);
             let info = rows[r];
             let view = kv.view(info.chunk, self.layer);
             // Sliding layers: causal, or within the row's own image; either way `kv > pos - window`.
             let from = (info.pos + 1).saturating_sub(window);
             let to = if window == usize::MAX { info.pos + 1 } else { info.sees_to };
-            let kvh = head / group;
-            let qh = &q[task * hd..(task + 1) * hd];
-            let mut scores = Vec::with_capacity(to - from);
+            let qg = &q[task * group * hd..(task + 1) * group * hd];
+            let mut scores = Vec::with_capacity(group * (to - from));
             let at = |j: usize| view.offset(from + j, kvh);
-            crate::with_kv_slices!(view.data, |ks, vs| attend(
-                qh,
+            crate::with_kv_slices!(view.data, |ks, vs| attend_group(
+                qg,
+                group,
                 to - from,
                 |j| &ks[at(j)..at(j) + hd],
                 |j| &vs[at(j)..at(j) + hd],
