@@ -231,7 +231,7 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
     if kernel.has_avx512_bf16() && pair_order(j.w.dtype, act) {
         // Rows in parallel once there are enough of them (a prefill's activations are megabytes); the
         // padding past k stays zero.
-        let mut data = vec![0u16; j.m * stride];
+        let mut data = pool::zeros(j.m * stride);
         pool::for_each_chunk_mut(&mut data, stride, &|r, row| {
             crate::simd::vectorized(|| {
                 for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {

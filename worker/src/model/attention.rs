@@ -42,9 +42,9 @@ impl Attention {
     pub(crate) fn forward(&self, h: &[f32], rows: &[RowInfo], kv: &mut dyn KvStore, c: &ModelConfig, dt: DType) -> Vec<f32> {
         let t = rows.len();
         let (hd, nq, nkv) = (self.spec.head_dim, c.num_heads, self.spec.num_kv_heads);
-        let mut q = vec![0f32; t * nq * hd];
-        let mut k = vec![0f32; t * nkv * hd];
-        let mut v = vec![0f32; if self.v_proj.is_some() { t * nkv * hd } else { 0 }];
+        let mut q = switchyard_kernels::pool::zeros(t * nq * hd);
+        let mut k = switchyard_kernels::pool::zeros(t * nkv * hd);
+        let mut v = switchyard_kernels::pool::zeros(if self.v_proj.is_some() { t * nkv * hd } else { 0 });
         {
             let mut jobs = vec![
                 LinearJob { x: h, m: t, w: self.q_proj.weight(), out: &mut q },
@@ -111,7 +111,7 @@ impl Attention {
                 out
             ));
         });
-        let mut o = vec![0f32; t * c.hidden_size];
+        let mut o = switchyard_kernels::pool::zeros(t * c.hidden_size);
         linear(&attn, t, self.o_proj.weight(), &mut o, dt);
         o
     }

@@ -28,7 +28,7 @@ impl Embedding {
         let h = c.hidden_size;
         let dt = self.table.dtype;
         let w = self.table.weight();
-        let mut x = vec![0f32; ids.len() * h];
+        let mut x = switchyard_kernels::pool::zeros(ids.len() * h);
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
             let id = if c.placeholder_ids.contains(&id) { c.pad_token_id } else { id };
             w.row_f32(id as usize, row);

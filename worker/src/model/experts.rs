@@ -172,7 +172,7 @@ pub fn expert_outputs<'w>(
     let gathered: Vec<Vec<f32>> = gather(&active, &by_expert, rows, pair_row, h);
     let ws: Vec<ExpertWeights<'w>> = active.iter().map(|&x| weights(x)).collect();
     // gate_up for every active expert in one parallel region, then the activation, then down.
-    let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * 2 * inter]).collect();
+    let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| switchyard_kernels::pool::zeros(by_expert[x].len() * 2 * inter)).collect();
     {
         let mut jobs: Vec<LinearJob<'_>> = active
             .iter()
@@ -186,7 +186,7 @@ pub fn expert_outputs<'w>(
     // The activation of every (expert, row) pair, in one parallel pass.
     let offsets: Vec<usize> = gu.iter().scan(0, |acc, g| Some(std::mem::replace(acc, *acc + g.len() / 2))).collect();
     let total: usize = gu.iter().map(|g| g.len() / 2).sum();
-    let mut act = vec![0f32; total];
+    let mut act = switchyard_kernels::pool::zeros(total);
     let row_expert: Vec<usize> = gu.iter().enumerate().flat_map(|(ai, g)| std::iter::repeat_n(ai, g.len() / (2 * inter))).collect();
     switchyard_kernels::pool::for_each_chunk_mut_above(&mut act, inter, 4096, &|r, arow| {
         let ai = row_expert[r];
@@ -195,7 +195,7 @@ pub fn expert_outputs<'w>(
         ops::gelu_gate_up(&grow[..inter], &grow[inter..], dt, arow);
     });
     let acts: Vec<&[f32]> = offsets.iter().zip(&gu).map(|(&o, g)| &act[o..o + g.len() / 2]).collect();
-    let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| vec![0f32; by_expert[x].len() * h]).collect();
+    let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| switchyard_kernels::pool::zeros(by_expert[x].len() * h)).collect();
     {
         let mut jobs: Vec<LinearJob<'_>> = active
             .iter()

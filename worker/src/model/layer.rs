@@ -77,7 +77,7 @@ impl DecoderLayer {
             let m1 = norm(&m, Some(&moe.post_ff_ln_1));
             let routing = moe.router.forward(&x, t, c, dt);
             let he = norm(&x, Some(&moe.pre_ff_ln_2));
-            let mut y = vec![0f32; t * h];
+            let mut y = switchyard_kernels::pool::zeros(t * h);
             experts.run(self.index, &he, t, &routing.ids, &routing.weights, &mut y)?;
             let mut m2 = norm(&y, Some(&moe.post_ff_ln_2));
             ops::add_assign(&mut m2, &m1, dt);

@@ -30,7 +30,7 @@ impl LmHead {
         }
         let mut normed = hs.to_vec();
         ops::rms_norm_chunks(&mut normed, c.hidden_size, Some(&self.norm), c.rms_norm_eps, dt);
-        let mut logits = vec![0f32; n * c.vocab_size];
+        let mut logits = switchyard_kernels::pool::zeros(n * c.vocab_size);
         linear(&normed, n, self.weight.weight(), &mut logits, dt);
         if let Some(cap) = c.final_logit_softcapping {
             // One chunk per row: a single decode row stays inline (a parallel region costs more than it saves).

@@ -24,14 +24,14 @@ impl Mlp {
 
     pub fn forward(&self, x: &[f32], t: usize, c: &ModelConfig, dt: DType) -> Vec<f32> {
         let i = c.intermediate_size;
-        let (mut g, mut u) = (vec![0f32; t * i], vec![0f32; t * i]);
+        let (mut g, mut u) = (switchyard_kernels::pool::zeros(t * i), switchyard_kernels::pool::zeros(t * i));
         linear_many(
             &mut [LinearJob { x, m: t, w: self.gate.weight(), out: &mut g }, LinearJob { x, m: t, w: self.up.weight(), out: &mut u }],
             dt,
         );
-        let mut act = vec![0f32; t * i];
+        let mut act = switchyard_kernels::pool::zeros(t * i);
         ops::gelu_mul(&g, &u, dt, &mut act);
-        let mut out = vec![0f32; t * c.hidden_size];
+        let mut out = switchyard_kernels::pool::zeros(t * c.hidden_size);
         linear(&act, t, self.down.weight(), &mut out, dt);
         out
     }
