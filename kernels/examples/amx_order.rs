@@ -2,7 +2,9 @@
 //! `vdpbf16ps` does? On a CPU with AMX-BF16 and AVX512-BF16 it multiplies random bf16 tiles (16 x 1024 by
 //! 1024 x 16) both ways and counts the f32 outputs whose bits differ. This is why the `amx` kernel path is
 //! a numerics of its own (docs/model.md), used for every batch size so that a row's result still never
-//! depends on the batch.
+//! depends on the batch. It also checks the model of `tdpbf16ps` that the path's few-row kernel follows
+//! on `vdpbf16ps` (`kernels/src/linear/amx.rs`): per instruction (16 k-pairs), an f32 chain of the even
+//! elements' products and one of the odd ones', each from zero, then `acc += even + odd`.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
@@ -25,7 +27,7 @@ fn main() {
     }
     let (m, n, k, trials) = (16usize, 16usize, 1024usize, 200);
     let mut seed = 0x1234_5678_9abc_def1u64;
-    let mut differ = 0;
+    let (mut differ, mut model_differs) = (0, 0);
     for trial in 0..trials {
         let scale = if trial % 2 == 0 { 1.0 } else { 1e-3 };
         let a: Vec<u16> = (0..m * k).map(|_| bf16(rand(&mut seed) * scale)).collect();
@@ -37,10 +39,31 @@ fn main() {
                 // SAFETY: the CPU has AVX512-BF16.
                 let chain = unsafe { vdpbf16ps_chain(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]) };
                 differ += usize::from(chain.to_bits() != amx[i * n + j].to_bits());
+                let model = tile_model(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                model_differs += usize::from(model.to_bits() != amx[i * n + j].to_bits());
             }
         }
     }
     println!("tdpbf16ps vs vdpbf16ps chain, k = {k}: {differ} of {} f32 outputs differ", trials * m * n);
+    println!("tdpbf16ps vs its model (even and odd chains per 16 pairs, then one add): {model_differs} differ");
+}
+
+/// One output as the model says `tdpbf16ps` computes it, in scalar arithmetic: a product of two bf16
+/// values is exact in f32 and a sum of two f32 values exact in f64, so each `as f32` is one rounding to
+/// nearest even; results below f32's normal range flush to zero, as the tiles' do.
+fn tile_model(a: &[u16], b: &[u16]) -> f32 {
+    let f = |h: u16| f32::from_bits((h as u32) << 16) as f64;
+    let ftz = |x: f32| if x.abs() < f32::MIN_POSITIVE { 0.0 * x.signum() } else { x };
+    let mut acc = 0f32;
+    for step in a.chunks(32).zip(b.chunks(32)) {
+        let (mut even, mut odd) = (0f32, 0f32);
+        for p in 0..step.0.len() / 2 {
+            even = ftz((even as f64 + f(step.0[2 * p]) * f(step.1[2 * p])) as f32);
+            odd = ftz((odd as f64 + f(step.0[2 * p + 1]) * f(step.1[2 * p + 1])) as f32);
+        }
+        acc = ftz((acc as f64 + ftz((even as f64 + odd as f64) as f32) as f64) as f32);
+    }
+    acc
 }
 
 #[cfg(not(target_arch = "x86_64"))]
