@@ -229,16 +229,22 @@ fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
     let k = j.w.cols;
     let stride = k.div_ceil(32) * 32;
     if kernel.has_avx512_bf16() && pair_order(j.w.dtype, act) {
-        // Rows in parallel once there are enough of them (a prefill's activations are megabytes); the
-        // padding past k stays zero.
-        let mut data = pool::zeros(j.m * stride);
-        pool::for_each_chunk_mut(&mut data, stride, &|r, row| {
+        // Rows in parallel once there are enough of them (a prefill's activations are megabytes), each
+        // written whole, its padding past k with zeros: no clearing pass first.
+        let n = j.m * stride;
+        let mut data: Vec<u16> = Vec::with_capacity(n);
+        pool::for_each_chunk_mut(&mut data.spare_capacity_mut()[..n], stride, &|r, row| {
             crate::simd::vectorized(|| {
                 for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
-                    *d = f32_to_bf16_bits(*s);
+                    d.write(f32_to_bf16_bits(*s));
                 }
             });
+            for d in &mut row[k..] {
+                d.write(0);
+            }
         });
+        // SAFETY: the capacity is n, and the tasks above wrote every element of the m rows of `stride`.
+        unsafe { data.set_len(n) };
         Packed::Bf16 { data, stride }
     } else {
         let mut data = vec![0f32; j.m * stride];
