@@ -61,10 +61,8 @@ impl DType {
 
     /// Rounds every element in place; a no-op for `F32`.
     pub fn round_slice(self, xs: &mut [f32]) {
-        match self {
-            DType::F32 => {}
-            DType::BF16 => xs.iter_mut().for_each(|x| *x = bf16_round(*x)),
-            DType::F16 => xs.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+        if self != DType::F32 {
+            crate::with_rounding!(self, |round| xs.iter_mut().for_each(|x| *x = round(*x)));
         }
     }
 
@@ -120,6 +118,29 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 #[inline(always)]
 pub fn bf16_round(x: f32) -> f32 {
     bf16_to_f32(f32_to_bf16_bits(x))
+}
+
+/// Evaluates `$body` with `$round` bound to `$dt`'s rounding as a function of its own ([`bf16_round`]
+/// for bf16, the identity for f32, [`DType::round`] of f16 for f16): a loop that calls it has no match on
+/// the dtype inside, so it vectorises. `with_rounding!(dt, |round| a.iter_mut().for_each(|x| *x = round(*x * s)))`.
+#[macro_export]
+macro_rules! with_rounding {
+    ($dt:expr, |$round:ident| $body:expr) => {
+        match $dt {
+            $crate::DType::BF16 => {
+                let $round = $crate::dtype::bf16_round;
+                $body
+            }
+            $crate::DType::F32 => {
+                let $round = |x: f32| x;
+                $body
+            }
+            $crate::DType::F16 => {
+                let $round = |x: f32| $crate::DType::F16.round(x);
+                $body
+            }
+        }
+    };
 }
 
 #[cfg(test)]

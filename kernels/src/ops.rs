@@ -26,17 +26,22 @@ pub fn rms_norm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, dt: DType, out:
 
 /// [`rms_norm_row`] over every `dim`-long row of `x`, into a new buffer (rows in parallel).
 pub fn rms_norm_rows(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt: DType) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    let rows_per_task = (4096 / dim).max(1);
-    crate::pool::for_each_chunk_mut(&mut out, rows_per_task * dim, &|i, o| {
-        let src = &x[i * rows_per_task * dim..i * rows_per_task * dim + o.len()];
+    let mut out = crate::pool::zeros(x.len());
+    row_blocks(&mut out, dim, &|start, o| {
         crate::simd::vectorized(|| {
-            for (row, dst) in src.chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
+            for (row, dst) in x[start..start + o.len()].chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
                 rms_norm_row(row, weight, eps, dt, dst);
             }
         });
     });
     out
+}
+
+/// Runs `f(start, block)` over blocks of whole rows of `dim` (about 4,096 elements each; in parallel when
+/// `data` is large), `start` being the block's first element.
+fn row_blocks(data: &mut [f32], dim: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let block = (4096 / dim).max(1) * dim;
+    crate::pool::for_each_chunk_mut(data, block, &|i, rows| f(i * block, rows));
 }
 
 /// Sum of a contiguous f32 row in exactly PyTorch's CPU order (`SumKernel.cpp` as dispatched on this
@@ -110,8 +115,7 @@ pub fn torch_sum(x: &[f32]) -> f32 {
 
 /// RMSNorm applied to each `dim`-wide chunk of `x` (rows, or heads within rows), in place.
 pub fn rms_norm_chunks(x: &mut [f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt: DType) {
-    let rows_per_task = (4096 / dim).max(1);
-    crate::pool::for_each_chunk_mut(x, rows_per_task * dim, &|_, rows| {
+    row_blocks(x, dim, &|_, rows| {
         let mut tmp = vec![0f32; dim];
         crate::simd::vectorized(|| {
             for row in rows.chunks_exact_mut(dim) {
@@ -220,9 +224,7 @@ fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
                 *o = crate::dtype::bf16_round(t[(g.to_bits() >> 16) as usize] * u);
             }
         }
-        DType::BF16 => gelu_loop(gate, up, out, crate::dtype::bf16_round),
-        DType::F32 => gelu_loop(gate, up, out, |x| x),
-        DType::F16 => gelu_loop(gate, up, out, |x| DType::F16.round(x)),
+        dt => crate::with_rounding!(dt, |round| gelu_loop(gate, up, out, round)),
     }
 }
 
@@ -249,8 +251,7 @@ fn softcap_body(logits: &mut [f32], cap: f32, dt: DType) {
                 *l = round(t[(round(*l / cap).to_bits() >> 16) as usize] * cap);
             }
         }
-        DType::F32 => run(logits, cap, |x| x),
-        DType::F16 => run(logits, cap, |x| DType::F16.round(x)),
+        dt => crate::with_rounding!(dt, |round| run(logits, cap, round)),
     }
 }
 
@@ -281,11 +282,7 @@ pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|i, a| {
         let b = &b[i * CHUNK..i * CHUNK + a.len()];
-        // The dtype outside the loop, so that the bf16 loop vectorises.
-        crate::simd::vectorized(|| match dt {
-            DType::BF16 => a.iter_mut().zip(b).for_each(|(x, &y)| *x = crate::dtype::bf16_round(*x + y)),
-            _ => a.iter_mut().zip(b).for_each(|(x, &y)| *x = dt.round(*x + y)),
-        });
+        crate::simd::vectorized(|| crate::with_rounding!(dt, |round| a.iter_mut().zip(b).for_each(|(x, &y)| *x = round(*x + y))));
     });
 }
 
@@ -293,10 +290,7 @@ pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
 pub fn scale_assign(a: &mut [f32], s: f32, dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|_, a| {
-        crate::simd::vectorized(|| match dt {
-            DType::BF16 => a.iter_mut().for_each(|x| *x = crate::dtype::bf16_round(*x * s)),
-            _ => a.iter_mut().for_each(|x| *x = dt.round(*x * s)),
-        });
+        crate::simd::vectorized(|| crate::with_rounding!(dt, |round| a.iter_mut().for_each(|x| *x = round(*x * s))));
     });
 }
 

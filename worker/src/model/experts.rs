@@ -6,7 +6,6 @@
 //! compute dtype; a row's contributions are then summed in ascending expert id, rounding after every
 //! add. Every backend must combine in exactly this order ([`combine`]) so outputs match bit for bit.
 
-use switchyard_kernels::dtype::bf16_round;
 use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
 
 use crate::checkpoint::{Checkpoint, Tensor};
@@ -251,10 +250,8 @@ impl ExpertBackend for LocalExperts {
             for s in slots {
                 let pair = r * k + s;
                 let (w, y) = (weights[pair], y.y(pair));
-                // The dtype outside the loop, so that the bf16 loop vectorises.
-                switchyard_kernels::simd::vectorized(|| match dt {
-                    DType::BF16 => o.iter_mut().zip(y).for_each(|(x, &y)| *x = bf16_round(*x + bf16_round(y * w))),
-                    _ => o.iter_mut().zip(y).for_each(|(x, &y)| *x = dt.round(*x + dt.round(y * w))),
+                switchyard_kernels::simd::vectorized(|| {
+                    switchyard_kernels::with_rounding!(dt, |round| o.iter_mut().zip(y).for_each(|(x, &y)| *x = round(*x + round(y * w))))
                 });
             }
         });
