@@ -56,23 +56,6 @@ pub fn combine(contrib: &[f32], ids: &[u32], n: usize, k: usize, hidden: usize, 
     });
 }
 
-/// Per active expert, its pairs' rows of `rows` (`[pairs of that expert, hidden]`), each in an
-/// allocation of its own (measurably faster for the GEMMs that follow than slices of one buffer),
-/// written once: no zero fill, no second copy.
-fn gather(active: &[usize], by_expert: &[Vec<usize>], rows: &[f32], pair_row: &[usize], h: usize) -> Vec<Vec<f32>> {
-    active
-        .iter()
-        .map(|&x| {
-            let mut g = Vec::with_capacity(by_expert[x].len() * h);
-            for &pair in &by_expert[x] {
-                let row = pair_row[pair];
-                g.extend_from_slice(&rows[row * h..(row + 1) * h]);
-            }
-            g
-        })
-        .collect()
-}
-
 /// One layer's stacked expert weights, `gate_up [E, 2I, H]` and `down [E, H, I]`, under the names
 /// transformers writes (`experts.*`) or the older `moe.*`.
 pub fn expert_tensors(
@@ -168,7 +151,18 @@ pub fn expert_outputs<'w>(
         by_expert[id as usize].push(pair);
     }
     let active: Vec<usize> = (0..num_experts).filter(|&x| !by_expert[x].is_empty()).collect();
-    let gathered: Vec<Vec<f32>> = gather(&active, &by_expert, rows, pair_row, h);
+    // Every active expert's rows, expert after expert, in one buffer (one parallel copy).
+    let order: Vec<usize> = active.iter().flat_map(|&x| by_expert[x].iter().map(|&p| pair_row[p])).collect();
+    let flat = switchyard_kernels::pool::gather_rows(rows, h, &order);
+    let mut at = 0;
+    let gathered: Vec<&[f32]> = active
+        .iter()
+        .map(|&x| {
+            let g = &flat[at..at + by_expert[x].len() * h];
+            at += g.len();
+            g
+        })
+        .collect();
     let ws: Vec<ExpertWeights<'w>> = active.iter().map(|&x| weights(x)).collect();
     // gate_up for every active expert in one parallel region, then the activation, then down.
     let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| switchyard_kernels::pool::zeros(by_expert[x].len() * 2 * inter)).collect();
