@@ -5,10 +5,6 @@ use switchyard_kernels::{DType, Weight, linear};
 fn main() {
     let isa = switchyard_kernels::isa::select().unwrap_or_else(|e| panic!("{e}"));
     println!("kernel path {isa} (SWITCHYARD_KERNELS to choose); CPU features: {}", switchyard_kernels::isa::cpu_features());
-    if std::env::var("SCRATCH").is_ok() {
-        shape(131072, 1024, &[1, 2, 3, 5, 8, 16], true);
-        return;
-    }
     for (n, k, ms) in
         [(4096usize, 1024usize, &[1usize, 2, 16, 256][..]), (1024, 1024, &[256][..]), (1024, 512, &[256][..]), (131072, 1024, &[1, 16][..])]
     {

@@ -24,4 +24,4 @@ pub mod topk;
 
 pub use dtype::DType;
 pub use isa::{Isa, isa};
-pub use linear::{LinearJob, Weight, linear, linear_many};
+pub use linear::{LinearJob, Product, Weight, linear, linear_many, linear_many_new, linear_new};

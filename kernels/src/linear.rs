@@ -86,15 +86,63 @@ pub fn linear_many(jobs: &mut [LinearJob<'_>], act: DType) {
     linear_many_on(isa(), jobs, act);
 }
 
+/// A product whose output [`linear_new`] or [`linear_many_new`] allocates: `[m, w.rows] = x[m, w.cols] · wᵀ`.
+#[derive(Clone, Copy)]
+pub struct Product<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub w: Weight<'a>,
+}
+
+/// `round_act(x · wᵀ)` in a new `[m, w.rows]` buffer.
+pub fn linear_new(x: &[f32], m: usize, w: Weight<'_>, act: DType) -> Vec<f32> {
+    linear_many_new(&[Product { x, m, w }], act).pop().expect("one product")
+}
+
+/// [`linear_many`] into new buffers, one per product: the kernels write every element of each once,
+/// straight into fresh memory (no clearing pass first: clearing a prefill's outputs was 5-6% of it).
+pub fn linear_many_new(products: &[Product<'_>], act: DType) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = products.iter().map(|p| Vec::with_capacity(p.m * p.w.rows)).collect();
+    let ptrs: Vec<SendPtr> = outs
+        .iter_mut()
+        .map(|o| {
+            let spare = o.spare_capacity_mut();
+            // Debug builds (the tests) start from NaN, so that an element no kernel wrote cannot pass.
+            #[cfg(debug_assertions)]
+            spare.iter_mut().for_each(|v| {
+                v.write(f32::NAN);
+            });
+            SendPtr(spare.as_mut_ptr() as *mut f32)
+        })
+        .collect();
+    run_products(isa(), products, &ptrs, act);
+    for (o, p) in outs.iter_mut().zip(products) {
+        // SAFETY: the capacity is m * w.rows, and `run_products` wrote every element of the m rows.
+        unsafe { o.set_len(p.m * p.w.rows) };
+    }
+    outs
+}
+
 /// [`linear_many`] on a given path (one the CPU supports): tests compare every path a machine has.
 #[doc(hidden)]
 pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
+    for j in jobs.iter() {
+        assert!(j.out.len() >= j.m * j.w.rows, "out too short for {}x{}", j.m, j.w.rows);
+    }
+    let products: Vec<Product<'_>> = jobs.iter().map(|j| Product { x: j.x, m: j.m, w: j.w }).collect();
+    let outs: Vec<SendPtr> = jobs.iter_mut().map(|j| SendPtr(j.out.as_mut_ptr())).collect();
+    run_products(kernel, &products, &outs, act);
+}
+
+/// Computes every product into `outs` (each `[m, w.rows]`, written once whole through the pointer:
+/// the memory may be uninitialised), in one parallel region.
+fn run_products(kernel: Isa, jobs: &[Product<'_>], outs: &[SendPtr], act: DType) {
     assert!(kernel.is_supported(), "the {kernel} kernels need CPU features this machine lacks");
     // Jobs that read the same rows (q, k and v; gate and up) share one packed copy of them.
     let mut packed: Vec<Packed> = Vec::new();
     let mut packed_for: Vec<usize> = Vec::with_capacity(jobs.len());
     for (ji, j) in jobs.iter().enumerate() {
-        let same = |p: &LinearJob<'_>| {
+        let same = |p: &Product<'_>| {
             std::ptr::eq(p.x.as_ptr(), j.x.as_ptr())
                 && p.m == j.m
                 && p.w.cols == j.w.cols
@@ -113,7 +161,6 @@ pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
     let mut tasks = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
         assert!(j.x.len() >= j.m * j.w.cols, "x too short for {}x{}", j.m, j.w.cols);
-        assert!(j.out.len() >= j.m * j.w.rows, "out too short for {}x{}", j.m, j.w.rows);
         let tiles = matches!(packed[packed_for[ji]], Packed::Bf16 { .. }) && kernel == Isa::Amx && j.m >= AMX_ROW_BLOCK / 2;
         let (nb, mb) = if tiles { (AMX_COL_BLOCK, AMX_ROW_BLOCK) } else { (block_rows(j.m, j.w.rows), j.m.max(1)) };
         for r0 in (0..j.m.max(1)).step_by(mb) {
@@ -125,7 +172,6 @@ pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
             }
         }
     }
-    let outs: Vec<SendPtr> = jobs.iter_mut().map(|j| SendPtr(j.out.as_mut_ptr())).collect();
     let run = |t: usize| {
         let (ji, r0, r1, n0, n1) = tasks[t];
         let j = &jobs[ji];
@@ -225,7 +271,7 @@ enum Packed {
     },
 }
 
-fn pack(j: &LinearJob<'_>, act: DType, kernel: Isa) -> Packed {
+fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
     let k = j.w.cols;
     let stride = k.div_ceil(32) * 32;
     if kernel.has_avx512_bf16() && pair_order(j.w.dtype, act) {
@@ -1336,8 +1382,9 @@ mod tests {
             };
             let amx = run(Isa::Amx, w);
             assert_eq!(run(Isa::Amx, w.with_panels(Some(&panels))), amx, "amx with panels, m={m} n={n} k={k}");
-            // Large batches split their rows into blocks across tasks, and up to four rows run on
-            // `vdpbf16ps` in the tiles' order: a row alone, or with a few others, gives the same bits.
+            // Large batches split their rows into blocks across tasks, and one or two rows run on
+            // `vdpbf16ps` in the tiles' order (three or four on the tiles, as one row block): a row
+            // alone, or with a few others, gives the same bits.
             for r in [0, m / 2, m - 1] {
                 for few in 1..=4.min(m - r) {
                     let mut one = vec![0f32; few * n];

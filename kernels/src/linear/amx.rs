@@ -73,6 +73,9 @@ struct Scratch([[f32; 32]; 32]);
 pub(super) unsafe fn block(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, n1: usize, out: *mut f32, os: usize) {
     debug_assert_eq!(n0 % 32, 0);
     debug_assert!(x.len() >= m * xs && xs.is_multiple_of(32) && xs >= w.cols);
+    if m == 0 {
+        return;
+    }
     let k2 = w.cols.div_ceil(2);
     if let (Some(panels), 1..=SMALL_M) = (w.panels, m) {
         let mut c = n0;
@@ -367,7 +370,9 @@ unsafe fn few_rows(x: *const u16, xs: usize, m: usize, panels: &[u32], k2: usize
 /// `MR` rows against `NP` consecutive panels on `vdpbf16ps`, giving `tdpbf16ps`'s bits (see the module
 /// notes): per 16 pairs, an even chain and an odd chain from zero (the activation pair with its odd,
 /// then its even, half zeroed), then `acc += even + odd`, each add flushing subnormal results as the
-/// tiles do; pairs past the last whole 16 in the plain pair order, as [`Pass::run`] finishes them.
+/// tiles do; pairs past the last whole 16 in the plain pair order, as [`Pass::finish`] does. The zeroed
+/// half adds `0 * w`, which is no change for finite weights (a checkpoint's are; an infinite weight
+/// would make it NaN where the tiles might give an infinity).
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn panels_tile_order<const MR: usize, const NP: usize>(
@@ -446,14 +451,15 @@ unsafe fn panels_tile_order<const MR: usize, const NP: usize>(
     }
 }
 
-/// Zero where `v` is subnormal (the tiles' flush-to-zero on each add's result).
+/// Zero where `v` is subnormal (the tiles' flush-to-zero on each add's result); every other value,
+/// NaN and infinities included, as it is.
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn flush_subnormal(v: __m512) -> __m512 {
     let abs = _mm512_abs_ps(v);
-    let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(abs, _mm512_set1_ps(f32::MIN_POSITIVE));
-    let zero = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(abs, _mm512_setzero_ps());
+    let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs, _mm512_set1_ps(f32::MIN_POSITIVE))
+        & _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(abs, _mm512_setzero_ps());
     // A flushed result keeps its sign, as the hardware's does.
     let signed_zero = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN)));
-    _mm512_mask_mov_ps(signed_zero, normal | zero, v)
+    _mm512_mask_mov_ps(v, tiny, signed_zero)
 }

@@ -2,7 +2,7 @@
 //! (default on sliding layers, proportional on full ones), V = k_proj output on full layers with
 //! `attention_k_eq_v`, scale 1.0, causal mask limited to `sliding_window` keys on sliding layers.
 
-use switchyard_kernels::{DType, LinearJob, attention::attend_group, linear, linear_many, ops};
+use switchyard_kernels::{DType, Product, attention::attend_group, linear_many_new, linear_new, ops};
 
 use super::RowInfo;
 use crate::checkpoint::{Checkpoint, Tensor};
@@ -42,22 +42,14 @@ impl Attention {
     pub(crate) fn forward(&self, h: &[f32], rows: &[RowInfo], kv: &mut dyn KvStore, c: &ModelConfig, dt: DType) -> Vec<f32> {
         let t = rows.len();
         let (hd, nq, nkv) = (self.spec.head_dim, c.num_heads, self.spec.num_kv_heads);
-        let mut q = switchyard_kernels::pool::zeros(t * nq * hd);
-        let mut k = switchyard_kernels::pool::zeros(t * nkv * hd);
-        let mut v = switchyard_kernels::pool::zeros(if self.v_proj.is_some() { t * nkv * hd } else { 0 });
-        {
-            let mut jobs = vec![
-                LinearJob { x: h, m: t, w: self.q_proj.weight(), out: &mut q },
-                LinearJob { x: h, m: t, w: self.k_proj.weight(), out: &mut k },
-            ];
-            if let Some(vp) = &self.v_proj {
-                jobs.push(LinearJob { x: h, m: t, w: vp.weight(), out: &mut v });
-            }
-            linear_many(&mut jobs, dt);
+        let mut products = vec![Product { x: h, m: t, w: self.q_proj.weight() }, Product { x: h, m: t, w: self.k_proj.weight() }];
+        if let Some(vp) = &self.v_proj {
+            products.push(Product { x: h, m: t, w: vp.weight() });
         }
-        if self.v_proj.is_none() {
-            v = k.clone(); // attention_k_eq_v: V is the raw k_proj output
-        }
+        let mut outs = linear_many_new(&products, dt).into_iter();
+        let (mut q, mut k) = (outs.next().expect("q"), outs.next().expect("k"));
+        // attention_k_eq_v: without v_proj, V is the raw k_proj output.
+        let mut v = outs.next().unwrap_or_else(|| k.clone());
         let eps = c.rms_norm_eps;
         ops::rms_norm_chunks(&mut q, hd, Some(&self.q_norm), eps, dt);
         ops::rms_norm_chunks(&mut k, hd, Some(&self.k_norm), eps, dt);
@@ -88,20 +80,24 @@ impl Attention {
             LayerKind::Full => usize::MAX,
         };
         // One task per (row, KV head): the group's query heads against their sequence's keys together
-        // (each gets the bits it would alone); output is [T, heads, head_dim].
-        let attn = switchyard_kernels::pool::parallel_rows(t * nkv, group * hd, &|task, out| {
-            let (r, kvh) = (task / nkv, task % nkv);
+        // (each gets the bits it would alone); per (row, head) instead when that leaves too few tasks
+        // to keep the pool's threads busy (a batch-1 decode on a layer with few KV heads). Output is
+        // [T, heads, head_dim] either way.
+        let per_task = if t * nkv >= 2 * switchyard_kernels::pool::global().threads() { group } else { 1 };
+        let attn = switchyard_kernels::pool::parallel_rows(t * nq / per_task, per_task * hd, &|task, out| {
+            let (r, head) = (task * per_task / nq, task * per_task % nq);
+            let kvh = head / group;
             let info = rows[r];
             let view = kv.view(info.chunk, self.layer);
             // Sliding layers: causal, or within the row's own image; either way `kv > pos - window`.
             let from = (info.pos + 1).saturating_sub(window);
             let to = if window == usize::MAX { info.pos + 1 } else { info.sees_to };
-            let qg = &q[task * group * hd..(task + 1) * group * hd];
-            let mut scores = Vec::with_capacity(group * (to - from));
+            let qg = &q[task * per_task * hd..(task + 1) * per_task * hd];
+            let mut scores = Vec::with_capacity(per_task * (to - from));
             let at = |j: usize| view.offset(from + j, kvh);
             crate::with_kv_slices!(view.data, |ks, vs| attend_group(
                 qg,
-                group,
+                per_task,
                 to - from,
                 |j| &ks[at(j)..at(j) + hd],
                 |j| &vs[at(j)..at(j) + hd],
@@ -111,8 +107,6 @@ impl Attention {
                 out
             ));
         });
-        let mut o = switchyard_kernels::pool::zeros(t * c.hidden_size);
-        linear(&attn, t, self.o_proj.weight(), &mut o, dt);
-        o
+        linear_new(&attn, t, self.o_proj.weight(), dt)
     }
 }

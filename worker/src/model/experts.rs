@@ -6,7 +6,7 @@
 //! compute dtype; a row's contributions are then summed in ascending expert id, rounding after every
 //! add. Every backend must combine in exactly this order ([`combine`]) so outputs match bit for bit.
 
-use switchyard_kernels::{DType, LinearJob, Weight, linear_many, ops};
+use switchyard_kernels::{DType, Product, Weight, linear_many_new, ops};
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{ModelConfig, MoeConfig};
@@ -165,17 +165,9 @@ pub fn expert_outputs<'w>(
         .collect();
     let ws: Vec<ExpertWeights<'w>> = active.iter().map(|&x| weights(x)).collect();
     // gate_up for every active expert in one parallel region, then the activation, then down.
-    let mut gu: Vec<Vec<f32>> = active.iter().map(|&x| switchyard_kernels::pool::zeros(by_expert[x].len() * 2 * inter)).collect();
-    {
-        let mut jobs: Vec<LinearJob<'_>> = active
-            .iter()
-            .zip(&gathered)
-            .zip(gu.iter_mut())
-            .zip(&ws)
-            .map(|(((&x, xs), o), w)| LinearJob { x: xs, m: by_expert[x].len(), w: w.gate_up, out: o })
-            .collect();
-        linear_many(&mut jobs, dt);
-    }
+    let products: Vec<Product<'_>> =
+        active.iter().zip(&gathered).zip(&ws).map(|((&x, xs), w)| Product { x: xs, m: by_expert[x].len(), w: w.gate_up }).collect();
+    let gu: Vec<Vec<f32>> = linear_many_new(&products, dt);
     // The activation of every (expert, row) pair, in one parallel pass.
     let offsets: Vec<usize> = gu.iter().scan(0, |acc, g| Some(std::mem::replace(acc, *acc + g.len() / 2))).collect();
     let total: usize = gu.iter().map(|g| g.len() / 2).sum();
@@ -188,17 +180,9 @@ pub fn expert_outputs<'w>(
         ops::gelu_gate_up(&grow[..inter], &grow[inter..], dt, arow);
     });
     let acts: Vec<&[f32]> = offsets.iter().zip(&gu).map(|(&o, g)| &act[o..o + g.len() / 2]).collect();
-    let mut ys: Vec<Vec<f32>> = active.iter().map(|&x| switchyard_kernels::pool::zeros(by_expert[x].len() * h)).collect();
-    {
-        let mut jobs: Vec<LinearJob<'_>> = active
-            .iter()
-            .zip(&acts)
-            .zip(ys.iter_mut())
-            .zip(&ws)
-            .map(|(((&x, &a), o), w)| LinearJob { x: a, m: by_expert[x].len(), w: w.down, out: o })
-            .collect();
-        linear_many(&mut jobs, dt);
-    }
+    let products: Vec<Product<'_>> =
+        active.iter().zip(&acts).zip(&ws).map(|((&x, &a), w)| Product { x: a, m: by_expert[x].len(), w: w.down }).collect();
+    let ys: Vec<Vec<f32>> = linear_many_new(&products, dt);
     // Where each pair's output is: (active expert index, row within that expert).
     let mut place = vec![(0usize, 0usize); pair_expert.len()];
     for (ai, &x) in active.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! Final norm, the tied lm_head (`embed_tokens` reused) and logit soft-capping.
 
-use switchyard_kernels::{DType, linear, ops};
+use switchyard_kernels::{DType, ops};
 
 use super::embedding::Embedding;
 use crate::checkpoint::{Checkpoint, Tensor};
@@ -30,8 +30,7 @@ impl LmHead {
         }
         let mut normed = hs.to_vec();
         ops::rms_norm_chunks(&mut normed, c.hidden_size, Some(&self.norm), c.rms_norm_eps, dt);
-        let mut logits = switchyard_kernels::pool::zeros(n * c.vocab_size);
-        linear(&normed, n, self.weight.weight(), &mut logits, dt);
+        let mut logits = switchyard_kernels::linear_new(&normed, n, self.weight.weight(), dt);
         if let Some(cap) = c.final_logit_softcapping {
             // One chunk per row: a single decode row stays inline (a parallel region costs more than it saves).
             switchyard_kernels::pool::for_each_chunk_mut(&mut logits, c.vocab_size, &|_, chunk| ops::softcap(chunk, cap, dt));

@@ -1,6 +1,6 @@
 //! The dense MLP that runs beside the MoE block: `down(gelu_tanh(gate(x)) * up(x))`.
 
-use switchyard_kernels::{DType, LinearJob, linear, linear_many, ops};
+use switchyard_kernels::{DType, Product, linear_many_new, linear_new, ops};
 
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::ModelConfig;
@@ -24,15 +24,9 @@ impl Mlp {
 
     pub fn forward(&self, x: &[f32], t: usize, c: &ModelConfig, dt: DType) -> Vec<f32> {
         let i = c.intermediate_size;
-        let (mut g, mut u) = (switchyard_kernels::pool::zeros(t * i), switchyard_kernels::pool::zeros(t * i));
-        linear_many(
-            &mut [LinearJob { x, m: t, w: self.gate.weight(), out: &mut g }, LinearJob { x, m: t, w: self.up.weight(), out: &mut u }],
-            dt,
-        );
+        let gu = linear_many_new(&[Product { x, m: t, w: self.gate.weight() }, Product { x, m: t, w: self.up.weight() }], dt);
         let mut act = switchyard_kernels::pool::zeros(t * i);
-        ops::gelu_mul(&g, &u, dt, &mut act);
-        let mut out = switchyard_kernels::pool::zeros(t * c.hidden_size);
-        linear(&act, t, self.down.weight(), &mut out, dt);
-        out
+        ops::gelu_mul(&gu[0], &gu[1], dt, &mut act);
+        linear_new(&act, t, self.down.weight(), dt)
     }
 }
