@@ -20,7 +20,7 @@
 //! Tile registers are named in the assembly (Rust has no operand class for them, and nothing else in
 //! the process uses them); the stable toolchain has no AMX intrinsics.
 
-use super::{PANEL, Weight, bh, pack_panel, pair_step, store_acc};
+use super::{PANEL, Weight, bh, few_rows_panels, pack_panel, pair_step, store_acc};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -82,7 +82,7 @@ pub(super) unsafe fn block(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: u
         while c < n1 {
             // SAFETY: the panels from column c hold k2 * 32 pairs per 32 outputs; x rows are padded;
             // the outputs from c are the caller's.
-            c += unsafe { few_rows(x.as_ptr(), xs, m, &panels[(c / 32) * k2 * 32..], k2, out.add(c), os, n1 - c) };
+            c += unsafe { few_rows_panels::<true>(x.as_ptr(), xs, m, &panels[(c / 32) * k2 * 32..], k2, out.add(c), os, n1 - c) };
         }
         return;
     }
@@ -336,36 +336,11 @@ impl Pass {
     }
 }
 
-/// Batches up to this many rows take [`panels_tile_order`] (when the weight has its panels). Measured
+/// Batches up to this many rows take [`panels_tile_order`] (when the weight has its panels; the same
+/// dispatch over one to four panels as the pair order's few-row kernel). Measured
 /// by `cargo bench -p switchyard-kernels` from memory (n = 131072, k = 1024): one row 24 GB/s on the
 /// tiles, 29-32 here; two rows 27 here; from three rows on the tiles stream as fast or faster.
 const SMALL_M: usize = 2;
-
-/// `m` (1 or 2) rows against up to 4 (m = 1) or 2 (m = 2) consecutive panels in the tiles' order;
-/// returns how many output columns it wrote.
-///
-/// # Safety
-/// As [`block`]; `panels` holds the panels of the `cols` outputs from `out`'s first column.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn few_rows(x: *const u16, xs: usize, m: usize, panels: &[u32], k2: usize, out: *mut f32, os: usize, cols: usize) -> usize {
-    let np = cols.div_ceil(32).min(match m {
-        1 => 4,
-        _ => 2,
-    });
-    // SAFETY: the caller's guarantees, for np panels.
-    unsafe {
-        match (m, np) {
-            (1, 1) => panels_tile_order::<1, 1>(x, xs, panels, k2, out, os, cols),
-            (1, 2) => panels_tile_order::<1, 2>(x, xs, panels, k2, out, os, cols),
-            (1, 3) => panels_tile_order::<1, 3>(x, xs, panels, k2, out, os, cols),
-            (1, _) => panels_tile_order::<1, 4>(x, xs, panels, k2, out, os, cols),
-            (_, 1) => panels_tile_order::<2, 1>(x, xs, panels, k2, out, os, cols),
-            _ => panels_tile_order::<2, 2>(x, xs, panels, k2, out, os, cols),
-        }
-    }
-    cols.min(np * 32)
-}
 
 /// `MR` rows against `NP` consecutive panels on `vdpbf16ps`, giving `tdpbf16ps`'s bits (see the module
 /// notes): per 16 pairs, an even chain and an odd chain from zero (the activation pair with its odd,
@@ -375,7 +350,7 @@ unsafe fn few_rows(x: *const u16, xs: usize, m: usize, panels: &[u32], k2: usize
 /// would make it NaN where the tiles might give an infinity).
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn panels_tile_order<const MR: usize, const NP: usize>(
+pub(super) unsafe fn panels_tile_order<const MR: usize, const NP: usize>(
     x: *const u16,
     xs: usize,
     panels: &[u32],
