@@ -507,8 +507,10 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                     // Few rows: one or two dependent chains per panel would leave the dot-product unit
                     // waiting on latency, so take several panels at once (same per-output order).
                     // SAFETY: prepacked panels from column c hold k2 * 32 pairs per 32 columns; the output columns from c are this task's.
-                    let done =
-                        unsafe { few_rows_panels::<false>(x.as_ptr(), xs, m, &panels[(c / 32) * k2 * 32..], k2, out.add(c), os, n1 - c) };
+                    let done = unsafe {
+                        let panels = &panels[(c / 32) * k2 * 32..];
+                        few_rows_panels::<false>(m, FewRows { x: x.as_ptr(), xs, panels, k2, out: out.add(c), os, cols: n1 - c })
+                    };
                     c += done;
                     continue;
                 }
@@ -741,73 +743,53 @@ unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2
     unsafe { store_acc(&acc, out, os, nc) };
 }
 
-/// `m` (1 or 2) rows against up to 4 (m = 1) or 2 (m = 2) consecutive prepacked panels, in the pair order
-/// or (`TILE_ORDER`, the `amx` path) the tiles' order; returns how many output columns it wrote.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn few_rows_panels<const TILE_ORDER: bool>(
+/// What the few-row panel kernels take: `x` (bf16 rows `xs` apart, zero-padded), consecutive prepacked
+/// `panels` of `k2` pairs each, and `cols` output columns from `out` (rows `os` apart), the caller's.
+#[derive(Clone, Copy)]
+struct FewRows<'a> {
     x: *const u16,
     xs: usize,
-    m: usize,
-    panels: &[u32],
+    panels: &'a [u32],
     k2: usize,
     out: *mut f32,
     os: usize,
     cols: usize,
-) -> usize {
-    let np = cols.div_ceil(32).min(if m == 1 { 4 } else { 2 });
+}
+
+/// `m` (1 or 2) rows against up to 4 (m = 1) or 2 (m = 2) of the panels, in the pair order or
+/// (`TILE_ORDER`, the `amx` path) the tiles' order; returns how many output columns it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn few_rows_panels<const TILE_ORDER: bool>(m: usize, a: FewRows<'_>) -> usize {
+    let np = a.cols.div_ceil(32).min(if m == 1 { 4 } else { 2 });
     // SAFETY: the caller passes np consecutive panels and owns their output columns.
     unsafe {
         match (m, np) {
-            (1, 1) => panels_in::<TILE_ORDER, 1, 1>(x, xs, panels, k2, out, os, cols),
-            (1, 2) => panels_in::<TILE_ORDER, 1, 2>(x, xs, panels, k2, out, os, cols),
-            (1, 3) => panels_in::<TILE_ORDER, 1, 3>(x, xs, panels, k2, out, os, cols),
-            (1, _) => panels_in::<TILE_ORDER, 1, 4>(x, xs, panels, k2, out, os, cols),
-            (_, 1) => panels_in::<TILE_ORDER, 2, 1>(x, xs, panels, k2, out, os, cols),
-            _ => panels_in::<TILE_ORDER, 2, 2>(x, xs, panels, k2, out, os, cols),
+            (1, 1) => panels_in::<TILE_ORDER, 1, 1>(a),
+            (1, 2) => panels_in::<TILE_ORDER, 1, 2>(a),
+            (1, 3) => panels_in::<TILE_ORDER, 1, 3>(a),
+            (1, _) => panels_in::<TILE_ORDER, 1, 4>(a),
+            (_, 1) => panels_in::<TILE_ORDER, 2, 1>(a),
+            _ => panels_in::<TILE_ORDER, 2, 2>(a),
         }
     }
-    cols.min(np * 32)
+    a.cols.min(np * 32)
 }
 
 /// [`panels_dot`] (the pair order), or with `TILE_ORDER` the `amx` path's [`amx::panels_tile_order`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panels_in<const TILE_ORDER: bool, const MR: usize, const NP: usize>(
-    x: *const u16,
-    xs: usize,
-    panels: &[u32],
-    k2: usize,
-    out: *mut f32,
-    os: usize,
-    cols: usize,
-) {
+unsafe fn panels_in<const TILE_ORDER: bool, const MR: usize, const NP: usize>(a: FewRows<'_>) {
     // SAFETY: the caller's guarantees, which both kernels share.
-    unsafe {
-        if TILE_ORDER {
-            amx::panels_tile_order::<MR, NP>(x, xs, panels, k2, out, os, cols)
-        } else {
-            panels_dot::<MR, NP>(x, xs, panels, k2, out, os, cols)
-        }
-    }
+    unsafe { if TILE_ORDER { amx::panels_tile_order::<MR, NP>(a) } else { panels_dot::<MR, NP>(a) } }
 }
 
 /// [`panel_dot`] over `NP` consecutive panels at once: `2 * MR * NP` independent accumulators, each
 /// output still summed over k-pairs in order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panels_dot<const MR: usize, const NP: usize>(
-    x: *const u16,
-    xs: usize,
-    panels: &[u32],
-    k2: usize,
-    out: *mut f32,
-    os: usize,
-    cols: usize,
-) {
+unsafe fn panels_dot<const MR: usize, const NP: usize>(a: FewRows<'_>) {
+    let FewRows { x, xs, panels, k2, out, os, cols } = a;
     debug_assert!(panels.len() >= NP * k2 * 32);
     let mut acc = [[[_mm512_setzero_ps(); 2]; MR]; NP];
     let p = panels.as_ptr();

@@ -20,7 +20,7 @@
 //! Tile registers are named in the assembly (Rust has no operand class for them, and nothing else in
 //! the process uses them); the stable toolchain has no AMX intrinsics.
 
-use super::{PANEL, Weight, bh, few_rows_panels, pack_panel, pair_step, store_acc};
+use super::{FewRows, PANEL, Weight, bh, few_rows_panels, pack_panel, pair_step, store_acc};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
@@ -82,7 +82,10 @@ pub(super) unsafe fn block(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: u
         while c < n1 {
             // SAFETY: the panels from column c hold k2 * 32 pairs per 32 outputs; x rows are padded;
             // the outputs from c are the caller's.
-            c += unsafe { few_rows_panels::<true>(x.as_ptr(), xs, m, &panels[(c / 32) * k2 * 32..], k2, out.add(c), os, n1 - c) };
+            c += unsafe {
+                let panels = &panels[(c / 32) * k2 * 32..];
+                few_rows_panels::<true>(m, FewRows { x: x.as_ptr(), xs, panels, k2, out: out.add(c), os, cols: n1 - c })
+            };
         }
         return;
     }
@@ -349,16 +352,8 @@ const SMALL_M: usize = 2;
 /// half adds `0 * w`, which is no change for finite weights (a checkpoint's are; an infinite weight
 /// would make it NaN where the tiles might give an infinity).
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn panels_tile_order<const MR: usize, const NP: usize>(
-    x: *const u16,
-    xs: usize,
-    panels: &[u32],
-    k2: usize,
-    out: *mut f32,
-    os: usize,
-    cols: usize,
-) {
+pub(super) unsafe fn panels_tile_order<const MR: usize, const NP: usize>(a: FewRows<'_>) {
+    let FewRows { x, xs, panels, k2, out, os, cols } = a;
     debug_assert!(panels.len() >= NP * k2 * 32);
     let zero = _mm512_setzero_ps();
     let mut acc = [[[zero; 2]; MR]; NP];
