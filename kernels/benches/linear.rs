@@ -1,10 +1,16 @@
-//! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill shapes.
+//! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill
+//! shapes, the elementwise passes, and attention (`cargo bench -p switchyard-kernels -- attention`
+//! for attention alone).
 use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
 fn main() {
     let isa = switchyard_kernels::isa::select().unwrap_or_else(|e| panic!("{e}"));
     println!("kernel path {isa} (SWITCHYARD_KERNELS to choose); CPU features: {}", switchyard_kernels::isa::cpu_features());
+    attention();
+    if std::env::args().any(|a| a == "attention") {
+        return;
+    }
     for (n, k, ms) in
         [(4096usize, 1024usize, &[1usize, 2, 16, 256][..]), (1024, 1024, &[256][..]), (1024, 512, &[256][..]), (131072, 1024, &[1, 16][..])]
     {
@@ -12,6 +18,38 @@ fn main() {
         shape(n, k, ms, true);
     }
     elementwise();
+}
+
+/// One thread's attention for one (row, KV head): the group's queries against `n` cached keys and
+/// values (bf16, as `serve` stores them for a bf16 checkpoint), at the mid checkpoint's sliding (2 queries of 128 per
+/// KV head) and global (8 of 256) shapes, for a decode row (160 keys) and a prefill row (64 keys, the
+/// average over a 128-token causal prompt). GFLOP/s counts q·k and p·v (4 flops per query, key, dim).
+fn attention() {
+    use switchyard_kernels::{attention::attend_group, kv::Bf16};
+    let round = switchyard_kernels::dtype::bf16_round;
+    for (g, hd, n) in [(2usize, 128usize, 160usize), (2, 128, 64), (8, 256, 160), (8, 256, 64)] {
+        let q: Vec<f32> = (0..g * hd).map(|i| round(((i * 7919) % 201) as f32 / 100.0 - 1.0)).collect();
+        let bf = |x: f32| Bf16((x.to_bits() >> 16) as u16);
+        let k: Vec<Bf16> = (0..n * hd).map(|i| bf(round(((i * 104729) % 301) as f32 / 150.0 - 1.0))).collect();
+        let v: Vec<Bf16> = (0..n * hd).map(|i| bf(round(((i * 15485863) % 401) as f32 / 200.0 - 1.0))).collect();
+        let (mut scores, mut out) = (Vec::new(), vec![0f32; g * hd]);
+        let mut run = || {
+            let scale = 1.0 / (hd as f32).sqrt();
+            attend_group(&q, g, n, |j| &k[j * hd..(j + 1) * hd], |j| &v[j * hd..(j + 1) * hd], scale, DType::BF16, &mut scores, &mut out)
+        };
+        run();
+        let iters = 2000;
+        let t = Instant::now();
+        for _ in 0..iters {
+            run();
+        }
+        let s = t.elapsed().as_secs_f64() / iters as f64;
+        println!(
+            "attention bf16 queries={g} head_dim={hd} keys={n:<4}: {:8.2} us  {:6.1} GFLOP/s",
+            s * 1e6,
+            (4 * g * hd * n) as f64 / s / 1e9
+        );
+    }
 }
 
 /// The gated activation and the final soft-cap on bf16 values (table lookups) against the same

@@ -27,8 +27,7 @@ pub fn attend<'a, E: KvElem>(
 
 /// [`attend`] for `g` query heads that read the same keys and values (one KV head's group under
 /// grouped-query attention): `q` and `out` hold `g` rows of `hd`. Each query's output has exactly the
-/// bits [`attend`] gives it alone; the group shares every key and value load and widening between
-/// its queries, and pairs of queries keep twice the independent sums in flight.
+/// bits [`attend`] gives it alone (see [`attend_queries`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_group<'a, E: KvElem>(
     q: &[f32],
@@ -42,19 +41,45 @@ pub fn attend_group<'a, E: KvElem>(
     out: &mut [f32],
 ) {
     assert!(g > 0 && q.len().is_multiple_of(g) && out.len() >= q.len(), "{g} query rows");
+    let hd = q.len() / g;
+    let qs: Vec<&[f32]> = q.chunks_exact(hd.max(1)).take(g).collect();
+    let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(hd.max(1)).take(g).collect();
+    attend_queries(&qs, &vec![n; qs.len()], key, value, scale, dt, scores, &mut outs)
+}
+
+/// Queries that read the same keys and values, each up to its own count: `qs[i]` attends to keys
+/// `0..ns[i]` and writes `outs[i]` (the rows of a prompt against one KV head, say, where row `r`
+/// sees one key more than row `r - 1`). Each query's output has exactly the bits [`attend`] gives it
+/// alone; the queries share every key and value load and widening (four at a time on AVX-512, whose
+/// 32 registers hold four queries' sums, and four times the independent sums in flight).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_queries<'a, E: KvElem>(
+    qs: &[&[f32]],
+    ns: &[usize],
+    key: impl Fn(usize) -> &'a [E],
+    value: impl Fn(usize) -> &'a [E],
+    scale: f32,
+    dt: DType,
+    scores: &mut Vec<f32>,
+    outs: &mut [&mut [f32]],
+) {
+    assert!(qs.len() == ns.len() && qs.len() == outs.len(), "one key count and one output per query");
+    if let Some(q0) = qs.first() {
+        assert!(qs.iter().all(|q| q.len() == q0.len()) && outs.iter().all(|o| o.len() >= q0.len()), "one head size");
+    }
     // Not `simd::vectorized`: LLVM does not inline that closure (it captures the two key/value
     // accessors) into the wide function, so the body would stay scalar.
     #[cfg(target_arch = "x86_64")]
     match crate::isa() {
         crate::Isa::Avx512 | crate::Isa::Avx512Bf16 | crate::Isa::Amx => {
             // SAFETY: the chosen path guarantees the CPU has AVX-512F.
-            return unsafe { attend_avx512(q, g, n, key, value, scale, dt, scores, out) };
+            return unsafe { attend_avx512(qs, ns, key, value, scale, dt, scores, outs) };
         }
         // SAFETY: the chosen path guarantees the CPU has AVX2.
-        crate::Isa::Avx2 => return unsafe { attend_avx2(q, g, n, key, value, scale, dt, scores, out) },
+        crate::Isa::Avx2 => return unsafe { attend_avx2(qs, ns, key, value, scale, dt, scores, outs) },
         crate::Isa::Portable | crate::Isa::Neon => {}
     }
-    attend_body::<E, PORTABLE>(q, g, n, key, value, scale, dt, scores, out)
+    attend_body::<E, PORTABLE>(qs, ns, key, value, scale, dt, scores, outs)
 }
 
 /// Which explicit dot-product kernel [`attend_body`] uses for the scores.
@@ -71,17 +96,16 @@ macro_rules! attend_with {
         #[target_feature(enable = $features)]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $name<'a, E: KvElem>(
-            q: &[f32],
-            g: usize,
-            n: usize,
+            qs: &[&[f32]],
+            ns: &[usize],
             key: impl Fn(usize) -> &'a [E],
             value: impl Fn(usize) -> &'a [E],
             scale: f32,
             dt: DType,
             scores: &mut Vec<f32>,
-            out: &mut [f32],
+            outs: &mut [&mut [f32]],
         ) {
-            attend_body::<E, { $w }>(q, g, n, key, value, scale, dt, scores, out)
+            attend_body::<E, { $w }>(qs, ns, key, value, scale, dt, scores, outs)
         }
     };
 }
@@ -98,116 +122,231 @@ fn madd(fma: bool, acc: f64, a: f64, b: f64) -> f64 {
     if fma { a.mul_add(b, acc) } else { acc + a * b }
 }
 
-/// The group's queries two at a time (on AVX-512, whose 32 registers hold both queries' sums; one at a
-/// time elsewhere), then any odd one left.
+/// The queries four at a time on AVX-512 (its 32 registers hold four queries' sums), then a pair,
+/// then one at a time (everywhere else).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_body<'a, E: KvElem, const W: u8>(
-    q: &[f32],
-    g: usize,
-    n: usize,
+    qs: &[&[f32]],
+    ns: &[usize],
     key: impl Fn(usize) -> &'a [E],
     value: impl Fn(usize) -> &'a [E],
     scale: f32,
     dt: DType,
     scores: &mut Vec<f32>,
-    out: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) {
-    let hd = q.len() / g;
     let mut h = 0;
     #[cfg(target_arch = "x86_64")]
     if W == AVX512 {
-        while h + 2 <= g {
-            let qs = [&q[h * hd..(h + 1) * hd], &q[(h + 1) * hd..(h + 2) * hd]];
-            attend_rows::<E, W, 2>(qs, n, &key, &value, scale, dt, scores, &mut out[h * hd..(h + 2) * hd]);
+        while h + 4 <= qs.len() {
+            attend_rows::<E, W, 4>(from(&qs[h..]), from(&ns[h..]), &key, &value, scale, dt, scores, &mut outs[h..h + 4]);
+            h += 4;
+        }
+        if h + 2 <= qs.len() {
+            attend_rows::<E, W, 2>(from(&qs[h..]), from(&ns[h..]), &key, &value, scale, dt, scores, &mut outs[h..h + 2]);
             h += 2;
         }
     }
-    while h < g {
-        attend_rows::<E, W, 1>([&q[h * hd..(h + 1) * hd]], n, &key, &value, scale, dt, scores, &mut out[h * hd..(h + 1) * hd]);
+    while h < qs.len() {
+        attend_rows::<E, W, 1>([qs[h]], [ns[h]], &key, &value, scale, dt, scores, &mut outs[h..h + 1]);
         h += 1;
     }
 }
 
-/// `G` queries against the same keys: `out` holds their `G` rows.
+/// The first `G` elements of `v`.
+#[inline(always)]
+fn from<T: Copy, const G: usize>(v: &[T]) -> [T; G] {
+    std::array::from_fn(|i| v[i])
+}
+
+/// `G` queries against the same keys, query `g` against the first `ns[g]`: `outs` holds their `G`
+/// outputs.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_rows<'a, E: KvElem, const W: u8, const G: usize>(
     qs: [&[f32]; G],
-    n: usize,
+    ns: [usize; G],
     key: &impl Fn(usize) -> &'a [E],
     value: &impl Fn(usize) -> &'a [E],
     scale: f32,
     dt: DType,
     scores: &mut Vec<f32>,
-    out: &mut [f32],
+    outs: &mut [&mut [f32]],
 ) {
     let hd = qs[0].len();
+    let (nmin, nmax) = (ns.iter().copied().min().unwrap_or(0), ns.iter().copied().max().unwrap_or(0));
+    // The queries widened to f64 once (the AVX-512 kernel reads them as they are).
+    let mut wide = Vec::new();
+    if W == AVX512 {
+        wide.extend(qs.iter().flat_map(|q| q.iter().map(|&x| x as f64)));
+    }
+    let qw: [&[f64]; G] = std::array::from_fn(|g| wide.get(g * hd..(g + 1) * hd).unwrap_or(&[]));
     scores.clear();
-    // Row g's scores at g * n.. : plain loops (not iterator adaptors) so everything inlines into the
+    // Row g's scores at g * nmax.. : plain loops (not iterator adaptors) so everything inlines into the
     // caller's AVX-512 build. Four keys at a time: four independent accumulator chains per query, each
-    // key still summed in `dot`'s order.
-    scores.resize(G * n, 0.0);
+    // key still summed in `dot`'s order. A query's scores past its own count are computed with the
+    // others' (the keys exist) and dropped.
+    scores.resize(G * nmax, 0.0);
     let mut j = 0;
-    while j + 4 <= n {
-        let d = dot4_on::<E, W, G>(qs, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+    while j + 4 <= nmax {
+        let d = dot4_on::<E, W, G>(qs, qw, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
         for (g, d) in d.iter().enumerate() {
             for (t, &d) in d.iter().enumerate() {
-                scores[g * n + j + t] = dt.round(dt.round(d) * scale);
+                if j + t < ns[g] {
+                    scores[g * nmax + j + t] = dt.round(dt.round(d) * scale);
+                }
             }
         }
         j += 4;
     }
-    while j < n {
+    while j < nmax {
         let k = key(j);
-        let d = dot4_on::<E, W, G>(qs, [k, k, k, k]);
+        let d = dot4_on::<E, W, G>(qs, qw, [k, k, k, k]);
         for (g, d) in d.iter().enumerate() {
-            scores[g * n + j] = dt.round(dt.round(d[0]) * scale);
+            if j < ns[g] {
+                scores[g * nmax + j] = dt.round(dt.round(d[0]) * scale);
+            }
         }
         j += 1;
     }
-    for row in scores.chunks_exact_mut(n.max(1)).take(G) {
+    for (g, row) in scores.chunks_exact_mut(nmax.max(1)).take(G).enumerate() {
+        let row = &mut row[..ns[g]];
         crate::ops::softmax(row);
         // The probabilities in the compute dtype, as eager attention casts them before `p @ v`.
         dt.round_slice(row);
     }
     let scores = &scores[..];
-    // p·v, 64 output columns at a time so the accumulators stay in registers; each output is still
-    // summed over the keys in order, and each value row is widened once for the G queries.
+    // p·v, a block of output columns at a time so the accumulators stay in registers (64 columns
+    // for one or two queries, 32 for four); each output is still summed over its keys in order, and
+    // each value row is widened once for the G queries.
     let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if W == AVX512 {
+        if G <= 2 {
+            while c0 + 64 <= hd {
+                // SAFETY: `W` is AVX512 only inside `attend_avx512`, which runs only on CPUs with AVX-512F.
+                unsafe { pv_avx512::<E, G, 8>(c0, ns, nmin, nmax, value, scores, dt, outs) };
+                c0 += 64;
+            }
+        }
+        while c0 + 32 <= hd {
+            // SAFETY: as above.
+            unsafe { pv_avx512::<E, G, 4>(c0, ns, nmin, nmax, value, scores, dt, outs) };
+            c0 += 32;
+        }
+    }
     while c0 + 64 <= hd {
-        let mut acc = [[0f64; 64]; G];
-        for j in 0..n {
-            let v: &[E; 64] = value(j)[c0..c0 + 64].try_into().expect("64 columns");
-            let mut vw = [0f64; 64];
-            for i in 0..64 {
-                vw[i] = v[i].widen() as f64;
-            }
-            for (g, acc) in acc.iter_mut().enumerate() {
-                let p = scores[g * n + j] as f64;
-                for i in 0..64 {
-                    acc[i] = madd(W != PORTABLE, acc[i], p, vw[i]);
-                }
-            }
-        }
-        for (g, acc) in acc.iter().enumerate() {
-            for i in 0..64 {
-                out[g * hd + c0 + i] = dt.round(acc[i] as f32);
-            }
-        }
+        pv_block::<E, W, G, 64>(c0, ns, nmin, nmax, value, scores, dt, outs);
         c0 += 64;
     }
     if c0 < hd {
         for g in 0..G {
             let mut acc = vec![0f64; hd - c0];
-            for j in 0..n {
-                let p = scores[g * n + j] as f64;
+            for j in 0..ns[g] {
+                let p = scores[g * nmax + j] as f64;
                 for (o, &vv) in acc.iter_mut().zip(&value(j)[c0..hd]) {
                     *o = madd(W != PORTABLE, *o, p, vv.widen() as f64);
                 }
             }
-            for (o, a) in out[g * hd + c0..(g + 1) * hd].iter_mut().zip(&acc) {
+            for (o, a) in outs[g][c0..hd].iter_mut().zip(&acc) {
                 *o = dt.round(*a as f32);
+            }
+        }
+    }
+}
+
+/// Columns `c0..c0 + C` of the `G` queries' `p·v`: every query over the keys all of them see, then
+/// the rest of each query's own keys.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pv_block<'a, E: KvElem, const W: u8, const G: usize, const C: usize>(
+    c0: usize,
+    ns: [usize; G],
+    nmin: usize,
+    nmax: usize,
+    value: &impl Fn(usize) -> &'a [E],
+    scores: &[f32],
+    dt: DType,
+    outs: &mut [&mut [f32]],
+) {
+    let mut acc = [[0f64; C]; G];
+    for j in 0..nmax {
+        let v: &[E; C] = value(j)[c0..c0 + C].try_into().expect("C columns");
+        let mut vw = [0f64; C];
+        for i in 0..C {
+            vw[i] = v[i].widen() as f64;
+        }
+        for (g, acc) in acc.iter_mut().enumerate() {
+            if j >= nmin && j >= ns[g] {
+                continue;
+            }
+            let p = scores[g * nmax + j] as f64;
+            for i in 0..C {
+                acc[i] = madd(W != PORTABLE, acc[i], p, vw[i]);
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        for i in 0..C {
+            outs[g][c0 + i] = dt.round(acc[i] as f32);
+        }
+    }
+}
+
+/// [`pv_block`] with explicit AVX-512 (`C8` vectors of eight columns): the same sums in the same order
+/// (see [`madd`]), with the accumulators held in registers, which LLVM does not manage for the generic
+/// loop once queries see different key counts.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_avx512<'a, E: KvElem, const G: usize, const C8: usize>(
+    c0: usize,
+    ns: [usize; G],
+    nmin: usize,
+    nmax: usize,
+    value: &impl Fn(usize) -> &'a [E],
+    scores: &[f32],
+    dt: DType,
+    outs: &mut [&mut [f32]],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_pd(); C8]; G];
+    // Key j's values into every query g that `take(g)` says sees it.
+    macro_rules! key {
+        ($j:expr, $take:expr) => {{
+            let j = $j;
+            let v = &value(j)[c0..c0 + 8 * C8];
+            let mut vw = [_mm512_setzero_pd(); C8];
+            for (b, vw) in vw.iter_mut().enumerate() {
+                let w = widen8(v, 8 * b);
+                // SAFETY: `w` holds eight f32.
+                *vw = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(w.as_ptr()) });
+            }
+            for (g, acc) in acc.iter_mut().enumerate() {
+                if $take(g) {
+                    let p = _mm512_set1_pd(scores[g * nmax + j] as f64);
+                    for (a, &vw) in acc.iter_mut().zip(&vw) {
+                        *a = _mm512_fmadd_pd(p, vw, *a);
+                    }
+                }
+            }
+        }};
+    }
+    // Every query sees the first nmin keys: a loop without tests keeps the sums in registers.
+    for j in 0..nmin {
+        key!(j, |_| true);
+    }
+    for j in nmin..nmax {
+        key!(j, |g: usize| j < ns[g]);
+    }
+    let mut lanes = [0f64; 8];
+    for (g, acc) in acc.iter().enumerate() {
+        for (b, &a) in acc.iter().enumerate() {
+            // SAFETY: eight f64 fit `lanes`.
+            unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), a) };
+            for (o, &l) in outs[g][c0 + 8 * b..c0 + 8 * b + 8].iter_mut().zip(&lanes) {
+                *o = dt.round(l as f32);
             }
         }
     }
@@ -239,12 +378,12 @@ fn dot4<E: KvElem, const G: usize>(a: [&[f32]; G], b: [&[E]; 4]) -> [[f32; 4]; G
 /// same eight lanes, chunk order and reduction tree; FMA in place of an exact product and an add, see
 /// [`madd`]), written with intrinsics because LLVM leaves the generic loop scalar.
 #[inline(always)]
-fn dot4_on<E: KvElem, const W: u8, const G: usize>(a: [&[f32]; G], b: [&[E]; 4]) -> [[f32; 4]; G] {
+fn dot4_on<E: KvElem, const W: u8, const G: usize>(a: [&[f32]; G], aw: [&[f64]; G], b: [&[E]; 4]) -> [[f32; 4]; G] {
     #[cfg(target_arch = "x86_64")]
     {
         if W == AVX512 {
             // SAFETY: `W` is AVX512 only inside `attend_avx512`, which runs only on CPUs with AVX-512F and FMA.
-            return unsafe { dot4_avx512(a, b) };
+            return unsafe { dot4_avx512(a, aw, b) };
         }
         if W == AVX2 && G == 1 {
             // SAFETY: `W` is AVX2 only inside `attend_avx2`, which runs only on CPUs with AVX2 and FMA.
@@ -252,6 +391,7 @@ fn dot4_on<E: KvElem, const W: u8, const G: usize>(a: [&[f32]; G], b: [&[E]; 4])
             return [d; G];
         }
     }
+    let _ = aw;
     dot4(a, b)
 }
 
@@ -283,23 +423,23 @@ fn finish4<E: KvElem, const G: usize>(a: [&[f32]; G], b: [&[E]; 4], n8: usize, m
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot4_avx512<E: KvElem, const G: usize>(a: [&[f32]; G], b: [&[E]; 4]) -> [[f32; 4]; G] {
+unsafe fn dot4_avx512<E: KvElem, const G: usize>(a: [&[f32]; G], aw: [&[f64]; G], b: [&[E]; 4]) -> [[f32; 4]; G] {
     use std::arch::x86_64::*;
     let hd = a[0].len();
     let n8 = hd / 8 * 8;
     for y in b {
         assert!(y.len() >= hd);
     }
-    for x in a {
-        assert_eq!(x.len(), hd);
+    for (x, xw) in a.iter().zip(aw) {
+        assert!(x.len() == hd && xw.len() == hd);
     }
     let mut acc = [[_mm512_setzero_pd(); 4]; G];
     let mut c = 0;
     while c < n8 {
         let mut x = [_mm512_setzero_pd(); G];
         for g in 0..G {
-            // SAFETY: c + 8 <= n8 <= hd, the length of each query.
-            x[g] = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(a[g].as_ptr().add(c)) });
+            // SAFETY: c + 8 <= n8 <= hd, the length of each widened query.
+            x[g] = unsafe { _mm512_loadu_pd(aw[g].as_ptr().add(c)) };
         }
         for t in 0..4 {
             let w = widen8(b[t], c);
@@ -413,27 +553,9 @@ mod tests {
             let vb: Vec<Bf16> = vf.iter().map(|&x| Bf16(crate::dtype::f32_to_bf16_bits(x))).collect();
             for dt in [DType::BF16, DType::F32] {
                 let run = |path: u8| {
-                    let (mut s, mut o1, mut o2) = (Vec::new(), vec![0f32; hd], vec![0f32; hd]);
-                    let (kf, vf, kb, vb) = (&kf, &vf, &kb, &vb);
-                    let (k1, v1) = (|j: usize| &kf[j * hd..(j + 1) * hd], |j: usize| &vf[j * hd..(j + 1) * hd]);
-                    let (k2, v2) = (|j: usize| &kb[j * hd..(j + 1) * hd], |j: usize| &vb[j * hd..(j + 1) * hd]);
-                    // SAFETY: each path is run only where the CPU has its features.
-                    unsafe {
-                        match path {
-                            AVX512 => {
-                                attend_avx512(&q, 1, n, k1, v1, 0.125, dt, &mut s, &mut o1);
-                                attend_avx512(&q, 1, n, k2, v2, 0.125, dt, &mut s, &mut o2);
-                            }
-                            AVX2 => {
-                                attend_avx2(&q, 1, n, k1, v1, 0.125, dt, &mut s, &mut o1);
-                                attend_avx2(&q, 1, n, k2, v2, 0.125, dt, &mut s, &mut o2);
-                            }
-                            _ => {
-                                attend_body::<f32, PORTABLE>(&q, 1, n, k1, v1, 0.125, dt, &mut s, &mut o1);
-                                attend_body::<Bf16, PORTABLE>(&q, 1, n, k2, v2, 0.125, dt, &mut s, &mut o2);
-                            }
-                        }
-                    }
+                    let (mut o1, mut o2) = (vec![0f32; hd], vec![0f32; hd]);
+                    group_on(path, &q, 1, n, &kf, &vf, dt, &mut o1);
+                    group_on(path, &q, 1, n, &kb, &vb, dt, &mut o2);
                     (o1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), o2.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
                 };
                 let want = run(PORTABLE);
@@ -448,20 +570,81 @@ mod tests {
         }
     }
 
-    /// [`attend_group`] on the kernel `path` names (one the CPU has).
-    #[allow(clippy::too_many_arguments)]
-    fn group_on<E: KvElem>(path: u8, q: &[f32], g: usize, n: usize, k: &[E], v: &[E], dt: DType, out: &mut [f32]) {
-        let hd = q.len() / g;
+    /// [`attend_queries`] on the kernel `path` names (one the CPU has), keys and values `hd` apart.
+    fn queries_on<E: KvElem>(path: u8, qs: &[&[f32]], ns: &[usize], k: &[E], v: &[E], dt: DType, outs: &mut [&mut [f32]]) {
+        let hd = qs[0].len();
         let (key, value) = (|j: usize| &k[j * hd..(j + 1) * hd], |j: usize| &v[j * hd..(j + 1) * hd]);
         let mut s = Vec::new();
         // SAFETY: callers pass a path only where the CPU has its features.
         unsafe {
             match path {
                 #[cfg(target_arch = "x86_64")]
-                AVX512 => attend_avx512(q, g, n, key, value, 0.125, dt, &mut s, out),
+                AVX512 => attend_avx512(qs, ns, key, value, 0.125, dt, &mut s, outs),
                 #[cfg(target_arch = "x86_64")]
-                AVX2 => attend_avx2(q, g, n, key, value, 0.125, dt, &mut s, out),
-                _ => attend_body::<E, PORTABLE>(q, g, n, key, value, 0.125, dt, &mut s, out),
+                AVX2 => attend_avx2(qs, ns, key, value, 0.125, dt, &mut s, outs),
+                _ => attend_body::<E, PORTABLE>(qs, ns, key, value, 0.125, dt, &mut s, outs),
+            }
+        }
+    }
+
+    /// [`attend_group`]'s `g` queries of `hd` in `q`, each against `n` keys, on the kernel `path` names.
+    #[allow(clippy::too_many_arguments)]
+    fn group_on<E: KvElem>(path: u8, q: &[f32], g: usize, n: usize, k: &[E], v: &[E], dt: DType, out: &mut [f32]) {
+        let hd = q.len() / g;
+        let qs: Vec<&[f32]> = q.chunks_exact(hd).collect();
+        let mut outs: Vec<&mut [f32]> = out.chunks_exact_mut(hd).collect();
+        queries_on(path, &qs, &vec![n; g], k, v, dt, &mut outs);
+    }
+
+    fn all_paths() -> Vec<u8> {
+        let mut paths = vec![PORTABLE];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::Isa::Avx2.is_supported() {
+                paths.push(AVX2);
+            }
+            if crate::Isa::Avx512.is_supported() {
+                paths.push(AVX512);
+            }
+        }
+        paths
+    }
+
+    /// Queries with their own key counts (a prompt's rows, two heads each, as `serve` groups them
+    /// during prefill) give each query the bits it gets alone, on every path this CPU has: counts
+    /// that differ inside a block of four, a query with no keys beyond another's, head sizes with and
+    /// without a remainder of 32.
+    #[test]
+    fn queries_with_their_own_key_counts_get_their_own_bits() {
+        use crate::kv::Bf16;
+        let mut seed = 5u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let m = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            m * 2f32.powi(((seed >> 20) % 13) as i32 - 10)
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (hd, ns) in [(128usize, vec![5usize, 5, 6, 6, 7, 7, 8, 8]), (256, vec![1, 2, 3, 4, 9, 9, 10]), (48, vec![3, 1, 4, 1, 5])] {
+            let nmax = *ns.iter().max().unwrap();
+            let q: Vec<f32> = (0..ns.len() * hd).map(|_| rnd() * 8.0).collect();
+            let kf: Vec<f32> = (0..nmax * hd).map(|_| rnd()).collect();
+            let vf: Vec<f32> = (0..nmax * hd).map(|_| rnd()).collect();
+            let kb: Vec<Bf16> = kf.iter().map(|&x| Bf16(crate::dtype::f32_to_bf16_bits(x))).collect();
+            let vb: Vec<Bf16> = vf.iter().map(|&x| Bf16(crate::dtype::f32_to_bf16_bits(x))).collect();
+            let qs: Vec<&[f32]> = q.chunks_exact(hd).collect();
+            for path in all_paths() {
+                let (mut alone, mut together) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+                for (i, &n) in ns.iter().enumerate() {
+                    group_on(path, qs[i], 1, n, &kb, &vb, DType::BF16, &mut alone[i * hd..(i + 1) * hd]);
+                }
+                queries_on(path, &qs, &ns, &kb, &vb, DType::BF16, &mut together.chunks_exact_mut(hd).collect::<Vec<_>>());
+                assert!(alone.iter().any(|&x| x != 0.0), "a non-trivial case");
+                assert_eq!(bits(&together), bits(&alone), "path {path} bf16 hd {hd} ns {ns:?}");
+                for (i, &n) in ns.iter().enumerate() {
+                    group_on(path, qs[i], 1, n, &kf, &vf, DType::F32, &mut alone[i * hd..(i + 1) * hd]);
+                }
+                queries_on(path, &qs, &ns, &kf, &vf, DType::F32, &mut together.chunks_exact_mut(hd).collect::<Vec<_>>());
+                assert_eq!(bits(&together), bits(&alone), "path {path} f32 hd {hd} ns {ns:?}");
             }
         }
     }
@@ -478,16 +661,7 @@ mod tests {
             let m = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
             m * 2f32.powi(((seed >> 20) % 13) as i32 - 10)
         };
-        let mut paths = vec![PORTABLE];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::Isa::Avx2.is_supported() {
-                paths.push(AVX2);
-            }
-            if crate::Isa::Avx512.is_supported() {
-                paths.push(AVX512);
-            }
-        }
+        let paths = all_paths();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (hd, n, g) in [(128usize, 9usize, 2usize), (256, 33, 5), (36, 4, 3), (512, 70, 8), (64, 1, 1)] {
             let q: Vec<f32> = (0..g * hd).map(|_| rnd() * 8.0).collect();

@@ -2,13 +2,18 @@
 //! (default on sliding layers, proportional on full ones), V = k_proj output on full layers with
 //! `attention_k_eq_v`, scale 1.0, causal mask limited to `sliding_window` keys on sliding layers.
 
-use switchyard_kernels::{DType, Product, attention::attend_group, linear_many_new, linear_new, ops};
+use switchyard_kernels::attention::{attend_group, attend_queries};
+use switchyard_kernels::{DType, Product, linear_many_new, linear_new, ops};
 
 use super::RowInfo;
 use crate::checkpoint::{Checkpoint, Tensor};
 use crate::config::{LayerKind, LayerSpec, ModelConfig};
 use crate::error::LoadError;
 use crate::kv_cache::KvStore;
+
+/// Rows of a prompt per attention task: their queries share each key's load and widening (two rows
+/// of a sliding layer's two-query groups fill the AVX-512 kernel's four).
+const PREFILL_ROWS: usize = 4;
 
 pub struct Attention {
     layer: usize,
@@ -79,34 +84,83 @@ impl Attention {
             LayerKind::Sliding => c.sliding_window,
             LayerKind::Full => usize::MAX,
         };
-        // One task per (row, KV head): the group's query heads against their sequence's keys together
-        // (each gets the bits it would alone); per (row, head) instead when that leaves too few tasks
-        // to keep the pool's threads busy (a batch-1 decode on a layer with few KV heads). Output is
-        // [T, heads, head_dim] either way.
-        let per_task = if t * nkv >= 2 * switchyard_kernels::pool::global().threads() { group } else { 1 };
-        let attn = switchyard_kernels::pool::parallel_rows(t * nq / per_task, per_task * hd, &|task, out| {
-            let (r, head) = (task * per_task / nq, task * per_task % nq);
-            let kvh = head / group;
-            let info = rows[r];
-            let view = kv.view(info.chunk, self.layer);
-            // Sliding layers: causal, or within the row's own image; either way `kv > pos - window`.
-            let from = (info.pos + 1).saturating_sub(window);
-            let to = if window == usize::MAX { info.pos + 1 } else { info.sees_to };
-            let qg = &q[task * per_task * hd..(task + 1) * per_task * hd];
-            let mut scores = Vec::with_capacity(per_task * (to - from));
-            let at = |j: usize| view.offset(from + j, kvh);
-            crate::with_kv_slices!(view.data, |ks, vs| attend_group(
-                qg,
-                per_task,
-                to - from,
-                |j| &ks[at(j)..at(j) + hd],
-                |j| &vs[at(j)..at(j) + hd],
-                1.0,
-                dt,
-                &mut scores,
-                out
-            ));
-        });
+        let threads = switchyard_kernels::pool::global().threads();
+        let attn = if t >= PREFILL_ROWS * 4 * threads {
+            // A prompt's rows: one task per PREFILL_ROWS rows, their queries against each KV head
+            // together (consecutive rows of one sequence read the same keys, each up to its own
+            // position; every query gets the bits it would alone).
+            let mut attn = switchyard_kernels::pool::parallel_rows(t.div_ceil(PREFILL_ROWS), PREFILL_ROWS * nq * hd, &|task, out| {
+                let r0 = task * PREFILL_ROWS;
+                let r1 = (r0 + PREFILL_ROWS).min(t);
+                let mut a = r0;
+                while a < r1 {
+                    // Rows a..b: one sequence, one first key.
+                    let (chunk, from) = (rows[a].chunk, (rows[a].pos + 1).saturating_sub(window));
+                    let mut b = a + 1;
+                    while b < r1 && rows[b].chunk == chunk && (rows[b].pos + 1).saturating_sub(window) == from {
+                        b += 1;
+                    }
+                    let view = kv.view(chunk, self.layer);
+                    let to = |r: usize| if window == usize::MAX { rows[r].pos + 1 } else { rows[r].sees_to };
+                    let ns: Vec<usize> = (a..b).flat_map(|r| std::iter::repeat_n(to(r) - from, group)).collect();
+                    let mut scores = Vec::new();
+                    for kvh in 0..nkv {
+                        let heads = kvh * group..(kvh + 1) * group;
+                        let qs: Vec<&[f32]> =
+                            (a..b).flat_map(|r| heads.clone().map(move |h| (r * nq + h) * hd)).map(|o| &q[o..o + hd]).collect();
+                        let mut outs: Vec<&mut [f32]> = out
+                            .chunks_exact_mut(hd)
+                            .enumerate()
+                            .filter(|(i, _)| (a - r0..b - r0).contains(&(i / nq)) && heads.contains(&(i % nq)))
+                            .map(|(_, o)| o)
+                            .collect();
+                        let at = |j: usize| view.offset(from + j, kvh);
+                        crate::with_kv_slices!(view.data, |ks, vs| attend_queries(
+                            &qs,
+                            &ns,
+                            |j| &ks[at(j)..at(j) + hd],
+                            |j| &vs[at(j)..at(j) + hd],
+                            1.0,
+                            dt,
+                            &mut scores,
+                            &mut outs
+                        ));
+                    }
+                    a = b;
+                }
+            });
+            attn.truncate(t * nq * hd);
+            attn
+        } else {
+            // One task per (row, KV head): the group's query heads against their sequence's keys
+            // together (each gets the bits it would alone); per (row, head) instead when that leaves
+            // too few tasks to keep the pool's threads busy (a batch-1 decode on a layer with few KV
+            // heads). Output is [T, heads, head_dim] either way.
+            let per_task = if t * nkv >= 2 * threads { group } else { 1 };
+            switchyard_kernels::pool::parallel_rows(t * nq / per_task, per_task * hd, &|task, out| {
+                let (r, head) = (task * per_task / nq, task * per_task % nq);
+                let kvh = head / group;
+                let info = rows[r];
+                let view = kv.view(info.chunk, self.layer);
+                // Sliding layers: causal, or within the row's own image; either way `kv > pos - window`.
+                let from = (info.pos + 1).saturating_sub(window);
+                let to = if window == usize::MAX { info.pos + 1 } else { info.sees_to };
+                let qg = &q[task * per_task * hd..(task + 1) * per_task * hd];
+                let mut scores = Vec::with_capacity(per_task * (to - from));
+                let at = |j: usize| view.offset(from + j, kvh);
+                crate::with_kv_slices!(view.data, |ks, vs| attend_group(
+                    qg,
+                    per_task,
+                    to - from,
+                    |j| &ks[at(j)..at(j) + hd],
+                    |j| &vs[at(j)..at(j) + hd],
+                    1.0,
+                    dt,
+                    &mut scores,
+                    out
+                ));
+            })
+        };
         linear_new(&attn, t, self.o_proj.weight(), dt)
     }
 }
