@@ -154,6 +154,15 @@ fn attend_body<'a, E: KvElem, const W: u8>(
     }
 }
 
+/// Prefetch hints for every cache line of `v`.
+#[inline(always)]
+fn prefetch_lines<E>(v: &[E]) {
+    let bytes = std::mem::size_of_val(v);
+    for off in (0..bytes).step_by(64) {
+        crate::simd::prefetch(v.as_ptr().cast::<u8>().wrapping_add(off));
+    }
+}
+
 /// The first `G` elements of `v`.
 #[inline(always)]
 fn from<T: Copy, const G: usize>(v: &[T]) -> [T; G] {
@@ -190,6 +199,12 @@ fn attend_rows<'a, E: KvElem, const W: u8, const G: usize>(
     scores.resize(G * nmax, 0.0);
     let mut j = 0;
     while j + 4 <= nmax {
+        // The next four keys on their way while these four are summed: a sequence's keys sit a
+        // cache row apart (every KV head's, then the next position's), a stride that the hardware
+        // prefetchers follow poorly.
+        for k in j + 4..(j + 8).min(nmax) {
+            prefetch_lines(key(k));
+        }
         let d = dot4_on::<E, W, G>(qs, qw, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
         for (g, d) in d.iter().enumerate() {
             for (t, &d) in d.iter().enumerate() {
@@ -335,6 +350,9 @@ unsafe fn pv_avx512<'a, E: KvElem, const G: usize, const C8: usize>(
     }
     // Every query sees the first nmin keys: a loop without tests keeps the sums in registers.
     for j in 0..nmin {
+        if j + 4 < nmax {
+            prefetch_lines(&value(j + 4)[c0..c0 + 8 * C8]);
+        }
         key!(j, |_| true);
     }
     for j in nmin..nmax {
