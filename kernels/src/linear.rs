@@ -251,8 +251,10 @@ fn block_rows(m: usize, n: usize) -> usize {
     // Enough blocks to balance the threads, each large enough to amortise task overhead.
     // Small batches stream weights: long contiguous blocks (256 rows, 512 KB at k=1024) keep the
     // hardware prefetchers running; two blocks per thread still balance the load. Measured on the mid
-    // checkpoint: 16-row blocks gave 64 tok/s at batch 1, 256-row blocks 74.
-    let target = if m <= 4 { 256 } else { 64 };
+    // checkpoint: 16-row blocks gave 64 tok/s at batch 1, 256-row blocks 74; up to 16 rows (a
+    // batch-16 decode's experts) too, 64-row blocks 76.1 ms per step, 256-row blocks 74.2 (amx,
+    // medians of five, alternating).
+    let target = if m <= 16 { 256 } else { 64 };
     let by_threads = n.div_ceil(threads * 2).max(4);
     // Multiples of 32 rows, so blocks start on a panel boundary.
     target.min(by_threads).div_ceil(32) * 32
