@@ -1,6 +1,6 @@
 //! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill
 //! shapes, the elementwise passes, and attention (`cargo bench -p switchyard-kernels -- attention`
-//! for attention alone).
+//! for attention alone; `-- few` for one to sixteen rows against 256 MB of weights, from memory).
 use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
@@ -9,6 +9,10 @@ fn main() {
     println!("kernel path {isa} (SWITCHYARD_KERNELS to choose); CPU features: {}", switchyard_kernels::isa::cpu_features());
     attention();
     if std::env::args().any(|a| a == "attention") {
+        return;
+    }
+    if std::env::args().any(|a| a == "few") {
+        shape(131072, 1024, &[1, 2, 3, 4, 6, 8, 16], true);
         return;
     }
     for (n, k, ms) in

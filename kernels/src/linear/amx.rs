@@ -340,10 +340,11 @@ impl Pass {
 }
 
 /// Batches up to this many rows take [`panels_tile_order`] (when the weight has its panels; the same
-/// dispatch over one to four panels as the pair order's few-row kernel). Measured
-/// by `cargo bench -p switchyard-kernels` from memory (n = 131072, k = 1024): one row 24 GB/s on the
-/// tiles, 29-32 here; two rows 27 here; from three rows on the tiles stream as fast or faster.
-const SMALL_M: usize = 2;
+/// dispatch over one to four panels as the pair order's few-row kernel). Measured by
+/// `cargo bench -p switchyard-kernels -- few` from memory (n = 131072, k = 1024): one row 29-30 GB/s
+/// here, 24 GB/s on the tiles; two rows 24-24.5 GB/s here, 25.7-27.1 on the tiles (two panels per
+/// pass), so from two rows on the tiles.
+const SMALL_M: usize = 1;
 
 /// `MR` rows against `NP` consecutive panels on `vdpbf16ps`, giving `tdpbf16ps`'s bits (see the module
 /// notes): per 16 pairs, an even chain and an odd chain from zero (the activation pair with its odd,
