@@ -1,6 +1,7 @@
 //! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill
 //! shapes, the elementwise passes, and attention (`cargo bench -p switchyard-kernels -- attention`
-//! for attention alone; `-- few` for one to sixteen rows against 256 MB of weights, from memory).
+//! for attention alone; `-- few` for one to sixteen rows against 256 MB of weights, from memory;
+//! `-- gemm` for one prefill-sized product, five times).
 use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
@@ -9,6 +10,12 @@ fn main() {
     println!("kernel path {isa} (SWITCHYARD_KERNELS to choose); CPU features: {}", switchyard_kernels::isa::cpu_features());
     attention();
     if std::env::args().any(|a| a == "attention") {
+        return;
+    }
+    if std::env::args().any(|a| a == "gemm") {
+        for _ in 0..5 {
+            shape(4096, 1024, &[256], true);
+        }
         return;
     }
     if std::env::args().any(|a| a == "few") {

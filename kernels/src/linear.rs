@@ -213,16 +213,47 @@ pub fn panel_len(rows: usize, cols: usize) -> usize {
     rows.div_ceil(32) * cols.div_ceil(2) * 32
 }
 
+/// One cache line of panel data.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// Panels made by [`pack_panels`], starting on a cache line. A tile row or a 64-byte vector load that
+/// straddles two lines costs two L1 accesses: a heap block of this size starts 16 bytes past a line
+/// (glibc), and the amx tiles slowed by up to half from such panels and activations (a 256 x 4096 x
+/// 1024 product on one thread, `SWITCHYARD_THREADS=1 cargo bench -p switchyard-kernels -- gemm`:
+/// 490-730 GFLOP/s unaligned, 766-940 aligned; a C loop of the same tile sequence, 16 bytes off a
+/// line: 544-566, on lines: 951-1080).
+pub struct Panels {
+    lines: Vec<Line>,
+}
+
+impl std::ops::Deref for Panels {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        // SAFETY: `Line` is 16 u32 with no padding (repr(C), size 64), so the lines are 16 * len u32.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u32, self.lines.len() * 16) }
+    }
+}
+
+impl std::ops::DerefMut for Panels {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as above, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u32, self.lines.len() * 16) }
+    }
+}
+
 /// Repacks a bf16 weight into panels of 32 rows, `[rows/32][cols/2][32]` bf16 pairs: the layout the
 /// bf16 kernel multiplies, so that decode streams each panel once, sequentially. Same bytes as the
 /// weight (bf16 stays bf16; subnormals become zero, as `vdpbf16ps` reads them). Returns `None` where
 /// no kernel uses panels (the portable path, or not bf16).
-pub fn pack_panels(w: &Weight<'_>) -> Option<Vec<u32>> {
+pub fn pack_panels(w: &Weight<'_>) -> Option<Panels> {
     if w.dtype != DType::BF16 || !bf16_panels_supported() {
         return None;
     }
     let k2 = w.cols.div_ceil(2);
-    let mut out = vec![0u32; panel_len(w.rows, w.cols)];
+    // A panel is k2 * 32 u32, a whole number of lines.
+    let mut out = Panels { lines: vec![Line([0; 16]); panel_len(w.rows, w.cols) / 16] };
     let vnni = isa().has_avx512_bf16();
     pool::for_each_chunk_mut_above(&mut out, k2 * 32, 0, &|g, panel| {
         let c = g * 32;
@@ -260,11 +291,28 @@ fn block_rows(m: usize, n: usize) -> usize {
     target.min(by_threads).div_ceil(32) * 32
 }
 
+/// 32 bf16 activations: one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line16([u16; 32]);
+
+/// bf16 activation rows starting on a cache line (rows a multiple of 32 elements apart, so every row
+/// does), for the same reason as [`Panels`].
+struct Bf16Rows(Vec<Line16>);
+
+impl std::ops::Deref for Bf16Rows {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        // SAFETY: `Line16` is 32 u16 with no padding (repr(C), size 64).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u16, self.0.len() * 32) }
+    }
+}
+
 /// Activations in the layout a kernel wants: bf16 bits or f32, `k` padded with zeros to a multiple of 32.
 enum Packed {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the VNNI kernel takes bf16 activations
     Bf16 {
-        data: Vec<u16>,
+        data: Bf16Rows,
         stride: usize,
     },
     F32 {
@@ -280,8 +328,10 @@ fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
         // Rows in parallel once there are enough of them (a prefill's activations are megabytes), each
         // written whole, its padding past k with zeros: no clearing pass first.
         let n = j.m * stride;
-        let mut data: Vec<u16> = Vec::with_capacity(n);
-        pool::for_each_chunk_mut(&mut data.spare_capacity_mut()[..n], stride, &|r, row| {
+        let mut lines: Vec<Line16> = Vec::with_capacity(n / 32);
+        // SAFETY: the capacity is n / 32 lines of 32 u16 each (stride is a multiple of 32), no padding.
+        let spare = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut std::mem::MaybeUninit<u16>, n) };
+        pool::for_each_chunk_mut(spare, stride, &|r, row| {
             crate::simd::vectorized(|| {
                 for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
                     d.write(f32_to_bf16_bits(*s));
@@ -291,9 +341,9 @@ fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
                 d.write(0);
             }
         });
-        // SAFETY: the capacity is n, and the tasks above wrote every element of the m rows of `stride`.
-        unsafe { data.set_len(n) };
-        Packed::Bf16 { data, stride }
+        // SAFETY: the capacity is n / 32 lines, and the tasks above wrote every element of the m rows of `stride`.
+        unsafe { lines.set_len(n / 32) };
+        Packed::Bf16 { data: Bf16Rows(lines), stride }
     } else {
         let mut data = vec![0f32; j.m * stride];
         let daz = pair_order(j.w.dtype, act);
@@ -1271,7 +1321,7 @@ mod tests {
             let panels = pack_panels(&w).unwrap();
             let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
             linear(&x, m, w, &mut a, DType::BF16);
-            linear(&x, m, w.with_panels(Some(&panels)), &mut b, DType::BF16);
+            linear(&x, m, w.with_panels(Some(&panels[..])), &mut b, DType::BF16);
             assert_eq!(a, b, "m={m} n={n} k={k}");
         }
     }

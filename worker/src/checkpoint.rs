@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
+use switchyard_kernels::linear::Panels;
 use switchyard_kernels::{DType, Weight};
 
 use crate::error::LoadError;
@@ -21,7 +22,7 @@ pub struct Tensor {
     pub shape: Vec<usize>,
     pub name: String,
     /// Pair-interleaved panels for the bf16 kernel, one per leading slice (see [`Tensor::packed`]).
-    panels: Arc<OnceLock<Vec<Vec<u32>>>>,
+    panels: Arc<OnceLock<Vec<Panels>>>,
 }
 
 impl Tensor {
@@ -36,7 +37,7 @@ impl Tensor {
     /// The tensor as a 2-D weight `[shape[0], product(rest)]`.
     pub fn weight(&self) -> Weight<'_> {
         let rows = self.shape.first().copied().unwrap_or(1);
-        let panels = self.panels.get().and_then(|p| p.first()).map(Vec::as_slice);
+        let panels = self.panels.get().and_then(|p| p.first()).map(|p| &p[..]);
         Weight::new(self.dtype, self.bytes(), rows, self.numel() / rows.max(1)).with_panels(panels)
     }
 
@@ -44,7 +45,7 @@ impl Tensor {
     pub fn weight_at(&self, i: usize) -> Weight<'_> {
         let (rows, cols) = (self.shape[1], self.shape[2]);
         let sz = rows * cols * self.dtype.size();
-        let panels = self.panels.get().and_then(|p| p.get(i)).map(Vec::as_slice);
+        let panels = self.panels.get().and_then(|p| p.get(i)).map(|p| &p[..]);
         Weight::new(self.dtype, &self.bytes()[i * sz..(i + 1) * sz], rows, cols).with_panels(panels)
     }
 

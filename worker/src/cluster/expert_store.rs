@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
+use switchyard_kernels::linear::Panels;
 use switchyard_kernels::{DType, Weight};
 
 use crate::checkpoint::{Checkpoint, Tensor, packing_enabled};
@@ -18,7 +19,7 @@ struct OwnedWeight {
     bytes: Vec<u8>,
     rows: usize,
     cols: usize,
-    panels: Option<Vec<u32>>,
+    panels: Option<Panels>,
 }
 
 impl OwnedWeight {
