@@ -26,21 +26,26 @@ pub fn rms_norm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, dt: DType, out:
 
 /// [`rms_norm_row`] over every `dim`-long row of `x`, into a new buffer (rows in parallel).
 pub fn rms_norm_rows(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt: DType) -> Vec<f32> {
-    let mut out = crate::pool::zeros(x.len());
-    row_blocks(&mut out, dim, &|start, o| {
+    let block = row_block(dim);
+    crate::pool::build_chunks(x.len(), block, crate::pool::PARALLEL_MIN, &|i, o| {
+        let start = i * block;
         crate::simd::vectorized(|| {
             for (row, dst) in x[start..start + o.len()].chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
                 rms_norm_row(row, weight, eps, dt, dst);
             }
         });
-    });
-    out
+    })
+}
+
+/// Whole rows of `dim`, about 4,096 elements.
+fn row_block(dim: usize) -> usize {
+    (4096 / dim).max(1) * dim
 }
 
 /// Runs `f(start, block)` over blocks of whole rows of `dim` (about 4,096 elements each; in parallel when
 /// `data` is large), `start` being the block's first element.
 fn row_blocks(data: &mut [f32], dim: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-    let block = (4096 / dim).max(1) * dim;
+    let block = row_block(dim);
     crate::pool::for_each_chunk_mut(data, block, &|i, rows| f(i * block, rows));
 }
 
@@ -197,11 +202,19 @@ fn exp_nonpositive(t: f64) -> f64 {
 
 /// `out[i] = round(round(gelu(gate[i])) * up[i])`: the gated activation of the MLP and the experts.
 pub fn gelu_mul(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
-    const CHUNK: usize = 2048;
-    crate::pool::for_each_chunk_mut_above(out, CHUNK, 2 * CHUNK, &|i, o| {
-        let at = i * CHUNK..i * CHUNK + o.len();
-        gelu_gate_up(&gate[at.clone()], &up[at], dt, o);
-    });
+    crate::pool::for_each_chunk_mut_above(out, GELU_CHUNK, 2 * GELU_CHUNK, &|i, o| gelu_chunk(gate, up, dt, i, o));
+}
+
+/// [`gelu_mul`] into a new buffer of `gate.len()` elements (written once, no clearing pass first).
+pub fn gelu_mul_new(gate: &[f32], up: &[f32], dt: DType) -> Vec<f32> {
+    crate::pool::build_chunks(gate.len(), GELU_CHUNK, 2 * GELU_CHUNK, &|i, o| gelu_chunk(gate, up, dt, i, o))
+}
+
+const GELU_CHUNK: usize = 2048;
+
+fn gelu_chunk(gate: &[f32], up: &[f32], dt: DType, i: usize, o: &mut [f32]) {
+    let at = i * GELU_CHUNK..i * GELU_CHUNK + o.len();
+    gelu_gate_up(&gate[at.clone()], &up[at], dt, o);
 }
 
 /// [`gelu_mul`] on one row, inline (for callers that are already inside a parallel region).

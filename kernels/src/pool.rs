@@ -203,9 +203,26 @@ pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
 
 /// Runs `f(row, out_row)` for `rows` rows of width `width` on the global pool; returns `[rows, width]`.
 pub fn parallel_rows(rows: usize, width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
-    let mut out = zeros(rows * width);
-    for_each_chunk_mut_above(&mut out, width, 0, f);
-    out
+    build_chunks(rows * width, width, 0, f)
+}
+
+/// A new buffer of `n` elements made as [`for_each_chunk_mut_above`] would fill `zeros(n)`: `f(i, chunk)`
+/// on each chunk, in parallel from `min` elements. Each task clears its own chunk just before `f` fills
+/// it, while the chunk is in cache: no separate clearing pass through memory over the whole buffer (a
+/// prefill's activations are megabytes; that pass was 3-4% of a batch-16 prefill's profile).
+pub fn build_chunks<T: Copy + Default + Send>(n: usize, chunk: usize, min: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    for_each_chunk_mut_above(&mut v.spare_capacity_mut()[..n], chunk.max(1), min, &|i, c| {
+        for x in c.iter_mut() {
+            x.write(T::default());
+        }
+        // SAFETY: every element of the chunk was just written, and MaybeUninit<T> has T's layout.
+        let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        f(i, c)
+    });
+    // SAFETY: the capacity is at least n, and the chunks cover the first n elements, each written above.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// `vec![T::default(); n]` (zeros, for the numeric types the model uses), written by the pool's

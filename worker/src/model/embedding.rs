@@ -28,14 +28,14 @@ impl Embedding {
         let h = c.hidden_size;
         let dt = self.table.dtype;
         let w = self.table.weight();
-        let mut x = switchyard_kernels::pool::zeros(ids.len() * h);
-        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+        // One row per token, rows in parallel for a prompt (each written once into fresh memory).
+        switchyard_kernels::pool::build_chunks(ids.len() * h, h, switchyard_kernels::pool::PARALLEL_MIN, &|r, row| {
+            let id = ids[r];
             let id = if c.placeholder_ids.contains(&id) { c.pad_token_id } else { id };
             w.row_f32(id as usize, row);
             for v in row.iter_mut() {
                 *v = dt.round(*v * self.scale);
             }
-        }
-        x
+        })
     }
 }

@@ -171,9 +171,8 @@ pub fn expert_outputs<'w>(
     // The activation of every (expert, row) pair, in one parallel pass.
     let offsets: Vec<usize> = gu.iter().scan(0, |acc, g| Some(std::mem::replace(acc, *acc + g.len() / 2))).collect();
     let total: usize = gu.iter().map(|g| g.len() / 2).sum();
-    let mut act = switchyard_kernels::pool::zeros(total);
     let row_expert: Vec<usize> = gu.iter().enumerate().flat_map(|(ai, g)| std::iter::repeat_n(ai, g.len() / (2 * inter))).collect();
-    switchyard_kernels::pool::for_each_chunk_mut_above(&mut act, inter, 4096, &|r, arow| {
+    let act = switchyard_kernels::pool::build_chunks(total, inter, 4096, &|r, arow| {
         let ai = row_expert[r];
         let j = r - offsets[ai] / inter;
         let grow = &gu[ai][j * 2 * inter..(j + 1) * 2 * inter];
