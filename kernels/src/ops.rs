@@ -397,14 +397,20 @@ impl Rope {
     /// `(x * cos) + (rotate_half(x) * sin)` in the compute dtype.
     pub fn apply(&self, x: &mut [f32], cos: &[f32], sin: &[f32], dt: DType) {
         let half = self.inv_freq.len();
-        for head in x.chunks_exact_mut(2 * half) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = dt.round(dt.round(x1 * cos[i]) + dt.round(-x2 * sin[i]));
-                b[i] = dt.round(dt.round(x2 * cos[i]) + dt.round(x1 * sin[i]));
-            }
-        }
+        let (cos, sin) = (&cos[..half], &sin[..half]);
+        // One loop per dtype, vectorised (lane-wise f32 arithmetic rounds the same at any width).
+        crate::simd::vectorized(|| {
+            crate::with_rounding!(dt, |round| {
+                for head in x.chunks_exact_mut(2 * half) {
+                    let (a, b) = head.split_at_mut(half);
+                    for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                        let (x1, x2) = (*a, *b);
+                        *a = round(round(x1 * c) + round(-x2 * s));
+                        *b = round(round(x2 * c) + round(x1 * s));
+                    }
+                }
+            })
+        })
     }
 }
 
