@@ -332,11 +332,14 @@ fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
         // SAFETY: the capacity is n / 32 lines of 32 u16 each (stride is a multiple of 32), no padding.
         let spare = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut std::mem::MaybeUninit<u16>, n) };
         pool::for_each_chunk_mut(spare, stride, &|r, row| {
-            crate::simd::vectorized(|| {
-                for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
-                    d.write(f32_to_bf16_bits(*s));
-                }
-            });
+            crate::simd::vectorized(
+                #[inline(always)]
+                || {
+                    for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
+                        d.write(f32_to_bf16_bits(*s));
+                    }
+                },
+            );
             for d in &mut row[k..] {
                 d.write(0);
             }

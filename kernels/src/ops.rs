@@ -29,11 +29,14 @@ pub fn rms_norm_rows(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt
     let block = row_block(dim);
     crate::pool::build_chunks(x.len(), block, crate::pool::PARALLEL_MIN, &|i, o| {
         let start = i * block;
-        crate::simd::vectorized(|| {
-            for (row, dst) in x[start..start + o.len()].chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
-                rms_norm_row(row, weight, eps, dt, dst);
-            }
-        });
+        crate::simd::vectorized(
+            #[inline(always)]
+            || {
+                for (row, dst) in x[start..start + o.len()].chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
+                    rms_norm_row(row, weight, eps, dt, dst);
+                }
+            },
+        );
     })
 }
 
@@ -53,6 +56,7 @@ fn row_blocks(data: &mut [f32], dim: usize, f: &(dyn Fn(usize, &mut [f32]) + Syn
 /// kind of CPU, the AVX2 kernels: 8-lane vectors, 4-way ILP, 4-level cascade, then the scalar tail, then
 /// the lanes in order). Verified bit-exact against torch 2.15 for row lengths 8 to 2816.
 #[allow(clippy::needless_range_loop)] // indexed as PyTorch's kernel is, lane by lane and level by level
+#[inline(always)] // into the vectorised RMSNorm loops: its lanes become one register
 pub fn torch_sum(x: &[f32]) -> f32 {
     const L: usize = 8;
     const ILP: usize = 4;
@@ -122,12 +126,15 @@ pub fn torch_sum(x: &[f32]) -> f32 {
 pub fn rms_norm_chunks(x: &mut [f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt: DType) {
     row_blocks(x, dim, &|_, rows| {
         let mut tmp = vec![0f32; dim];
-        crate::simd::vectorized(|| {
-            for row in rows.chunks_exact_mut(dim) {
-                rms_norm_row(row, weight, eps, dt, &mut tmp);
-                row.copy_from_slice(&tmp);
-            }
-        });
+        crate::simd::vectorized(
+            #[inline(always)]
+            || {
+                for row in rows.chunks_exact_mut(dim) {
+                    rms_norm_row(row, weight, eps, dt, &mut tmp);
+                    row.copy_from_slice(&tmp);
+                }
+            },
+        );
     });
 }
 
@@ -219,7 +226,10 @@ fn gelu_chunk(gate: &[f32], up: &[f32], dt: DType, i: usize, o: &mut [f32]) {
 
 /// [`gelu_mul`] on one row, inline (for callers that are already inside a parallel region).
 pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
-    crate::simd::vectorized(|| gelu_gate_up_body(gate, up, dt, out))
+    crate::simd::vectorized(
+        #[inline(always)]
+        || gelu_gate_up_body(gate, up, dt, out),
+    )
 }
 
 #[inline(always)]
@@ -244,7 +254,10 @@ fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 /// Final-logit soft-capping in place: `round(round(tanh(round(l / cap))) * cap)`, as transformers
 /// computes `tanh(logits / cap) * cap` in the compute dtype.
 pub fn softcap(logits: &mut [f32], cap: f32, dt: DType) {
-    crate::simd::vectorized(|| softcap_body(logits, cap, dt))
+    crate::simd::vectorized(
+        #[inline(always)]
+        || softcap_body(logits, cap, dt),
+    )
 }
 
 #[inline(always)]
@@ -295,7 +308,10 @@ pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|i, a| {
         let b = &b[i * CHUNK..i * CHUNK + a.len()];
-        crate::simd::vectorized(|| crate::with_rounding!(dt, |round| a.iter_mut().zip(b).for_each(|(x, &y)| *x = round(*x + y))));
+        crate::simd::vectorized(
+            #[inline(always)]
+            || crate::with_rounding!(dt, |round| a.iter_mut().zip(b).for_each(|(x, &y)| *x = round(*x + y))),
+        );
     });
 }
 
@@ -303,7 +319,10 @@ pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
 pub fn scale_assign(a: &mut [f32], s: f32, dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|_, a| {
-        crate::simd::vectorized(|| crate::with_rounding!(dt, |round| a.iter_mut().for_each(|x| *x = round(*x * s))));
+        crate::simd::vectorized(
+            #[inline(always)]
+            || crate::with_rounding!(dt, |round| a.iter_mut().for_each(|x| *x = round(*x * s))),
+        );
     });
 }
 
@@ -399,18 +418,21 @@ impl Rope {
         let half = self.inv_freq.len();
         let (cos, sin) = (&cos[..half], &sin[..half]);
         // One loop per dtype, vectorised (lane-wise f32 arithmetic rounds the same at any width).
-        crate::simd::vectorized(|| {
-            crate::with_rounding!(dt, |round| {
-                for head in x.chunks_exact_mut(2 * half) {
-                    let (a, b) = head.split_at_mut(half);
-                    for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
-                        let (x1, x2) = (*a, *b);
-                        *a = round(round(x1 * c) + round(-x2 * s));
-                        *b = round(round(x2 * c) + round(x1 * s));
+        crate::simd::vectorized(
+            #[inline(always)]
+            || {
+                crate::with_rounding!(dt, |round| {
+                    for head in x.chunks_exact_mut(2 * half) {
+                        let (a, b) = head.split_at_mut(half);
+                        for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                            let (x1, x2) = (*a, *b);
+                            *a = round(round(x1 * c) + round(-x2 * s));
+                            *b = round(round(x2 * c) + round(x1 * s));
+                        }
                     }
-                }
-            })
-        })
+                })
+            },
+        )
     }
 }
 

@@ -1,9 +1,11 @@
 //! Plain Rust loops compiled for the widest vectors the chosen kernel path has.
 //!
 //! [`vectorized`] runs a closure inside a function built with AVX-512F/DQ (paths `avx512`,
-//! `avx512bf16`) or AVX2 (path `avx2`) enabled, so loops the closure inlines (`#[inline(always)]`
+//! `avx512bf16`, `amx`) or AVX2 (path `avx2`) enabled, so loops the closure inlines (`#[inline(always)]`
 //! bodies) are vectorised with 512- or 256-bit registers; on the portable path the closure runs as it
-//! is. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise
+//! is. The closure itself must be `#[inline(always)]` too (`vectorized(#[inline(always)] || ...)`):
+//! otherwise LLVM may keep it a function of its own, compiled for the baseline (SSE2), as it did for
+//! every elementwise pass of a prefill until 2026-12-07. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise
 //! f32/f64 arithmetic rounds the same at any vector width.
 
 #[cfg(target_arch = "x86_64")]
