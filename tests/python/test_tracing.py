@@ -34,12 +34,21 @@ def traced_chat(url, model):
     return trace_id, span_id, r.json()
 
 
-def wait_for_spans(collector, trace_id, names):
+def wait_for_spans(collector, trace_id, names, client_span_id):
+    """The trace once it has a span of every name and no span waits for its parent. Each process exports
+    its own batches on its own schedule, so an expert worker's span can arrive before the attention
+    worker's span that is its parent; a snapshot taken in between is not the finished trace."""
     def complete():
-        have = {s.name for s in collector.trace(trace_id)}
-        return names <= have
-    wait_for(complete, 30, f"spans {sorted(names)} in trace {trace_id}")
+        spans = collector.trace(trace_id)
+        return names <= {s.name for s in spans} and all(p in (None, client_span_id) for p in orphans(spans))
+    wait_for(complete, 30, f"spans {sorted(names)}, every parent present, in trace {trace_id}")
     return collector.trace(trace_id)
+
+
+def orphans(spans):
+    """The parent ids that no span of `spans` has."""
+    ids = {s.span_id for s in spans}
+    return [s.parent_id for s in spans if s.parent_id not in ids]
 
 
 def assert_one_tree(spans, client_span_id):
@@ -59,7 +68,8 @@ def test_serve_exports_one_trace_per_request(collector):
     s = Server("tiny-bf16", "--otlp-traces-endpoint", collector.endpoint, env=FAST_EXPORT)
     try:
         trace_id, client_span, body = traced_chat(s.url, "tiny-bf16")
-        spans = wait_for_spans(collector, trace_id, {"chat.completions", "engine.queue", "engine.prefill", "engine.step"})
+        spans = wait_for_spans(collector, trace_id, {"chat.completions", "engine.queue", "engine.prefill", "engine.step"},
+                               client_span)
     finally:
         s.stop()
     assert {sp.service for sp in spans} == {"switchyard-serve"}
@@ -79,7 +89,7 @@ def test_a_cluster_request_is_one_trace_across_router_attention_and_expert_worke
                     common_args=("--otlp-traces-endpoint", collector.endpoint), env=FAST_EXPORT)
         trace_id, client_span, body = traced_chat(c.url, "tiny-bf16")
         spans = wait_for_spans(collector, trace_id, {"chat.completions", "router.attempt", "attention.generate",
-                                                     "engine.step", "dispatch", "expert.batch"})
+                                                     "engine.step", "dispatch", "expert.batch"}, client_span)
     finally:
         if c:
             c.stop()
