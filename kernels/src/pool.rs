@@ -232,15 +232,7 @@ pub fn zeros<T: Copy + Default + Send>(n: usize) -> Vec<T> {
     if n * std::mem::size_of::<T>() < 1 << 18 {
         return vec![T::default(); n];
     }
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    for_each_chunk_mut_above(&mut v.spare_capacity_mut()[..n], 1 << 16, 0, &|_, c| {
-        for x in c {
-            x.write(T::default());
-        }
-    });
-    // SAFETY: the capacity is at least n and each of the first n elements was just written.
-    unsafe { v.set_len(n) };
-    v
+    build_chunks(n, 1 << 16, 0, &|_, _| {})
 }
 
 /// Rows `rows[0], rows[1], ...` of `src` (rows of `width`), one after another in a new buffer, copied by

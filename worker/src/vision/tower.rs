@@ -315,8 +315,7 @@ impl VisionTower {
         );
         Clipped::clamp(&mut g, l.gate.clamp_out);
         Clipped::clamp(&mut u, l.up.clamp_out);
-        let mut act = vec![0f32; n * i];
-        ops::gelu_mul(&g, &u, dt, &mut act);
+        let act = ops::gelu_mul_new(&g, &u, dt);
         let act = clamped(&act, l.down.clamp_in);
         let mut out = vec![0f32; n * self.config.hidden_size];
         linear(&act, n, l.down.w.weight(), &mut out, dt);
