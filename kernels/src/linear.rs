@@ -213,35 +213,66 @@ pub fn panel_len(rows: usize, cols: usize) -> usize {
     rows.div_ceil(32) * cols.div_ceil(2) * 32
 }
 
-/// One cache line of panel data.
+/// One cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u32; 16]);
+struct Line([u8; 64]);
 
-/// Panels made by [`pack_panels`], starting on a cache line. A tile row or a 64-byte vector load that
-/// straddles two lines costs two L1 accesses: a heap block of this size starts 16 bytes past a line
-/// (glibc), and the amx tiles slowed by up to half from such panels and activations (a 256 x 4096 x
-/// 1024 product on one thread, `SWITCHYARD_THREADS=1 cargo bench -p switchyard-kernels -- gemm`:
-/// 490-730 GFLOP/s unaligned, 766-940 aligned; a C loop of the same tile sequence, 16 bytes off a
-/// line: 544-566, on lines: 951-1080).
-pub struct Panels {
+/// Integers (`u16`, `u32`) in whole cache lines, the first on a line: a tile row or 64-byte vector
+/// load that straddles two lines costs two L1 accesses, and a heap block of this size starts 16
+/// bytes past a line (glibc). The amx tiles slowed by up to half from such panels and activations (a
+/// 256 x 4096 x 1024 product on one thread, `SWITCHYARD_THREADS=1 cargo bench -p switchyard-kernels
+/// -- gemm`: 490-730 GFLOP/s unaligned, 766-940 aligned; a C loop of the same tile sequence, 16 bytes
+/// off a line: 544-566, on lines: 951-1080). Only this module makes them, of integer types, for
+/// which zero and every other bit pattern is a value.
+pub struct Lines<T> {
     lines: Vec<Line>,
+    elem: std::marker::PhantomData<T>,
 }
 
-impl std::ops::Deref for Panels {
-    type Target = [u32];
-    fn deref(&self) -> &[u32] {
-        // SAFETY: `Line` is 16 u32 with no padding (repr(C), size 64), so the lines are 16 * len u32.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u32, self.lines.len() * 16) }
+impl<T: Copy> Lines<T> {
+    /// Elements per line.
+    const PER_LINE: usize = 64 / std::mem::size_of::<T>();
+
+    /// `n` zeros (`n` a whole number of lines).
+    fn zeroed(n: usize) -> Self {
+        debug_assert!(n.is_multiple_of(Self::PER_LINE));
+        Lines { lines: vec![Line([0; 64]); n / Self::PER_LINE], elem: std::marker::PhantomData }
+    }
+
+    /// `n` elements (a whole number of lines) written by `fill`, which is given them uninitialised.
+    ///
+    /// # Safety
+    /// `fill` writes every one of the `n` elements.
+    unsafe fn filled(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>])) -> Self {
+        debug_assert!(n.is_multiple_of(Self::PER_LINE));
+        let mut lines: Vec<Line> = Vec::with_capacity(n / Self::PER_LINE);
+        // SAFETY: the capacity is n / PER_LINE lines of 64 bytes: room for n elements, each aligned.
+        fill(unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), n) });
+        // SAFETY: those lines now hold n written elements (the caller's promise).
+        unsafe { lines.set_len(n / Self::PER_LINE) };
+        Lines { lines, elem: std::marker::PhantomData }
     }
 }
 
-impl std::ops::DerefMut for Panels {
-    fn deref_mut(&mut self) -> &mut [u32] {
+impl<T: Copy> std::ops::Deref for Lines<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: PER_LINE elements per line with no padding, initialised by `zeroed` or `filled`, of an
+        // integer type.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.lines.len() * Self::PER_LINE) }
+    }
+}
+
+impl<T: Copy> std::ops::DerefMut for Lines<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         // SAFETY: as above, borrowed mutably through `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u32, self.lines.len() * 16) }
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.lines.len() * Self::PER_LINE) }
     }
 }
+
+/// Panels made by [`pack_panels`], on cache lines.
+pub type Panels = Lines<u32>;
 
 /// Repacks a bf16 weight into panels of 32 rows, `[rows/32][cols/2][32]` bf16 pairs: the layout the
 /// bf16 kernel multiplies, so that decode streams each panel once, sequentially. Same bytes as the
@@ -253,7 +284,7 @@ pub fn pack_panels(w: &Weight<'_>) -> Option<Panels> {
     }
     let k2 = w.cols.div_ceil(2);
     // A panel is k2 * 32 u32, a whole number of lines.
-    let mut out = Panels { lines: vec![Line([0; 16]); panel_len(w.rows, w.cols) / 16] };
+    let mut out = Panels::zeroed(panel_len(w.rows, w.cols));
     let vnni = isa().has_avx512_bf16();
     pool::for_each_chunk_mut_above(&mut out, k2 * 32, 0, &|g, panel| {
         let c = g * 32;
@@ -291,28 +322,11 @@ fn block_rows(m: usize, n: usize) -> usize {
     target.min(by_threads).div_ceil(32) * 32
 }
 
-/// 32 bf16 activations: one cache line.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line16([u16; 32]);
-
-/// bf16 activation rows starting on a cache line (rows a multiple of 32 elements apart, so every row
-/// does), for the same reason as [`Panels`].
-struct Bf16Rows(Vec<Line16>);
-
-impl std::ops::Deref for Bf16Rows {
-    type Target = [u16];
-    fn deref(&self) -> &[u16] {
-        // SAFETY: `Line16` is 32 u16 with no padding (repr(C), size 64).
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u16, self.0.len() * 32) }
-    }
-}
-
 /// Activations in the layout a kernel wants: bf16 bits or f32, `k` padded with zeros to a multiple of 32.
 enum Packed {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the VNNI kernel takes bf16 activations
     Bf16 {
-        data: Bf16Rows,
+        data: Lines<u16>,
         stride: usize,
     },
     F32 {
@@ -328,25 +342,25 @@ fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
         // Rows in parallel once there are enough of them (a prefill's activations are megabytes), each
         // written whole, its padding past k with zeros: no clearing pass first.
         let n = j.m * stride;
-        let mut lines: Vec<Line16> = Vec::with_capacity(n / 32);
-        // SAFETY: the capacity is n / 32 lines of 32 u16 each (stride is a multiple of 32), no padding.
-        let spare = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut std::mem::MaybeUninit<u16>, n) };
-        pool::for_each_chunk_mut(spare, stride, &|r, row| {
-            crate::simd::vectorized(
-                #[inline(always)]
-                || {
-                    for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
-                        d.write(f32_to_bf16_bits(*s));
-                    }
-                },
-            );
-            for d in &mut row[k..] {
-                d.write(0);
-            }
-        });
-        // SAFETY: the capacity is n / 32 lines, and the tasks above wrote every element of the m rows of `stride`.
-        unsafe { lines.set_len(n / 32) };
-        Packed::Bf16 { data: Bf16Rows(lines), stride }
+        let fill = |spare: &mut [std::mem::MaybeUninit<u16>]| {
+            pool::for_each_chunk_mut(spare, stride, &|r, row| {
+                crate::simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
+                            d.write(f32_to_bf16_bits(*s));
+                        }
+                    },
+                );
+                for d in &mut row[k..] {
+                    d.write(0);
+                }
+            })
+        };
+        // SAFETY: `fill` writes every element of the m rows of `stride` (a multiple of 32, so the rows
+        // are whole lines).
+        let data = unsafe { Lines::filled(n, fill) };
+        Packed::Bf16 { data, stride }
     } else {
         let mut data = vec![0f32; j.m * stride];
         let daz = pair_order(j.w.dtype, act);
@@ -1326,6 +1340,32 @@ mod tests {
             linear(&x, m, w, &mut a, DType::BF16);
             linear(&x, m, w.with_panels(Some(&panels[..])), &mut b, DType::BF16);
             assert_eq!(a, b, "m={m} n={n} k={k}");
+        }
+    }
+
+    /// Panels and packed bf16 activation rows start on a cache line (the tiles' speed depends on it),
+    /// and read back what was written.
+    #[test]
+    fn panels_and_packed_rows_start_on_a_cache_line() {
+        let (m, n, k) = (3usize, 40usize, 45usize);
+        let mut s = 7u64;
+        let wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s))).collect();
+        let wb = weight_bytes(&wv, DType::BF16);
+        let w = Weight::new(DType::BF16, &wb, n, k);
+        if let Some(p) = pack_panels(&w) {
+            assert_eq!(p.as_ptr() as usize % 64, 0);
+            assert_eq!(p.len(), panel_len(n, k));
+        }
+        for isa in Isa::supported().into_iter().filter(|i| i.has_avx512_bf16()) {
+            let Packed::Bf16 { data, stride } = pack(&Product { x: &x, m, w }, DType::BF16, isa) else {
+                panic!("{isa}: bf16 activations on a VNNI path");
+            };
+            assert_eq!((data.as_ptr() as usize % 64, stride, data.len()), (0, 64, m * 64));
+            for r in 0..m {
+                let want: Vec<u16> = x[r * k..(r + 1) * k].iter().map(|&v| f32_to_bf16_bits(v)).chain([0; 64 - 45]).collect();
+                assert_eq!(&data[r * stride..(r + 1) * stride], &want[..], "{isa}: row {r}");
+            }
         }
     }
 
