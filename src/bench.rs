@@ -233,14 +233,7 @@ fn read_bandwidth() -> f64 {
             let t = Instant::now();
             pool.parallel_for(parts, &|i| {
                 let chunk = &buf[i * WORDS / parts..(i + 1) * WORDS / parts];
-                let s = if streams {
-                    sum_four_streams(chunk)
-                } else {
-                    switchyard_kernels::simd::vectorized(
-                        #[inline(always)]
-                        || sum(chunk),
-                    )
-                };
+                let s = if streams { sum_four_streams(chunk) } else { switchyard_kernels::vectorized!(sum(chunk)) };
                 sink.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
             });
             best = best.max((WORDS * 8) as f64 / t.elapsed().as_secs_f64());

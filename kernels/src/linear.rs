@@ -344,14 +344,11 @@ fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
         let n = j.m * stride;
         let fill = |spare: &mut [std::mem::MaybeUninit<u16>]| {
             pool::for_each_chunk_mut(spare, stride, &|r, row| {
-                crate::simd::vectorized(
-                    #[inline(always)]
-                    || {
-                        for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
-                            d.write(f32_to_bf16_bits(*s));
-                        }
-                    },
-                );
+                crate::vectorized!({
+                    for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
+                        d.write(f32_to_bf16_bits(*s));
+                    }
+                });
                 for d in &mut row[k..] {
                     d.write(0);
                 }

@@ -29,14 +29,11 @@ pub fn rms_norm_rows(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt
     let block = row_block(dim);
     crate::pool::build_chunks(x.len(), block, crate::pool::PARALLEL_MIN, &|i, o| {
         let start = i * block;
-        crate::simd::vectorized(
-            #[inline(always)]
-            || {
-                for (row, dst) in x[start..start + o.len()].chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
-                    rms_norm_row(row, weight, eps, dt, dst);
-                }
-            },
-        );
+        crate::vectorized!({
+            for (row, dst) in x[start..start + o.len()].chunks_exact(dim).zip(o.chunks_exact_mut(dim)) {
+                rms_norm_row(row, weight, eps, dt, dst);
+            }
+        });
     })
 }
 
@@ -126,15 +123,12 @@ pub fn torch_sum(x: &[f32]) -> f32 {
 pub fn rms_norm_chunks(x: &mut [f32], dim: usize, weight: Option<&[f32]>, eps: f32, dt: DType) {
     row_blocks(x, dim, &|_, rows| {
         let mut tmp = vec![0f32; dim];
-        crate::simd::vectorized(
-            #[inline(always)]
-            || {
-                for row in rows.chunks_exact_mut(dim) {
-                    rms_norm_row(row, weight, eps, dt, &mut tmp);
-                    row.copy_from_slice(&tmp);
-                }
-            },
-        );
+        crate::vectorized!({
+            for row in rows.chunks_exact_mut(dim) {
+                rms_norm_row(row, weight, eps, dt, &mut tmp);
+                row.copy_from_slice(&tmp);
+            }
+        });
     });
 }
 
@@ -226,10 +220,7 @@ fn gelu_chunk(gate: &[f32], up: &[f32], dt: DType, i: usize, o: &mut [f32]) {
 
 /// [`gelu_mul`] on one row, inline (for callers that are already inside a parallel region).
 pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
-    crate::simd::vectorized(
-        #[inline(always)]
-        || gelu_gate_up_body(gate, up, dt, out),
-    )
+    crate::vectorized!(gelu_gate_up_body(gate, up, dt, out))
 }
 
 #[inline(always)]
@@ -254,10 +245,7 @@ fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 /// Final-logit soft-capping in place: `round(round(tanh(round(l / cap))) * cap)`, as transformers
 /// computes `tanh(logits / cap) * cap` in the compute dtype.
 pub fn softcap(logits: &mut [f32], cap: f32, dt: DType) {
-    crate::simd::vectorized(
-        #[inline(always)]
-        || softcap_body(logits, cap, dt),
-    )
+    crate::vectorized!(softcap_body(logits, cap, dt))
 }
 
 #[inline(always)]
@@ -308,10 +296,7 @@ pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|i, a| {
         let b = &b[i * CHUNK..i * CHUNK + a.len()];
-        crate::simd::vectorized(
-            #[inline(always)]
-            || crate::with_rounding!(dt, |round| a.iter_mut().zip(b).for_each(|(x, &y)| *x = round(*x + y))),
-        );
+        crate::vectorized!(crate::with_rounding!(dt, |round| a.iter_mut().zip(b).for_each(|(x, &y)| *x = round(*x + y))));
     });
 }
 
@@ -319,10 +304,7 @@ pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
 pub fn scale_assign(a: &mut [f32], s: f32, dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|_, a| {
-        crate::simd::vectorized(
-            #[inline(always)]
-            || crate::with_rounding!(dt, |round| a.iter_mut().for_each(|x| *x = round(*x * s))),
-        );
+        crate::vectorized!(crate::with_rounding!(dt, |round| a.iter_mut().for_each(|x| *x = round(*x * s))));
     });
 }
 
@@ -418,21 +400,18 @@ impl Rope {
         let half = self.inv_freq.len();
         let (cos, sin) = (&cos[..half], &sin[..half]);
         // One loop per dtype, vectorised (lane-wise f32 arithmetic rounds the same at any width).
-        crate::simd::vectorized(
-            #[inline(always)]
-            || {
-                crate::with_rounding!(dt, |round| {
-                    for head in x.chunks_exact_mut(2 * half) {
-                        let (a, b) = head.split_at_mut(half);
-                        for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
-                            let (x1, x2) = (*a, *b);
-                            *a = round(round(x1 * c) + round(-x2 * s));
-                            *b = round(round(x2 * c) + round(x1 * s));
-                        }
+        crate::vectorized!({
+            crate::with_rounding!(dt, |round| {
+                for head in x.chunks_exact_mut(2 * half) {
+                    let (a, b) = head.split_at_mut(half);
+                    for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                        let (x1, x2) = (*a, *b);
+                        *a = round(round(x1 * c) + round(-x2 * s));
+                        *b = round(round(x2 * c) + round(x1 * s));
                     }
-                })
-            },
-        )
+                }
+            })
+        })
     }
 }
 

@@ -3,15 +3,31 @@
 //! [`vectorized`] runs a closure inside a function built with AVX-512F/DQ (paths `avx512`,
 //! `avx512bf16`, `amx`) or AVX2 (path `avx2`) enabled, so loops the closure inlines (`#[inline(always)]`
 //! bodies) are vectorised with 512- or 256-bit registers; on the portable path the closure runs as it
-//! is. The closure itself must be `#[inline(always)]` too (`vectorized(#[inline(always)] || ...)`):
-//! otherwise LLVM may keep it a function of its own, compiled for the baseline (SSE2), as it did for
-//! every elementwise pass of a prefill until 2026-12-07. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise
+//! is. Callers use the [`vectorized!`](crate::vectorized) macro, which makes the closure
+//! `#[inline(always)]` too: otherwise LLVM may keep it a function of its own, compiled for the
+//! baseline (SSE2), as it did for every elementwise pass of a prefill until 2026-12-07. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise
 //! f32/f64 arithmetic rounds the same at any vector width.
 
 #[cfg(target_arch = "x86_64")]
 use crate::isa::{Isa, isa};
 
-/// Runs `f`, vectorised for the chosen path.
+/// Evaluates `$body` vectorised for the chosen path: [`vectorized`] with the body in an
+/// `#[inline(always)]` closure, so that it is compiled into the wide function (call this, not the
+/// function: a closure without the attribute may stay a function of its own, built for SSE2).
+/// `vectorized!(a.iter_mut().for_each(|x| *x *= 2.0))`.
+#[macro_export]
+macro_rules! vectorized {
+    ($body:expr $(,)?) => {
+        $crate::simd::vectorized(
+            #[inline(always)]
+            || $body,
+        )
+    };
+}
+
+/// Runs `f`, vectorised for the chosen path; through [`vectorized!`](crate::vectorized), which inlines
+/// the closure.
+#[doc(hidden)]
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

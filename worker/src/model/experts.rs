@@ -227,15 +227,9 @@ impl ExpertBackend for LocalExperts {
             for s in slots {
                 let pair = r * k + s;
                 let (w, y) = (weights[pair], y.y(pair));
-                switchyard_kernels::simd::vectorized(
-                    #[inline(always)]
-                    || {
-                        switchyard_kernels::with_rounding!(dt, |round| o
-                            .iter_mut()
-                            .zip(y)
-                            .for_each(|(x, &y)| *x = round(*x + round(y * w))))
-                    },
-                );
+                switchyard_kernels::vectorized!({
+                    switchyard_kernels::with_rounding!(dt, |round| o.iter_mut().zip(y).for_each(|(x, &y)| *x = round(*x + round(y * w))))
+                });
             }
         });
         Ok(())
