@@ -62,7 +62,7 @@ impl DType {
     /// Rounds every element in place; a no-op for `F32`.
     pub fn round_slice(self, xs: &mut [f32]) {
         if self != DType::F32 {
-            crate::with_rounding!(self, |round| xs.iter_mut().for_each(|x| *x = round(*x)));
+            crate::with_rounding!(self, |round| crate::vectorized!(xs.iter_mut().for_each(|x| *x = round(*x))));
         }
     }
 

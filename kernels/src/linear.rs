@@ -1018,13 +1018,19 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
         while c < n1 {
             // One row against prepacked panels: two panels at a time, so that eight independent
             // accumulator chains hide the FMA latency (one panel's four leave the loads waiting).
-            if let (1, Some(panels)) = (m, w.panels)
+            // A few rows (a decode step's experts) the same way, one after another: the first streams
+            // the two panels from memory, the others find them in L2.
+            if let (true, Some(panels)) = (m <= FEW_ROWS_AVX2, w.panels)
                 && n1 - c > 32
             {
                 let nc = (n1 - c).min(64);
-                // SAFETY: panels c/32 and c/32 + 1 exist (n1 - c > 32 columns remain); x is
-                // zero-padded to `xs`; outputs c .. c + nc are this task's.
-                unsafe { pair_two_panels_avx2(x.as_ptr(), panels[(c / 32) * k2 * 32..].as_ptr(), k2, out.add(c), nc) };
+                for r in 0..m {
+                    // SAFETY: panels c/32 and c/32 + 1 exist (n1 - c > 32 columns remain); x rows are
+                    // zero-padded to `xs`; outputs c .. c + nc of row r are this task's.
+                    unsafe {
+                        pair_two_panels_avx2(x.as_ptr().add(r * xs), panels[(c / 32) * k2 * 32..].as_ptr(), k2, out.add(r * os + c), nc)
+                    };
+                }
                 c += nc;
                 continue;
             }
@@ -1044,26 +1050,34 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
             };
             // SAFETY: c < n1: inside the output row.
             let o = unsafe { out.add(c) };
-            let xp = x.as_ptr();
+            let (xp, pp) = (x.as_ptr(), panel.as_ptr());
             // SAFETY: (all calls below) `panel` holds k2 * 32 pairs; x rows are `xs >= 2 * k2` floats
             // apart, zero-padded; outputs `o + r * os + j` for j < nc are this task's columns.
             unsafe {
                 match m {
-                    1 => pair_panel_avx2::<1, 4>(xp, xs, panel.as_ptr(), k2, o, os, nc),
-                    2 => pair_panel_avx2::<2, 4>(xp, xs, panel.as_ptr(), k2, o, os, nc),
+                    1 => pair_panel_avx2::<1, 4>(xp, xs, pp, k2, o, os, nc),
+                    2 => pair_panel_avx2::<2, 4>(xp, xs, pp, k2, o, os, nc),
                     _ => {
-                        let mut r0 = 0;
-                        while r0 < m {
-                            let mr = (m - r0).min(3);
-                            let xr = xp.add(r0 * xs);
-                            let or = o.add(r0 * os);
-                            let pp = panel.as_ptr();
-                            match mr {
-                                1 => pair_panel_avx2::<1, 4>(xr, xs, pp, k2, or, os, nc),
-                                2 => pair_panel_avx2::<2, 4>(xr, xs, pp, k2, or, os, nc),
-                                _ => pair_panel_avx2::<3, 4>(xr, xs, pp, k2, or, os, nc),
+                        // Four rows against half a panel (16 outputs): 8 accumulators, 4 widened
+                        // weight vectors and 2 broadcasts fit the 16 registers (three rows against a
+                        // whole panel needed 20 and spilled accumulators to the stack every pair).
+                        for h in 0..2 {
+                            let nh = nc.saturating_sub(16 * h).min(16);
+                            if nh == 0 {
+                                break;
                             }
-                            r0 += mr;
+                            let mut r0 = 0;
+                            while r0 < m {
+                                let mr = (m - r0).min(4);
+                                let (xr, or, ph) = (xp.add(r0 * xs), o.add(r0 * os + 16 * h), pp.add(16 * h));
+                                match mr {
+                                    1 => pair_panel_avx2::<1, 2>(xr, xs, ph, k2, or, os, nh),
+                                    2 => pair_panel_avx2::<2, 2>(xr, xs, ph, k2, or, os, nh),
+                                    3 => pair_panel_avx2::<3, 2>(xr, xs, ph, k2, or, os, nh),
+                                    _ => pair_panel_avx2::<4, 2>(xr, xs, ph, k2, or, os, nh),
+                                }
+                                r0 += mr;
+                            }
                         }
                     }
                 }
@@ -1072,6 +1086,9 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
         }
     });
 }
+
+/// Up to this many rows, [`block_pairs_avx2`] takes the rows one at a time against a pair of panels.
+const FEW_ROWS_AVX2: usize = 16;
 
 /// One row of x against two consecutive panels (64 outputs, the second possibly partial): the
 /// per-output order of [`pair_panel_avx2`], with eight accumulators.
@@ -1132,21 +1149,46 @@ unsafe fn pair_panel_avx2<const MR: usize, const NV: usize>(
 ) {
     let mut acc = [[_mm256_setzero_ps(); NV]; MR];
     let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
-    for i in 0..k2 {
-        let mut wo = [_mm256_setzero_ps(); NV];
-        let mut we = [_mm256_setzero_ps(); NV];
-        for v in 0..NV {
-            // SAFETY: pair i, outputs 8v .. 8v + 8 of this panel are inside it (see the caller).
-            let pairs = unsafe { _mm256_loadu_si256(panel.add(i * 32 + 8 * v) as *const __m256i) };
-            wo[v] = _mm256_castsi256_ps(_mm256_and_si256(pairs, hi));
-            we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-        }
-        for (r, a) in acc.iter_mut().enumerate() {
-            // SAFETY: element 2i + 1 of row r is inside its zero-padded stride.
-            let (xo, xe) = unsafe { (_mm256_set1_ps(*x.add(r * xs + 2 * i + 1)), _mm256_set1_ps(*x.add(r * xs + 2 * i))) };
+    // Whichever order keeps fewer values live beside the accumulators: every widened weight vector
+    // then one row's two broadcasts at a time (2 NV + 2), or every row's broadcasts then one weight
+    // vector at a time (2 MR + 2). Same sums either way.
+    if NV <= MR {
+        for i in 0..k2 {
+            prefetch_pairs::<NV>(panel, i + 8);
+            let mut wo = [_mm256_setzero_ps(); NV];
+            let mut we = [_mm256_setzero_ps(); NV];
             for v in 0..NV {
-                a[v] = _mm256_fmadd_ps(xo, wo[v], a[v]);
-                a[v] = _mm256_fmadd_ps(xe, we[v], a[v]);
+                // SAFETY: pair i, outputs 8v .. 8v + 8 of this panel are inside it (see the caller).
+                let pairs = unsafe { _mm256_loadu_si256(panel.add(i * 32 + 8 * v) as *const __m256i) };
+                wo[v] = _mm256_castsi256_ps(_mm256_and_si256(pairs, hi));
+                we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: element 2i + 1 of row r is inside its zero-padded stride.
+                let (xo, xe) = unsafe { (_mm256_set1_ps(*x.add(r * xs + 2 * i + 1)), _mm256_set1_ps(*x.add(r * xs + 2 * i))) };
+                for v in 0..NV {
+                    a[v] = _mm256_fmadd_ps(xo, wo[v], a[v]);
+                    a[v] = _mm256_fmadd_ps(xe, we[v], a[v]);
+                }
+            }
+        }
+    } else {
+        for i in 0..k2 {
+            prefetch_pairs::<NV>(panel, i + 8);
+            let mut xo = [_mm256_setzero_ps(); MR];
+            let mut xe = [_mm256_setzero_ps(); MR];
+            for r in 0..MR {
+                // SAFETY: element 2i + 1 of row r is inside its zero-padded stride.
+                (xo[r], xe[r]) = unsafe { (_mm256_set1_ps(*x.add(r * xs + 2 * i + 1)), _mm256_set1_ps(*x.add(r * xs + 2 * i))) };
+            }
+            for v in 0..NV {
+                // SAFETY: pair i, outputs 8v .. 8v + 8 of this panel are inside it (see the caller).
+                let pairs = unsafe { _mm256_loadu_si256(panel.add(i * 32 + 8 * v) as *const __m256i) };
+                let (wo, we) = (_mm256_castsi256_ps(_mm256_and_si256(pairs, hi)), _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)));
+                for (a, (&xo, &xe)) in acc.iter_mut().zip(xo.iter().zip(&xe)) {
+                    a[v] = _mm256_fmadd_ps(xo, wo, a[v]);
+                    a[v] = _mm256_fmadd_ps(xe, we, a[v]);
+                }
             }
         }
     }
@@ -1165,6 +1207,16 @@ unsafe fn pair_panel_avx2<const MR: usize, const NV: usize>(
                 }
             }
         }
+    }
+}
+
+/// A prefetch hint for pair `i` of the `8 * NV` outputs of a panel at `panel` (one line per 16 outputs).
+/// Past the panel's end it touches the next one (or nothing: a prefetch never faults).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_pairs<const NV: usize>(panel: *const u32, i: usize) {
+    for l in 0..NV.div_ceil(2) {
+        crate::simd::prefetch(panel.wrapping_add(i * 32 + 16 * l));
     }
 }
 
@@ -1421,7 +1473,8 @@ mod tests {
     #[test]
     fn every_path_gives_the_same_bits() {
         let mut s = 11u64;
-        for &(m, n, k) in &[(1usize, 40usize, 45usize), (2, 64, 96), (3, 70, 100), (5, 33, 31), (13, 70, 66), (16, 96, 130), (1, 256, 1024)]
+        for &(m, n, k) in
+            &[(1usize, 40usize, 45usize), (2, 64, 96), (3, 70, 100), (5, 33, 31), (13, 70, 66), (16, 96, 130), (23, 90, 66), (1, 256, 1024)]
         {
             let mut wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
             let mut x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s))).collect();
