@@ -2,14 +2,16 @@
 //! sizes. Each batch element is a different prompt; decode steps are greedy and batched, as the engine
 //! runs them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
 use switchyard_worker::generate::pick;
-use switchyard_worker::{ForwardChunk, LogitsFor, SeqCache};
+use switchyard_worker::{ExpertBackend, ExpertError, ForwardChunk, LogitsFor, SeqCache};
 
-use crate::cli::{ModelArgs, load_model};
+use crate::cli::{ModelArgs, load_model_wrapping};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -37,11 +39,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.load.device(true)? == crate::cli::Placement::Cuda {
         return run_cuda(&a, &model);
     }
-    let loaded = load_model(&ModelArgs { model }, &a.load)?;
+    let reads = Arc::new(AtomicU64::new(0));
+    let counted = reads.clone();
+    let loaded = load_model_wrapping(&ModelArgs { model }, &a.load, move |inner| Arc::new(CountingExperts { inner, reads: counted }))?;
     let m = &loaded.model;
     let c = &m.config;
     let threads = switchyard_kernels::pool::global().threads();
-    let per_token = (c.parameter_counts().per_decode_token * m.dtype.size() as f64) as u64;
+    let counts = c.parameter_counts();
+    let per_token = (counts.per_decode_token * m.dtype.size() as f64) as u64;
+    let (dense_bytes, expert_bytes) = ((counts.dense * m.dtype.size() as u64) as f64, (counts.per_expert * m.dtype.size() as u64) as f64);
     let bandwidth = read_bandwidth();
     let path = switchyard_kernels::isa();
     let features = switchyard_kernels::isa::cpu_features();
@@ -88,16 +94,47 @@ pub fn run(a: BenchArgs) -> Result<()> {
             *next = logits.iter().map(|l| pick(l, 1).token).collect();
             Ok(())
         };
-        let decode_s = time_decode(a.decode_steps, || step(&mut next, &mut caches))?;
+        let mut before = 0;
+        let decode_s = time_decode(a.decode_steps, || before = reads.load(Ordering::Relaxed), || step(&mut next, &mut caches))?;
+        let expert_reads = reads.load(Ordering::Relaxed) - before;
         let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
-        // The batch-1 bound: every weight byte a token needs, read once at the measured bandwidth.
-        let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token as f64));
+        // The bound: every weight byte the steps needed, read once at the measured bandwidth: all but
+        // the experts every step, and each expert a step routed any row to once (at batch 1, top_k of
+        // each layer's; at 16 most of them).
+        let read = a.decode_steps as f64 * dense_bytes + expert_reads as f64 * expert_bytes;
+        let of_bound = Some(read / bandwidth / decode_s);
         let extra = serde_json::json!({"threads": threads, "kernels": path.name(), "cpu_features": features,
-            "read_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_decode_token": per_token});
+            "read_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_decode_token": per_token,
+            "decode_expert_reads": expert_reads, "decode_weight_bytes": read});
         report(&a, Figures { batch: b, prefill_tps, decode_tps, ms_step: decode_s * 1e3 / a.decode_steps as f64, of_bound }, extra);
     }
     Ok(())
+}
+
+/// The in-process experts, counting the (layer, expert) weights each call reads: every expert that at
+/// least one row was routed to, once.
+struct CountingExperts {
+    inner: Arc<dyn ExpertBackend>,
+    reads: Arc<AtomicU64>,
+}
+
+impl ExpertBackend for CountingExperts {
+    fn run(&self, layer: usize, rows: &[f32], n: usize, ids: &[u32], weights: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        let mut seen: Vec<u32> = ids.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        self.reads.fetch_add(seen.len() as u64, Ordering::Relaxed);
+        self.inner.run(layer, rows, n, ids, weights, out)
+    }
+
+    fn begin_step(&self) {
+        self.inner.begin_step()
+    }
+
+    fn end_step(&self) {
+        self.inner.end_step()
+    }
 }
 
 /// One batch size's results.
@@ -106,7 +143,8 @@ struct Figures {
     prefill_tps: f64,
     decode_tps: f64,
     ms_step: f64,
-    /// Batch-1 decode as a fraction of the bandwidth bound.
+    /// Decode as a fraction of the bandwidth bound (the weight bytes its steps read, at the measured
+    /// read bandwidth).
     of_bound: Option<f64>,
 }
 
@@ -193,7 +231,7 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
             *len += 1;
             Ok(())
         };
-        let decode_s = time_decode(a.decode_steps, || step(&mut next, &mut len))?;
+        let decode_s = time_decode(a.decode_steps, || {}, || step(&mut next, &mut len))?;
         let prefill_tps = (b * prompts[0].len()) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
         let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token));
@@ -205,10 +243,11 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
 }
 
 /// Two warm-up decode steps, then `steps` timed ones: their seconds.
-fn time_decode(steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_decode(steps: usize, start: impl FnOnce(), mut step: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..2 {
         step()?;
     }
+    start();
     let t = Instant::now();
     for _ in 0..steps {
         step()?;

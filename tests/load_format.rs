@@ -51,10 +51,13 @@ fn parameter_counts_equal_the_checkpoints() {
         let c = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let ckpt = Checkpoint::open(&dir).unwrap();
         let prefix = ckpt.text_prefix();
-        let (mut total, mut per_token) = (0u64, 0f64);
+        let (mut total, mut per_token, mut dense) = (0u64, 0f64, 0u64);
         for n in ckpt.names().iter().filter(|n| n.starts_with(prefix) && !n.contains("vision")) {
             let t = ckpt.get(n).unwrap();
             total += t.numel() as u64;
+            if !n.contains(".experts.") {
+                dense += t.numel() as u64;
+            }
             per_token += match c.moe {
                 Some(m) if n.contains(".experts.") => t.numel() as f64 * m.top_k as f64 / m.num_experts as f64,
                 _ => t.numel() as f64,
@@ -63,6 +66,52 @@ fn parameter_counts_equal_the_checkpoints() {
         let counts = c.parameter_counts();
         assert_eq!(counts.total, total, "{name}");
         assert!((counts.per_decode_token - per_token).abs() < 1e-6 * per_token, "{name}: {} vs {per_token}", counts.per_decode_token);
+        assert_eq!(counts.dense, dense, "{name}");
+        let experts = c.moe.map_or(0, |m| (m.num_experts * c.num_layers) as u64);
+        assert_eq!(counts.per_expert * experts, total - dense, "{name}");
+    }
+}
+
+/// `switchyard bench` counts the expert weights its decode steps read: at batch 1 each step reads
+/// `top_k` experts of every layer; a batch reads each expert any of its rows was routed to once, so
+/// between that and `min(batch x top_k, num_experts)` per layer; the bound it reports is those bytes and
+/// every other weight once per step, at the bandwidth it measured.
+#[test]
+fn the_benchmark_counts_the_expert_weights_its_steps_read() {
+    let dir = fixtures().join("tiny-bf16");
+    let c = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let (moe, layers, steps) = (c.moe.unwrap(), c.num_layers as u64, 4u64);
+    let counts = c.parameter_counts();
+    let out = switchyard(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--batch-sizes",
+        "1,6",
+        "--prompt-len",
+        "8",
+        "--decode-steps",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let b = r["batch"].as_u64().unwrap();
+        let reads = r["decode_expert_reads"].as_u64().unwrap();
+        let k = moe.top_k as u64;
+        let most = (b * k).min(moe.num_experts as u64);
+        assert!((steps * layers * k..=steps * layers * most).contains(&reads), "batch {b}: {reads} expert reads");
+        if b == 1 {
+            assert_eq!(reads, steps * layers * k);
+        }
+        let bytes = r["decode_weight_bytes"].as_f64().unwrap();
+        assert_eq!(bytes, (steps * counts.dense * 2 + reads * counts.per_expert * 2) as f64, "batch {b}: bf16 bytes");
+        let bound_s = bytes / r["read_bandwidth_bytes_per_s"].as_f64().unwrap();
+        let decode_s = steps as f64 * r["decode_ms_per_step"].as_f64().unwrap() / 1e3;
+        let fraction = r["decode_fraction_of_bandwidth_bound"].as_f64().unwrap();
+        assert!((fraction - bound_s / decode_s).abs() < 1e-9 * fraction, "batch {b}: {fraction} vs {}", bound_s / decode_s);
     }
 }
 

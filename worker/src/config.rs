@@ -82,6 +82,10 @@ pub struct ParameterCounts {
     /// The parameters one batch-1 decode token reads: everything but the experts, the embedding in
     /// full (it is the lm_head), and `top_k` of each layer's `num_experts` experts.
     pub per_decode_token: f64,
+    /// The parameters every decode step reads whatever its batch: all but the experts.
+    pub dense: u64,
+    /// One expert of one layer (its gate, up and down projections).
+    pub per_expert: u64,
 }
 
 impl ModelConfig {
@@ -91,6 +95,7 @@ impl ModelConfig {
         let embedding = self.vocab_size as u64 * h + h; // embed_tokens, final norm
         let mut dense = embedding;
         let mut experts = 0u64;
+        let per_expert = self.moe.map_or(0, |m| 3 * m.intermediate_size as u64 * h);
         for l in &self.layers {
             let (hd, nkv) = (l.head_dim as u64, l.num_kv_heads as u64);
             let v = if l.k_eq_v { 0 } else { nkv * hd * h };
@@ -105,7 +110,7 @@ impl ModelConfig {
             }
         }
         let share = self.moe.map_or(0.0, |m| m.top_k as f64 / m.num_experts as f64);
-        ParameterCounts { total: dense + experts, per_decode_token: dense as f64 + experts as f64 * share }
+        ParameterCounts { total: dense + experts, per_decode_token: dense as f64 + experts as f64 * share, dense, per_expert }
     }
 }
 
