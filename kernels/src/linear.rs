@@ -1034,19 +1034,28 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
         let mut scratch = scratch.borrow_mut();
         let mut c = n0;
         while c < n1 {
-            // One row against prepacked panels: two panels at a time, so that eight independent
+            // One row against prepacked panels: several panels at a time, so that independent
             // accumulator chains hide the FMA latency (one panel's four leave the loads waiting).
             // A few rows (a decode step's experts) the same way, one after another: the first streams
-            // the two panels from memory, the others find them in L2.
+            // the panels from memory, the others find them in L2.
             if let (true, Some(panels)) = (m <= FEW_ROWS_AVX2, w.panels)
                 && n1 - c > 32
             {
-                let nc = (n1 - c).min(64);
+                // Four panels at a time where there are four (sixteen accumulators, a few of them
+                // spilled, but four streams in flight): one row from memory at 29-36 GB/s, against
+                // 26-30 with two panels (`cargo bench -p switchyard-kernels -- few`, alternating).
+                let np = (n1 - c).div_ceil(32).min(4);
+                let nc = (n1 - c).min(32 * np);
                 for r in 0..m {
-                    // SAFETY: panels c/32 and c/32 + 1 exist (n1 - c > 32 columns remain); x rows are
+                    // SAFETY: np >= 2 panels from c/32 exist (n1 - c > 32 columns remain); x rows are
                     // zero-padded to `xs`; outputs c .. c + nc of row r are this task's.
                     unsafe {
-                        pair_two_panels_avx2(x.as_ptr().add(r * xs), panels[(c / 32) * k2 * 32..].as_ptr(), k2, out.add(r * os + c), nc)
+                        let (xr, pp, o) = (x.as_ptr().add(r * xs), panels[(c / 32) * k2 * 32..].as_ptr(), out.add(r * os + c));
+                        match np {
+                            2 => pair_panels_avx2::<2>(xr, pp, k2, o, nc),
+                            3 => pair_panels_avx2::<3>(xr, pp, k2, o, nc),
+                            _ => pair_panels_avx2::<4>(xr, pp, k2, o, nc),
+                        }
                     };
                 }
                 c += nc;
@@ -1109,35 +1118,37 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
 #[cfg(target_arch = "x86_64")]
 const FEW_ROWS_VNNI: usize = 16;
 
-/// Up to this many rows, [`block_pairs_avx2`] takes the rows one at a time against a pair of panels.
+/// Up to this many rows, [`block_pairs_avx2`] takes the rows one at a time against up to four panels.
 const FEW_ROWS_AVX2: usize = 16;
 
-/// One row of x against two consecutive panels (64 outputs, the second possibly partial): the
-/// per-output order of [`pair_panel_avx2`], with eight accumulators.
+/// One row of x against `NP` consecutive panels (`32 NP` outputs, the last possibly partial; `nc` of
+/// them written): the per-output order of [`pair_panel_avx2`], with `4 NP` accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pair_two_panels_avx2(x: *const f32, panels: *const u32, k2: usize, out: *mut f32, nc: usize) {
-    let mut acc = [_mm256_setzero_ps(); 8];
+unsafe fn pair_panels_avx2<const NP: usize>(x: *const f32, panels: *const u32, k2: usize, out: *mut f32, nc: usize) {
+    let mut acc = [[_mm256_setzero_ps(); 4]; NP];
     let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
     for i in 0..k2 {
         // SAFETY: element 2i + 1 is inside the zero-padded row.
         let (xo, xe) = unsafe { (_mm256_set1_ps(*x.add(2 * i + 1)), _mm256_set1_ps(*x.add(2 * i))) };
-        // Eight pairs (1 KB of each panel) ahead: one row streams at ~29 GB/s from memory with the
-        // hint, ~24 without (`cargo bench -p switchyard-kernels`, n = 131072; 4 or 16 pairs: ~27).
-        // Past a panel's end it touches the next (or nothing: a prefetch never faults).
-        for q in 0..2 {
+        // Eight pairs (1 KB of each panel) ahead: one row over two panels streamed at ~29 GB/s from
+        // memory with the hint, ~24 without (`cargo bench -p switchyard-kernels -- few`; 4 or 16
+        // pairs: ~27). Past a panel's end it touches the next (or nothing: a prefetch never faults).
+        for q in 0..NP {
             let ahead = panels.wrapping_add(q * k2 * 32 + (i + 8) * 32) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(ahead);
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
         }
-        for (v, a) in acc.iter_mut().enumerate() {
-            // SAFETY: panel v / 4 holds k2 * 32 pairs; pair i, outputs 8 (v % 4) .. + 8 are inside it.
-            let pairs = unsafe { _mm256_loadu_si256(panels.add((v / 4) * k2 * 32 + i * 32 + 8 * (v % 4)) as *const __m256i) };
-            *a = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(pairs, hi)), *a);
-            *a = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), *a);
+        for (q, a) in acc.iter_mut().enumerate() {
+            for (v, a) in a.iter_mut().enumerate() {
+                // SAFETY: panel q holds k2 * 32 pairs; pair i, outputs 8v .. + 8 are inside it.
+                let pairs = unsafe { _mm256_loadu_si256(panels.add(q * k2 * 32 + i * 32 + 8 * v) as *const __m256i) };
+                *a = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(pairs, hi)), *a);
+                *a = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), *a);
+            }
         }
     }
-    for (v, lanes) in acc.iter().enumerate() {
+    for (v, lanes) in acc.iter().flatten().enumerate() {
         let n = nc.saturating_sub(8 * v).min(8);
         if n == 8 {
             // SAFETY: outputs 8v .. 8v + 8 are within the caller's columns.
@@ -1495,9 +1506,17 @@ mod tests {
     #[test]
     fn every_path_gives_the_same_bits() {
         let mut s = 11u64;
-        for &(m, n, k) in
-            &[(1usize, 40usize, 45usize), (2, 64, 96), (3, 70, 100), (5, 33, 31), (13, 70, 66), (16, 96, 130), (23, 90, 66), (1, 256, 1024)]
-        {
+        for &(m, n, k) in &[
+            (1usize, 40usize, 45usize),
+            (2, 64, 96),
+            (3, 70, 100),
+            (5, 33, 31),
+            (13, 70, 66),
+            (16, 96, 130),
+            (23, 90, 66),
+            (2, 520, 66),
+            (1, 256, 1024),
+        ] {
             let mut wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
             let mut x: Vec<f32> = (0..m * k).map(|_| bf16_round(lcg(&mut s))).collect();
             wv[3] = f32::from_bits(0x0001_0000); // subnormal weight and activation: read as zero
