@@ -1041,22 +1041,31 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
             if let (true, Some(panels)) = (m <= FEW_ROWS_AVX2, w.panels)
                 && n1 - c > 32
             {
-                // Four panels at a time where there are four (sixteen accumulators, a few of them
-                // spilled, but four streams in flight): one row from memory at 29-36 GB/s, against
-                // 26-30 with two panels (`cargo bench -p switchyard-kernels -- few`, alternating).
+                // The first row against four panels at a time where there are four (sixteen
+                // accumulators, a few of them spilled, but four streams in flight): one row from
+                // memory at 29-36 GB/s, against 26-30 with two panels; the other rows, from L2, two
+                // panels at a time, which spill nothing (`cargo bench -p switchyard-kernels -- few`).
                 let np = (n1 - c).div_ceil(32).min(4);
                 let nc = (n1 - c).min(32 * np);
-                for r in 0..m {
-                    // SAFETY: np >= 2 panels from c/32 exist (n1 - c > 32 columns remain); x rows are
-                    // zero-padded to `xs`; outputs c .. c + nc of row r are this task's.
-                    unsafe {
-                        let (xr, pp, o) = (x.as_ptr().add(r * xs), panels[(c / 32) * k2 * 32..].as_ptr(), out.add(r * os + c));
-                        match np {
-                            2 => pair_panels_avx2::<2>(xr, pp, k2, o, nc),
-                            3 => pair_panels_avx2::<3>(xr, pp, k2, o, nc),
-                            _ => pair_panels_avx2::<4>(xr, pp, k2, o, nc),
+                let pp = panels[(c / 32) * k2 * 32..].as_ptr();
+                // SAFETY: np >= 2 panels from c/32 exist (n1 - c > 32 columns remain); x rows are
+                // zero-padded to `xs`; outputs c .. c + nc of each row are this task's.
+                unsafe {
+                    match np {
+                        2 => pair_panels_avx2::<2>(x.as_ptr(), pp, k2, out.add(c), nc),
+                        3 => pair_panels_avx2::<3>(x.as_ptr(), pp, k2, out.add(c), nc),
+                        _ => pair_panels_avx2::<4>(x.as_ptr(), pp, k2, out.add(c), nc),
+                    }
+                }
+                for r in 1..m {
+                    for q in (0..np).step_by(2) {
+                        let n = (nc - 32 * q).min(64);
+                        // SAFETY: as above, panels q and q + 1 (or q alone, the last) of the np.
+                        unsafe {
+                            let (xr, pq, o) = (x.as_ptr().add(r * xs), pp.add(q * k2 * 32), out.add(r * os + c + 32 * q));
+                            if n > 32 { pair_panels_avx2::<2>(xr, pq, k2, o, n) } else { pair_panels_avx2::<1>(xr, pq, k2, o, n) }
                         }
-                    };
+                    }
                 }
                 c += nc;
                 continue;
