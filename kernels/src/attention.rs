@@ -84,9 +84,10 @@ pub fn attend_queries<'a, E: KvElem>(
 
 /// Which explicit dot-product kernel [`attend_body`] uses for the scores.
 const PORTABLE: u8 = 0;
-#[cfg(target_arch = "x86_64")]
+// Named on every architecture, so that tests of `W` compile everywhere; only x86-64 instantiates them.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AVX2: u8 = 1;
-#[cfg(target_arch = "x86_64")]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AVX512: u8 = 2;
 
 /// [`attend_body`] compiled with wider vectors and FMA (same numbers: see [`madd`]).
@@ -137,7 +138,6 @@ fn attend_body<'a, E: KvElem, const W: u8>(
     outs: &mut [&mut [f32]],
 ) {
     let mut h = 0;
-    #[cfg(target_arch = "x86_64")]
     if W == AVX512 {
         while h + 4 <= qs.len() {
             attend_rows::<E, W, 4>(from(&qs[h..]), from(&ns[h..]), &key, &value, scale, dt, scores, &mut outs[h..h + 4]);
@@ -593,15 +593,14 @@ mod tests {
         let hd = qs[0].len();
         let (key, value) = (|j: usize| &k[j * hd..(j + 1) * hd], |j: usize| &v[j * hd..(j + 1) * hd]);
         let mut s = Vec::new();
-        // SAFETY: callers pass a path only where the CPU has its features.
-        unsafe {
-            match path {
-                #[cfg(target_arch = "x86_64")]
-                AVX512 => attend_avx512(qs, ns, key, value, 0.125, dt, &mut s, outs),
-                #[cfg(target_arch = "x86_64")]
-                AVX2 => attend_avx2(qs, ns, key, value, 0.125, dt, &mut s, outs),
-                _ => attend_body::<E, PORTABLE>(qs, ns, key, value, 0.125, dt, &mut s, outs),
-            }
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: callers pass a path only where the CPU has its features.
+            AVX512 => unsafe { attend_avx512(qs, ns, key, value, 0.125, dt, &mut s, outs) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            AVX2 => unsafe { attend_avx2(qs, ns, key, value, 0.125, dt, &mut s, outs) },
+            _ => attend_body::<E, PORTABLE>(qs, ns, key, value, 0.125, dt, &mut s, outs),
         }
     }
 
@@ -615,17 +614,8 @@ mod tests {
     }
 
     fn all_paths() -> Vec<u8> {
-        let mut paths = vec![PORTABLE];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::Isa::Avx2.is_supported() {
-                paths.push(AVX2);
-            }
-            if crate::Isa::Avx512.is_supported() {
-                paths.push(AVX512);
-            }
-        }
-        paths
+        let wide = [(crate::Isa::Avx2, AVX2), (crate::Isa::Avx512, AVX512)];
+        std::iter::once(PORTABLE).chain(wide.into_iter().filter(|(isa, _)| isa.is_supported()).map(|(_, path)| path)).collect()
     }
 
     /// Queries with their own key counts (a prompt's rows, two heads each, as `serve` groups them

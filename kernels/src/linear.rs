@@ -829,6 +829,7 @@ unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2
 
 /// What the few-row panel kernels take: `x` (bf16 rows `xs` apart, zero-padded), consecutive prepacked
 /// `panels` of `k2` pairs each, and `cols` output columns from `out` (rows `os` apart), the caller's.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct FewRows<'a> {
     x: *const u16,
@@ -1128,6 +1129,7 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
 const FEW_ROWS_VNNI: usize = 16;
 
 /// Up to this many rows, [`block_pairs_avx2`] takes the rows one at a time against up to four panels.
+#[cfg(target_arch = "x86_64")]
 const FEW_ROWS_AVX2: usize = 16;
 
 /// One row of x against `NP` consecutive panels (`32 NP` outputs, the last possibly partial; `nc` of
