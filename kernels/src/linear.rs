@@ -883,9 +883,7 @@ unsafe fn panels_dot<const MR: usize, const NP: usize>(a: FewRows<'_>) {
             // Eight pairs (1 KB of the panel) ahead: with the hint one row streams at ~33 GB/s from
             // memory, without it ~29 (`cargo bench -p switchyard-kernels`, n = 131072). Past the
             // panel's end it touches the next panel (or nothing: a prefetch never faults).
-            let ahead = p.wrapping_add(q * k2 * 32 + (i + 8) * 32) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            prefetch_pairs::<4>(p.wrapping_add(q * k2 * 32), i + 8);
             // SAFETY: panel q < NP holds k2 * 32 pairs, pair i < k2.
             let w0 = unsafe { _mm512_loadu_si512(p.add(q * k2 * 32 + i * 32) as *const _) };
             // SAFETY: as above, the second half of the same 32.
@@ -1146,9 +1144,7 @@ unsafe fn pair_panels_avx2<const NP: usize>(x: *const f32, panels: *const u32, k
         // memory with the hint, ~24 without (`cargo bench -p switchyard-kernels -- few`; 4 or 16
         // pairs: ~27). Past a panel's end it touches the next (or nothing: a prefetch never faults).
         for q in 0..NP {
-            let ahead = panels.wrapping_add(q * k2 * 32 + (i + 8) * 32) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            prefetch_pairs::<4>(panels.wrapping_add(q * k2 * 32), i + 8);
         }
         for (q, a) in acc.iter_mut().enumerate() {
             for (v, a) in a.iter_mut().enumerate() {
@@ -1254,8 +1250,9 @@ unsafe fn pair_panel_avx2<const MR: usize, const NV: usize>(
     }
 }
 
-/// A prefetch hint for pair `i` of the `8 * NV` outputs of a panel at `panel` (one line per 16 outputs).
-/// Past the panel's end it touches the next one (or nothing: a prefetch never faults).
+/// A prefetch hint for pair `i` of the `8 * NV` outputs of a panel at `panel` (one line per 16 outputs;
+/// `NV = 4`, the whole panel's 32, is two lines). Past the panel's end it touches the next one (or
+/// nothing: a prefetch never faults).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_pairs<const NV: usize>(panel: *const u32, i: usize) {
