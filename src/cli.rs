@@ -7,7 +7,7 @@ use switchyard_worker::vision::tower::{VisionConfig, VisionTower};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use switchyard_worker::{Checkpoint, ExpertBackend, Gemma4Model, GenerateOptions, LocalExperts, ModelConfig, ModelDir, greedy_generate};
+use switchyard_worker::{Checkpoint, ExpertBackend, Gemma4Model, GenerateOptions, ModelConfig, ModelDir, greedy_generate};
 
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about = "Serve Gemma 4 26B-A4B behind an OpenAI-compatible API, from one process to a cluster")]
@@ -299,8 +299,8 @@ pub fn load_model(args: &ModelArgs, load: &LoadArgs) -> Result<Loaded> {
     load_model_wrapping(args, load, |experts| experts)
 }
 
-/// [`load_model`], with the in-process experts passed through `wrap` first (the benchmark counts the
-/// experts each step reads this way).
+/// [`load_model`], with the in-process experts passed through `wrap` first
+/// ([`Gemma4Model::load_wrapping`]).
 pub fn load_model_wrapping(
     args: &ModelArgs,
     load: &LoadArgs,
@@ -311,11 +311,7 @@ pub fn load_model_wrapping(
     let config = ModelConfig::from_file(&dir.file("config.json"))?;
     let ckpt = open_checkpoint(&dir, &config, load.load_format)?;
     let vision = vision_tower(&dir, &config, &ckpt)?;
-    let experts: Arc<dyn ExpertBackend> = match config.moe {
-        Some(moe) => Arc::new(LocalExperts::load(&ckpt, ckpt.text_prefix(), &config, moe)?),
-        None => Arc::new(switchyard_worker::model::experts::NoExperts),
-    };
-    let model = Gemma4Model::load_with_experts(config, &ckpt, wrap(experts))?;
+    let model = Gemma4Model::load_wrapping(config, &ckpt, wrap)?;
     Ok(Loaded { dir, model, vision })
 }
 

@@ -170,12 +170,22 @@ pub struct Gemma4Model {
 impl Gemma4Model {
     /// Loads the text model from a checkpoint, with the experts computed in this process.
     pub fn load(config: ModelConfig, ckpt: &Checkpoint) -> Result<Gemma4Model, LoadError> {
+        Self::load_wrapping(config, ckpt, |experts| experts)
+    }
+
+    /// [`Gemma4Model::load`], with the in-process experts passed through `wrap` first (the benchmark
+    /// counts the experts each step reads this way).
+    pub fn load_wrapping(
+        config: ModelConfig,
+        ckpt: &Checkpoint,
+        wrap: impl FnOnce(Arc<dyn ExpertBackend>) -> Arc<dyn ExpertBackend>,
+    ) -> Result<Gemma4Model, LoadError> {
         let prefix = ckpt.text_prefix();
         let experts: Arc<dyn ExpertBackend> = match config.moe {
             Some(moe) => Arc::new(LocalExperts::load(ckpt, prefix, &config, moe)?),
             None => Arc::new(experts::NoExperts),
         };
-        Self::load_with_experts(config, ckpt, experts)
+        Self::load_with_experts(config, ckpt, wrap(experts))
     }
 
     /// Loads everything but the expert weights, which `experts` provides (in-process or remote).
