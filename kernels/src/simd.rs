@@ -5,8 +5,9 @@
 //! bodies) are vectorised with 512- or 256-bit registers; on the portable path the closure runs as it
 //! is. Callers use the [`vectorized!`](crate::vectorized) macro, which makes the closure
 //! `#[inline(always)]` too: otherwise LLVM may keep it a function of its own, compiled for the
-//! baseline (SSE2), as it did for every elementwise pass of a prefill until 2026-12-07. The numbers are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise
-//! f32/f64 arithmetic rounds the same at any vector width.
+//! baseline (SSE2), as it did for every elementwise pass of a prefill until 2026-12-07. The numbers
+//! are the same either way: Rust never contracts `a * b + c` into an FMA, and lane-wise f32/f64
+//! arithmetic rounds the same at any vector width.
 
 #[cfg(target_arch = "x86_64")]
 use crate::isa::{Isa, isa};
