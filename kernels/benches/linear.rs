@@ -1,6 +1,6 @@
 //! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill
-//! shapes, the elementwise passes, and attention (`cargo bench -p switchyard-kernels -- attention`
-//! for attention alone; `-- few` for one to sixteen rows against 256 MB of weights, from memory;
+//! shapes, the elementwise passes, and attention in cache and from memory (`cargo bench -p
+//! switchyard-kernels -- attention` for attention alone; `-- few` for one to sixteen rows against 256 MB of weights, from memory;
 //! `-- gemm` for one prefill-sized product, five times).
 use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
@@ -9,6 +9,7 @@ fn main() {
     let isa = switchyard_kernels::isa::select().unwrap_or_else(|e| panic!("{e}"));
     println!("kernel path {isa} (SWITCHYARD_KERNELS to choose); CPU features: {}", switchyard_kernels::isa::cpu_features());
     attention();
+    attention_from_memory();
     if std::env::args().any(|a| a == "attention") {
         return;
     }
@@ -59,6 +60,38 @@ fn attention() {
             "attention bf16 queries={g} head_dim={hd} keys={n:<4}: {:8.2} us  {:6.1} GFLOP/s",
             s * 1e6,
             (4 * g * hd * n) as f64 / s / 1e9
+        );
+    }
+}
+
+/// Decode attention as `serve` reads its paged bf16 cache: positions hold every KV head's row side
+/// by side (`[position][kv head][head_dim]`), so one (row, KV head) task reads every `kv_heads`-th
+/// row. Sequences of 160 keys at the mid checkpoint's sliding shape (4 KV heads, 2 queries of 128
+/// each), keys and values 256 MB in all and visited once each, so they come from memory as in a
+/// batch-16 decode step. GB/s counts the keys and values read.
+fn attention_from_memory() {
+    use switchyard_kernels::{attention::attend_group, kv::Bf16};
+    let (g, hd, nkv, n) = (2usize, 128usize, 4usize, 160usize);
+    let seq = n * nkv * hd;
+    let seqs = (128usize << 20) / (seq * 2);
+    let k: Vec<Bf16> = (0..seqs * seq).map(|i| Bf16(0x3c00 | (i % 127) as u16)).collect();
+    let v: Vec<Bf16> = (0..seqs * seq).map(|i| Bf16(0x3c00 | (i % 113) as u16)).collect();
+    let q: Vec<f32> = (0..g * hd).map(|i| ((i * 7919) % 201) as f32 / 256.0 - 0.5).collect();
+    let (mut scores, mut out) = (Vec::new(), vec![0f32; g * hd]);
+    for _ in 0..3 {
+        let t = Instant::now();
+        for s in 0..seqs {
+            for h in 0..nkv {
+                let at = |j: usize| s * seq + (j * nkv + h) * hd;
+                let scale = 1.0 / (hd as f32).sqrt();
+                attend_group(&q, g, n, |j| &k[at(j)..at(j) + hd], |j| &v[at(j)..at(j) + hd], scale, DType::BF16, &mut scores, &mut out);
+            }
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "attention bf16 from memory, queries={g} head_dim={hd} kv_heads={nkv} keys={n}: {:6.2} us per (row, KV head)  {:5.1} GB/s",
+            s * 1e6 / (seqs * nkv) as f64,
+            (4 * seqs * seq) as f64 / s / 1e9
         );
     }
 }
