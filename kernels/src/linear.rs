@@ -92,11 +92,43 @@ pub struct Product<'a> {
     pub x: &'a [f32],
     pub m: usize,
     pub w: Weight<'a>,
+    /// Where given, row `r` of the product's input is row `gather[r]` of `x` (rows `w.cols` wide), so a
+    /// caller that picks rows out of a batch (each expert's rows) need not copy them first: the kernels
+    /// pack their input anyway, and that pass reads the rows where they are.
+    pub gather: Option<&'a [usize]>,
+}
+
+impl<'a> Product<'a> {
+    /// `[m, w.rows] = x[m, w.cols] · wᵀ`.
+    pub fn new(x: &'a [f32], m: usize, w: Weight<'a>) -> Self {
+        Product { x, m, w, gather: None }
+    }
+
+    /// `[rows.len(), w.rows]`: rows `rows[0], rows[1], ...` of `x` against `w`.
+    pub fn gathered(x: &'a [f32], rows: &'a [usize], w: Weight<'a>) -> Self {
+        Product { x, m: rows.len(), w, gather: Some(rows) }
+    }
+
+    /// Which row of `x` is the product's row `r`.
+    #[inline(always)]
+    fn src(&self, r: usize) -> usize {
+        self.gather.map_or(r, |g| g[r])
+    }
+
+    /// Whether `other` reads the same rows of the same `x`.
+    fn same_rows(&self, other: &Product<'_>) -> bool {
+        let same_gather = match (self.gather, other.gather) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            _ => false,
+        };
+        std::ptr::eq(self.x.as_ptr(), other.x.as_ptr()) && self.m == other.m && same_gather
+    }
 }
 
 /// `round_act(x · wᵀ)` in a new `[m, w.rows]` buffer.
 pub fn linear_new(x: &[f32], m: usize, w: Weight<'_>, act: DType) -> Vec<f32> {
-    linear_many_new(&[Product { x, m, w }], act).pop().expect("one product")
+    linear_many_new(&[Product::new(x, m, w)], act).pop().expect("one product")
 }
 
 /// [`linear_many`] into new buffers, one per product: the kernels write every element of each once,
@@ -129,7 +161,7 @@ pub fn linear_many_on(kernel: Isa, jobs: &mut [LinearJob<'_>], act: DType) {
     for j in jobs.iter() {
         assert!(j.out.len() >= j.m * j.w.rows, "out too short for {}x{}", j.m, j.w.rows);
     }
-    let products: Vec<Product<'_>> = jobs.iter().map(|j| Product { x: j.x, m: j.m, w: j.w }).collect();
+    let products: Vec<Product<'_>> = jobs.iter().map(|j| Product::new(j.x, j.m, j.w)).collect();
     let outs: Vec<SendPtr> = jobs.iter_mut().map(|j| SendPtr(j.out.as_mut_ptr())).collect();
     run_products(kernel, &products, &outs, act);
 }
@@ -142,12 +174,7 @@ fn run_products(kernel: Isa, jobs: &[Product<'_>], outs: &[SendPtr], act: DType)
     let mut packed: Vec<Packed> = Vec::new();
     let mut packed_for: Vec<usize> = Vec::with_capacity(jobs.len());
     for (ji, j) in jobs.iter().enumerate() {
-        let same = |p: &Product<'_>| {
-            std::ptr::eq(p.x.as_ptr(), j.x.as_ptr())
-                && p.m == j.m
-                && p.w.cols == j.w.cols
-                && pair_order(p.w.dtype, act) == pair_order(j.w.dtype, act)
-        };
+        let same = |p: &Product<'_>| p.same_rows(j) && p.w.cols == j.w.cols && pair_order(p.w.dtype, act) == pair_order(j.w.dtype, act);
         match jobs[..ji].iter().position(same) {
             Some(earlier) => packed_for.push(packed_for[earlier]),
             None => {
@@ -160,7 +187,14 @@ fn run_products(kernel: Isa, jobs: &[Product<'_>], outs: &[SendPtr], act: DType)
     // is computed alone there, so where it is split changes nothing): a task is (job, rows, block).
     let mut tasks = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
-        assert!(j.x.len() >= j.m * j.w.cols, "x too short for {}x{}", j.m, j.w.cols);
+        match j.gather {
+            None => assert!(j.x.len() >= j.m * j.w.cols, "x too short for {}x{}", j.m, j.w.cols),
+            Some(g) => {
+                assert_eq!(g.len(), j.m, "one gathered row per product row");
+                let rows = j.x.len() / j.w.cols.max(1);
+                assert!(g.iter().all(|&r| r < rows), "gathered row past the {rows} rows of x");
+            }
+        }
         let tiles = matches!(packed[packed_for[ji]], Packed::Bf16 { .. }) && kernel == Isa::Amx && j.m >= AMX_ROW_BLOCK / 2;
         let (nb, mb) = if tiles { (AMX_COL_BLOCK, AMX_ROW_BLOCK) } else { (block_rows(j.m, j.w.rows), j.m.max(1)) };
         for r0 in (0..j.m.max(1)).step_by(mb) {
@@ -345,7 +379,8 @@ fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
         let fill = |spare: &mut [std::mem::MaybeUninit<u16>]| {
             pool::for_each_chunk_mut(spare, stride, &|r, row| {
                 crate::vectorized!({
-                    for (d, s) in row[..k].iter_mut().zip(&j.x[r * k..(r + 1) * k]) {
+                    let src = j.src(r);
+                    for (d, s) in row[..k].iter_mut().zip(&j.x[src * k..(src + 1) * k]) {
                         d.write(f32_to_bf16_bits(*s));
                     }
                 });
@@ -363,7 +398,8 @@ fn pack(j: &Product<'_>, act: DType, kernel: Isa) -> Packed {
         let daz = pair_order(j.w.dtype, act);
         for r in 0..j.m {
             let row = &mut data[r * stride..r * stride + k];
-            row.copy_from_slice(&j.x[r * k..(r + 1) * k]);
+            let src = j.src(r);
+            row.copy_from_slice(&j.x[src * k..(src + 1) * k]);
             if daz {
                 row.iter_mut().for_each(|v| *v = flush_subnormal(*v));
             }
@@ -1448,7 +1484,7 @@ mod tests {
             assert_eq!(p.len(), panel_len(n, k));
         }
         for isa in Isa::supported().into_iter().filter(|i| i.has_avx512_bf16()) {
-            let Packed::Bf16 { data, stride } = pack(&Product { x: &x, m, w }, DType::BF16, isa) else {
+            let Packed::Bf16 { data, stride } = pack(&Product::new(&x, m, w), DType::BF16, isa) else {
                 panic!("{isa}: bf16 activations on a VNNI path");
             };
             assert_eq!((data.as_ptr() as usize % 64, stride, data.len()), (0, 64, m * 64));
@@ -1666,6 +1702,41 @@ mod tests {
             unsafe { _mm512_storeu_ps(got.as_mut_ptr(), bf16_round16(_mm512_loadu_ps(v.as_ptr()))) };
             for (x, g) in v.iter().zip(got) {
                 assert_eq!(g.to_bits(), bf16_round(*x).to_bits(), "{:#010x}", x.to_bits());
+            }
+        }
+    }
+
+    /// A gathered product gives the bits of the same product over a copy of its rows, on every path,
+    /// with and without panels, at a decode's few rows and a prefill's many (the amx tiles split them);
+    /// two products gathering different rows of the same `x` are not taken for one.
+    #[test]
+    fn gathered_products_read_the_rows_they_name() {
+        let (src_rows, n, k) = (20usize, 70usize, 100usize);
+        let mut s = 5u64;
+        let x: Vec<f32> = (0..src_rows * k).map(|_| bf16_round(lcg(&mut s))).collect();
+        for (dt, act) in [(DType::BF16, DType::BF16), (DType::F32, DType::F32)] {
+            let wv: Vec<f32> = (0..n * k).map(|_| bf16_round(lcg(&mut s))).collect();
+            let wb = weight_bytes(&wv, dt);
+            let plain = Weight::new(dt, &wb, n, k);
+            let panels = pack_panels(&plain);
+            for w in [plain, plain.with_panels(panels.as_deref())] {
+                for m in [1usize, 3, 150] {
+                    let g1: Vec<usize> = (0..m).map(|i| (i * 7 + 3) % src_rows).collect();
+                    let g2: Vec<usize> = (0..m).map(|i| (i * 3) % src_rows).collect();
+                    for isa in Isa::supported() {
+                        let products = [Product::gathered(&x, &g1, w), Product::gathered(&x, &g2, w)];
+                        let mut got = vec![vec![f32::NAN; m * n]; 2];
+                        let ptrs: Vec<SendPtr> = got.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+                        run_products(isa, &products, &ptrs, act);
+                        for (g, got) in [&g1, &g2].into_iter().zip(&got) {
+                            let copy: Vec<f32> = g.iter().flat_map(|&r| x[r * k..(r + 1) * k].iter().copied()).collect();
+                            let mut want = vec![f32::NAN; m * n];
+                            run_products(isa, &[Product::new(&copy, m, w)], &[SendPtr(want.as_mut_ptr())], act);
+                            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(got), bits(&want), "{isa} {dt:?} m={m} panels={}", w.panels.is_some());
+                        }
+                    }
+                }
             }
         }
     }

@@ -235,28 +235,6 @@ pub fn zeros<T: Copy + Default + Send>(n: usize) -> Vec<T> {
     build_chunks(n, 1 << 16, 0, &|_, _| {})
 }
 
-/// Rows `rows[0], rows[1], ...` of `src` (rows of `width`), one after another in a new buffer, copied by
-/// the pool's threads when the copy is large (each row written once, straight into fresh memory).
-pub fn gather_rows(src: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
-    let n = rows.len() * width;
-    if n < PARALLEL_MIN || width == 0 {
-        return rows.iter().flat_map(|&r| &src[r * width..(r + 1) * width]).copied().collect();
-    }
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    let per_task = (PARALLEL_MIN / width).max(1) * width;
-    for_each_chunk_mut_above(&mut out.spare_capacity_mut()[..n], per_task, 0, &|i, dst| {
-        let first = i * per_task / width;
-        for (d, &r) in dst.chunks_exact_mut(width).zip(&rows[first..]) {
-            for (d, &s) in d.iter_mut().zip(&src[r * width..(r + 1) * width]) {
-                d.write(s);
-            }
-        }
-    });
-    // SAFETY: the capacity is n, and every one of the rows.len() rows of `width` was written above.
-    unsafe { out.set_len(n) };
-    out
-}
-
 /// Below this many elements an elementwise pass is not worth a parallel region (decode steps).
 pub const PARALLEL_MIN: usize = 1 << 15;
 
@@ -298,19 +276,6 @@ mod tests {
             assert!(v.iter().all(|&x| x.to_bits() == 0), "n={n}");
             let u: Vec<u16> = zeros(n);
             assert!(u.len() == n && u.iter().all(|&x| x == 0), "n={n}");
-        }
-    }
-
-    #[test]
-    fn gathered_rows_are_the_rows_asked_for() {
-        let width = 1000;
-        let src: Vec<f32> = (0..50 * width).map(|i| i as f32).collect();
-        for rows in [vec![3usize, 3, 0, 49], (0..200).map(|i| (i * 7) % 50).collect::<Vec<_>>(), vec![]] {
-            let g = gather_rows(&src, width, &rows);
-            assert_eq!(g.len(), rows.len() * width);
-            for (j, &r) in rows.iter().enumerate() {
-                assert_eq!(&g[j * width..(j + 1) * width], &src[r * width..(r + 1) * width], "row {j} ({r})");
-            }
         }
     }
 

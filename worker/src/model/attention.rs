@@ -47,9 +47,9 @@ impl Attention {
     pub(crate) fn forward(&self, h: &[f32], rows: &[RowInfo], kv: &mut dyn KvStore, c: &ModelConfig, dt: DType) -> Vec<f32> {
         let t = rows.len();
         let (hd, nq, nkv) = (self.spec.head_dim, c.num_heads, self.spec.num_kv_heads);
-        let mut products = vec![Product { x: h, m: t, w: self.q_proj.weight() }, Product { x: h, m: t, w: self.k_proj.weight() }];
+        let mut products = vec![Product::new(h, t, self.q_proj.weight()), Product::new(h, t, self.k_proj.weight())];
         if let Some(vp) = &self.v_proj {
-            products.push(Product { x: h, m: t, w: vp.weight() });
+            products.push(Product::new(h, t, vp.weight()));
         }
         let mut outs = linear_many_new(&products, dt).into_iter();
         let (mut q, mut k) = (outs.next().expect("q"), outs.next().expect("k"));

@@ -151,22 +151,12 @@ pub fn expert_outputs<'w>(
         by_expert[id as usize].push(pair);
     }
     let active: Vec<usize> = (0..num_experts).filter(|&x| !by_expert[x].is_empty()).collect();
-    // Every active expert's rows, expert after expert, in one buffer (one parallel copy).
-    let order: Vec<usize> = active.iter().flat_map(|&x| by_expert[x].iter().map(|&p| pair_row[p])).collect();
-    let flat = switchyard_kernels::pool::gather_rows(rows, h, &order);
-    let mut at = 0;
-    let gathered: Vec<&[f32]> = active
-        .iter()
-        .map(|&x| {
-            let g = &flat[at..at + by_expert[x].len() * h];
-            at += g.len();
-            g
-        })
-        .collect();
+    // Each active expert's rows of `rows`: the kernels' packing pass reads them in place (a prefill's
+    // copy of them, four times the batch, was a pass of its own).
+    let expert_rows: Vec<Vec<usize>> = active.iter().map(|&x| by_expert[x].iter().map(|&p| pair_row[p]).collect()).collect();
     let ws: Vec<ExpertWeights<'w>> = active.iter().map(|&x| weights(x)).collect();
     // gate_up for every active expert in one parallel region, then the activation, then down.
-    let products: Vec<Product<'_>> =
-        active.iter().zip(&gathered).zip(&ws).map(|((&x, xs), w)| Product { x: xs, m: by_expert[x].len(), w: w.gate_up }).collect();
+    let products: Vec<Product<'_>> = expert_rows.iter().zip(&ws).map(|(r, w)| Product::gathered(rows, r, w.gate_up)).collect();
     let gu: Vec<Vec<f32>> = linear_many_new(&products, dt);
     // The activation of every (expert, row) pair, in one parallel pass.
     let offsets: Vec<usize> = gu.iter().scan(0, |acc, g| Some(std::mem::replace(acc, *acc + g.len() / 2))).collect();
@@ -180,7 +170,7 @@ pub fn expert_outputs<'w>(
     });
     let acts: Vec<&[f32]> = offsets.iter().zip(&gu).map(|(&o, g)| &act[o..o + g.len() / 2]).collect();
     let products: Vec<Product<'_>> =
-        active.iter().zip(&acts).zip(&ws).map(|((&x, &a), w)| Product { x: a, m: by_expert[x].len(), w: w.down }).collect();
+        active.iter().zip(&acts).zip(&ws).map(|((&x, &a), w)| Product::new(a, by_expert[x].len(), w.down)).collect();
     let ys: Vec<Vec<f32>> = linear_many_new(&products, dt);
     // Where each pair's output is: (active expert index, row within that expert).
     let mut place = vec![(0usize, 0usize); pair_expert.len()];

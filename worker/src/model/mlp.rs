@@ -24,7 +24,7 @@ impl Mlp {
 
     pub fn forward(&self, x: &[f32], t: usize, c: &ModelConfig, dt: DType) -> Vec<f32> {
         let i = c.intermediate_size;
-        let gu = linear_many_new(&[Product { x, m: t, w: self.gate.weight() }, Product { x, m: t, w: self.up.weight() }], dt);
+        let gu = linear_many_new(&[Product::new(x, t, self.gate.weight()), Product::new(x, t, self.up.weight())], dt);
         debug_assert_eq!(gu[0].len(), t * i);
         let act = ops::gelu_mul_new(&gu[0], &gu[1], dt);
         linear_new(&act, t, self.down.weight(), dt)
