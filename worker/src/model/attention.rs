@@ -132,33 +132,49 @@ impl Attention {
             attn.truncate(t * nq * hd);
             attn
         } else {
-            // One task per (row, KV head): the group's query heads against their sequence's keys
-            // together (each gets the bits it would alone); per (row, head) instead when that leaves
-            // too few tasks to keep the pool's threads busy (a batch-1 decode on a layer with few KV
-            // heads). Output is [T, heads, head_dim] either way.
-            let per_task = if t * nkv >= 2 * threads { group } else { 1 };
+            // One task per row when there are enough rows to keep the pool's threads busy: its KV
+            // heads one after another on one core, so each head finds in that core's L2 the lines
+            // the previous heads' reads brought in with theirs (a position's KV heads sit side by
+            // side). Else one task per (row, KV head), or per (row, head) when even that leaves too
+            // few tasks (a batch-1 decode on a layer with few KV heads). A head group's queries go
+            // against their keys together, each with the bits it would get alone. Output is
+            // [T, heads, head_dim] either way.
+            let per_task = if t >= 2 * threads {
+                nq
+            } else if t * nkv >= 2 * threads {
+                group
+            } else {
+                1
+            };
             switchyard_kernels::pool::parallel_rows(t * nq / per_task, per_task * hd, &|task, out| {
-                let (r, head) = (task * per_task / nq, task * per_task % nq);
-                let kvh = head / group;
+                let (r, first) = (task * per_task / nq, task * per_task % nq);
                 let info = rows[r];
                 let view = kv.view(info.chunk, self.layer);
                 // Sliding layers: causal, or within the row's own image; either way `kv > pos - window`.
                 let from = (info.pos + 1).saturating_sub(window);
                 let to = if window == usize::MAX { info.pos + 1 } else { info.sees_to };
-                let qg = &q[task * per_task * hd..(task + 1) * per_task * hd];
-                let mut scores = Vec::with_capacity(per_task * (to - from));
-                let at = |j: usize| view.offset(from + j, kvh);
-                crate::with_kv_slices!(view.data, |ks, vs| attend_group(
-                    qg,
-                    per_task,
-                    to - from,
-                    |j| &ks[at(j)..at(j) + hd],
-                    |j| &vs[at(j)..at(j) + hd],
-                    1.0,
-                    dt,
-                    &mut scores,
-                    out
-                ));
+                let mut scores = Vec::with_capacity(per_task.min(group) * (to - from));
+                let mut head = first;
+                while head < first + per_task {
+                    // This task's heads of one KV head's group.
+                    let kvh = head / group;
+                    let heads = ((kvh + 1) * group).min(first + per_task) - head;
+                    let qg = &q[(r * nq + head) * hd..(r * nq + head + heads) * hd];
+                    let o = &mut out[(head - first) * hd..(head - first + heads) * hd];
+                    let at = |j: usize| view.offset(from + j, kvh);
+                    crate::with_kv_slices!(view.data, |ks, vs| attend_group(
+                        qg,
+                        heads,
+                        to - from,
+                        |j| &ks[at(j)..at(j) + hd],
+                        |j| &vs[at(j)..at(j) + hd],
+                        1.0,
+                        dt,
+                        &mut scores,
+                        o
+                    ));
+                    head += heads;
+                }
             })
         };
         linear_new(&attn, t, self.o_proj.weight(), dt)
