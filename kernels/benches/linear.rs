@@ -1,13 +1,18 @@
 //! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill
 //! shapes, the elementwise passes, and attention in cache and from memory (`cargo bench -p
-//! switchyard-kernels -- attention` for attention alone; `-- few` for one to sixteen rows against 256 MB of weights, from memory;
-//! `-- gemm` for one prefill-sized product, five times).
+//! switchyard-kernels -- attention` for attention alone; `-- elementwise` for the gated activation, the
+//! soft-cap and RMSNorm; `-- few` for one to sixteen rows against 256 MB of weights, from memory; `-- gemm`
+//! for one prefill-sized product, five times).
 use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
 fn main() {
     let isa = switchyard_kernels::isa::select().unwrap_or_else(|e| panic!("{e}"));
     println!("kernel path {isa} (SWITCHYARD_KERNELS to choose); CPU features: {}", switchyard_kernels::isa::cpu_features());
+    if std::env::args().any(|a| a == "elementwise") {
+        elementwise();
+        return;
+    }
     attention();
     attention_from_memory();
     if std::env::args().any(|a| a == "attention") {
@@ -123,6 +128,24 @@ fn elementwise() {
             ops::softcap(&mut l, 30.0, dt);
         }
         println!("softcap {label}: {:6.2} ns/element", t.elapsed().as_secs_f64() / 5.0 / l.len() as f64 * 1e9);
+    }
+    // RMSNorm over a 2048-row prefill: whole rows of the mid checkpoint's hidden size, and heads of 128
+    // in place (the q and k norms).
+    let x: Vec<f32> = (0..2048 * 1024).map(|i| round(((i * 7919) % 4001) as f32 / 500.0 - 4.0)).collect();
+    let w: Vec<f32> = (0..1024).map(|i| round(1.0 + (i % 13) as f32 / 64.0)).collect();
+    for dim in [1024usize, 128] {
+        let mut y = ops::rms_norm_rows(&x, dim, Some(&w[..dim]), 1e-6, DType::BF16);
+        let t = Instant::now();
+        for _ in 0..5 {
+            if dim == 1024 {
+                y = ops::rms_norm_rows(&x, dim, Some(&w), 1e-6, DType::BF16);
+                std::hint::black_box(&y);
+            } else {
+                y.copy_from_slice(&x);
+                ops::rms_norm_chunks(&mut y, dim, Some(&w[..dim]), 1e-6, DType::BF16);
+            }
+        }
+        println!("rms_norm bf16, rows of {dim}: {:6.2} ns/element", t.elapsed().as_secs_f64() / 5.0 / x.len() as f64 * 1e9);
     }
 }
 
