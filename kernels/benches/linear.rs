@@ -1,8 +1,8 @@
 //! `cargo bench -p switchyard-kernels`: throughput of the bf16 linear kernel at decode and prefill
-//! shapes, the elementwise passes, and attention in cache and from memory (`cargo bench -p
-//! switchyard-kernels -- attention` for attention alone; `-- elementwise` for the gated activation, the
-//! soft-cap and RMSNorm; `-- few` for one to sixteen rows against 256 MB of weights, from memory; `-- gemm`
-//! for one prefill-sized product, five times).
+//! shapes, the elementwise passes, and attention in cache and from memory. One part alone:
+//! `-- attention`; `-- elementwise` (the gated activation, the soft-cap, RMSNorm and the residual
+//! add); `-- few` (one to sixteen rows against 256 MB of weights, from memory); `-- gemm` (one
+//! prefill-sized product, five times).
 use std::time::Instant;
 use switchyard_kernels::{DType, Weight, linear};
 
@@ -147,6 +147,13 @@ fn elementwise() {
         }
         println!("rms_norm bf16, rows of {dim}: {:6.2} ns/element", t.elapsed().as_secs_f64() / 5.0 / x.len() as f64 * 1e9);
     }
+    // The residual add, as each layer makes it four times.
+    let mut a = x.clone();
+    let t = Instant::now();
+    for _ in 0..5 {
+        ops::add_assign(&mut a, &x, DType::BF16);
+    }
+    println!("add_assign bf16: {:6.2} ns/element", t.elapsed().as_secs_f64() / 5.0 / x.len() as f64 * 1e9);
 }
 
 fn shape(n: usize, k: usize, ms: &[usize], packed: bool) {

@@ -7,21 +7,39 @@ use crate::DType;
 /// The mean uses PyTorch's summation order ([`torch_sum`]) and `pow(_, -0.5)` is `1 / sqrt(_)`, as
 /// PyTorch computes it, so the f32 scale is bit-identical and bf16 rounding never flips against it.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops on purpose, see below
 pub fn rms_norm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, dt: DType, out: &mut [f32]) {
     // The squares go through `out` (rounded to f32 as PyTorch's `pow(2)` is), so no row allocates.
-    let out = &mut out[..x.len()];
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = v * v;
+    let n = x.len();
+    let out = &mut out[..n];
+    // Index loops over slices of one length, not iterator adaptors: LLVM outlined the zipped loops
+    // into a `Zip::fold` of their own, compiled without the caller's AVX-512 and so scalar (the
+    // scaling loop was most of a prefill's RMSNorm time).
+    for i in 0..n {
+        out[i] = x[i] * x[i];
     }
-    let mean = torch_sum(out) / x.len() as f32;
+    let mean = torch_sum(out) / n as f32;
     let inv = 1.0 / (mean + eps).sqrt();
     // The dtype and the weight outside the loops, so that they vectorise.
-    match (weight, dt) {
-        (Some(w), DType::BF16) => out.iter_mut().zip(x).zip(w).for_each(|((o, &v), &g)| *o = crate::dtype::bf16_round(v * inv * g)),
-        (Some(w), _) => out.iter_mut().zip(x).zip(w).for_each(|((o, &v), &g)| *o = dt.round(v * inv * g)),
-        (None, DType::BF16) => out.iter_mut().zip(x).for_each(|(o, &v)| *o = crate::dtype::bf16_round(v * inv)),
-        (None, _) => out.iter_mut().zip(x).for_each(|(o, &v)| *o = dt.round(v * inv)),
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    fn scale(out: &mut [f32], x: &[f32], w: Option<&[f32]>, inv: f32, round: impl Fn(f32) -> f32) {
+        let out = &mut out[..x.len()];
+        match w {
+            Some(w) => {
+                let w = &w[..x.len()];
+                for i in 0..x.len() {
+                    out[i] = round(x[i] * inv * w[i]);
+                }
+            }
+            None => {
+                for i in 0..x.len() {
+                    out[i] = round(x[i] * inv);
+                }
+            }
+        }
     }
+    crate::with_rounding!(dt, |round| scale(out, x, weight, inv, round))
 }
 
 /// [`rms_norm_row`] over every `dim`-long row of `x`, into a new buffer (rows in parallel).
@@ -224,6 +242,7 @@ pub fn gelu_gate_up(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
 }
 
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops: see rms_norm_row
 fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
     // Only the elements computed: a caller may pass longer inputs, and the bf16 check below reads every
     // element it is given (gelu_mul once passed the rest of the whole array with every chunk).
@@ -234,8 +253,8 @@ fn gelu_gate_up_body(gate: &[f32], up: &[f32], dt: DType, out: &mut [f32]) {
         DType::BF16 if all_bf16(gate) => {
             // bf16 gates (linear outputs always are): `round(gelu(g))` by table, the same bits.
             let t = bf16_table(&GELU_BF16, gelu_tanh);
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = crate::dtype::bf16_round(t[(g.to_bits() >> 16) as usize] * u);
+            for i in 0..n {
+                out[i] = crate::dtype::bf16_round(t[(gate[i].to_bits() >> 16) as usize] * up[i]);
             }
         }
         dt => crate::with_rounding!(dt, |round| gelu_loop(gate, up, out, round)),
@@ -274,8 +293,10 @@ static TANH_BF16: std::sync::OnceLock<Box<[f32]>> = std::sync::OnceLock::new();
 
 /// `bf16_round(f(x))` for every bf16 `x`, indexed by its 16 bits (256 KB, built on first use with the
 /// same `f` the loops call, so a lookup gives exactly what computing would).
-fn bf16_table(cell: &'static std::sync::OnceLock<Box<[f32]>>, f: fn(f32) -> f32) -> &'static [f32] {
-    cell.get_or_init(|| (0..=u16::MAX).map(|b| crate::dtype::bf16_round(f(crate::dtype::bf16_to_f32(b)))).collect())
+/// A fixed-size array, so that a lookup by 16 bits needs no bounds check (which kept the loops scalar).
+fn bf16_table(cell: &'static std::sync::OnceLock<Box<[f32]>>, f: fn(f32) -> f32) -> &'static [f32; 1 << 16] {
+    let t = cell.get_or_init(|| (0..=u16::MAX).map(|b| crate::dtype::bf16_round(f(crate::dtype::bf16_to_f32(b)))).collect());
+    (&**t).try_into().expect("one entry per bf16 value")
 }
 
 /// Whether every value is a bf16 value (its low 16 bits zero).
@@ -292,11 +313,17 @@ fn gelu_loop(gate: &[f32], up: &[f32], out: &mut [f32], round: impl Fn(f32) -> f
 }
 
 /// `a[i] = round(a[i] + b[i])`.
+#[allow(clippy::needless_range_loop)] // index loops on purpose, see the body
 pub fn add_assign(a: &mut [f32], b: &[f32], dt: DType) {
     const CHUNK: usize = 8192;
     crate::pool::for_each_chunk_mut(a, CHUNK, &|i, a| {
         let b = &b[i * CHUNK..i * CHUNK + a.len()];
-        crate::vectorized!(crate::with_rounding!(dt, |round| a.iter_mut().zip(b).for_each(|(x, &y)| *x = round(*x + y))));
+        // An index loop, not `zip`: see [`rms_norm_row`].
+        crate::vectorized!(crate::with_rounding!(dt, |round| {
+            for j in 0..a.len() {
+                a[j] = round(a[j] + b[j]);
+            }
+        }));
     });
 }
 

@@ -216,9 +216,14 @@ impl ExpertBackend for LocalExperts {
             o.fill(0.0);
             for s in slots {
                 let pair = r * k + s;
-                let (w, y) = (weights[pair], y.y(pair));
+                let (w, y) = (weights[pair], &y.y(pair)[..o.len()]);
+                // An index loop: LLVM compiled a `zip` of these apart from the AVX-512 body, and so scalar.
                 switchyard_kernels::vectorized!({
-                    switchyard_kernels::with_rounding!(dt, |round| o.iter_mut().zip(y).for_each(|(x, &y)| *x = round(*x + round(y * w))))
+                    switchyard_kernels::with_rounding!(dt, |round| {
+                        for i in 0..o.len() {
+                            o[i] = round(o[i] + round(y[i] * w));
+                        }
+                    })
                 });
             }
         });
