@@ -159,6 +159,8 @@ fn attend_body<'a, E: KvElem, const W: u8>(
 /// decode rows from memory (paged layout, 160 keys, one thread): 4 and 4 ahead 20.5-22.0 us per
 /// (row, KV head), 8 and 8 ahead 19.1-20.0, 12 and 12 19.4-20.1 (amx machine, alternating runs).
 const KEYS_AHEAD: usize = 8;
+// Only the AVX-512 `p·v` kernel hints values.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const VALUES_AHEAD: usize = 8;
 
 /// Prefetch hints for every cache line of `v`.
