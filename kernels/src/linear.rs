@@ -616,10 +616,11 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                     c += done;
                     continue;
                 }
-                if m <= FEW_ROWS_VNNI {
-                    // Up to a batch-16 decode's experts: two rows at a time against two panels, the
-                    // first two streaming them from memory, the others finding them in L2 (m = 3 to 16
-                    // from memory: 16.4-9.0 -> 26.7-9.8 GB/s of weights, `cargo bench -- few`).
+                if m <= few_rows_vnni() {
+                    // Up to a batch-16 decode's experts, on Intel's cores: two rows at a time against
+                    // two panels, the first two streaming them from memory, the others finding them in
+                    // L2 (m = 3 to 16 from memory: 16.4-9.0 -> 26.7-9.8 GB/s of weights, `cargo bench
+                    // -- few`). AMD's cores do better with the eight-row passes below: see FEW_ROWS_VNNI.
                     let nc = (n1 - c).min(64);
                     let panels = &panels[(c / 32) * k2 * 32..];
                     for r0 in (0..m).step_by(2) {
@@ -1158,9 +1159,33 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
     });
 }
 
-/// Up to this many rows, [`block_vnni`] takes the rows two at a time against a pair of prepacked panels.
+/// Up to this many rows, [`block_vnni`] takes the rows two at a time against a pair of prepacked
+/// panels; past it, up to eight rows at a time against one panel (sixteen accumulator chains instead of
+/// eight). Both sum each output in the same order, so the choice changes the speed only, and which is
+/// faster depends on the core: `cargo bench -p switchyard-kernels -- few` from memory, m = 3, 4, 8, 16
+/// rows, on an Intel Xeon with AMX (avx512bf16 path) 16.4-9.0 -> 26.7-9.8 GB/s of weights with the pairs;
+/// on an AMD EPYC with AVX512-BF16, 102-106, 143-151, 213-223, 283-292 GFLOP/s with the pairs against
+/// 140-147, 186-194, 312-324, 358-368 with the eight-row passes. So: 16 on Intel (and any other
+/// vendor), 2 on AMD (one and two rows have their own branch first, so none take this one there).
+/// 0 until first read; tests store each value to cover both kernels on any machine.
 #[cfg(target_arch = "x86_64")]
-const FEW_ROWS_VNNI: usize = 16;
+static FEW_ROWS_VNNI: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[cfg(target_arch = "x86_64")]
+fn few_rows_vnni() -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    match FEW_ROWS_VNNI.load(Relaxed) {
+        0 => {
+            let v = if crate::isa::is_amd() { 2 } else { 16 };
+            // A value a test stored first stays.
+            match FEW_ROWS_VNNI.compare_exchange(0, v, Relaxed, Relaxed) {
+                Ok(_) => v,
+                Err(set) => set,
+            }
+        }
+        v => v,
+    }
+}
 
 /// Up to this many rows, [`block_pairs_avx2`] takes the rows one at a time against up to four panels.
 #[cfg(target_arch = "x86_64")]
@@ -1580,6 +1605,14 @@ mod tests {
             for isa in Isa::supported().into_iter().filter(|&i| i != Isa::Amx) {
                 for panels in [false, true] {
                     assert_eq!(run(isa, DType::BF16, DType::BF16, panels), want, "{isa} panels={panels} m={m} n={n} k={k}");
+                }
+            }
+            // Both of the avx512bf16 path's few-row kernels, whichever this CPU's vendor picks.
+            #[cfg(target_arch = "x86_64")]
+            if Isa::Avx512Bf16.is_supported() {
+                for few in [2, 16] {
+                    FEW_ROWS_VNNI.store(few, std::sync::atomic::Ordering::Relaxed);
+                    assert_eq!(run(Isa::Avx512Bf16, DType::BF16, DType::BF16, true), want, "few rows up to {few}, m={m} n={n} k={k}");
                 }
             }
             let fma: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Portable).collect();
