@@ -340,12 +340,113 @@ pub fn scale_assign(a: &mut [f32], s: f32, dt: DType) {
 /// exp is rounded once from f64 (PyTorch's vectorised expf is within an ulp of that).
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for v in x.iter_mut() {
-        *v = ((*v - max) as f64).exp() as f32;
-    }
+    exp_shifted(x, max);
     let inv = 1.0 / torch_vec_reduce_sum(x);
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// `x[i] = ((x[i] - shift) as f64).exp() as f32` for every element: the f32 difference, exp in f64 as
+/// libm computes it, rounded once to f32 (softmax's exponentials).
+///
+/// On the AVX-512 paths eight at a time ([`exp_shifted_avx512`]) with the same results: the f64 exp
+/// there is a few ulps from the true value, and a lane whose f32 rounding could differ from libm's
+/// (its f64 value within 2^-46 of an f32 rounding boundary, about one in two million) or whose input is
+/// outside [-110, 0] takes libm's exp instead. `exp_shifted_equals_libm_on_every_input` checks every
+/// f32 input in that range. A decode row's attention takes 8-10% less time than with libm alone
+/// (`SWITCHYARD_THREADS=1 cargo bench -p switchyard-kernels -- attention`, AMD EPYC).
+pub fn exp_shifted(x: &mut [f32], shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(crate::isa::isa(), crate::isa::Isa::Avx512 | crate::isa::Isa::Avx512Bf16 | crate::isa::Isa::Amx)
+        && std::arch::is_x86_feature_detected!("avx512dq")
+    {
+        // SAFETY: the CPU has AVX-512F and DQ (every AVX-512 path requires F; DQ checked just now).
+        unsafe { exp_shifted_avx512(x, shift) };
+        return;
+    }
+    for v in x.iter_mut() {
+        *v = ((*v - shift) as f64).exp() as f32;
+    }
+}
+
+/// Lanes [`exp_shifted_avx512`] handed to libm (tests only: the exhaustive test checks it is rare).
+#[cfg(all(test, target_arch = "x86_64"))]
+static EXP_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// [`exp_shifted`] on eight lanes of f64: `exp(d) = 2^n * p(r)`, `n = round(d / ln 2)`,
+/// `r = d - n ln 2` (ln 2 in two parts, the first with 21 trailing zero bits, so `n * LN2_HI` is exact
+/// for |n| < 2^21 and the fused steps lose nothing), `p` the Taylor polynomial of degree 13 (its
+/// truncation error at |r| <= ln 2 / 2 is below 2^-57 relative), by Horner with FMA, and `2^n` by
+/// `vscalefpd`. Lanes whose f32 rounding is not certain go to libm, so the results are [`exp_shifted`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn exp_shifted_avx512(x: &mut [f32], shift: f32) {
+    use std::arch::x86_64::*;
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = std::f64::consts::LN_2 - LN2_HI;
+    // 1/k! for k = 13 down to 0.
+    const C: [f64; 14] = {
+        let mut c = [1.0f64; 14];
+        let mut k = 13;
+        while k > 0 {
+            let mut f = 1.0f64;
+            let mut i = 2;
+            while i <= k {
+                f *= i as f64;
+                i += 1;
+            }
+            c[13 - k] = 1.0 / f;
+            k -= 1;
+        }
+        c
+    };
+    let n8 = x.len() / 8 * 8;
+    let s = _mm256_set1_ps(shift);
+    let (lo_band, hi_band) = (_mm512_set1_pd(1.0 - 2f64.powi(-46)), _mm512_set1_pd(1.0 + 2f64.powi(-46)));
+    let mut c = 0;
+    while c < n8 {
+        // SAFETY: c + 8 <= n8 <= x.len().
+        let p = unsafe { x.as_mut_ptr().add(c) };
+        // SAFETY: eight f32 from p are inside x.
+        let d32 = _mm256_sub_ps(unsafe { _mm256_loadu_ps(p) }, s);
+        let d = _mm512_cvtps_pd(d32);
+        // Inside [-110, 0] (false for NaN); others are computed on a clamped value and replaced below.
+        let inside = _mm512_cmp_pd_mask::<_CMP_GE_OQ>(d, _mm512_set1_pd(-110.0)) & _mm512_cmp_pd_mask::<_CMP_LE_OQ>(d, _mm512_setzero_pd());
+        let dc = _mm512_mask_blend_pd(inside, _mm512_setzero_pd(), d);
+        let n = _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_pd(dc, _mm512_set1_pd(LOG2E)));
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_HI), dc);
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(LN2_LO), r);
+        let mut q = _mm512_set1_pd(C[0]);
+        for &ck in &C[1..] {
+            q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(ck));
+        }
+        let y = _mm512_scalef_pd(q, n);
+        let f = _mm512_cvtpd_ps(y);
+        // Every value in [y (1 - 2^-46), y (1 + 2^-46)] rounds to f when both ends do (rounding is
+        // monotonic); libm's exp and this one are both well inside that band around the true value.
+        let f_lo = _mm512_cvtps_pd(_mm512_cvtpd_ps(_mm512_mul_pd(y, lo_band)));
+        let f_hi = _mm512_cvtps_pd(_mm512_cvtpd_ps(_mm512_mul_pd(y, hi_band)));
+        let certain = inside & _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(f_lo, f_hi);
+        // SAFETY: as the load.
+        unsafe { _mm256_storeu_ps(p, f) };
+        if certain != 0xFF {
+            #[cfg(test)]
+            EXP_FALLBACKS.fetch_add(u64::from(8 - certain.count_ones()), std::sync::atomic::Ordering::Relaxed);
+            let mut dl = [0f32; 8];
+            // SAFETY: eight f32 fit `dl`.
+            unsafe { _mm256_storeu_ps(dl.as_mut_ptr(), d32) };
+            for (l, &dv) in dl.iter().enumerate() {
+                if certain & (1 << l) == 0 {
+                    x[c + l] = (dv as f64).exp() as f32;
+                }
+            }
+        }
+        c += 8;
+    }
+    for v in &mut x[n8..] {
+        *v = ((*v - shift) as f64).exp() as f32;
     }
 }
 
@@ -522,6 +623,80 @@ mod tests {
         assert_eq!(x[100], 100.0);
         assert_eq!(x[356], 356.0);
         assert_ne!(x[1], 1.0);
+    }
+
+    /// The AVX-512 exp against libm's on every f32 input from -0 down to -110 (past which both give
+    /// 0 or hand over to libm), and on the edges: +0, subnormals, -inf, NaN, positive and huge values,
+    /// tails shorter than eight. About 1.1 billion inputs, split over the machine's threads.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_shifted_equals_libm_on_every_input() {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq")) {
+            eprintln!("no AVX-512F/DQ here: the vector exp is not used on this CPU");
+            return;
+        }
+        let libm = |v: f32, s: f32| ((v - s) as f64).exp() as f32;
+        let check = |vals: &mut Vec<f32>, s: f32| {
+            let want: Vec<u32> = vals.iter().map(|&v| libm(v, s).to_bits()).collect();
+            // SAFETY: AVX-512F and DQ were detected above.
+            unsafe { exp_shifted_avx512(vals, s) };
+            for (i, (g, w)) in vals.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), *w, "element {i} of a run: got {g:e}, libm {:e}", f32::from_bits(*w));
+            }
+        };
+        let edges = [
+            0.0f32,
+            -0.0,
+            f32::from_bits(1),
+            -f32::from_bits(1),
+            -1e-30,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1.0,
+            88.0,
+            -87.33,
+            -103.97,
+            -103.98,
+            -104.0,
+            -109.99,
+            -110.0,
+            -110.01,
+            -1e30,
+            f32::MAX,
+            f32::MIN,
+        ];
+        for s in [0.0f32, 1.5, -3.25, 100.0] {
+            for len in [1, 7, 8, 9, 19] {
+                let mut v: Vec<f32> = edges.iter().cycle().take(len).copied().collect();
+                check(&mut v, s);
+            }
+            check(&mut edges.to_vec(), s);
+        }
+        // Every f32 from -0 (0x8000_0000) to -110 (0xC2DC_0000), shift 0.
+        let (first, last) = (0x8000_0000u32, 0xC2DC_0000u32);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let per = (last - first).div_ceil(threads);
+        std::thread::scope(|sc| {
+            for t in 0..threads {
+                let check = &check;
+                sc.spawn(move || {
+                    let (a, b) = (first + t * per, (first + (t + 1) * per).min(last + 1));
+                    let mut buf = Vec::with_capacity(1 << 16);
+                    let mut u = a;
+                    while u < b {
+                        let e = (u + (1 << 16)).min(b);
+                        buf.clear();
+                        buf.extend((u..e).map(f32::from_bits));
+                        check(&mut buf, 0.0);
+                        u = e;
+                    }
+                });
+            }
+        });
+        // The vector exp did the work: libm took about one lane in two million (other tests may add
+        // a few of their own edge lanes meanwhile).
+        let fallbacks = EXP_FALLBACKS.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(fallbacks < u64::from(last - first) / 100_000, "{fallbacks} lanes went to libm");
     }
 
     #[test]
