@@ -1164,7 +1164,7 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
 /// eight). Both sum each output in the same order, so the choice changes the speed only, and which is
 /// faster depends on the core: `cargo bench -p switchyard-kernels -- few` from memory, m = 3, 4, 8, 16
 /// rows, on an Intel Xeon with AMX (avx512bf16 path) 16.4-9.0 -> 26.7-9.8 GB/s of weights with the pairs;
-/// on an AMD EPYC with AVX512-BF16, 102-106, 143-151, 213-223, 283-292 GFLOP/s with the pairs against
+/// on an AMD EPYC with AVX512-BF16, 87-104, 117-152, 196-223, 274-292 GFLOP/s with the pairs against
 /// 140-147, 186-194, 312-324, 358-368 with the eight-row passes. So: 16 on Intel (and any other
 /// vendor), 2 on AMD (one and two rows have their own branch first, so none take this one there).
 /// 0 until first read; tests store each value to cover both kernels on any machine.
