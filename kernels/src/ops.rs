@@ -372,8 +372,27 @@ pub fn exp_shifted(x: &mut [f32], shift: f32) {
         unsafe { exp_shifted_avx2(x, shift) };
         return;
     }
+    exp_libm(x, shift);
+}
+
+/// [`exp_shifted`] by libm, one element at a time.
+fn exp_libm(x: &mut [f32], shift: f32) {
     for v in x.iter_mut() {
         *v = ((*v - shift) as f64).exp() as f32;
+    }
+}
+
+/// The lanes of a vector exp's block that it left uncertain (clear bits of `certain`), by libm:
+/// `d` holds the block's shifted inputs, `out` its results.
+#[cfg(target_arch = "x86_64")]
+#[cold]
+fn exp_uncertain_lanes(out: &mut [f32], d: &[f32], certain: u32) {
+    for (l, (o, &dv)) in out.iter_mut().zip(d).enumerate() {
+        if certain & (1 << l) == 0 {
+            #[cfg(test)]
+            EXP_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *o = (dv as f64).exp() as f32;
+        }
     }
 }
 
@@ -447,22 +466,14 @@ unsafe fn exp_shifted_avx512(x: &mut [f32], shift: f32) {
         // SAFETY: as the load.
         unsafe { _mm256_storeu_ps(p, f) };
         if certain != 0xFF {
-            #[cfg(test)]
-            EXP_FALLBACKS.fetch_add(u64::from(8 - certain.count_ones()), std::sync::atomic::Ordering::Relaxed);
             let mut dl = [0f32; 8];
             // SAFETY: eight f32 fit `dl`.
             unsafe { _mm256_storeu_ps(dl.as_mut_ptr(), d32) };
-            for (l, &dv) in dl.iter().enumerate() {
-                if certain & (1 << l) == 0 {
-                    x[c + l] = (dv as f64).exp() as f32;
-                }
-            }
+            exp_uncertain_lanes(&mut x[c..c + 8], &dl, certain.into());
         }
         c += 8;
     }
-    for v in &mut x[n8..] {
-        *v = ((*v - shift) as f64).exp() as f32;
-    }
+    exp_libm(&mut x[n8..], shift);
 }
 
 /// [`exp_shifted_avx512`] on four lanes of AVX2 + FMA: the same steps in the same order, `2^n` built
@@ -502,22 +513,14 @@ unsafe fn exp_shifted_avx2(x: &mut [f32], shift: f32) {
         // SAFETY: as the load.
         unsafe { _mm_storeu_ps(p, f) };
         if certain != 0xF {
-            #[cfg(test)]
-            EXP_FALLBACKS.fetch_add(u64::from(4 - certain.count_ones()), std::sync::atomic::Ordering::Relaxed);
             let mut dl = [0f32; 4];
             // SAFETY: four f32 fit `dl`.
             unsafe { _mm_storeu_ps(dl.as_mut_ptr(), d32) };
-            for (l, &dv) in dl.iter().enumerate() {
-                if certain & (1 << l) == 0 {
-                    x[c + l] = (dv as f64).exp() as f32;
-                }
-            }
+            exp_uncertain_lanes(&mut x[c..c + 4], &dl, certain as u32);
         }
         c += 4;
     }
-    for v in &mut x[n4..] {
-        *v = ((*v - shift) as f64).exp() as f32;
-    }
+    exp_libm(&mut x[n4..], shift);
 }
 
 /// `vec::reduce_all(+)` of PyTorch's AVX2 kernels: lanes accumulate chunks of 8 in order (a partial last
