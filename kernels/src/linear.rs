@@ -1167,7 +1167,7 @@ unsafe fn block_pairs_avx2(x: &[f32], xs: usize, m: usize, w: &Weight<'_>, n0: u
 /// on an AMD EPYC with AVX512-BF16, 87-104, 117-152, 196-223, 274-292 GFLOP/s with the pairs against
 /// 140-147, 186-194, 312-324, 358-368 with the eight-row passes. So: 16 on Intel (and any other
 /// vendor), 2 on AMD (one and two rows have their own branch first, so none take this one there).
-/// 0 until first read; tests store each value to cover both kernels on any machine.
+/// 0 until first read (and after a test has stored each value, to cover both kernels on any machine).
 #[cfg(target_arch = "x86_64")]
 static FEW_ROWS_VNNI: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -1614,6 +1614,8 @@ mod tests {
                     FEW_ROWS_VNNI.store(few, std::sync::atomic::Ordering::Relaxed);
                     assert_eq!(run(Isa::Avx512Bf16, DType::BF16, DType::BF16, true), want, "few rows up to {few}, m={m} n={n} k={k}");
                 }
+                // Back to the vendor's choice at the next read.
+                FEW_ROWS_VNNI.store(0, std::sync::atomic::Ordering::Relaxed);
             }
             let fma: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i != Isa::Portable).collect();
             for (dt, act) in [(DType::F32, DType::F32), (DType::F16, DType::F16), (DType::BF16, DType::F32)] {

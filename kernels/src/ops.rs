@@ -396,7 +396,7 @@ fn exp_uncertain_lanes(out: &mut [f32], d: &[f32], certain: u32) {
     }
 }
 
-/// Lanes [`exp_shifted_avx512`] handed to libm (tests only: the exhaustive test checks it is rare).
+/// Lanes the vector exps handed to libm (tests only: the exhaustive test checks it is rare).
 #[cfg(all(test, target_arch = "x86_64"))]
 static EXP_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
