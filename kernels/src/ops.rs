@@ -378,8 +378,14 @@ pub fn exp_shifted(x: &mut [f32], shift: f32) {
 /// [`exp_shifted`] by libm, one element at a time.
 fn exp_libm(x: &mut [f32], shift: f32) {
     for v in x.iter_mut() {
-        *v = ((*v - shift) as f64).exp() as f32;
+        *v = exp_of(*v - shift);
     }
+}
+
+/// `exp(d)` in f64 by libm, rounded once to f32: what every element of [`exp_shifted`] equals.
+#[inline]
+fn exp_of(d: f32) -> f32 {
+    (d as f64).exp() as f32
 }
 
 /// The lanes of a vector exp's block that it left uncertain (clear bits of `certain`), by libm:
@@ -391,7 +397,7 @@ fn exp_uncertain_lanes(out: &mut [f32], d: &[f32], certain: u32) {
         if certain & (1 << l) == 0 {
             #[cfg(test)]
             EXP_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            *o = (dv as f64).exp() as f32;
+            *o = exp_of(dv);
         }
     }
 }
@@ -405,7 +411,9 @@ static EXP_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 mod exp_consts {
     pub const LOG2E: f64 = std::f64::consts::LOG2_E;
     pub const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
-    pub const LN2_LO: f64 = std::f64::consts::LN_2 - LN2_HI;
+    /// ln 2 - LN2_HI to full f64 precision (fdlibm's constant). `LN_2 - LN2_HI` would carry only the
+    /// 21 bits of ln 2 that `LN_2` holds past `LN2_HI`, an error of up to ~14 ulps in `r` at n = -159.
+    pub const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
     /// 1/k! for k = 13 down to 0.
     pub const C: [f64; 14] = {
         let mut c = [1.0f64; 14];
