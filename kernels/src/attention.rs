@@ -339,27 +339,41 @@ unsafe fn pv_avx512<'a, E: KvElem, const G: usize, const C8: usize>(
     outs: &mut [&mut [f32]],
 ) {
     use std::arch::x86_64::*;
+    assert!(scores.len() >= G * nmax && ns.iter().all(|&n| n <= nmax), "G rows of nmax scores");
     let mut acc = [[_mm512_setzero_pd(); C8]; G];
-    // Key j's values into every query g that `take(g)` says sees it.
-    macro_rules! key {
-        ($j:expr, $take:expr) => {{
-            let j = $j;
-            let v = &value(j)[c0..c0 + 8 * C8];
-            let mut vw = [_mm512_setzero_pd(); C8];
-            for (b, vw) in vw.iter_mut().enumerate() {
-                let w = widen8(v, 8 * b);
-                // SAFETY: `w` holds eight f32.
-                *vw = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(w.as_ptr()) });
-            }
-            for (g, acc) in acc.iter_mut().enumerate() {
-                if $take(g) {
-                    let p = _mm512_set1_pd(scores[g * nmax + j] as f64);
-                    for (a, &vw) in acc.iter_mut().zip(&vw) {
-                        *a = _mm512_fmadd_pd(p, vw, *a);
-                    }
+    let sp = scores.as_ptr();
+    // Key j's values into every query g that `take(g)` says sees it. Raw reads (the lengths are
+    // checked above and per key) and accumulators in plain locals: with slice iterators here LLVM
+    // kept a copy of every sum on the stack, a 64-byte store per FMA, and the loop ran at the
+    // store port's rate (`cargo bench -p switchyard-kernels -- attention`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // index loops: see above
+    unsafe fn key<E: KvElem, const G: usize, const C8: usize>(
+        acc: &mut [[__m512d; C8]; G],
+        v: &[E],
+        c0: usize,
+        sp: *const f32,
+        nmax: usize,
+        j: usize,
+        take: impl Fn(usize) -> bool,
+    ) {
+        let v = &v[c0..c0 + 8 * C8];
+        let mut vw = [_mm512_setzero_pd(); C8];
+        for b in 0..C8 {
+            let w = widen8(v, 8 * b);
+            // SAFETY: `w` holds eight f32.
+            vw[b] = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(w.as_ptr()) });
+        }
+        for g in 0..G {
+            if take(g) {
+                // SAFETY: g < G and j < nmax: inside the G * nmax scores (checked by the caller).
+                let p = _mm512_set1_pd(unsafe { *sp.add(g * nmax + j) } as f64);
+                for b in 0..C8 {
+                    acc[g][b] = _mm512_fmadd_pd(p, vw[b], acc[g][b]);
                 }
             }
-        }};
+        }
     }
     // Every query sees the first nmin keys: a loop without tests keeps the sums in registers.
     let vd = VALUES_AHEAD;
@@ -370,10 +384,12 @@ unsafe fn pv_avx512<'a, E: KvElem, const G: usize, const C8: usize>(
         if j + vd < nmax {
             prefetch_lines(&value(j + vd)[c0..c0 + 8 * C8]);
         }
-        key!(j, |_| true);
+        // SAFETY: j < nmin <= nmax; the scores were checked above.
+        unsafe { key::<E, G, C8>(&mut acc, value(j), c0, sp, nmax, j, |_| true) };
     }
     for j in nmin..nmax {
-        key!(j, |g: usize| j < ns[g]);
+        // SAFETY: as above, j < nmax.
+        unsafe { key::<E, G, C8>(&mut acc, value(j), c0, sp, nmax, j, |g: usize| j < ns[g]) };
     }
     let mut lanes = [0f64; 8];
     for (g, acc) in acc.iter().enumerate() {

@@ -658,9 +658,18 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
             };
             // Up to 8 rows per pass: 16 accumulators share each pair of weight loads (the panel comes
             // from L2), a third of the weight traffic per `vdpbf16ps` of a 4-row pass.
+            // The last pass over this panel hints the next one (this task's, prepacked) into L2, so
+            // that memory streams it while this one is summed: for nine or more rows the panel's
+            // second pass otherwise runs from L2 with memory idle (`cargo bench -- few`, m = 8 and
+            // 16, see docs/benchmarks.md).
+            let next = match w.panels {
+                Some(panels) if c + 32 < n1 => panels[(c / 32 + 1) * k2 * 32..].as_ptr(),
+                _ => std::ptr::null(),
+            };
             let mut r0 = 0;
             while r0 < m {
                 let mr = (m - r0).min(8);
+                let nx = if r0 + mr == m { next } else { std::ptr::null() };
                 // SAFETY: r0 < m: inside x.
                 let xr = unsafe { x.as_ptr().add(r0 * xs) };
                 // SAFETY: r0 < m and c < n1: inside the output.
@@ -668,14 +677,14 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                 // SAFETY: the panel holds k2 * 32 pairs, x rows from r0 exist and are padded, the outputs are this task's.
                 unsafe {
                     match mr {
-                        1 => panel_dot::<1>(xr, xs, pg, k2, o, os, nc),
-                        2 => panel_dot::<2>(xr, xs, pg, k2, o, os, nc),
-                        3 => panel_dot::<3>(xr, xs, pg, k2, o, os, nc),
-                        4 => panel_dot::<4>(xr, xs, pg, k2, o, os, nc),
-                        5 => panel_dot::<5>(xr, xs, pg, k2, o, os, nc),
-                        6 => panel_dot::<6>(xr, xs, pg, k2, o, os, nc),
-                        7 => panel_dot::<7>(xr, xs, pg, k2, o, os, nc),
-                        _ => panel_dot::<8>(xr, xs, pg, k2, o, os, nc),
+                        1 => panel_dot::<1>(xr, xs, pg, k2, o, os, nc, nx),
+                        2 => panel_dot::<2>(xr, xs, pg, k2, o, os, nc, nx),
+                        3 => panel_dot::<3>(xr, xs, pg, k2, o, os, nc, nx),
+                        4 => panel_dot::<4>(xr, xs, pg, k2, o, os, nc, nx),
+                        5 => panel_dot::<5>(xr, xs, pg, k2, o, os, nc, nx),
+                        6 => panel_dot::<6>(xr, xs, pg, k2, o, os, nc, nx),
+                        7 => panel_dot::<7>(xr, xs, pg, k2, o, os, nc, nx),
+                        _ => panel_dot::<8>(xr, xs, pg, k2, o, os, nc, nx),
                     }
                 }
                 r0 += mr;
@@ -846,13 +855,50 @@ unsafe fn pack_panel(w: &Weight<'_>, c: usize, nc: usize, panel: &mut [u32]) {
     };
 }
 
+/// `MR` rows against one panel; with `next` (the following panel, or null) hinted into L2 as it goes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn panel_dot<const MR: usize>(x: *const u16, xs: usize, panel: &[u32], k2: usize, out: *mut f32, os: usize, nc: usize) {
+unsafe fn panel_dot<const MR: usize>(
+    x: *const u16,
+    xs: usize,
+    panel: &[u32],
+    k2: usize,
+    out: *mut f32,
+    os: usize,
+    nc: usize,
+    next: *const u32,
+) {
+    if next.is_null() {
+        // SAFETY: the caller's guarantees.
+        unsafe { panel_dot_in::<MR, false>(x, xs, panel, k2, out, os, nc, next) }
+    } else {
+        // SAFETY: the caller's guarantees.
+        unsafe { panel_dot_in::<MR, true>(x, xs, panel, k2, out, os, nc, next) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_dot_in<const MR: usize, const PF: bool>(
+    x: *const u16,
+    xs: usize,
+    panel: &[u32],
+    k2: usize,
+    out: *mut f32,
+    os: usize,
+    nc: usize,
+    next: *const u32,
+) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let p = panel.as_ptr();
     for i in 0..k2 {
+        if PF {
+            // Pair i of the next panel: its two lines, one step of it per step of this one.
+            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(i * 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(i * 32 + 16) as *const i8);
+        }
         // SAFETY: pair i < k2 of the panel: 32 u32 from i * 32.
         let w0 = unsafe { _mm512_loadu_si512(p.add(i * 32) as *const _) };
         // SAFETY: as above, the second half of the same 32.
