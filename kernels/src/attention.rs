@@ -502,6 +502,21 @@ unsafe fn dot4_avx512<E: KvElem, const G: usize>(a: [&[f32]; G], aw: [&[f64]; G]
         }
         c += 8;
     }
+    if n8 == hd {
+        // No remainder: finish4's reduction tree in registers, four keys at once. Each key's lanes
+        // fold as ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)): the halves' sum, then `hadd`'s
+        // pairs, then the two 128-bit halves, the same additions (each commutative) in the same tree.
+        let mut out = [[0f32; 4]; G];
+        for g in 0..G {
+            let s: [__m256d; 4] =
+                std::array::from_fn(|t| _mm256_add_pd(_mm512_castpd512_pd256(acc[g][t]), _mm512_extractf64x4_pd::<1>(acc[g][t])));
+            let (h01, h23) = (_mm256_hadd_pd(s[0], s[1]), _mm256_hadd_pd(s[2], s[3]));
+            let r = _mm256_add_pd(_mm256_permute2f128_pd::<0x20>(h01, h23), _mm256_permute2f128_pd::<0x31>(h01, h23));
+            // SAFETY: four f32 fit `out[g]`.
+            unsafe { _mm_storeu_ps(out[g].as_mut_ptr(), _mm256_cvtpd_ps(r)) };
+        }
+        return out;
+    }
     let mut lanes = [[[0f64; 8]; 4]; G];
     for g in 0..G {
         for t in 0..4 {
@@ -580,6 +595,47 @@ mod tests {
         attend(&q, 2, |j| &keys[j * 2..j * 2 + 2], |j| &values[j * 2..j * 2 + 2], 1.0, DType::F32, &mut s, &mut out);
         let p0 = 1.0 / (1.0 + (-10f32).exp());
         assert!((out[0] - (p0 * 1.0 + (1.0 - p0) * 3.0)).abs() < 1e-5);
+    }
+
+    /// The AVX-512 scores fold each key's eight lanes in [`finish4`]'s tree: lanes chosen so that
+    /// any other order of the additions gives another f32 (2^60 absorbs a 1 that a different
+    /// pairing would keep), for one, two and four queries at once.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_scores_reduce_in_the_portable_tree() {
+        if !crate::Isa::Avx512.is_supported() {
+            return;
+        }
+        let big = 2f32.powi(60);
+        let patterns: [[f32; 8]; 4] = [
+            [big, -big, 1.0, 1.0, 1.0, 1.0, 3.0, 5.0],
+            [big, 1.0, -big, 1.0, 1.0, 7.0, 1.0, 1.0],
+            [1.0, big, 1.0, -big, 2.0, 1.0, 9.0, 1.0],
+            [-big, 1.0, 1.0, 1.0, big, 3.0, 1.0, 1.0],
+        ];
+        let hd = 16;
+        // Query g, key t: lane i of the first chunk is pattern (g + t) % 4's lane i; the second chunk adds 0.
+        let qs: Vec<Vec<f32>> = (0..4).map(|g| (0..hd).map(|c| if c < 8 { 1.0 } else { 0.0 } * (1 + g) as f32).collect()).collect();
+        let ks: Vec<Vec<f32>> = (0..4).map(|t| (0..hd).map(|c| if c < 8 { patterns[t][c] } else { 0.0 }).collect()).collect();
+        let b: [&[f32]; 4] = std::array::from_fn(|t| &ks[t][..]);
+        let wide: Vec<Vec<f64>> = qs.iter().map(|q| q.iter().map(|&x| x as f64).collect()).collect();
+        macro_rules! check {
+            ($g:expr) => {{
+                let a: [&[f32]; $g] = std::array::from_fn(|g| &qs[g][..]);
+                let aw: [&[f64]; $g] = std::array::from_fn(|g| &wide[g][..]);
+                let want = dot4::<f32, $g>(a, b);
+                // SAFETY: the CPU has AVX-512F (checked above).
+                let got = unsafe { dot4_avx512::<f32, $g>(a, aw, b) };
+                let bits = |d: [[f32; 4]; $g]| d.map(|r| r.map(f32::to_bits));
+                assert_eq!(bits(got), bits(want), "{} queries", $g);
+                // The case can tell orders apart: a plain left-to-right sum of key 0's lanes differs.
+                let seq = patterns[0].iter().fold(0f64, |s, &l| s + l as f64) as f32;
+                assert_ne!(seq.to_bits(), want[0][0].to_bits());
+            }};
+        }
+        check!(1);
+        check!(2);
+        check!(4);
     }
 
     /// The explicit AVX2 and AVX-512 kernels (FMA, intrinsics) give the portable loop's bits, for
