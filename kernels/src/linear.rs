@@ -674,17 +674,18 @@ unsafe fn block_vnni(x: &[u16], xs: usize, m: usize, w: &Weight<'_>, n0: usize, 
                 let xr = unsafe { x.as_ptr().add(r0 * xs) };
                 // SAFETY: r0 < m and c < n1: inside the output.
                 let o = unsafe { out.add(r0 * os + c) };
+                let a = FewRows { x: xr, xs, panels: pg, k2, out: o, os, cols: nc };
                 // SAFETY: the panel holds k2 * 32 pairs, x rows from r0 exist and are padded, the outputs are this task's.
                 unsafe {
                     match mr {
-                        1 => panel_dot::<1>(xr, xs, pg, k2, o, os, nc, nx),
-                        2 => panel_dot::<2>(xr, xs, pg, k2, o, os, nc, nx),
-                        3 => panel_dot::<3>(xr, xs, pg, k2, o, os, nc, nx),
-                        4 => panel_dot::<4>(xr, xs, pg, k2, o, os, nc, nx),
-                        5 => panel_dot::<5>(xr, xs, pg, k2, o, os, nc, nx),
-                        6 => panel_dot::<6>(xr, xs, pg, k2, o, os, nc, nx),
-                        7 => panel_dot::<7>(xr, xs, pg, k2, o, os, nc, nx),
-                        _ => panel_dot::<8>(xr, xs, pg, k2, o, os, nc, nx),
+                        1 => panel_dot::<1>(a, nx),
+                        2 => panel_dot::<2>(a, nx),
+                        3 => panel_dot::<3>(a, nx),
+                        4 => panel_dot::<4>(a, nx),
+                        5 => panel_dot::<5>(a, nx),
+                        6 => panel_dot::<6>(a, nx),
+                        7 => panel_dot::<7>(a, nx),
+                        _ => panel_dot::<8>(a, nx),
                     }
                 }
                 r0 += mr;
@@ -855,42 +856,20 @@ unsafe fn pack_panel(w: &Weight<'_>, c: usize, nc: usize, panel: &mut [u32]) {
     };
 }
 
-/// `MR` rows against one panel; with `next` (the following panel, or null) hinted into L2 as it goes.
+/// `MR` rows against the first of `a`'s panels (`cols` <= 32); with `next` (the following panel, or
+/// null) hinted into L2 as it goes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel_dot<const MR: usize>(
-    x: *const u16,
-    xs: usize,
-    panel: &[u32],
-    k2: usize,
-    out: *mut f32,
-    os: usize,
-    nc: usize,
-    next: *const u32,
-) {
-    if next.is_null() {
-        // SAFETY: the caller's guarantees.
-        unsafe { panel_dot_in::<MR, false>(x, xs, panel, k2, out, os, nc, next) }
-    } else {
-        // SAFETY: the caller's guarantees.
-        unsafe { panel_dot_in::<MR, true>(x, xs, panel, k2, out, os, nc, next) }
-    }
+unsafe fn panel_dot<const MR: usize>(a: FewRows<'_>, next: *const u32) {
+    // SAFETY: the caller's guarantees.
+    unsafe { if next.is_null() { panel_dot_in::<MR, false>(a, next) } else { panel_dot_in::<MR, true>(a, next) } }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel_dot_in<const MR: usize, const PF: bool>(
-    x: *const u16,
-    xs: usize,
-    panel: &[u32],
-    k2: usize,
-    out: *mut f32,
-    os: usize,
-    nc: usize,
-    next: *const u32,
-) {
+unsafe fn panel_dot_in<const MR: usize, const PF: bool>(a: FewRows<'_>, next: *const u32) {
+    let FewRows { x, xs, panels: panel, k2, out, os, cols: nc } = a;
+    debug_assert!(panel.len() >= k2 * 32 && nc <= 32);
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let p = panel.as_ptr();
     for i in 0..k2 {
@@ -910,8 +889,9 @@ unsafe fn panel_dot_in<const MR: usize, const PF: bool>(
     unsafe { store_acc(&acc, out, os, nc) };
 }
 
-/// What the few-row panel kernels take: `x` (bf16 rows `xs` apart, zero-padded), consecutive prepacked
-/// `panels` of `k2` pairs each, and `cols` output columns from `out` (rows `os` apart), the caller's.
+/// What the panel kernels take: `x` (bf16 rows `xs` apart, zero-padded), consecutive `panels` of `k2`
+/// pairs each (prepacked, or [`block_vnni`]'s scratch panel), and `cols` output columns from `out`
+/// (rows `os` apart), the caller's.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct FewRows<'a> {
