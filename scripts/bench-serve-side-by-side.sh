@@ -17,6 +17,10 @@
 #   RANGE_START [256], RANGE_END [min(32000, vocab_size - 8)]: token ids of the prompts, clear of special tokens
 #   MAX_NUM_SEQS [16]  MAX_MODEL_LEN [4096]  LLAMA_CTX [MAX_NUM_SEQS x per-request context rounded up to 64]
 #   STARTUP_TIMEOUT [900] seconds per server   OUT_DIR [a new temporary directory]: logs and JSON results
+#   ROUNDS [1]       how many times to run the whole sequence of servers. A shared VM's speed can drift by a
+#                    fifth within minutes for every server alike, so each round's ratio compares servers
+#                    measured minutes apart; with ROUNDS > 1 the table gives each server's median over the
+#                    rounds and each round's switchyard/best ratio, then the median of those ratios.
 #
 # A peer that is not installed, or that does not come up, is reported as "skipped: ..." and the others still
 # run. Every server this script starts is stopped when it exits, however it exits.
@@ -41,6 +45,7 @@ MAX_NUM_SEQS=${MAX_NUM_SEQS:-16}
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-4096}
 LLAMA_CTX=${LLAMA_CTX:-$((MAX_NUM_SEQS * ((INPUT_LEN + OUTPUT_LEN) / 64 + 1) * 64))}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-900}
+ROUNDS=${ROUNDS:-1}
 OUT_DIR=${OUT_DIR:-$(mktemp -d -t bench-serve-XXXXXX)}
 mkdir -p "$OUT_DIR"
 
@@ -113,9 +118,10 @@ num_prompts() {
   if (($1 == 1)); then echo "$NUM_PROMPTS_C1"; else echo $(($1 * PROMPTS_PER_SLOT)); fi
 }
 
-# bench_all NAME PORT: the client at every concurrency against the server on PORT.
+# bench_all NAME PORT ROUND: the client at every concurrency against the server on PORT; results in
+# NAME-cC-rROUND.json.
 bench_all() {
-  local name=$1 port=$2 c
+  local name=$1 port=$2 round=$3 c
   for c in $CONCURRENCIES; do
     echo "  $name: concurrency $c, $(num_prompts "$c") prompts"
     if ! "$SWITCHYARD_BIN" bench serve --base-url "http://127.0.0.1:$port" --endpoint /v1/completions \
@@ -123,76 +129,106 @@ bench_all() {
       --random-range-start "$RANGE_START" --random-range-end "$RANGE_END" --seed "$SEED" \
       --num-prompts "$(num_prompts "$c")" --max-concurrency "$c" --num-warmups "$NUM_WARMUPS" \
       --temperature 0 --ignore-eos --percentiles 50,99 --label "$name" \
-      --json "$OUT_DIR/$name-c$c.json" >"$OUT_DIR/$name-c$c.txt" 2>&1; then
-      echo "  $name at concurrency $c failed: $(tail -n 1 "$OUT_DIR/$name-c$c.txt")"
-      rm -f "$OUT_DIR/$name-c$c.json"
+      --json "$OUT_DIR/$name-c$c-r$round.json" >"$OUT_DIR/$name-c$c-r$round.txt" 2>&1; then
+      echo "  $name at concurrency $c failed: $(tail -n 1 "$OUT_DIR/$name-c$c-r$round.txt")"
+      rm -f "$OUT_DIR/$name-c$c-r$round.json"
     fi
   done
 }
 
-# run_server NAME COMMAND...: COMMAND gets `--port P` appended; starts it, benchmarks it, stops it.
+# run_server NAME COMMAND...: COMMAND gets `--port P` appended; starts it, benchmarks it (round $ROUND), stops it.
 run_server() {
   local name=$1 port log
   shift
   port=$(free_port)
-  log="$OUT_DIR/$name.server.log"
-  echo "== $name on port $port (log: $log)"
+  log="$OUT_DIR/$name-r$ROUND.server.log"
+  echo "== $name on port $port, round $ROUND of $ROUNDS (log: $log)"
   start_server "$log" "$@" --port "$port"
   wait_ready "$name" "$port" "$log" || return 0
-  bench_all "$name" "$port"
+  bench_all "$name" "$port" "$ROUND"
   stop_server
 }
 
-for server in $SERVERS; do
-  case $server in
-    switchyard)
-      run_server switchyard "$SWITCHYARD_BIN" serve --model "$MODEL_DIR" --host 127.0.0.1 \
-        --max-num-seqs "$MAX_NUM_SEQS" --max-model-len "$MAX_MODEL_LEN"
-      ;;
-    vllm)
-      if [[ ! -x $VLLM_VENV/bin/python ]]; then
-        echo "skipped: vllm (no $VLLM_VENV/bin/python; see docs/benchmarks.md)"
-        continue
-      fi
-      run_server vllm env VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-1}" \
-        VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" \
-        "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --dtype bfloat16 \
-        --host 127.0.0.1 --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
-      ;;
-    llama)
-      if [[ ! -x $LLAMA_SERVER ]]; then
-        echo "skipped: llama.cpp (no $LLAMA_SERVER)"
-        continue
-      fi
-      if [[ -z $GGUF || ! -f $GGUF ]]; then
-        echo "skipped: llama.cpp (set GGUF to the checkpoint's .gguf file)"
-        continue
-      fi
-      run_server llama "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 -t 2 -np "$MAX_NUM_SEQS" --no-cache-prompt \
-        -c "$LLAMA_CTX"
-      ;;
-    *)
-      echo "skipped: unknown server '$server' (known: switchyard vllm llama)"
-      ;;
-  esac
+# run_round: every server in SERVERS, one after another, for round $ROUND.
+run_round() {
+  local server
+  for server in $SERVERS; do
+    case $server in
+      switchyard)
+        run_server switchyard "$SWITCHYARD_BIN" serve --model "$MODEL_DIR" --host 127.0.0.1 \
+          --max-num-seqs "$MAX_NUM_SEQS" --max-model-len "$MAX_MODEL_LEN"
+        ;;
+      vllm)
+        if [[ ! -x $VLLM_VENV/bin/python ]]; then
+          echo "skipped: vllm (no $VLLM_VENV/bin/python; see docs/benchmarks.md)"
+          continue
+        fi
+        run_server vllm env VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-1}" \
+          VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" \
+          "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --dtype bfloat16 \
+          --host 127.0.0.1 --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS"
+        ;;
+      llama)
+        if [[ ! -x $LLAMA_SERVER ]]; then
+          echo "skipped: llama.cpp (no $LLAMA_SERVER)"
+          continue
+        fi
+        if [[ -z $GGUF || ! -f $GGUF ]]; then
+          echo "skipped: llama.cpp (set GGUF to the checkpoint's .gguf file)"
+          continue
+        fi
+        run_server llama "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 -t 2 -np "$MAX_NUM_SEQS" --no-cache-prompt \
+          -c "$LLAMA_CTX"
+        ;;
+      *)
+        echo "skipped: unknown server '$server' (known: switchyard vllm llama)"
+        ;;
+    esac
+  done
+}
+
+for ROUND in $(seq "$ROUNDS"); do
+  run_round
 done
 
 echo
 echo "Side by side: $INPUT_LEN-token random prompts, $OUTPUT_LEN output tokens, greedy, ignore_eos, seed $SEED"
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; x86 features:" \
   "$(grep -m1 -o -w -E 'avx2|fma|f16c|avx512f|avx512bw|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-echo "Switchyard kernels: $(grep -m1 -o 'CPU kernels: .*' "$OUT_DIR/switchyard.server.log" 2>/dev/null || echo unknown)"
-python3 - "$OUT_DIR" "$SERVERS" "$CONCURRENCIES" <<'EOF'
-import json, os, sys
+echo "Switchyard kernels: $(grep -m1 -o 'CPU kernels: .*' "$OUT_DIR/switchyard-r1.server.log" 2>/dev/null || echo unknown)"
+python3 - "$OUT_DIR" "$SERVERS" "$CONCURRENCIES" "$ROUNDS" <<'EOF'
+import json, os, statistics, sys
 
-out_dir, servers, concurrencies = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+out_dir, servers, concurrencies, rounds = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4])
 
-def load(name, c):
+def load_round(name, c, r):
     try:
-        with open(os.path.join(out_dir, f"{name}-c{c}.json")) as f:
+        with open(os.path.join(out_dir, f"{name}-c{c}-r{r}.json")) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+def load(name, c):
+    """The server's result at concurrency c: the one round's, or each figure's median over the rounds
+    it completed (a round that failed or did not run is left out)."""
+    runs = [r for r in (load_round(name, c, i) for i in range(1, rounds + 1)) if r is not None and r["completed"] > 0]
+    if not runs:
+        return load_round(name, c, 1)
+    med = lambda key: statistics.median(r[key] for r in runs)
+    return {"completed": min(r["completed"] for r in runs), "failed": max(r["failed"] for r in runs),
+            "output_throughput": med("output_throughput"), "median_ttft_ms": med("median_ttft_ms"),
+            "median_itl_ms": med("median_itl_ms")}
+
+def round_ratios(c):
+    """switchyard/best output tok/s in each round where Switchyard and a peer both completed."""
+    out = []
+    for i in range(1, rounds + 1):
+        me = load_round("switchyard", c, i)
+        peers = [load_round(n, c, i) for n in servers if n != "switchyard"]
+        peers = [p for p in peers if p is not None and p["completed"] > 0]
+        if me is not None and me["completed"] > 0 and peers:
+            out.append(me["output_throughput"] / max(p["output_throughput"] for p in peers))
+    return out
 
 def fmt(x, spec):
     return format(x, spec) if x is not None else "-"
@@ -219,5 +255,12 @@ for c in concurrencies:
         cells = [ratio(me["output_throughput"], best_tps), ratio(me["median_ttft_ms"], best_ttft), ratio(me["median_itl_ms"], best_itl)]
         widths = [9, 11, 10]
         print(f"{'':>4}  {'switchyard/best':<20}" + "".join(f" {fmt(x, f'>{w}.2f')}x" for x, w in zip(cells, widths)))
+    if rounds > 1:
+        rs = round_ratios(c)
+        if rs:
+            print(f"{'':>4}  out tok/s switchyard/best by round: {', '.join(f'{x:.2f}x' for x in rs)};"
+                  f" median {statistics.median(rs):.2f}x")
+if rounds > 1:
+    print(f"(each server's figures: medians over {rounds} rounds)")
 print(f"(tok/s: higher is better; TTFT and ITL: lower is better. Results and logs in {out_dir})")
 EOF

@@ -153,6 +153,16 @@ pub fn is_amd() -> bool {
     })
 }
 
+/// Whether the chosen path is an AVX-512 one and the CPU also has AVX-512DQ: the elementwise passes
+/// ([`crate::simd`]) and the vector `exp` ([`crate::ops::exp_shifted`]) then run their 512-bit builds,
+/// which use DQ's conversions. Every AVX-512 CPU the paths target has DQ; the check keeps one without
+/// it on the 256-bit builds.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn avx512_elementwise() -> bool {
+    matches!(isa(), Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) && std::arch::is_x86_feature_detected!("avx512dq")
+}
+
 static CHOSEN: OnceLock<Result<Isa, String>> = OnceLock::new();
 
 fn choose() -> Result<Isa, String> {

@@ -359,10 +359,8 @@ pub fn softmax(x: &mut [f32]) {
 /// (`SWITCHYARD_THREADS=1 cargo bench -p switchyard-kernels -- attention`, AMD EPYC).
 pub fn exp_shifted(x: &mut [f32], shift: f32) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(crate::isa::isa(), crate::isa::Isa::Avx512 | crate::isa::Isa::Avx512Bf16 | crate::isa::Isa::Amx)
-        && std::arch::is_x86_feature_detected!("avx512dq")
-    {
-        // SAFETY: the CPU has AVX-512F and DQ (every AVX-512 path requires F; DQ checked just now).
+    if crate::isa::avx512_elementwise() {
+        // SAFETY: the CPU has AVX-512F and DQ (every AVX-512 path requires F; `avx512_elementwise` checks DQ).
         unsafe { exp_shifted_avx512(x, shift) };
         return;
     }

@@ -33,7 +33,7 @@ macro_rules! vectorized {
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     match isa() {
-        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if std::arch::is_x86_feature_detected!("avx512dq") => {
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if crate::isa::avx512_elementwise() => {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { run_avx512(f) };
         }
