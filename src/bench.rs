@@ -48,7 +48,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let counts = c.parameter_counts();
     let per_token = (counts.per_decode_token * m.dtype.size() as f64) as u64;
     let (dense_bytes, expert_bytes) = ((counts.dense * m.dtype.size() as u64) as f64, (counts.per_expert * m.dtype.size() as u64) as f64);
-    let bandwidth = read_bandwidth();
+    // Probed again after each batch size's decode: a shared VM's bandwidth drifts within minutes, so
+    // each batch size's bound uses the mean of the probes just before and just after its steps.
+    let mut bandwidth = read_bandwidth();
     let path = switchyard_kernels::isa();
     let features = switchyard_kernels::isa::cpu_features();
     if !a.json {
@@ -97,16 +99,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut before = 0;
         let decode_s = time_decode(a.decode_steps, || before = reads.load(Ordering::Relaxed), || step(&mut next, &mut caches))?;
         let expert_reads = reads.load(Ordering::Relaxed) - before;
+        let probes = [bandwidth, read_bandwidth()];
+        bandwidth = probes[1];
+        let around = (probes[0] + probes[1]) / 2.0;
         let prefill_tps = (b * a.prompt_len) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
         // The bound: every weight byte the steps needed, read once at the measured bandwidth: all but
         // the experts every step, and each expert a step routed any row to once (at batch 1, top_k of
         // each layer's; at 16 most of them).
         let read = a.decode_steps as f64 * dense_bytes + expert_reads as f64 * expert_bytes;
-        let of_bound = Some(read / bandwidth / decode_s);
+        let of_bound = Some(Bound { fraction: read / around / decode_s, probes: Some(probes) });
         let extra = serde_json::json!({"threads": threads, "kernels": path.name(), "cpu_features": features,
-            "read_bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_decode_token": per_token,
-            "decode_expert_reads": expert_reads, "decode_weight_bytes": read});
+            "read_bandwidth_bytes_per_s": around, "read_bandwidth_probes_bytes_per_s": probes,
+            "weight_bytes_per_decode_token": per_token, "decode_expert_reads": expert_reads, "decode_weight_bytes": read});
         report(&a, Figures { batch: b, prefill_tps, decode_tps, ms_step: decode_s * 1e3 / a.decode_steps as f64, of_bound }, extra);
     }
     Ok(())
@@ -143,9 +148,17 @@ struct Figures {
     prefill_tps: f64,
     decode_tps: f64,
     ms_step: f64,
-    /// Decode as a fraction of the bandwidth bound (the weight bytes its steps read, at the measured
-    /// read bandwidth).
-    of_bound: Option<f64>,
+    /// Decode against the bandwidth bound (the weight bytes its steps read, at the measured read
+    /// bandwidth).
+    of_bound: Option<Bound>,
+}
+
+/// Decode as a fraction of the bandwidth bound, and on the CPU the read bandwidth probed just before
+/// and just after the decode steps (bytes/s; the bound uses their mean).
+#[derive(Clone, Copy)]
+struct Bound {
+    fraction: f64,
+    probes: Option<[f64; 2]>,
 }
 
 /// Prints one batch size's results: a table row, or with `--json` one object of them and `extra`'s
@@ -156,7 +169,7 @@ fn report(a: &BenchArgs, f: Figures, extra: serde_json::Value) {
         let mut o = extra;
         if let Some(fields) = o.as_object_mut() {
             let ours = serde_json::json!({"batch": b, "prompt_len": a.prompt_len, "decode_steps": a.decode_steps,
-                "decode_fraction_of_bandwidth_bound": of_bound, "prefill_tokens_per_s": prefill_tps,
+                "decode_fraction_of_bandwidth_bound": of_bound.map(|o| o.fraction), "prefill_tokens_per_s": prefill_tps,
                 "decode_tokens_per_s": decode_tps, "decode_ms_per_step": ms_step});
             if let serde_json::Value::Object(ours) = ours {
                 fields.extend(ours);
@@ -164,7 +177,17 @@ fn report(a: &BenchArgs, f: Figures, extra: serde_json::Value) {
         }
         println!("{o}");
     } else {
-        let bound = of_bound.map_or(String::new(), |f| format!("  ({:.0}% of the bandwidth bound)", f * 100.0));
+        let bound = of_bound.map_or(String::new(), |o| match o.probes {
+            Some([p0, p1]) => {
+                format!(
+                    "  ({:.0}% of the bandwidth bound; read {:.1} GB/s before the steps, {:.1} after)",
+                    o.fraction * 100.0,
+                    p0 / 1e9,
+                    p1 / 1e9
+                )
+            }
+            None => format!("  ({:.0}% of the bandwidth bound)", o.fraction * 100.0),
+        });
         println!("{b:>6} {prefill_tps:>14.1} {decode_tps:>14.1} {ms_step:>12.2}{bound}");
     }
 }
@@ -234,7 +257,7 @@ fn run_cuda(a: &BenchArgs, model: &str) -> Result<()> {
         let decode_s = time_decode(a.decode_steps, || {}, || step(&mut next, &mut len))?;
         let prefill_tps = (b * prompts[0].len()) as f64 / prefill_s;
         let decode_tps = (b * a.decode_steps) as f64 / decode_s;
-        let of_bound = (b == 1).then(|| decode_tps / (bandwidth / per_token));
+        let of_bound = (b == 1).then(|| Bound { fraction: decode_tps / (bandwidth / per_token), probes: None });
         let extra = serde_json::json!({"device": m.dev.info.to_string(), "copy_bandwidth_bytes_per_s": bandwidth,
             "weight_bytes_per_decode_token": per_token});
         report(a, Figures { batch: b, prefill_tps, decode_tps, ms_step: decode_s * 1e3 / a.decode_steps as f64, of_bound }, extra);
