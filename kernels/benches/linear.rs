@@ -52,7 +52,7 @@ fn attention() {
         let (mut scores, mut out) = (Vec::new(), vec![0f32; g * hd]);
         let mut run = || {
             let scale = 1.0 / (hd as f32).sqrt();
-            attend_group(&q, g, n, |j| &k[j * hd..(j + 1) * hd], |j| &v[j * hd..(j + 1) * hd], scale, DType::BF16, &mut scores, &mut out)
+            attend_group(&q, g, n, |j| &k[j * hd..(j + 1) * hd], |j| &v[j * hd..(j + 1) * hd], 0, scale, DType::BF16, &mut scores, &mut out)
         };
         run();
         let iters = 2000;
@@ -83,18 +83,34 @@ fn attention_from_memory() {
     let v: Vec<Bf16> = (0..seqs * seq).map(|i| Bf16(0x3c00 | (i % 113) as u16)).collect();
     let q: Vec<f32> = (0..g * hd).map(|i| ((i * 7919) % 201) as f32 / 256.0 - 0.5).collect();
     let (mut scores, mut out) = (Vec::new(), vec![0f32; g * hd]);
-    for _ in 0..3 {
+    // Three passes as `serve` reads (the first KV head's pass hints the other heads' rows of each
+    // position into L2: `read_next`), alternating with three without the hints, side by side.
+    for pass in 0..6 {
+        let hints = pass % 2 == 0;
         let t = Instant::now();
         for s in 0..seqs {
             for h in 0..nkv {
                 let at = |j: usize| s * seq + (j * nkv + h) * hd;
                 let scale = 1.0 / (hd as f32).sqrt();
-                attend_group(&q, g, n, |j| &k[at(j)..at(j) + hd], |j| &v[at(j)..at(j) + hd], scale, DType::BF16, &mut scores, &mut out);
+                let next = if hints && h == 0 { (nkv - 1) * hd } else { 0 };
+                attend_group(
+                    &q,
+                    g,
+                    n,
+                    |j| &k[at(j)..at(j) + hd],
+                    |j| &v[at(j)..at(j) + hd],
+                    next,
+                    scale,
+                    DType::BF16,
+                    &mut scores,
+                    &mut out,
+                );
             }
         }
         let s = t.elapsed().as_secs_f64();
         println!(
-            "attention bf16 from memory, queries={g} head_dim={hd} kv_heads={nkv} keys={n}: {:6.2} us per (row, KV head)  {:5.1} GB/s",
+            "attention bf16 from memory, queries={g} head_dim={hd} kv_heads={nkv} keys={n}, {}: {:6.2} us per (row, KV head)  {:5.1} GB/s",
+            if hints { "next heads hinted" } else { "no hints        " },
             s * 1e6 / (seqs * nkv) as f64,
             (4 * seqs * seq) as f64 / s / 1e9
         );

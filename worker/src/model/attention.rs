@@ -115,11 +115,15 @@ impl Attention {
                             .map(|(_, o)| o)
                             .collect();
                         let at = |j: usize| view.offset(from + j, kvh);
+                        // The first KV head's pass hints the others' rows of each position into L2
+                        // (a position's KV heads sit side by side), so their passes find them there.
+                        let next = if kvh == 0 { (nkv - 1) * hd } else { 0 };
                         crate::with_kv_slices!(view.data, |ks, vs| attend_queries(
                             &qs,
                             &ns,
                             |j| &ks[at(j)..at(j) + hd],
                             |j| &vs[at(j)..at(j) + hd],
+                            next,
                             1.0,
                             dt,
                             &mut scores,
@@ -155,6 +159,7 @@ impl Attention {
                 let to = if window == usize::MAX { info.pos + 1 } else { info.sees_to };
                 let mut scores = Vec::with_capacity(per_task.min(group) * (to - from));
                 let mut head = first;
+                let last_kvh = (first + per_task - 1) / group;
                 while head < first + per_task {
                     // This task's heads of one KV head's group.
                     let kvh = head / group;
@@ -162,12 +167,15 @@ impl Attention {
                     let qg = &q[(r * nq + head) * hd..(r * nq + head + heads) * hd];
                     let o = &mut out[(head - first) * hd..(head - first + heads) * hd];
                     let at = |j: usize| view.offset(from + j, kvh);
+                    // The task's first KV head hints the rows of its others (as in prefill above).
+                    let next = if head == first { (last_kvh - kvh) * hd } else { 0 };
                     crate::with_kv_slices!(view.data, |ks, vs| attend_group(
                         qg,
                         heads,
                         to - from,
                         |j| &ks[at(j)..at(j) + hd],
                         |j| &vs[at(j)..at(j) + hd],
+                        next,
                         1.0,
                         dt,
                         &mut scores,
