@@ -8,8 +8,11 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
+use switchyard_worker::engine::paged_kv::{KvStorage, PoolSizes};
 use switchyard_worker::generate::pick;
-use switchyard_worker::{ExpertBackend, ExpertError, ForwardChunk, LogitsFor, SeqCache};
+use switchyard_worker::kv_cache::KvDtype;
+use switchyard_worker::model::BatchChunk;
+use switchyard_worker::{ExpertBackend, ExpertError, LogitsFor};
 
 use crate::cli::{ModelArgs, load_model_wrapping};
 
@@ -30,6 +33,13 @@ pub struct BenchArgs {
     /// Print one JSON object per batch size instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// How keys and values are stored, as `serve`'s flag: `auto` (the model's dtype), `bfloat16`,
+    /// `float16`, `float32`, `fp8` or `fp8_e5m2`.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
+    /// Positions per KV block (a power of two), as `serve`'s flag.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
     #[command(flatten)]
     pub load: crate::cli::LoadArgs,
 }
@@ -74,30 +84,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         println!("{:>6} {:>14} {:>14} {:>12}", "batch", "prefill tok/s", "decode tok/s", "decode ms/step");
     }
+    let kv_dtype = KvDtype::parse(&a.kv_cache_dtype, m.dtype).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(a.block_size.is_power_of_two(), "--block-size must be a power of two, got {}", a.block_size);
     for &b in &a.batch_sizes {
         let prompts: Vec<Vec<u32>> = (0..b).map(|i| prompt(i, a.prompt_len, c.vocab_size, &c.placeholder_ids)).collect();
-        let mut caches: Vec<SeqCache> = (0..b).map(|_| m.new_cache()).collect();
+        let mut kv = PagedBatch::new(&c.layers, b, a.prompt_len + a.decode_steps + 2, a.block_size, kv_dtype);
         let t0 = Instant::now();
-        let logits = {
-            let mut chunks: Vec<ForwardChunk<'_>> = prompts
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(p, cache)| ForwardChunk { tokens: p, cache, logits: LogitsFor::Last })
-                .collect();
-            m.forward(&mut chunks)?
-        };
+        let logits = kv.forward(m, &prompts.iter().map(|p| &p[..]).collect::<Vec<_>>())?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let mut next: Vec<u32> = logits.iter().map(|l| pick(l, 1).token).collect();
-        let step = |next: &mut Vec<u32>, caches: &mut Vec<SeqCache>| -> Result<()> {
+        let step = |next: &mut Vec<u32>, kv: &mut PagedBatch| -> Result<()> {
             let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let mut chunks: Vec<ForwardChunk<'_>> =
-                toks.iter().zip(caches.iter_mut()).map(|(t, cache)| ForwardChunk { tokens: t, cache, logits: LogitsFor::Last }).collect();
-            let logits = m.forward(&mut chunks)?;
+            let logits = kv.forward(m, &toks.iter().map(|t| &t[..]).collect::<Vec<_>>())?;
             *next = logits.iter().map(|l| pick(l, 1).token).collect();
             Ok(())
         };
         let mut before = 0;
-        let decode_s = time_decode(a.decode_steps, || before = reads.load(Ordering::Relaxed), || step(&mut next, &mut caches))?;
+        let decode_s = time_decode(a.decode_steps, || before = reads.load(Ordering::Relaxed), || step(&mut next, &mut kv))?;
         let expert_reads = reads.load(Ordering::Relaxed) - before;
         let probes = [bandwidth, read_bandwidth()];
         bandwidth = probes[1];
@@ -115,6 +118,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
         report(&a, Figures { batch: b, prefill_tps, decode_tps, ms_step: decode_s * 1e3 / a.decode_steps as f64, of_bound }, extra);
     }
     Ok(())
+}
+
+/// The batch's KV cache as `serve` keeps it: the engine's paged storage in the requested dtype, each
+/// sequence's blocks interleaved with the others' as a batch growing in lockstep takes them from the
+/// pools (sequence `i`'s `j`-th block is block `j * batch + i`), and every block kept (no sliding
+/// window frees any here).
+struct PagedBatch {
+    storage: KvStorage,
+    tables: Vec<Vec<u32>>,
+    lens: Vec<usize>,
+}
+
+impl PagedBatch {
+    fn new(layers: &[switchyard_worker::LayerSpec], batch: usize, positions: usize, block_size: usize, dtype: KvDtype) -> PagedBatch {
+        let per_seq = positions.div_ceil(block_size);
+        let blocks = batch * per_seq;
+        let storage = KvStorage::new(layers, block_size, dtype, PoolSizes { sliding: blocks, global: blocks });
+        let tables = (0..batch).map(|i| (0..per_seq).map(|j| (j * batch + i) as u32).collect()).collect();
+        PagedBatch { storage, tables, lens: vec![0; batch] }
+    }
+
+    /// Appends `tokens[i]` to sequence `i` and returns each sequence's last logits.
+    fn forward(&mut self, m: &switchyard_worker::Gemma4Model, tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let chunks: Vec<BatchChunk<'_>> = tokens
+            .iter()
+            .zip(&self.lens)
+            .map(|(t, &start)| BatchChunk { tokens: t, start, logits: LogitsFor::Last, images: &[] })
+            .collect();
+        let tables = self.tables.iter().map(|t| [&t[..], &t[..]]).collect();
+        let logits = m.forward_batch(&chunks, &mut self.storage.batch(tables))?;
+        for (len, t) in self.lens.iter_mut().zip(tokens) {
+            *len += t.len();
+        }
+        Ok(logits)
+    }
 }
 
 /// The in-process experts, counting the (layer, expert) weights each call reads: every expert that at

@@ -75,7 +75,7 @@ fn parameter_counts_equal_the_checkpoints() {
 /// `switchyard bench` counts the expert weights its decode steps read: at batch 1 each step reads
 /// `top_k` experts of every layer; a batch reads each expert any of its rows was routed to once, so
 /// between that and `min(batch x top_k, num_experts)` per layer; the bound it reports is those bytes and
-/// every other weight once per step, at the bandwidth it measured.
+/// every other weight once per step, at the mean of the bandwidths it probed around the steps.
 #[test]
 fn the_benchmark_counts_the_expert_weights_its_steps_read() {
     let dir = fixtures().join("tiny-bf16");
@@ -108,6 +108,11 @@ fn the_benchmark_counts_the_expert_weights_its_steps_read() {
         }
         let bytes = r["decode_weight_bytes"].as_f64().unwrap();
         assert_eq!(bytes, (steps * counts.dense * 2 + reads * counts.per_expert * 2) as f64, "batch {b}: bf16 bytes");
+        // The bandwidth is the mean of the probes just before and just after this batch size's steps.
+        let probes: Vec<f64> = r["read_bandwidth_probes_bytes_per_s"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect();
+        assert_eq!(probes.len(), 2, "batch {b}: two probes");
+        assert!(probes.iter().all(|&p| p > 0.0), "batch {b}: {probes:?}");
+        assert_eq!(r["read_bandwidth_bytes_per_s"].as_f64().unwrap(), (probes[0] + probes[1]) / 2.0, "batch {b}");
         let bound_s = bytes / r["read_bandwidth_bytes_per_s"].as_f64().unwrap();
         let decode_s = steps as f64 * r["decode_ms_per_step"].as_f64().unwrap() / 1e3;
         let fraction = r["decode_fraction_of_bandwidth_bound"].as_f64().unwrap();
