@@ -63,23 +63,23 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
 /// address is allowed, and one that is not mapped is ignored, never a fault.
 #[inline(always)]
 pub fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `prefetcht0` is SSE (baseline on x86-64) and accesses no memory.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    hint::<false, T>(p)
 }
 
 /// [`prefetch`] into L2 only (`prefetcht1`): for lines wanted later than the next few microseconds,
 /// which L1 would evict first. A no-op off x86-64; any address is allowed.
 #[inline(always)]
 pub fn prefetch_l2<T>(p: *const T) {
+    hint::<true, T>(p)
+}
+
+#[inline(always)]
+fn hint<const L2: bool, T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `prefetcht1` is SSE (baseline on x86-64) and accesses no memory.
+    // SAFETY: `prefetcht0` and `prefetcht1` are SSE (baseline on x86-64) and access no memory.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        if L2 { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) } else { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
