@@ -55,8 +55,8 @@ pub fn attend_group<'a, E: KvElem>(
 }
 
 /// Queries that read the same keys and values, each up to its own count (`read_next` as for
-/// [`attend_group`]): `qs[i]` attends to keys `0..ns[i]` and writes `outs[i]` (the rows of a prompt against one KV head, say, where row `r`
-/// sees one key more than row `r - 1`). Each query's output has exactly the bits [`attend`] gives it
+/// [`attend_group`]): `qs[i]` attends to keys `0..ns[i]` and writes `outs[i]` (the rows of a prompt
+/// against one KV head, say, where row `r` sees one key more than row `r - 1`). Each query's output has exactly the bits [`attend`] gives it
 /// alone; the queries share every key and value load and widening (four at a time on AVX-512, whose
 /// 32 registers hold four queries' sums, and four times the independent sums in flight).
 #[allow(clippy::too_many_arguments)]
@@ -175,9 +175,10 @@ const VALUES_AHEAD: usize = 8;
 
 /// The most bytes of the following KV heads' rows (keys and values together) that one pass hints into
 /// L2 for `read_next`: half of a 1 MB L2, so that they are still there when the next heads' passes come.
-/// Past it (long contexts) nothing is hinted. `cargo bench -p switchyard-kernels -- attention`, from
-/// memory (160 keys, 4 KV heads, one thread, AMD EPYC with AVX512-BF16), six alternating pairs:
-/// 12.1-14.9 us per (row, KV head) without the hints, 9.8-12.1 with them.
+/// Past it (long contexts) nothing is hinted. `SWITCHYARD_THREADS=1 cargo bench -p switchyard-kernels --
+/// attention` runs its from-memory part (160 keys, 4 KV heads) both ways: on an AMD EPYC with
+/// AVX512-BF16, 10.8-11.0 us per (row, KV head) without the hints and 8.8-9.1 with them (`avx2`:
+/// 18.9-19.2 and 15.3-15.5).
 pub const HINT_BYTES: usize = 512 << 10;
 
 /// L2 hints for the `n` elements right after `row` (see [`attend_group`]'s `read_next`). Only addresses
