@@ -875,8 +875,8 @@ unsafe fn panel_dot_in<const MR: usize, const PF: bool>(a: FewRows<'_>, next: *c
     for i in 0..k2 {
         if PF {
             // Pair i of the next panel: its two lines, one step of it per step of this one.
-            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(i * 32) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(i * 32 + 16) as *const i8);
+            crate::simd::prefetch_l2(next.wrapping_add(i * 32));
+            crate::simd::prefetch_l2(next.wrapping_add(i * 32 + 16));
         }
         // SAFETY: pair i < k2 of the panel: 32 u32 from i * 32.
         let w0 = unsafe { _mm512_loadu_si512(p.add(i * 32) as *const _) };
